@@ -1,0 +1,193 @@
+//! The request loop: read frames from the port, answer each by id, run commands on their own
+//! threads, and remember recent ids so a frame repeated after a restore is not run twice.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stasis_agent_proto::{decode, encode, Op, Reply, Request, Response, PROTOCOL_VERSION};
+
+/// How many finished answers are kept for repeated requests.
+const REMEMBERED: usize = 256;
+
+#[derive(Default)]
+struct Seen {
+    running: HashSet<u64>,
+    done: VecDeque<(u64, Vec<u8>)>,
+}
+
+enum Admission {
+    New,
+    Running,
+    Done(Vec<u8>),
+}
+
+impl Seen {
+    fn admit(&mut self, id: u64) -> Admission {
+        if self.running.contains(&id) {
+            return Admission::Running;
+        }
+        if let Some((_, line)) = self.done.iter().find(|(i, _)| *i == id) {
+            return Admission::Done(line.clone());
+        }
+        self.running.insert(id);
+        Admission::New
+    }
+
+    fn finish(&mut self, id: u64, line: Vec<u8>) {
+        self.running.remove(&id);
+        if self.done.len() == REMEMBERED {
+            self.done.pop_front();
+        }
+        self.done.push_back((id, line));
+    }
+}
+
+type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn send(writer: &Writer, line: &[u8]) {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    // A failed write means the host is gone; it asks again when it comes back.
+    let _ = w.write_all(line).and_then(|_| w.flush());
+}
+
+/// Serves the virtio-serial port at `path`. Returns only if the port cannot be opened.
+pub fn serve_port(path: &std::path::Path) {
+    let open = || std::fs::OpenOptions::new().read(true).write(true).open(path);
+    let (reader, writer) = match open().and_then(|f| Ok((f.try_clone()?, f))) {
+        Ok(pair) => pair,
+        Err(e) => {
+            crate::log(&format!("opening {}: {e}", path.display()));
+            return;
+        }
+    };
+    // While no host is connected the port reads as end-of-file; that is not the end.
+    serve(Box::new(reader), Box::new(writer), false);
+}
+
+/// Serves stdin/stdout until stdin closes (development and tests on the host).
+pub fn serve_stdio() {
+    serve(Box::new(std::io::stdin()), Box::new(std::io::stdout()), true);
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("pid-{}", std::process::id()))
+}
+
+fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_final: bool) {
+    let writer: Writer = Arc::new(Mutex::new(writer));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let started = Instant::now();
+    let boot_id = boot_id();
+
+    // The leading newline ends whatever half frame the host may hold from before.
+    let mut hello = b"\n".to_vec();
+    hello.extend(encode(&Response {
+        id: 0,
+        reply: Reply::Hello {
+            version: PROTOCOL_VERSION,
+            boot_id: boot_id.clone(),
+        },
+    }));
+    send(&writer, &hello);
+
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let mut line = Vec::new();
+    loop {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                if eof_is_final {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Ok(_) if line.last() != Some(&b'\n') => continue, // partial line; keep reading
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        }
+        let request: Option<Request> = decode(&line);
+        line.clear();
+        let Some(Request { id, op }) = request else {
+            continue;
+        };
+        if let Op::Ping = op {
+            let pong = Reply::Pong {
+                version: PROTOCOL_VERSION,
+                boot_id: boot_id.clone(),
+                uptime_ms: started.elapsed().as_millis() as u64,
+            };
+            send(&writer, &encode(&Response { id, reply: pong }));
+            continue;
+        }
+        let admission = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(id);
+        match admission {
+            Admission::Running => send(&writer, &encode(&Response { id, reply: Reply::Running })),
+            Admission::Done(answer) => send(&writer, &answer),
+            Admission::New => {
+                let writer = writer.clone();
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let reply = handle(op);
+                    let answer = encode(&Response { id, reply });
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).finish(id, answer.clone());
+                    send(&writer, &answer);
+                });
+            }
+        }
+    }
+}
+
+fn handle(op: Op) -> Reply {
+    match op {
+        Op::Ping => Reply::Done,
+        Op::Exec(req) => Reply::Exec(crate::exec::run(&req)),
+        Op::Sync => {
+            // SAFETY: sync takes no arguments.
+            unsafe { libc::sync() };
+            Reply::Done
+        }
+        Op::Identity(req) => match crate::identity::apply(&req) {
+            Ok(()) => Reply::Done,
+            Err(e) => Reply::Error {
+                message: format!("identity: {e}"),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_ids_are_answered_from_memory() {
+        let mut seen = Seen::default();
+        assert!(matches!(seen.admit(1), Admission::New));
+        assert!(matches!(seen.admit(1), Admission::Running));
+        seen.finish(1, b"answer".to_vec());
+        match seen.admit(1) {
+            Admission::Done(line) => assert_eq!(line, b"answer"),
+            _ => panic!("a finished id must be answered from memory"),
+        }
+        assert!(matches!(seen.admit(2), Admission::New));
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut seen = Seen::default();
+        for id in 0..(REMEMBERED as u64 + 10) {
+            seen.admit(id);
+            seen.finish(id, vec![]);
+        }
+        assert_eq!(seen.done.len(), REMEMBERED);
+        assert!(matches!(seen.admit(0), Admission::New), "the oldest answers are forgotten");
+    }
+}

@@ -1,0 +1,193 @@
+//! The public API's types, shared by the server, the CLI and the tests: typed ids, computer
+//! sizes and statuses, and the JSON shapes of the Miosa computers API (`shared/API.md`).
+
+mod ids;
+
+pub use ids::{ComputerId, SnapshotId, TenantId};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Machine sizes: vCPUs and RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Size {
+    Xs,
+    Small,
+    Medium,
+    Large,
+    Xl,
+}
+
+impl Size {
+    pub const ALL: [Size; 5] = [Size::Xs, Size::Small, Size::Medium, Size::Large, Size::Xl];
+
+    pub fn vcpus(self) -> u32 {
+        match self {
+            Size::Xs | Size::Small => 1,
+            Size::Medium | Size::Large => 2,
+            Size::Xl => 4,
+        }
+    }
+
+    pub fn memory_mib(self) -> u64 {
+        match self {
+            Size::Xs => 256,
+            Size::Small => 512,
+            Size::Medium => 1024,
+            Size::Large => 2048,
+            Size::Xl => 4096,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Size::Xs => "xs",
+            Size::Small => "small",
+            Size::Medium => "medium",
+            Size::Large => "large",
+            Size::Xl => "xl",
+        }
+    }
+
+    /// Parses a size name; `xlarge` is accepted for `xl` as the SDK does.
+    pub fn parse(s: &str) -> Option<Size> {
+        match s {
+            "xs" => Some(Size::Xs),
+            "small" => Some(Size::Small),
+            "medium" => Some(Size::Medium),
+            "large" => Some(Size::Large),
+            "xl" | "xlarge" => Some(Size::Xl),
+            _ => None,
+        }
+    }
+}
+
+/// Lifecycle of a computer. Only the values the official SDK accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputerStatus {
+    Creating,
+    Provisioning,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Error,
+    Destroying,
+    Destroyed,
+}
+
+impl ComputerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComputerStatus::Creating => "creating",
+            ComputerStatus::Provisioning => "provisioning",
+            ComputerStatus::Starting => "starting",
+            ComputerStatus::Running => "running",
+            ComputerStatus::Paused => "paused",
+            ComputerStatus::Stopping => "stopping",
+            ComputerStatus::Stopped => "stopped",
+            ComputerStatus::Error => "error",
+            ComputerStatus::Destroying => "destroying",
+            ComputerStatus::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ComputerStatus> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// A computer as the API returns it (no envelope).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Computer {
+    pub id: ComputerId,
+    pub name: String,
+    pub slug: String,
+    pub status: ComputerStatus,
+    pub template_type: String,
+    pub size: Size,
+    pub ip_address: Option<String>,
+    pub tenant_id: TenantId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Why the computer is in `error` (or was stopped by the platform); null otherwise.
+    pub error: Option<String>,
+    /// The snapshot this computer was restored from, if any.
+    pub source_snapshot_id: Option<SnapshotId>,
+}
+
+/// `GET /computers`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ComputerList {
+    pub total: usize,
+    pub computers: Vec<Computer>,
+}
+
+/// Answer of start / stop / restart / destroy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionResponse {
+    pub success: bool,
+    pub status: String,
+    pub message: String,
+}
+
+/// Answer of `POST /computers/{id}/exec` and `/exec/python`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub output: String,
+    pub stderr: String,
+    pub success: bool,
+    /// The command was killed by its timeout (exit code 124).
+    pub timed_out: bool,
+    /// Output beyond the agent's cap was dropped.
+    pub truncated: bool,
+    pub duration_ms: u64,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+/// Templates this platform knows. `miosa-desktop` is what the official SDK sends by default;
+/// it gets the default image, as does `default`.
+pub const DEFAULT_TEMPLATE: &str = "debian-bookworm";
+pub const TEMPLATE_ALIASES: &[&str] = &["debian-bookworm", "default", "debian", "miosa-desktop"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_match_the_published_table() {
+        let table: Vec<(u32, u64)> = Size::ALL.iter().map(|s| (s.vcpus(), s.memory_mib())).collect();
+        assert_eq!(table, vec![(1, 256), (1, 512), (2, 1024), (2, 2048), (4, 4096)]);
+        for s in Size::ALL {
+            assert_eq!(Size::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert_eq!(Size::parse("xlarge"), Some(Size::Xl));
+        assert_eq!(Size::parse("huge"), None);
+    }
+
+    #[test]
+    fn statuses_serialize_lowercase() {
+        assert_eq!(serde_json::to_value(ComputerStatus::Running).unwrap(), "running");
+        assert_eq!(ComputerStatus::parse("stopped"), Some(ComputerStatus::Stopped));
+        assert_eq!(ComputerStatus::parse("ready"), None);
+        assert_eq!(ComputerStatus::Destroying.as_str(), "destroying");
+    }
+}

@@ -1,0 +1,83 @@
+//! Choosing the accelerator: KVM only where `/dev/kvm` opens and the CPU really has hardware
+//! virtualization (`vmx`/`svm`). Some hosts expose a `/dev/kvm` (PVM) that cannot run ordinary
+//! guests; those get TCG.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// `auto`, `kvm` or `tcg`.
+    pub fn choose(setting: &str) -> Result<Accel, String> {
+        match setting {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            "auto" | "" => Ok(Self::detect()),
+            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+        }
+    }
+
+    pub fn detect() -> Accel {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        if kvm_opens && has_hw_virt(&cpuinfo) {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+}
+
+fn has_hw_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// The host's TSC frequency in kHz, passed to the guest as `tsc_early_khz` (without it the
+/// guest sometimes hangs calibrating the TSC under TCG).
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_virtualization_is_read_from_the_flags() {
+        assert!(has_hw_virt("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
+        assert!(has_hw_virt("flags\t: fpu svm\n"));
+        assert!(!has_hw_virt("flags\t: fpu vme sse hypervisor\n"));
+        assert!(!has_hw_virt("model name: vmx in the name only\n"));
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        assert_eq!(Accel::choose("tcg"), Ok(Accel::Tcg));
+        assert_eq!(Accel::choose("kvm"), Ok(Accel::Kvm));
+        assert!(Accel::choose("xen").unwrap_err().contains("xen"));
+    }
+}

@@ -1,0 +1,11 @@
+//! The host's VM runtime. One QEMU process per computer ([`vm::Vm`]), driven over QMP
+//! ([`qmp::Qmp`]), with the guest agent reached over virtio-serial ([`agent::AgentClient`]).
+
+pub mod accel;
+pub mod agent;
+pub mod process;
+pub mod qmp;
+pub mod vm;
+
+pub use accel::Accel;
+pub use vm::{MachineConfig, Vm, VmError, VmPaths};

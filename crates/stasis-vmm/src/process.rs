@@ -1,0 +1,163 @@
+//! The QEMU process of a computer: either our child (spawned and waited on, so it is always
+//! reaped) or, after a restart of the platform, a process we re-attach to through a pidfd.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// A re-attached process ended; its status went to its parent, not to us.
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
+            Exit::Unknown => write!(f, "exited"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}
+
+pub struct Process {
+    pid: u32,
+    exit: watch::Receiver<Option<Exit>>,
+}
+
+impl Process {
+    /// Spawns `cmd` and waits on it in the background.
+    pub fn spawn(mut cmd: tokio::process::Command) -> std::io::Result<Process> {
+        let mut child = cmd.kill_on_drop(false).spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().await;
+            let exit = match status {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(sig)) => Exit::Signal(sig),
+                    _ => Exit::Unknown,
+                },
+                Err(_) => Exit::Unknown,
+            };
+            let _ = tx.send(Some(exit));
+        });
+        Ok(Process { pid, exit })
+    }
+
+    /// Watches a process that is not our child (left running by an earlier platform process).
+    pub fn attach(pid: u32) -> std::io::Result<Process> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly opened descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd is open and moves into the AsyncFd, which owns it until dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            // A pidfd becomes readable when the process exits.
+            let _ = fd.readable().await;
+            let _ = tx.send(Some(Exit::Unknown));
+        });
+        Ok(Process { pid, exit })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+
+    pub async fn wait(&self) -> Exit {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return Exit::Unknown;
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if self.exited().is_none() && self.pid > 0 {
+            // SAFETY: kill takes no pointers. The process has not been reaped yet (our waiter
+            // has not reported an exit), so the pid still names it.
+            unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+        }
+    }
+}
+
+/// Whether a live process with this pid has a command line containing `needle`.
+pub fn cmdline_contains(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            c.contains(needle)
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_child_exit_is_reported_with_its_cause() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "exit 7"]);
+        let p = Process::spawn(cmd).unwrap();
+        assert_eq!(p.wait().await, Exit::Code(7));
+
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("30");
+        let p = Process::spawn(cmd).unwrap();
+        p.signal(libc::SIGKILL);
+        let exit = p.wait().await;
+        assert_eq!(exit, Exit::Signal(libc::SIGKILL));
+        assert_eq!(exit.to_string(), "killed by signal 9 (SIGKILL)");
+    }
+
+    #[tokio::test]
+    async fn an_attached_process_exit_is_seen() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let p = Process::attach(child.id()).unwrap();
+        assert!(cmdline_contains(child.id(), "sleep 30"));
+        assert_eq!(p.exited(), None);
+        child.kill().unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), p.wait()).await;
+        assert_eq!(waited.expect("exit seen through the pidfd"), Exit::Unknown);
+        child.wait().unwrap();
+    }
+}

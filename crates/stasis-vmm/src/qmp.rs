@@ -1,0 +1,158 @@
+//! A QMP client on QEMU's monitor socket: commands matched to answers by id, events broadcast.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("connecting to QMP at {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP command {command} timed out")]
+    Timeout { command: String },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command { command: String, class: String, desc: String },
+    #[error("QMP I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>>>;
+
+pub struct Qmp {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    events: broadcast::Sender<Value>,
+    next_id: AtomicU64,
+}
+
+impl Qmp {
+    /// Connects (retrying while QEMU creates the socket) and negotiates capabilities.
+    pub async fn connect(path: &Path, wait: Duration) -> Result<Arc<Qmp>, QmpError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(source) => {
+                    return Err(QmpError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        // The greeting comes first.
+        match tokio::time::timeout(wait.max(Duration::from_secs(5)), lines.next_line()).await {
+            Ok(Ok(Some(_greeting))) => {}
+            Ok(Ok(None)) => return Err(QmpError::Closed),
+            Ok(Err(e)) => return Err(QmpError::Io(e)),
+            Err(_) => {
+                return Err(QmpError::Timeout {
+                    command: "greeting".into(),
+                })
+            }
+        }
+        let pending: Pending = Arc::default();
+        let (events, _) = broadcast::channel(64);
+        let qmp = Arc::new(Qmp {
+            writer: tokio::sync::Mutex::new(write),
+            pending: pending.clone(),
+            events: events.clone(),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if msg.get("event").is_some() {
+                    let _ = events.send(msg);
+                    continue;
+                }
+                let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+                    continue;
+                };
+                let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                if let Some(tx) = waiter {
+                    let result = match msg.get("error") {
+                        Some(err) => Err((
+                            err.get("class").and_then(Value::as_str).unwrap_or("Error").to_string(),
+                            err.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+                        )),
+                        None => Ok(msg.get("return").cloned().unwrap_or(Value::Null)),
+                    };
+                    let _ = tx.send(result);
+                }
+            }
+            // Connection gone: every waiter learns it by its sender being dropped.
+            pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        });
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, Duration::from_secs(30)).await
+    }
+
+    pub async fn execute_timeout(&self, command: &str, arguments: Value, wait: Duration) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": arguments, "id": id}))
+            .expect("a JSON value serializes");
+        line.push(b'\n');
+        {
+            let mut w = self.writer.lock().await;
+            if let Err(e) = w.write_all(&line).await {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                return Err(QmpError::Io(e));
+            }
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
+                command: command.to_string(),
+                class,
+                desc,
+            }),
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Err(_) => {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                Err(QmpError::Timeout {
+                    command: command.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Asynchronous events (`STOP`, `RESUME`, `MIGRATION`, `SHUTDOWN`, ...).
+    pub fn events(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// `query-status`'s `status` field (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
+    pub async fn status(&self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", json!({})).await?;
+        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+    }
+}

@@ -1,0 +1,502 @@
+//! One computer's virtual machine: a QEMU process (microvm, RAM in a shared file, a qcow2
+//! overlay over the read-only base disk), its QMP monitor and its guest agent.
+//!
+//! There are two ways to get a [`Vm`]: [`Vm::boot`] starts a fresh QEMU from the image, and
+//! [`Vm::attach`] takes over one that an earlier platform process left running.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use stasis_agent_proto::{ExecRequest, ExecResult, Op, Reply};
+
+use crate::accel::Accel;
+use crate::agent::{AgentClient, AgentError};
+use crate::process::{cmdline_contains, Exit, Process};
+use crate::qmp::{Qmp, QmpError};
+
+/// How long a cold boot may take before it is declared failed. TCG boots take ~4 s alone and
+/// several boots share two cores in the tests.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU {exit} {phase}{log}")]
+    Exited { exit: Exit, phase: &'static str, log: String },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the guest did not come up within {0:?}{1}")]
+    BootTimeout(Duration, String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let context = context.into();
+    move |source| VmError::Io { context, source }
+}
+
+/// Everything needed to start (or restart, or restore) the same machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// The computer this machine belongs to; also its hostname.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+    pub image_id: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Read-only raw base disk the overlay sits on.
+    pub base_disk: PathBuf,
+    pub tsc_khz: Option<u64>,
+}
+
+/// Files of one machine, all inside its directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        VmPaths { dir: dir.into() }
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    pub fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn agent(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("machine.json")
+    }
+}
+
+/// Longest unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The QEMU command line for `cfg`. `incoming` prepares a restore (`-S -incoming defer`).
+pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |s: &str| a.push(s.into());
+    let p = |path: PathBuf| path.to_string_lossy().into_owned();
+    let mem = format!("{}M", cfg.memory_mib);
+    let mut cmdline = String::from("console=ttyS0 root=/dev/vda rootfstype=ext4 rw quiet panic=-1 pci=off");
+    if let Some(khz) = cfg.tsc_khz {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    cmdline.push_str(&format!(" stasis.hostname={}", cfg.name));
+
+    push("-name");
+    push(&format!("stasis-{}", cfg.name));
+    push("-M");
+    push("microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend=mem");
+    push("-bios");
+    push("/usr/share/qemu/qboot.rom");
+    push("-accel");
+    push(cfg.accel.as_str());
+    push("-cpu");
+    push(match cfg.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    });
+    push("-smp");
+    push(&cfg.vcpus.to_string());
+    push("-m");
+    push(&mem);
+    push("-object");
+    push(&format!("memory-backend-file,id=mem,size={mem},mem-path={},share=on", p(paths.ram())));
+    push("-kernel");
+    push(&p(cfg.kernel.clone()));
+    push("-initrd");
+    push(&p(cfg.initrd.clone()));
+    push("-append");
+    push(&cmdline);
+    for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+        push(s);
+    }
+    push("-serial");
+    push(&format!("file:{}", p(paths.console())));
+    push("-blockdev");
+    push(&format!(
+        "driver=file,filename={},node-name=base-file,read-only=on",
+        p(cfg.base_disk.clone())
+    ));
+    push("-blockdev");
+    push("driver=raw,file=base-file,node-name=base,read-only=on");
+    push("-blockdev");
+    push(&format!("driver=file,filename={},node-name=disk-file", p(paths.disk())));
+    push("-blockdev");
+    push("driver=qcow2,file=disk-file,backing=base,node-name=disk");
+    push("-device");
+    push("virtio-blk-device,drive=disk,id=rootdisk");
+    push("-device");
+    push("virtio-serial-device,id=serial0");
+    push("-chardev");
+    push(&format!("socket,id=agent,path={},server=on,wait=off", p(paths.agent())));
+    push("-device");
+    push(&format!("virtserialport,chardev=agent,name={}", stasis_agent_proto::PORT_NAME));
+    push("-device");
+    push("virtio-rng-device");
+    push("-qmp");
+    push(&format!("unix:{},server=on,wait=off", p(paths.qmp())));
+    if incoming {
+        push("-S");
+        push("-incoming");
+        push("defer");
+    }
+    a
+}
+
+pub struct Vm {
+    pub config: MachineConfig,
+    pub paths: VmPaths,
+    process: Process,
+    qmp: Arc<Qmp>,
+    agent: Arc<AgentClient>,
+}
+
+impl Vm {
+    /// The boot path: a new QEMU from the image, on the machine's overlay (created if missing,
+    /// so a stopped computer boots again with its disk as it left it).
+    pub async fn boot(config: MachineConfig, dir: &Path) -> Result<Vm, VmError> {
+        let paths = VmPaths::new(dir);
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        check_socket_paths(&paths)?;
+        for stale in [paths.qmp(), paths.agent(), paths.ram(), paths.console()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        if !paths.disk().exists() {
+            create_overlay(&config.base_disk, &paths.disk()).await?;
+        }
+        std::fs::write(paths.config(), serde_json::to_vec_pretty(&config).expect("config serializes"))
+            .map_err(io("writing machine.json"))?;
+
+        let process = spawn_qemu(&config, &paths, false)?;
+        let started = Instant::now();
+        let vm = Self::connect(config, paths, process, BOOT_TIMEOUT).await?;
+        let remaining = BOOT_TIMEOUT.saturating_sub(started.elapsed());
+        vm.until_exit("while booting", async {
+            vm.agent.wait_ready(remaining).await.map_err(|e| match e {
+                AgentError::Timeout(d) => VmError::BootTimeout(d, vm.console_tail_suffix()),
+                other => other.into(),
+            })
+        })
+        .await?;
+        Ok(vm)
+    }
+
+    /// Takes over a QEMU started by an earlier platform process, if it is still ours and alive.
+    pub async fn attach(dir: &Path) -> Result<Vm, VmError> {
+        let paths = VmPaths::new(dir);
+        let config: MachineConfig = serde_json::from_slice(
+            &std::fs::read(paths.config()).map_err(io("reading machine.json"))?,
+        )
+        .map_err(|e| VmError::Invalid(format!("machine.json: {e}")))?;
+        let pid: u32 = std::fs::read_to_string(paths.pidfile())
+            .map_err(io("reading qemu.pid"))?
+            .trim()
+            .parse()
+            .map_err(|_| VmError::Invalid("qemu.pid does not hold a pid".into()))?;
+        if !cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
+            return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
+        }
+        let process = Process::attach(pid).map_err(io(format!("watching QEMU pid {pid}")))?;
+        let vm = match Self::connect(config, paths, process, Duration::from_secs(5)).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A QEMU we cannot drive is of no use to anyone: do not leave it behind.
+                // SAFETY: kill takes no pointers; the pid was verified to be this machine's QEMU.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                return Err(e);
+            }
+        };
+        let status = vm.qmp.status().await?;
+        if status != "running" {
+            vm.kill();
+            return Err(VmError::Invalid(format!("QEMU was {status}, not running")));
+        }
+        if let Err(e) = vm.agent.wait_ready(Duration::from_secs(10)).await {
+            vm.kill();
+            return Err(e.into());
+        }
+        Ok(vm)
+    }
+
+    async fn connect(config: MachineConfig, paths: VmPaths, process: Process, wait: Duration) -> Result<Vm, VmError> {
+        let fail = |e: VmError, process: &Process| {
+            process.signal(libc::SIGKILL);
+            e
+        };
+        let qmp = match race_exit(&process, &paths, "while starting", Qmp::connect(&paths.qmp(), wait)).await {
+            Ok(q) => q,
+            Err(e) => return Err(fail(e, &process)),
+        };
+        let agent = match race_exit(&process, &paths, "while starting", AgentClient::connect(&paths.agent(), wait)).await
+        {
+            Ok(a) => a,
+            Err(e) => return Err(fail(e, &process)),
+        };
+        Ok(Vm {
+            config,
+            paths,
+            process,
+            qmp,
+            agent,
+        })
+    }
+
+    async fn until_exit<T, E: Into<VmError>>(
+        &self,
+        phase: &'static str,
+        fut: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, VmError> {
+        let result = race_exit(&self.process, &self.paths, phase, fut).await;
+        if result.is_err() {
+            self.kill();
+        }
+        result
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn qmp(&self) -> &Arc<Qmp> {
+        &self.qmp
+    }
+
+    pub fn agent(&self) -> &Arc<AgentClient> {
+        &self.agent
+    }
+
+    /// Resolves when QEMU exits, with how it ended.
+    pub fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<Exit>> {
+        self.process.watch()
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        self.process.exited()
+    }
+
+    /// Runs a program in the guest. The agent enforces `timeout_ms`; the host waits a little
+    /// longer for the answer to come back.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecResult, VmError> {
+        let limit = Duration::from_millis(req.timeout_ms) + Duration::from_secs(15);
+        let reply = self.until_exit_keep("during exec", self.agent.call(Op::Exec(req), limit)).await?;
+        match reply {
+            Reply::Exec(r) => Ok(r),
+            other => Err(AgentError::Unexpected(Box::new(other)).into()),
+        }
+    }
+
+    /// Like `until_exit` but leaves the machine alone on failure (an exec timing out is the
+    /// user's business, not a reason to kill the machine).
+    async fn until_exit_keep<T, E: Into<VmError>>(
+        &self,
+        phase: &'static str,
+        fut: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, VmError> {
+        race_exit(&self.process, &self.paths, phase, fut).await
+    }
+
+    /// Stops the machine: flush the guest's file systems, ask QEMU to quit, kill it if it does
+    /// not. The disk overlay stays; the RAM file goes.
+    pub async fn shutdown(&self) {
+        if self.exited().is_none() {
+            let _ = self.agent.call(Op::Sync, Duration::from_secs(10)).await;
+            let _ = self.qmp.execute_timeout("quit", serde_json::json!({}), Duration::from_secs(3)).await;
+            if tokio::time::timeout(Duration::from_secs(5), self.process.wait()).await.is_err() {
+                self.kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.process.wait()).await;
+            }
+        }
+        for f in [self.paths.ram(), self.paths.qmp(), self.paths.agent(), self.paths.pidfile()] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    /// Kills QEMU at once.
+    pub fn kill(&self) {
+        self.process.signal(libc::SIGKILL);
+    }
+
+    /// The last lines the guest printed on its console, for error reports.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail_lines(&self.paths.console(), lines)
+    }
+
+    fn console_tail_suffix(&self) -> String {
+        log_suffix(&self.paths)
+    }
+}
+
+fn check_socket_paths(paths: &VmPaths) -> Result<(), VmError> {
+    for s in [paths.qmp(), paths.agent()] {
+        if s.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::Invalid(format!(
+                "socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter data directory",
+                s.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(disk)
+        .output()
+        .await
+        .map_err(io("running qemu-img (apt-get install qemu-utils)"))?;
+    if !out.status.success() {
+        return Err(VmError::Invalid(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, incoming: bool) -> Result<Process, VmError> {
+    let log = std::fs::File::create(paths.qemu_log()).map_err(io("creating qemu.log"))?;
+    let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
+    let mut cmd = tokio::process::Command::new(&config.qemu_binary);
+    cmd.args(qemu_args(config, paths, incoming))
+        .current_dir(&paths.dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: a Ctrl-C at the platform's terminal must not kill the guests
+        // behind the platform's back; the platform stops them itself.
+        .process_group(0);
+    let process = Process::spawn(cmd).map_err(io(format!(
+        "starting {} (apt-get install qemu-system-x86)",
+        config.qemu_binary.display()
+    )))?;
+    std::fs::write(paths.pidfile(), process.pid().to_string()).map_err(io("writing qemu.pid"))?;
+    Ok(process)
+}
+
+/// Runs `fut`, but fails as soon as QEMU exits, with its exit status and log tails.
+pub(crate) async fn race_exit<T, E: Into<VmError>>(
+    process: &Process,
+    paths: &VmPaths,
+    phase: &'static str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, VmError> {
+    let exit = tokio::select! {
+        r = fut => match r {
+            Ok(v) => return Ok(v),
+            // A closed socket is usually the first sign of QEMU dying: prefer the exit status
+            // as the explanation when it follows promptly.
+            Err(e) => match tokio::time::timeout(Duration::from_millis(500), process.wait()).await {
+                Ok(exit) => exit,
+                Err(_) => return Err(e.into()),
+            },
+        },
+        exit = process.wait() => exit,
+    };
+    // Give QEMU's last words a moment to reach the files.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Err(VmError::Exited { exit, phase, log: log_suffix(paths) })
+}
+
+fn log_suffix(paths: &VmPaths) -> String {
+    let qemu = tail_lines(&paths.qemu_log(), 5);
+    let console = tail_lines(&paths.console(), 5);
+    let mut s = String::new();
+    if !qemu.trim().is_empty() {
+        s.push_str(&format!("; qemu: {}", qemu.trim().replace('\n', " | ")));
+    }
+    if !console.trim().is_empty() {
+        s.push_str(&format!("; console: {}", console.trim().replace('\n', " | ")));
+    }
+    s
+}
+
+fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(64 * 1024);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            name: "c1".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            accel: Accel::Tcg,
+            qemu_binary: "qemu-system-x86_64".into(),
+            image_id: "img".into(),
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            base_disk: "/img/rootfs.ext4".into(),
+            tsc_khz: Some(2_100_000),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn the_command_line_has_shared_file_ram_and_an_overlay() {
+        let paths = VmPaths::new("/data/c1");
+        let line = joined(&qemu_args(&config(), &paths, false));
+        assert!(line.contains("-smp 2 -m 1024M"), "{line}");
+        assert!(line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/data/c1/ram,share=on"));
+        assert!(line.contains("memory-backend=mem"));
+        assert!(line.contains("driver=qcow2,file=disk-file,backing=base,node-name=disk"));
+        assert!(line.contains("filename=/img/rootfs.ext4,node-name=base-file,read-only=on"));
+        assert!(line.contains("tsc_early_khz=2100000"));
+        assert!(line.contains("-accel tcg -cpu max"));
+        assert!(line.contains("name=stasis.agent"));
+        assert!(!line.contains("-incoming"));
+        let restore = joined(&qemu_args(&config(), &paths, true));
+        assert!(restore.ends_with("-S -incoming defer"), "{restore}");
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_refused_with_a_clear_error() {
+        let long = format!("/{}", "d".repeat(120));
+        let err = check_socket_paths(&VmPaths::new(long)).unwrap_err();
+        assert!(err.to_string().contains("shorter data directory"), "{err}");
+        assert!(check_socket_paths(&VmPaths::new("/data/c1")).is_ok());
+    }
+}
