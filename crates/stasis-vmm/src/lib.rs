@@ -3,9 +3,11 @@
 
 pub mod accel;
 pub mod agent;
+pub mod host;
 pub mod process;
 pub mod qmp;
 pub mod vm;
 
 pub use accel::Accel;
+pub use host::{Host, HostEvent};
 pub use vm::{MachineConfig, Vm, VmError, VmPaths};

@@ -1,0 +1,74 @@
+//! API keys and the tenant they belong to. Keys are random, shown once, and stored only as a
+//! SHA-256 hash; a request is authenticated by hashing the presented key and looking it up.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use stasis_types::TenantId;
+
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::AppState;
+
+const KEY_PREFIX: &str = "stasis_";
+
+pub fn generate_key() -> String {
+    let body: String = rand::thread_rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+    format!("{KEY_PREFIX}{body}")
+}
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Creates the tenant if needed and a new key for it; returns the key in clear (only time).
+pub async fn create_key(db: &Db, tenant: &str) -> Result<String, sqlx::Error> {
+    let tenant = db.ensure_tenant(tenant).await?;
+    let key = generate_key();
+    db.insert_key(tenant, &hash_key(&key), &key[..KEY_PREFIX.len() + 4]).await?;
+    Ok(key)
+}
+
+/// The authenticated tenant of a request (`Authorization: Bearer <key>`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tenant(pub TenantId);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && k.len() <= 256)
+            .ok_or(ApiError::Unauthorized)?;
+        match state.db.tenant_by_key_hash(&hash_key(key)).await? {
+            Some(t) => Ok(Tenant(t)),
+            None => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_and_hashes_stable() {
+        let a = generate_key();
+        let b = generate_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(KEY_PREFIX) && a.len() == KEY_PREFIX.len() + 40);
+        assert_eq!(hash_key(&a), hash_key(&a));
+        assert_ne!(hash_key(&a), hash_key(&b));
+        assert!(!hash_key(&a).contains(&a[KEY_PREFIX.len()..]));
+    }
+}

@@ -1,0 +1,120 @@
+//! Request bodies: a JSON-object extractor whose failures use the API's error format (400 for
+//! malformed JSON, 413 for oversized bodies), and field readers that name the field in a 422.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A JSON object body. An empty body reads as `{}` (the SDK sends none for start/stop/restore).
+#[derive(Debug, Default)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+            } else {
+                ApiError::BadRequest(format!("reading the request body: {e}"))
+            }
+        })?;
+        JsonObject::parse(&bytes)
+    }
+}
+
+impl JsonObject {
+    pub fn parse(bytes: &[u8]) -> ApiResult<JsonObject> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonObject::default());
+        }
+        match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::BadRequest("the request body must be a JSON object".into())),
+            Err(e) => Err(ApiError::BadRequest(format!("malformed JSON body: {e}"))),
+        }
+    }
+
+    fn present(&self, field: &str) -> Option<&Value> {
+        self.0.get(field).filter(|v| !v.is_null())
+    }
+
+    pub fn required_str(&self, field: &str) -> ApiResult<String> {
+        self.optional_str(field)?
+            .ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))
+    }
+
+    pub fn optional_str(&self, field: &str) -> ApiResult<Option<String>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
+        }
+    }
+
+    /// A whole number of seconds in `1..=max`.
+    pub fn optional_seconds(&self, field: &str, max: u64) -> ApiResult<Option<u64>> {
+        let bad = || ApiError::invalid(field, format!("{field} must be a whole number of seconds between 1 and {max}"));
+        match self.present(field) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                let secs = n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+                match secs {
+                    Some(s) if (1..=max).contains(&s) => Ok(Some(s)),
+                    _ => Err(bad()),
+                }
+            }
+            Some(_) => Err(bad()),
+        }
+    }
+
+    pub fn optional_object(&self, field: &str) -> ApiResult<Option<Map<String, Value>>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m.clone())),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a JSON object"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(s: &str) -> JsonObject {
+        JsonObject::parse(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn malformed_and_non_object_bodies_are_400() {
+        for bad in ["{", "[1,2]", "\"x\"", "{\"a\":}"] {
+            match JsonObject::parse(bad.as_bytes()) {
+                Err(ApiError::BadRequest(_)) => {}
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(JsonObject::parse(b"  ").unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let b = body(r#"{"name": 5, "timeout": "x", "metadata": [], "big": 99999}"#);
+        let msg = |e: ApiError| match e {
+            ApiError::Invalid { field, message } => (field, message),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(msg(b.required_str("name").unwrap_err()), ("name".into(), "name must be a string".into()));
+        assert_eq!(msg(b.required_str("command").unwrap_err()).1, "command is required");
+        assert!(msg(b.optional_seconds("timeout", 60).unwrap_err()).1.starts_with("timeout must be"));
+        assert!(msg(b.optional_seconds("big", 60).unwrap_err()).1.contains("between 1 and 60"));
+        assert_eq!(msg(b.optional_object("metadata").unwrap_err()).0, "metadata");
+        assert_eq!(body(r#"{"t": 5}"#).optional_seconds("t", 60).unwrap(), Some(5));
+        assert_eq!(body(r#"{"t": null}"#).optional_seconds("t", 60).unwrap(), None);
+    }
+}

@@ -1,0 +1,464 @@
+//! Computers: their lifecycle (provisioning → starting → running → stopped, error when QEMU
+//! dies), kept true to what the host runtime really runs, and exec in the guest.
+
+pub mod routes;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{SubsecRound, Utc};
+use serde_json::{Map, Value};
+use stasis_agent_proto::ExecRequest;
+use stasis_types::{
+    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, TenantId, DEFAULT_TEMPLATE,
+    TEMPLATE_ALIASES,
+};
+use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
+
+use crate::db::Db;
+use crate::error::{ApiError, ApiResult};
+use crate::images::Images;
+
+/// Default and largest exec timeouts, in seconds.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;
+pub const MAX_EXEC_TIMEOUT_SECS: u64 = 3600;
+
+/// How QEMU is run on this host.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+    pub tsc_khz: Option<u64>,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct NewComputer {
+    pub name: String,
+    pub size: Size,
+    pub template_type: String,
+    pub metadata: Map<String, Value>,
+}
+
+pub struct Computers {
+    db: Db,
+    host: Arc<Host>,
+    images: Arc<Images>,
+    settings: RuntimeSettings,
+    /// Serializes lifecycle operations (boot, stop, destroy) per computer.
+    locks: Mutex<HashMap<ComputerId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+const LIVE: &[ComputerStatus] = &[
+    ComputerStatus::Creating,
+    ComputerStatus::Provisioning,
+    ComputerStatus::Starting,
+    ComputerStatus::Running,
+    ComputerStatus::Paused,
+    ComputerStatus::Stopping,
+    ComputerStatus::Destroying,
+];
+
+impl Computers {
+    pub fn new(db: Db, host: Arc<Host>, images: Arc<Images>, settings: RuntimeSettings) -> Arc<Computers> {
+        Arc::new(Computers {
+            db,
+            host,
+            images,
+            settings,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    fn lock_for(&self, id: ComputerId) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    /// Validates a create body.
+    pub fn validate(body: &crate::body::JsonObject) -> ApiResult<NewComputer> {
+        let name = body.required_str("name")?;
+        let name = name.trim().to_string();
+        if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "name",
+                "name must be 1 to 128 characters without control characters",
+            ));
+        }
+        let size = match body.optional_str("size")? {
+            None => Size::Small,
+            Some(s) => Size::parse(&s).ok_or_else(|| {
+                ApiError::invalid("size", format!("unknown size {s:?}; use one of xs, small, medium, large, xl"))
+            })?,
+        };
+        let template_type = match body.optional_str("template_type")? {
+            None => DEFAULT_TEMPLATE.to_string(),
+            Some(t) if TEMPLATE_ALIASES.contains(&t.as_str()) => DEFAULT_TEMPLATE.to_string(),
+            Some(t) => {
+                return Err(ApiError::invalid(
+                    "template_type",
+                    format!("unknown template_type {t:?}; this platform offers {DEFAULT_TEMPLATE}"),
+                ))
+            }
+        };
+        let metadata = body.optional_object("metadata")?.unwrap_or_default();
+        if Value::Object(metadata.clone()).to_string().len() > 16 * 1024 {
+            return Err(ApiError::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
+        }
+        Ok(NewComputer {
+            name,
+            size,
+            template_type,
+            metadata,
+        })
+    }
+
+    pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> ApiResult<Computer> {
+        // Millisecond precision, as stored: the create answer matches later reads.
+        let now = Utc::now().trunc_subsecs(3);
+        let computer = Computer {
+            id: ComputerId::new(),
+            slug: slugify(&new.name),
+            name: new.name,
+            status: ComputerStatus::Provisioning,
+            template_type: new.template_type,
+            size: new.size,
+            ip_address: None,
+            tenant_id: tenant,
+            created_at: now,
+            updated_at: now,
+            metadata: new.metadata,
+            error: None,
+            source_snapshot_id: None,
+        };
+        self.db.insert_computer(&computer).await?;
+        self.spawn_boot(computer.id);
+        Ok(computer)
+    }
+
+    fn spawn_boot(self: &Arc<Self>, id: ComputerId) {
+        let this = self.clone();
+        tokio::spawn(async move { this.boot(id).await });
+    }
+
+    /// Boots a computer that is `provisioning` (new) or `starting` (start/restart).
+    async fn boot(self: Arc<Self>, id: ComputerId) {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Ok(Some(computer)) = self.db.get_computer(id).await else {
+            return;
+        };
+        if !matches!(computer.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
+            return;
+        }
+        let started = Instant::now();
+        let image = match self.images.get().await {
+            Ok(image) => image,
+            Err(e) => {
+                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&e)).await;
+                return;
+            }
+        };
+        if computer.status == ComputerStatus::Provisioning {
+            let _ = self.db.set_status(id, ComputerStatus::Starting, None).await;
+        }
+        let config = MachineConfig {
+            name: computer.slug.clone(),
+            vcpus: computer.size.vcpus(),
+            memory_mib: computer.size.memory_mib(),
+            accel: self.settings.accel,
+            qemu_binary: self.settings.qemu_binary.clone(),
+            image_id: image.id,
+            kernel: image.kernel,
+            initrd: image.initrd,
+            base_disk: image.rootfs,
+            tsc_khz: self.settings.tsc_khz,
+        };
+        match self.host.boot(&id.to_string(), config).await {
+            Ok(_) => {
+                tracing::info!(%id, elapsed_ms = started.elapsed().as_millis() as u64, "computer running");
+                // If it was destroyed or stopped meanwhile the update matches nothing useful;
+                // stop/destroy hold the same lock, so that cannot interleave.
+                let _ = self.db.set_status(id, ComputerStatus::Running, None).await;
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "boot failed");
+                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&format!("boot failed: {e}"))).await;
+            }
+        }
+    }
+
+    /// The computer if it exists and belongs to `tenant`; otherwise `404 computer not found`
+    /// (another tenant's computer is not acknowledged to exist).
+    pub async fn get(&self, tenant: TenantId, id: ComputerId) -> ApiResult<Computer> {
+        match self.db.get_computer(id).await? {
+            Some(c) if c.tenant_id == tenant => Ok(c),
+            _ => Err(ApiError::NotFound { kind: "computer" }),
+        }
+    }
+
+    pub async fn list(&self, tenant: TenantId) -> ApiResult<Vec<Computer>> {
+        Ok(self.db.list_computers(tenant).await?)
+    }
+
+    pub async fn start(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+        let lock = self.lock_for(id);
+        let guard = lock.lock().await;
+        let c = self.get(tenant, id).await?;
+        match c.status {
+            ComputerStatus::Running | ComputerStatus::Starting | ComputerStatus::Provisioning => {
+                Ok(action(c.status, "computer is already running or starting"))
+            }
+            ComputerStatus::Stopped | ComputerStatus::Error => {
+                // An errored computer may still have a QEMU around (say, a hung one).
+                self.host.stop(&id.to_string()).await;
+                self.db.set_status(id, ComputerStatus::Starting, None).await?;
+                drop(guard);
+                self.spawn_boot(id);
+                Ok(action(ComputerStatus::Starting, "computer is starting"))
+            }
+            other => Err(ApiError::conflict(
+                "computer_busy",
+                format!("computer is {}; try again when it has settled", other.as_str()),
+            )),
+        }
+    }
+
+    pub async fn stop(&self, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let c = self.get(tenant, id).await?;
+        if c.status == ComputerStatus::Stopped {
+            return Ok(action(ComputerStatus::Stopped, "computer is already stopped"));
+        }
+        self.db.set_status(id, ComputerStatus::Stopping, None).await?;
+        self.host.stop(&id.to_string()).await;
+        self.db.set_status(id, ComputerStatus::Stopped, None).await?;
+        Ok(action(ComputerStatus::Stopped, "computer stopped"))
+    }
+
+    pub async fn restart(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+        self.stop(tenant, id).await?;
+        let mut r = self.start(tenant, id).await?;
+        r.message = "computer is restarting".into();
+        Ok(r)
+    }
+
+    pub async fn destroy(&self, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        self.get(tenant, id).await?;
+        self.db.set_status(id, ComputerStatus::Destroying, None).await?;
+        if let Err(e) = self.host.destroy(&id.to_string()).await {
+            // The machine is stopped; leftover files are only disk space. Report, go on.
+            tracing::warn!(%id, error = %e, "removing the computer's files");
+        }
+        self.db.set_status(id, ComputerStatus::Destroyed, None).await?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
+    }
+
+    /// Runs `program args...` in the guest.
+    pub async fn exec(
+        &self,
+        tenant: TenantId,
+        id: ComputerId,
+        program: &str,
+        args: Vec<String>,
+        timeout_secs: u64,
+    ) -> ApiResult<ExecResponse> {
+        let c = self.get(tenant, id).await?;
+        let vm = match (c.status, self.host.get(&id.to_string())) {
+            (ComputerStatus::Running, Some(vm)) => vm,
+            _ => return Err(not_running()),
+        };
+        let started = Instant::now();
+        let result = vm
+            .exec(ExecRequest {
+                program: program.into(),
+                args,
+                env: vec![],
+                cwd: None,
+                stdin: None,
+                timeout_ms: timeout_secs * 1000,
+            })
+            .await;
+        match result {
+            Ok(r) => Ok(ExecResponse {
+                success: r.exit_code == 0,
+                exit_code: r.exit_code,
+                output: r.stdout,
+                stderr: r.stderr,
+                timed_out: r.timed_out,
+                truncated: r.truncated,
+                duration_ms: started.elapsed().as_millis() as u64,
+            }),
+            Err(VmError::Exited { .. }) => Err(not_running()),
+            Err(e) => Err(ApiError::Unavailable(format!("the guest agent did not answer: {e}"))),
+        }
+    }
+
+    /// Applies what the host runtime reports (a QEMU that died on its own).
+    pub async fn on_host_event(&self, event: HostEvent) {
+        match event {
+            HostEvent::Exited { name, reason } => {
+                let Ok(id) = name.parse::<ComputerId>() else { return };
+                tracing::warn!(%id, reason, "computer's QEMU exited unexpectedly");
+                let lock = self.lock_for(id);
+                let _guard = lock.lock().await;
+                if let Ok(Some(c)) = self.db.get_computer(id).await {
+                    if matches!(c.status, ComputerStatus::Running | ComputerStatus::Starting) {
+                        let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a platform restart: re-attach the QEMUs still running, mark the rest stopped,
+    /// finish interrupted deletes, resume interrupted boots, kill any QEMU nobody owns.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), sqlx::Error> {
+        let live = self.db.computers_in(LIVE).await?;
+        let mut owned = std::collections::HashSet::new();
+        for c in live {
+            let name = c.id.to_string();
+            owned.insert(name.clone());
+            match c.status {
+                ComputerStatus::Destroying => {
+                    let _ = self.host.destroy(&name).await;
+                    self.db.set_status(c.id, ComputerStatus::Destroyed, None).await?;
+                }
+                ComputerStatus::Creating | ComputerStatus::Provisioning | ComputerStatus::Starting => {
+                    self.host.kill_stray(&name);
+                    if c.status == ComputerStatus::Creating {
+                        self.db.set_status(c.id, ComputerStatus::Provisioning, None).await?;
+                    }
+                    tracing::info!(id = %c.id, "resuming an interrupted boot");
+                    self.spawn_boot(c.id);
+                }
+                ComputerStatus::Running | ComputerStatus::Paused => match self.host.attach(&name).await {
+                    Ok(_) => {
+                        tracing::info!(id = %c.id, "re-attached to running computer");
+                        self.db.set_status(c.id, ComputerStatus::Running, None).await?;
+                    }
+                    Err(e) => {
+                        self.host.kill_stray(&name);
+                        let reason = format!("the machine was not running after a platform restart ({e})");
+                        tracing::info!(id = %c.id, reason, "marking computer stopped");
+                        self.db.set_status(c.id, ComputerStatus::Stopped, Some(&reason)).await?;
+                    }
+                },
+                _ => {
+                    self.host.stop(&name).await;
+                    self.db.set_status(c.id, ComputerStatus::Stopped, None).await?;
+                }
+            }
+        }
+        for dir in stasis_vmm::host::machine_dirs(&self.host.dir("")) {
+            if !owned.contains(&dir) {
+                self.host.kill_stray(&dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Platform shutdown: stop every machine (none is left without an owner) and record it.
+    pub async fn shutdown(&self) {
+        let running = self.host.running();
+        self.host.stop_all().await;
+        for name in running {
+            if let Ok(id) = name.parse::<ComputerId>() {
+                let _ = self.db.set_status(id, ComputerStatus::Stopped, Some("the platform was shut down")).await;
+            }
+        }
+        // Boots still in flight: their QEMUs are not tracked yet, but their pid files are.
+        if let Ok(live) = self.db.computers_in(LIVE).await {
+            for c in live {
+                self.host.kill_stray(&c.id.to_string());
+                if matches!(c.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
+                    let _ = self.db.set_status(c.id, ComputerStatus::Stopped, Some("the platform was shut down")).await;
+                }
+            }
+        }
+    }
+}
+
+fn not_running() -> ApiError {
+    ApiError::conflict("computer_not_running", "computer is not running")
+}
+
+fn action(status: ComputerStatus, message: &str) -> ActionResponse {
+    ActionResponse {
+        success: true,
+        status: status.as_str().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// A hostname-safe slug of a name: lowercase ASCII letters, digits and dashes, at most 63.
+pub fn slugify(name: &str) -> String {
+    let mut slug = String::new();
+    for ch in name.chars() {
+        let c = ch.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+    }
+    let slug: String = slug.trim_end_matches('-').chars().take(63).collect();
+    let slug = slug.trim_end_matches('-').to_string();
+    if slug.is_empty() {
+        "computer".into()
+    } else {
+        slug
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::JsonObject;
+
+    #[test]
+    fn slugs_are_hostname_safe() {
+        assert_eq!(slugify("My Dev Box!"), "my-dev-box");
+        assert_eq!(slugify("--x--"), "x");
+        assert_eq!(slugify("日本"), "computer");
+        assert_eq!(slugify(&"a".repeat(100)).len(), 63);
+    }
+
+    fn validate(json: &str) -> ApiResult<NewComputer> {
+        Computers::validate(&JsonObject::parse(json.as_bytes()).unwrap())
+    }
+
+    fn field_of(e: ApiError) -> String {
+        match e {
+            ApiError::Invalid { field, .. } => field,
+            other => panic!("expected a 422, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_bodies_are_validated_field_by_field() {
+        let ok = validate(r#"{"name":"dev","size":"xs","template_type":"miosa-desktop","metadata":{"a":1}}"#).unwrap();
+        assert_eq!((ok.size, ok.template_type.as_str()), (Size::Xs, DEFAULT_TEMPLATE));
+        assert_eq!(validate(r#"{"name":"dev"}"#).unwrap().size, Size::Small);
+        assert_eq!(field_of(validate(r#"{"size":"xs"}"#).unwrap_err()), "name");
+        assert_eq!(field_of(validate(r#"{"name":"  "}"#).unwrap_err()), "name");
+        assert_eq!(field_of(validate(r#"{"name":"dev","size":"huge"}"#).unwrap_err()), "size");
+        assert_eq!(field_of(validate(r#"{"name":"dev","size":3}"#).unwrap_err()), "size");
+        assert_eq!(field_of(validate(r#"{"name":"dev","template_type":"windows"}"#).unwrap_err()), "template_type");
+        assert_eq!(field_of(validate(r#"{"name":"dev","metadata":[1]}"#).unwrap_err()), "metadata");
+    }
+}

@@ -1,0 +1,299 @@
+//! Metadata in SQL: tenants, API keys, computers. Written against sqlx's `Any` driver with
+//! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
+
+/// Schema migrations, in order. Each runs once, inside a transaction.
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+pub fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_time(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).unwrap_or_default()
+}
+
+impl Db {
+    /// Opens (creating if needed) the SQLite database at `path` and brings its schema up to date.
+    pub async fn open_sqlite(path: &std::path::Path) -> Result<Db, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // Concurrent writers wait instead of failing; WAL lets readers go on.
+                    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        let db = Db { pool };
+        db.migrate(SQLITE_MIGRATIONS).await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self, migrations: &[(i64, &str)]) -> Result<(), sqlx::Error> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        for (version, sql) in migrations {
+            let mut tx = self.pool.begin().await?;
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(*version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_none() {
+                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty() && !is_comment(s)) {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(*version)
+                    .bind(now())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    // ---- tenants and keys ----
+
+    /// Returns the tenant called `name`, creating it if needed.
+    pub async fn ensure_tenant(&self, name: &str) -> Result<TenantId, sqlx::Error> {
+        if let Some(id) = self.tenant_by_name(name).await? {
+            return Ok(id);
+        }
+        let id = TenantId::new();
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+            .bind(id.to_string())
+            .bind(name)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(self.tenant_by_name(name).await?.unwrap_or(id))
+    }
+
+    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantId>, sqlx::Error> {
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.and_then(|s| s.parse().ok()))
+    }
+
+    pub async fn insert_key(&self, tenant: TenantId, key_hash: &str, prefix: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(tenant.to_string())
+            .bind(key_hash)
+            .bind(prefix)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn count_keys(&self, tenant: TenantId) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE tenant_id = $1")
+            .bind(tenant.to_string())
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<TenantId>, sqlx::Error> {
+        let id: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.and_then(|s| s.parse().ok()))
+    }
+
+    // ---- computers ----
+
+    pub async fn insert_computer(&self, c: &Computer) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO computers (id, tenant_id, name, slug, status, template_type, size, metadata, error, \
+             source_snapshot_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(c.id.to_string())
+        .bind(c.tenant_id.to_string())
+        .bind(&c.name)
+        .bind(&c.slug)
+        .bind(c.status.as_str())
+        .bind(&c.template_type)
+        .bind(c.size.as_str())
+        .bind(serde_json::Value::Object(c.metadata.clone()).to_string())
+        .bind(c.error.clone())
+        .bind(c.source_snapshot_id.map(|s| s.to_string()))
+        .bind(c.created_at.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .bind(c.updated_at.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A computer that is not destroyed, whatever its tenant.
+    pub async fn get_computer(&self, id: ComputerId) -> Result<Option<Computer>, sqlx::Error> {
+        let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE id = $1 AND status <> 'destroyed'"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().and_then(computer_from_row))
+    }
+
+    pub async fn list_computers(&self, tenant: TenantId) -> Result<Vec<Computer>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_COMPUTER} WHERE tenant_id = $1 AND status <> 'destroyed' ORDER BY created_at, id"
+        ))
+        .bind(tenant.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().filter_map(computer_from_row).collect())
+    }
+
+    /// Computers in any of `statuses`, across tenants (for reconciliation).
+    pub async fn computers_in(&self, statuses: &[ComputerStatus]) -> Result<Vec<Computer>, sqlx::Error> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("{SELECT_COMPUTER} WHERE status IN ({}) ORDER BY created_at", placeholders.join(", "));
+        let mut query = sqlx::query(&sql);
+        for s in statuses {
+            query = query.bind(s.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows.iter().filter_map(computer_from_row).collect())
+    }
+
+    /// Sets status and error (the error is cleared unless given). A destroyed computer stays
+    /// destroyed. Returns whether a row changed.
+    pub async fn set_status(&self, id: ComputerId, status: ComputerStatus, error: Option<&str>) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE computers SET status = $1, error = $2, updated_at = $3 WHERE id = $4 AND status <> 'destroyed'",
+        )
+        .bind(status.as_str())
+        .bind(error.map(str::to_string))
+        .bind(now())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+}
+
+fn is_comment(statement: &str) -> bool {
+    statement.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
+}
+
+const SELECT_COMPUTER: &str = "SELECT id, tenant_id, name, slug, status, template_type, size, metadata, error, \
+     source_snapshot_id, created_at, updated_at FROM computers";
+
+fn computer_from_row(row: &AnyRow) -> Option<Computer> {
+    let text = |col: &str| row.try_get::<String, _>(col).ok();
+    let metadata = text("metadata")
+        .and_then(|m| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&m).ok())
+        .unwrap_or_default();
+    Some(Computer {
+        id: text("id")?.parse().ok()?,
+        tenant_id: text("tenant_id")?.parse().ok()?,
+        name: text("name")?,
+        slug: text("slug")?,
+        status: ComputerStatus::parse(&text("status")?)?,
+        template_type: text("template_type")?,
+        size: Size::parse(&text("size")?)?,
+        ip_address: None,
+        metadata,
+        error: row.try_get::<Option<String>, _>("error").ok().flatten(),
+        source_snapshot_id: row
+            .try_get::<Option<String>, _>("source_snapshot_id")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<SnapshotId>().ok()),
+        created_at: parse_time(&text("created_at")?),
+        updated_at: parse_time(&text("updated_at")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn computer(tenant: TenantId, name: &str) -> Computer {
+        let now = Utc::now();
+        Computer {
+            id: ComputerId::new(),
+            name: name.into(),
+            slug: name.into(),
+            status: ComputerStatus::Provisioning,
+            template_type: "debian-bookworm".into(),
+            size: Size::Xs,
+            ip_address: None,
+            tenant_id: tenant,
+            created_at: now,
+            updated_at: now,
+            metadata: serde_json::Map::from_iter([("team".to_string(), serde_json::json!("a"))]),
+            error: None,
+            source_snapshot_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_keys_and_computers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("m.db")).await.unwrap();
+        let t = db.ensure_tenant("default").await.unwrap();
+        assert_eq!(db.ensure_tenant("default").await.unwrap(), t, "idempotent");
+        let other = db.ensure_tenant("other").await.unwrap();
+        assert_ne!(t, other);
+
+        db.insert_key(t, "hash-1", "stasis_ab").await.unwrap();
+        assert_eq!(db.tenant_by_key_hash("hash-1").await.unwrap(), Some(t));
+        assert_eq!(db.tenant_by_key_hash("nope").await.unwrap(), None);
+        assert_eq!(db.count_keys(t).await.unwrap(), 1);
+
+        let c = computer(t, "dev");
+        db.insert_computer(&c).await.unwrap();
+        db.insert_computer(&computer(other, "theirs")).await.unwrap();
+        let got = db.get_computer(c.id).await.unwrap().unwrap();
+        assert_eq!(got.name, "dev");
+        assert_eq!(got.metadata["team"], "a");
+        assert_eq!(db.list_computers(t).await.unwrap().len(), 1);
+
+        assert!(db.set_status(c.id, ComputerStatus::Error, Some("boom")).await.unwrap());
+        let got = db.get_computer(c.id).await.unwrap().unwrap();
+        assert_eq!((got.status, got.error.as_deref()), (ComputerStatus::Error, Some("boom")));
+
+        db.set_status(c.id, ComputerStatus::Destroyed, None).await.unwrap();
+        assert!(db.get_computer(c.id).await.unwrap().is_none(), "destroyed computers are gone");
+        assert!(!db.set_status(c.id, ComputerStatus::Running, None).await.unwrap(), "and stay gone");
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_does_not_rerun_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let t = Db::open_sqlite(&path).await.unwrap().ensure_tenant("x").await.unwrap();
+        let db = Db::open_sqlite(&path).await.unwrap();
+        assert_eq!(db.tenant_by_name("x").await.unwrap(), Some(t));
+    }
+}

@@ -1,0 +1,42 @@
+//! The default guest image, built on first use (in the background at start-up) and cached.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use stasis_image::{Image, ImageSpec};
+
+pub struct Images {
+    cache_dir: PathBuf,
+    spec: ImageSpec,
+    ready: tokio::sync::Mutex<Option<Image>>,
+}
+
+impl Images {
+    pub fn new(cache_dir: PathBuf) -> Arc<Images> {
+        Arc::new(Images {
+            cache_dir,
+            spec: ImageSpec::default(),
+            ready: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The image, building it if this process has not yet (one build at a time; callers wait).
+    pub async fn get(&self) -> Result<Image, String> {
+        let mut ready = self.ready.lock().await;
+        if let Some(image) = ready.as_ref() {
+            return Ok(image.clone());
+        }
+        let cache = self.cache_dir.clone();
+        let spec = self.spec.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let progress = |m: &str| tracing::info!("image: {m}");
+            stasis_image::ensure(&cache, &spec, &progress)
+        })
+        .await
+        .map_err(|e| format!("image build task: {e}"))?
+        .map_err(|e| format!("building the guest image: {e}"))?;
+        tracing::info!(id = %built.id, kernel = %built.kernel_release, "guest image ready");
+        *ready = Some(built.clone());
+        Ok(built)
+    }
+}

@@ -1,0 +1,161 @@
+//! The control plane of the embedded platform: the Miosa computers API over HTTP, tenants and
+//! API keys, metadata in SQLite, and the computers' machines on this host's runtime.
+
+pub mod auth;
+pub mod body;
+pub mod computers;
+pub mod db;
+pub mod error;
+pub mod images;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use stasis_vmm::{Accel, Host};
+
+use crate::computers::{Computers, RuntimeSettings};
+use crate::db::Db;
+use crate::error::{ApiError, REQUEST_ID};
+use crate::images::Images;
+
+/// Everything the handlers share (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub computers: Arc<Computers>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+}
+
+/// Paths inside the data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("stasis.db")
+}
+
+pub fn default_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("default-api-key")
+}
+
+/// Creates the data directory with owner-only permissions.
+pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data_dir.join("computers"))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .merge(computers::routes::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::RouteNotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Gives every request an id, visible to handlers (for error bodies and logs) and returned in
+/// `x-request-id`.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    tracing::debug!(request_id = id, %method, path, status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64, "request");
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The platform, assembled and reconciled, ready to serve.
+pub struct Platform {
+    pub state: AppState,
+    host_events: tokio::sync::mpsc::UnboundedReceiver<stasis_vmm::HostEvent>,
+    images: Arc<Images>,
+}
+
+impl Platform {
+    pub async fn open(config: &Config) -> Result<Platform, String> {
+        prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
+        let db = Db::open_sqlite(&db_path(&config.data_dir))
+            .await
+            .map_err(|e| format!("opening the database: {e}"))?;
+        let (host, host_events) = Host::new(config.data_dir.join("computers"));
+        let images = Images::new(config.cache_dir.clone());
+        let settings = RuntimeSettings {
+            accel: config.accel,
+            qemu_binary: config.qemu_binary.clone(),
+            tsc_khz: stasis_vmm::accel::host_tsc_khz(),
+        };
+        let computers = Computers::new(db.clone(), host, images.clone(), settings);
+        computers.reconcile().await.map_err(|e| format!("reconciling computers: {e}"))?;
+        Ok(Platform {
+            state: AppState { db, computers },
+            host_events,
+            images,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops every machine.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Platform {
+            state,
+            mut host_events,
+            images,
+        } = self;
+        // Build (or load) the image now so the first computer does not wait for it.
+        tokio::spawn(async move {
+            if let Err(e) = images.get().await {
+                tracing::error!("{e}");
+            }
+        });
+        let computers = state.computers.clone();
+        tokio::spawn(async move {
+            while let Some(event) = host_events.recv().await {
+                computers.on_host_event(event).await;
+            }
+        });
+        let computers = state.computers.clone();
+        let app = router(state);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        tracing::info!("stopping all computers");
+        computers.shutdown().await;
+        Ok(())
+    }
+}

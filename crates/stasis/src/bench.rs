@@ -1,0 +1,144 @@
+//! Benchmarks that run a real platform in this process (temporary data dir, shared image
+//! cache) and drive it over HTTP like a user would.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::client::Api;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Create → running → first exec latency, and exec round trips.
+    Computers {
+        /// How many computers to create, one after another.
+        #[arg(long, default_value_t = 3)]
+        computers: usize,
+        /// Exec round trips measured on the first computer.
+        #[arg(long, default_value_t = 20)]
+        execs: usize,
+        #[arg(long, default_value = "xs")]
+        size: String,
+    },
+}
+
+/// A platform serving on an ephemeral port, stopped (with its machines) on drop of the guard.
+pub struct LocalPlatform {
+    pub api: Api,
+    _data: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalPlatform {
+    pub async fn start() -> Result<LocalPlatform> {
+        let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
+        let config = stasis_server::Config {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.path().to_path_buf(),
+            cache_dir: std::env::var_os("STASIS_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(stasis_image::default_cache_dir),
+            accel: stasis_vmm::Accel::detect(),
+            qemu_binary: "qemu-system-x86_64".into(),
+        };
+        let platform = stasis_server::Platform::open(&config).await.map_err(anyhow::Error::msg)?;
+        let key = stasis_server::auth::create_key(&platform.state.db, "bench").await?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let base = format!("http://{}/api/v1", listener.local_addr()?);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = platform
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(LocalPlatform {
+            api: Api::with(base, key),
+            _data: data,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Computers { computers, execs, size } => bench_computers(computers.max(1), execs.max(1), &size).await,
+    }
+}
+
+async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
+    eprintln!("preparing the guest image (cached after the first build)...");
+    let cache = stasis_image::default_cache_dir();
+    tokio::task::spawn_blocking(move || stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}")))
+        .await??;
+    let platform = LocalPlatform::start().await?;
+    let api = &platform.api;
+    println!("accelerator: {}", stasis_vmm::Accel::detect().as_str());
+    println!("{:<4} {:>14} {:>16} {:>18}", "run", "create (HTTP)", "create→running", "create→first exec");
+    let mut to_exec = Vec::new();
+    let mut first_id = None;
+    for i in 0..n {
+        let t = Instant::now();
+        let c = api
+            .call(Method::POST, "/computers", Some(json!({"name": format!("bench-{i}"), "size": size})))
+            .await?;
+        let created = t.elapsed();
+        let id = c["id"].as_str().context("create answered without an id")?.to_string();
+        api.wait_running(&id, Duration::from_secs(300)).await?;
+        let running = t.elapsed();
+        let r = api
+            .call(Method::POST, &format!("/computers/{id}/exec"), Some(json!({"command": "true"})))
+            .await?;
+        anyhow::ensure!(r["exit_code"] == 0, "first exec failed: {r}");
+        let first = t.elapsed();
+        println!("{:<4} {:>14} {:>16} {:>18}", i + 1, ms(created), ms(running), ms(first));
+        to_exec.push(first);
+        if first_id.is_none() {
+            first_id = Some(id);
+        } else {
+            api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+        }
+    }
+    let id = first_id.expect("at least one computer");
+    let mut rtts = Vec::new();
+    for _ in 0..execs {
+        let t = Instant::now();
+        let r = api
+            .call(Method::POST, &format!("/computers/{id}/exec"), Some(json!({"command": "echo hi"})))
+            .await?;
+        anyhow::ensure!(r["output"] == "hi\n", "exec answered {r}");
+        rtts.push(t.elapsed());
+    }
+    let min = *rtts.iter().min().expect("non-empty");
+    let max = *rtts.iter().max().expect("non-empty");
+    println!("create→first exec median over {n}: {}", ms(median(to_exec)));
+    println!("exec round trip (echo hi) over {execs}: median {}, min {}, max {}", ms(median(rtts)), ms(min), ms(max));
+    api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+    platform.stop().await;
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! The command-line client of a running platform: the Computers API, with the connection taken
+//! from `MIOSA_BASE_URL` / `MIOSA_API_KEY` (or flags), errors showing the server's message and
+//! request id, and `-o json` for scripts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use clap::{Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use stasis_types::{Computer, ComputerList, ExecResponse};
+
+/// An error that should end the process with a specific exit code (e.g. exec's own code).
+#[derive(Debug)]
+pub struct ExitCode(pub i32);
+
+impl std::fmt::Display for ExitCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitCode {}
+
+#[derive(clap::Args, Clone)]
+pub struct Connection {
+    /// API base URL; `/api/v1` is added unless the URL ends in a version segment.
+    #[arg(long, env = "MIOSA_BASE_URL", default_value = "http://127.0.0.1:8080/api/v1", global = true)]
+    pub base_url: String,
+    #[arg(long, env = "MIOSA_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text", global = true)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum ComputerCommand {
+    /// Create a computer.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "small")]
+        size: String,
+        /// Wait until it is running.
+        #[arg(long)]
+        wait: bool,
+    },
+    List,
+    Get {
+        id: String,
+    },
+    /// Run a command under bash in the computer; exits with the command's exit code.
+    Exec {
+        id: String,
+        /// Seconds before the command is killed (exit code 124).
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    Start {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Stop {
+        id: String,
+    },
+    #[command(alias = "destroy")]
+    Delete {
+        id: String,
+    },
+}
+
+/// Base URL normalised as the official SDK does.
+pub fn normalize_base(raw: &str) -> String {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let has_version = trimmed
+        .rsplit('/')
+        .next()
+        .is_some_and(|seg| seg.len() > 1 && seg.starts_with('v') && seg[1..].chars().all(|c| c.is_ascii_digit()));
+    if has_version {
+        trimmed.to_string()
+    } else {
+        format!("{trimmed}/api/v1")
+    }
+}
+
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Api {
+    pub fn new(conn: &Connection) -> Result<Api> {
+        let key = conn
+            .api_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| anyhow!("no API key: set MIOSA_API_KEY or pass --api-key"))?;
+        Ok(Api::with(normalize_base(&conn.base_url), key))
+    }
+
+    pub fn with(base: String, key: String) -> Api {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3700))
+            .build()
+            .expect("an HTTP client without TLS always builds");
+        Api { http, base, key }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
+        let status = resp.status();
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = resp.text().await?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value["error"]["message"].as_str().unwrap_or("request failed").to_string();
+            bail!("{message} ({} {method} {path}, request {request_id})", status.as_u16());
+        }
+        Ok(value)
+    }
+
+    pub async fn get_computer(&self, id: &str) -> Result<Computer> {
+        Ok(serde_json::from_value(self.call(reqwest::Method::GET, &format!("/computers/{id}"), None).await?)?)
+    }
+
+    /// Polls until the computer runs; fails fast if it ends in `error`.
+    pub async fn wait_running(&self, id: &str, limit: Duration) -> Result<Computer> {
+        let start = Instant::now();
+        loop {
+            let c = self.get_computer(id).await?;
+            match c.status.as_str() {
+                "running" => return Ok(c),
+                "error" => bail!("computer {id} failed: {}", c.error.unwrap_or_default()),
+                "stopped" | "destroyed" => bail!("computer {id} is {}", c.status.as_str()),
+                _ if start.elapsed() > limit => bail!("computer {id} not running after {limit:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Text => println!("{}", text()),
+    }
+}
+
+fn row(c: &Computer) -> String {
+    format!("{}  {:<12} {:<7} {}", c.id, c.status.as_str(), c.size.as_str(), c.name)
+}
+
+pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<()> {
+    let api = Api::new(&conn)?;
+    let out = conn.output;
+    use reqwest::Method;
+    match command {
+        ComputerCommand::Create { name, size, wait } => {
+            let v = api.call(Method::POST, "/computers", Some(json!({"name": name, "size": size}))).await?;
+            let mut c: Computer = serde_json::from_value(v)?;
+            if wait {
+                c = api.wait_running(&c.id.to_string(), Duration::from_secs(300)).await?;
+            }
+            print(out, &serde_json::to_value(&c)?, || row(&c));
+        }
+        ComputerCommand::List => {
+            let v = api.call(Method::GET, "/computers", None).await?;
+            let list: ComputerList = serde_json::from_value(v.clone())?;
+            print(out, &v, || list.computers.iter().map(row).collect::<Vec<_>>().join("\n"));
+        }
+        ComputerCommand::Get { id } => {
+            let c = api.get_computer(&id).await?;
+            print(out, &serde_json::to_value(&c)?, || {
+                let mut s = row(&c);
+                if let Some(e) = &c.error {
+                    s.push_str(&format!("\nerror: {e}"));
+                }
+                s
+            });
+        }
+        ComputerCommand::Exec { id, timeout, command } => {
+            let mut body = json!({"command": command.join(" ")});
+            if let Some(t) = timeout {
+                body["timeout"] = json!(t);
+            }
+            let v = api.call(Method::POST, &format!("/computers/{id}/exec"), Some(body)).await?;
+            let r: ExecResponse = serde_json::from_value(v.clone())?;
+            match out {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Text => {
+                    print!("{}", r.output);
+                    eprint!("{}", r.stderr);
+                }
+            }
+            if r.exit_code != 0 {
+                return Err(ExitCode(r.exit_code.clamp(1, 255)).into());
+            }
+        }
+        ComputerCommand::Start { id, wait } => {
+            let v = api.call(Method::POST, &format!("/computers/{id}/start"), None).await?;
+            if wait {
+                let c = api.wait_running(&id, Duration::from_secs(300)).await?;
+                print(out, &serde_json::to_value(&c)?, || row(&c));
+            } else {
+                print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+            }
+        }
+        ComputerCommand::Stop { id } => {
+            let v = api.call(Method::POST, &format!("/computers/{id}/stop"), None).await?;
+            print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+        }
+        ComputerCommand::Delete { id } => {
+            let v = api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+            print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_base;
+
+    #[test]
+    fn base_urls_are_normalised_like_the_sdk() {
+        assert_eq!(normalize_base("http://h:8080"), "http://h:8080/api/v1");
+        assert_eq!(normalize_base("http://h:8080/api/v1/"), "http://h:8080/api/v1");
+        assert_eq!(normalize_base("http://h/v2"), "http://h/v2");
+        assert_eq!(normalize_base("http://h/vx"), "http://h/vx/api/v1");
+    }
+}

@@ -1,0 +1,234 @@
+//! `stasis`: runs the platform (`serve`), manages API keys and the guest image, and talks to a
+//! running platform as a command-line client (`computer ...`), reading `MIOSA_API_KEY` and
+//! `MIOSA_BASE_URL` like the official SDK.
+
+mod bench;
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "stasis", version, about = "Self-hosted computers with snapshots of running VMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform: API, SQLite metadata, local object store, QEMU machines, one process.
+    Serve(ServeArgs),
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The guest image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Computers on a running platform (uses MIOSA_API_KEY and MIOSA_BASE_URL).
+    #[command(alias = "computers")]
+    Computer {
+        #[command(flatten)]
+        conn: client::Connection,
+        #[command(subcommand)]
+        command: client::ComputerCommand,
+    },
+    /// Benchmarks against a platform started in this process.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct DataDir {
+    /// Where metadata, disks and snapshots live.
+    #[arg(long, env = "STASIS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn resolve(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("stasis");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    home.join(".local/share/stasis")
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080", env = "STASIS_LISTEN")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    data: DataDir,
+    /// auto (KVM where the CPU has vmx/svm and /dev/kvm opens, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
+    accel: String,
+    #[arg(long, default_value = "qemu-system-x86_64", env = "STASIS_QEMU")]
+    qemu: PathBuf,
+    /// Image cache (default ~/.cache/stasis).
+    #[arg(long, env = "STASIS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a tenant (creating the tenant if needed); the key is the last line.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the default guest image (or find it in the cache) and print where it is.
+    Build {
+        #[arg(long, env = "STASIS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        let code = e.downcast_ref::<client::ExitCode>().map_or(1, |c| c.0);
+        std::process::exit(code);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            serve(args).await
+        }
+        Command::Keys {
+            command: KeysCommand::Create { tenant, data },
+        } => {
+            let tenant = tenant.trim();
+            if tenant.is_empty() {
+                bail!("--tenant must not be empty");
+            }
+            let data_dir = data.resolve();
+            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
+            let db = stasis_server::db::Db::open_sqlite(&stasis_server::db_path(&data_dir)).await?;
+            let key = stasis_server::auth::create_key(&db, tenant).await?;
+            println!("created a key for tenant {tenant:?}");
+            println!("{key}");
+            Ok(())
+        }
+        Command::Image {
+            command: ImageCommand::Build { cache_dir },
+        } => {
+            let cache = cache_dir.unwrap_or_else(stasis_image::default_cache_dir);
+            let image = tokio::task::spawn_blocking(move || {
+                let progress = |m: &str| eprintln!("image: {m}");
+                stasis_image::ensure(&cache, &Default::default(), &progress)
+            })
+            .await??;
+            println!("{}", serde_json::to_string_pretty(&image)?);
+            Ok(())
+        }
+        Command::Computer { conn, command } => client::run_computer(conn, command).await,
+        Command::Bench { command } => bench::run(command).await,
+    }
+}
+
+pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
+    let accel = stasis_vmm::Accel::choose(&args.accel).map_err(anyhow::Error::msg)?;
+    Ok(stasis_server::Config {
+        listen: args.listen,
+        data_dir: args.data.resolve(),
+        cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
+        accel,
+        qemu_binary: args.qemu.clone(),
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = server_config(&args)?;
+    let platform = stasis_server::Platform::open(&config).await.map_err(anyhow::Error::msg)?;
+    let key = default_key(&platform.state.db, &config.data_dir).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let base = format!("http://{}/api/v1", listener.local_addr()?);
+    println!("stasis {} serving {base}", env!("CARGO_PKG_VERSION"));
+    println!("  accelerator: {}", config.accel.as_str());
+    println!("  data dir:    {}", config.data_dir.display());
+    println!("  image cache: {}", config.cache_dir.display());
+    match &key {
+        DefaultKey::New(k) => println!("API key for tenant \"default\" (shown once, also saved in the data dir):\n{k}"),
+        DefaultKey::Saved(k) => println!("API key for tenant \"default\":\n{k}"),
+        DefaultKey::Unknown => println!("tenant \"default\" has keys; create another with `stasis keys create --tenant default`"),
+    }
+    if let DefaultKey::New(k) | DefaultKey::Saved(k) = &key {
+        println!("  export MIOSA_API_KEY={k} MIOSA_BASE_URL={base}");
+    }
+    platform.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+enum DefaultKey {
+    New(String),
+    Saved(String),
+    Unknown,
+}
+
+/// The default tenant's key: created (and saved owner-only in the data dir) on first start.
+async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> Result<DefaultKey> {
+    let path = stasis_server::default_key_path(data_dir);
+    let tenant = db.ensure_tenant("default").await?;
+    if db.count_keys(tenant).await? > 0 {
+        return Ok(match std::fs::read_to_string(&path) {
+            Ok(k) if !k.trim().is_empty() => DefaultKey::Saved(k.trim().to_string()),
+            _ => DefaultKey::Unknown,
+        });
+    }
+    let key = stasis_server::auth::create_key(db, "default").await?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("saving the key to {}", path.display()))?;
+    writeln!(f, "{key}")?;
+    Ok(DefaultKey::New(key))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
