@@ -10,7 +10,11 @@ use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let workspace = manifest.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+    let workspace = manifest
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_path_buf();
     for input in [
         "crates/stasis-agent/src",
         "crates/stasis-agent/Cargo.toml",
@@ -30,15 +34,29 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--release", "-p", "stasis-agent", "--target", triple])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "stasis-agent",
+            "--target",
+            triple,
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // Nothing of the outer build's flags or wrappers (clippy, coverage) applies to the agent.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
         if key.starts_with("CARGO_") && key != "CARGO_HOME"
-            || ["RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "MAKEFLAGS", "MFLAGS", "RUSTDOCFLAGS"]
-                .contains(&key.as_str())
+            || [
+                "RUSTFLAGS",
+                "RUSTC_WRAPPER",
+                "RUSTC_WORKSPACE_WRAPPER",
+                "MAKEFLAGS",
+                "MFLAGS",
+                "RUSTDOCFLAGS",
+            ]
+            .contains(&key.as_str())
         {
             cmd.env_remove(&key);
         }
@@ -47,7 +65,9 @@ fn main() {
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
         .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
-    let status = cmd.status().expect("running cargo to build the guest agent");
+    let status = cmd
+        .status()
+        .expect("running cargo to build the guest agent");
     assert!(status.success(), "building the guest agent failed");
 
     let built = target_dir.join(triple).join("release").join("stasis-agent");

@@ -89,14 +89,23 @@ pub struct Response {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     /// Sent once when the agent starts serving.
-    Hello { version: u32, boot_id: String },
-    Pong { version: u32, boot_id: String, uptime_ms: u64 },
+    Hello {
+        version: u32,
+        boot_id: String,
+    },
+    Pong {
+        version: u32,
+        boot_id: String,
+        uptime_ms: u64,
+    },
     Exec(ExecResult),
     /// The request completed and has nothing to report.
     Done,
     /// A repeated request whose first copy is still executing.
     Running,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,8 +41,16 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
         .env("TERM", "dumb")
         .env("LANG", "C.UTF-8")
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(if std::path::Path::new(&cwd).is_dir() { cwd.as_str() } else { "/" })
-        .stdin(if req.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .current_dir(if std::path::Path::new(&cwd).is_dir() {
+            cwd.as_str()
+        } else {
+            "/"
+        })
+        .stdin(if req.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -58,10 +66,7 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
     let stderr = child.stderr.take().expect("stderr is piped");
     let stderr_file: std::fs::File = std::os::fd::OwnedFd::from(stderr).into();
     let stdout_file: std::fs::File = std::os::fd::OwnedFd::from(stdout).into();
-    let mut outputs = [
-        Pipe::new(stdout_file),
-        Pipe::new(stderr_file),
-    ];
+    let mut outputs = [Pipe::new(stdout_file), Pipe::new(stderr_file)];
 
     let deadline = Instant::now() + Duration::from_millis(req.timeout_ms.max(1));
     let mut exit_code: Option<i32> = None;
@@ -96,7 +101,11 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
     let truncated = outputs.iter().any(|p| p.truncated);
     let [out, err] = outputs;
     Ok(ExecResult {
-        exit_code: if timed_out { TIMEOUT_EXIT_CODE } else { exit_code.unwrap_or(-1) },
+        exit_code: if timed_out {
+            TIMEOUT_EXIT_CODE
+        } else {
+            exit_code.unwrap_or(-1)
+        },
         stdout: String::from_utf8_lossy(&out.buf).into_owned(),
         stderr: String::from_utf8_lossy(&err.buf).into_owned(),
         timed_out,
@@ -182,7 +191,13 @@ fn poll_pipes(pipes: &mut [Pipe; 2], timeout: Duration) -> bool {
         return false;
     }
     // SAFETY: fds is a valid array of pollfd of the given length.
-    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int) };
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        )
+    };
     let mut got = false;
     for p in pipes.iter_mut().filter(|p| p.open) {
         got |= p.drain();
@@ -219,7 +234,11 @@ mod tests {
     fn timeout_kills_the_group_and_reports_124() {
         let start = Instant::now();
         let r = bash("echo started; sleep 30 & sleep 30", 300);
-        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
         assert_eq!(r.exit_code, TIMEOUT_EXIT_CODE);
         assert!(r.timed_out);
         assert_eq!(r.stdout, "started\n");
@@ -229,7 +248,11 @@ mod tests {
     fn a_background_child_holding_the_pipe_does_not_block_the_answer() {
         let start = Instant::now();
         let r = bash("sleep 20 & echo done", 30_000);
-        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
         assert_eq!(r.exit_code, 0);
         assert_eq!(r.stdout, "done\n");
     }

@@ -49,7 +49,9 @@ fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let file = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = Vec::with_capacity(8 + bytes.len());
     info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());

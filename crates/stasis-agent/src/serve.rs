@@ -54,7 +54,12 @@ fn send(writer: &Writer, line: &[u8]) {
 
 /// Serves the virtio-serial port at `path`. Returns only if the port cannot be opened.
 pub fn serve_port(path: &std::path::Path) {
-    let open = || std::fs::OpenOptions::new().read(true).write(true).open(path);
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+    };
     let (reader, writer) = match open().and_then(|f| Ok((f.try_clone()?, f))) {
         Ok(pair) => pair,
         Err(e) => {
@@ -68,7 +73,11 @@ pub fn serve_port(path: &std::path::Path) {
 
 /// Serves stdin/stdout until stdin closes (development and tests on the host).
 pub fn serve_stdio() {
-    serve(Box::new(std::io::stdin()), Box::new(std::io::stdout()), true);
+    serve(
+        Box::new(std::io::stdin()),
+        Box::new(std::io::stdout()),
+        true,
+    );
 }
 
 fn boot_id() -> String {
@@ -129,7 +138,13 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
         }
         let admission = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(id);
         match admission {
-            Admission::Running => send(&writer, &encode(&Response { id, reply: Reply::Running })),
+            Admission::Running => send(
+                &writer,
+                &encode(&Response {
+                    id,
+                    reply: Reply::Running,
+                }),
+            ),
             Admission::Done(answer) => send(&writer, &answer),
             Admission::New => {
                 let writer = writer.clone();
@@ -137,7 +152,9 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
                 std::thread::spawn(move || {
                     let reply = handle(op);
                     let answer = encode(&Response { id, reply });
-                    seen.lock().unwrap_or_else(|p| p.into_inner()).finish(id, answer.clone());
+                    seen.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .finish(id, answer.clone());
                     send(&writer, &answer);
                 });
             }
@@ -188,6 +205,9 @@ mod tests {
             seen.finish(id, vec![]);
         }
         assert_eq!(seen.done.len(), REMEMBERED);
-        assert!(matches!(seen.admit(0), Admission::New), "the oldest answers are forgotten");
+        assert!(
+            matches!(seen.admit(0), Admission::New),
+            "the oldest answers are forgotten"
+        );
     }
 }

@@ -7,7 +7,10 @@ pub struct Writer {
 
 impl Writer {
     pub fn new() -> Self {
-        Writer { out: Vec::new(), ino: 1 }
+        Writer {
+            out: Vec::new(),
+            ino: 1,
+        }
     }
 
     pub fn dir(&mut self, path: &str, perm: u32) {

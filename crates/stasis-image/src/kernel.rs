@@ -22,7 +22,8 @@ pub struct Kernel {
 
 /// Asks apt which versioned package the flavour's meta package points at, and its version.
 fn resolve(meta: &str) -> Result<(String, String), ImageError> {
-    let deps = run(Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", meta]))?;
+    let deps =
+        run(Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", meta]))?;
     let package = deps
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -43,7 +44,11 @@ fn resolve(meta: &str) -> Result<(String, String), ImageError> {
     Ok((package, version))
 }
 
-pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result<Kernel, ImageError> {
+pub fn ensure(
+    cache: &Path,
+    spec: &ImageSpec,
+    progress: &dyn Progress,
+) -> Result<Kernel, ImageError> {
     let (package, version) = resolve(&spec.kernel_package)?;
     let key = format!("{package}_{version}");
     let dir = cache.join("kernel").join(&key);
@@ -60,13 +65,17 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
     // apt drops privileges to _apt for downloads; let it write here.
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777));
-    run(Command::new("apt-get").args(["download", "-q", &format!("{package}={version}")]).current_dir(&tmp))?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", &format!("{package}={version}")])
+        .current_dir(&tmp))?;
     let deb = std::fs::read_dir(&tmp)
         .map_err(io_err("listing the download"))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| ImageError::Invalid(format!("apt-get download {package} produced no .deb")))?;
+        .ok_or_else(|| {
+            ImageError::Invalid(format!("apt-get download {package} produced no .deb"))
+        })?;
     let extracted = tmp.join("x");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extracted))?;
 
@@ -80,8 +89,11 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
 
     let out = tmp.join("out");
     std::fs::create_dir_all(out.join("modules")).map_err(io_err("creating modules/"))?;
-    std::fs::copy(extracted.join(format!("boot/vmlinuz-{release}")), out.join("vmlinuz"))
-        .map_err(io_err("copying vmlinuz out of the package"))?;
+    std::fs::copy(
+        extracted.join(format!("boot/vmlinuz-{release}")),
+        out.join("vmlinuz"),
+    )
+    .map_err(io_err("copying vmlinuz out of the package"))?;
     let all = find_files(&modules_root.join(&release).join("kernel"));
     let mut modules = Vec::new();
     for name in GUEST_MODULES {
@@ -90,7 +102,8 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
             .iter()
             .find(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == file))
             .ok_or_else(|| ImageError::Invalid(format!("module {file} is not in {package}")))?;
-        std::fs::copy(src, out.join("modules").join(&file)).map_err(io_err(format!("copying {file}")))?;
+        std::fs::copy(src, out.join("modules").join(&file))
+            .map_err(io_err(format!("copying {file}")))?;
         modules.push(dir.join("modules").join(&file));
     }
     let kernel = Kernel {
@@ -99,8 +112,11 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
         vmlinuz: dir.join("vmlinuz"),
         modules,
     };
-    std::fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&kernel).unwrap())
-        .map_err(io_err("writing kernel.json"))?;
+    std::fs::write(
+        out.join("kernel.json"),
+        serde_json::to_vec_pretty(&kernel).unwrap(),
+    )
+    .map_err(io_err("writing kernel.json"))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&out, &dir).map_err(io_err("publishing the kernel"))?;
     let _ = std::fs::remove_dir_all(&tmp);

@@ -15,7 +15,11 @@ use crate::AppState;
 const KEY_PREFIX: &str = "stasis_";
 
 pub fn generate_key() -> String {
-    let body: String = rand::thread_rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+    let body: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
     format!("{KEY_PREFIX}{body}")
 }
 
@@ -27,7 +31,8 @@ pub fn hash_key(key: &str) -> String {
 pub async fn create_key(db: &Db, tenant: &str) -> Result<String, sqlx::Error> {
     let tenant = db.ensure_tenant(tenant).await?;
     let key = generate_key();
-    db.insert_key(tenant, &hash_key(&key), &key[..KEY_PREFIX.len() + 4]).await?;
+    db.insert_key(tenant, &hash_key(&key), &key[..KEY_PREFIX.len() + 4])
+        .await?;
     Ok(key)
 }
 
@@ -38,7 +43,10 @@ pub struct Tenant(pub TenantId);
 impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

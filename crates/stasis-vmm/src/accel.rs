@@ -25,13 +25,19 @@ impl Accel {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
             "auto" | "" => Ok(Self::detect()),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use auto, kvm or tcg"
+            )),
         }
     }
 
     pub fn detect() -> Accel {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let kvm_opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
         if kvm_opens && has_hw_virt(&cpuinfo) {
             Accel::Kvm
         } else {

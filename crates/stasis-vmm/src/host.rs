@@ -59,7 +59,11 @@ impl Host {
     }
 
     /// Cold-boots `name` from its config (the disk overlay is kept if it exists).
-    pub async fn boot(self: &Arc<Self>, name: &str, config: MachineConfig) -> Result<Arc<Vm>, VmError> {
+    pub async fn boot(
+        self: &Arc<Self>,
+        name: &str,
+        config: MachineConfig,
+    ) -> Result<Arc<Vm>, VmError> {
         let vm = Vm::boot(config, &self.dir(name)).await?;
         Ok(self.adopt(name, vm))
     }
@@ -99,8 +103,13 @@ impl Host {
             }
             drop(machines);
             if !entry.stopping.load(Ordering::SeqCst) {
-                let tail = entry.vm.console_tail(3);
                 let mut reason = format!("QEMU {how}");
+                // A guest that ended by itself (panic, power-off) says why on its console; a
+                // QEMU killed from outside does not, and old boot messages would mislead.
+                let tail = match how {
+                    crate::process::Exit::Signal(_) => String::new(),
+                    _ => entry.vm.console_tail(3),
+                };
                 if !tail.trim().is_empty() {
                     reason.push_str(&format!("; console: {}", tail.trim().replace('\n', " | ")));
                 }
@@ -149,7 +158,9 @@ fn kill_stray_at(paths: &VmPaths) {
     let Ok(pid) = std::fs::read_to_string(paths.pidfile()) else {
         return;
     };
-    let Ok(pid) = pid.trim().parse::<u32>() else { return };
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        return;
+    };
     if cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
         tracing::warn!(pid, dir = %paths.dir.display(), "killing a QEMU nobody tracks");
         // SAFETY: kill takes no pointers; the pid's command line names this machine's socket.

@@ -151,7 +151,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_attached_process_exit_is_seen() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let p = Process::attach(child.id()).unwrap();
         assert!(cmdline_contains(child.id(), "sleep 30"));
         assert_eq!(p.exited(), None);

@@ -30,7 +30,11 @@ pub enum VmError {
         source: std::io::Error,
     },
     #[error("QEMU {exit} {phase}{log}")]
-    Exited { exit: Exit, phase: &'static str, log: String },
+    Exited {
+        exit: Exit,
+        phase: &'static str,
+        log: String,
+    },
     #[error(transparent)]
     Qmp(#[from] QmpError),
     #[error(transparent)]
@@ -108,7 +112,8 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     let mut push = |s: &str| a.push(s.into());
     let p = |path: PathBuf| path.to_string_lossy().into_owned();
     let mem = format!("{}M", cfg.memory_mib);
-    let mut cmdline = String::from("console=ttyS0 root=/dev/vda rootfstype=ext4 rw quiet panic=-1 pci=off");
+    let mut cmdline =
+        String::from("console=ttyS0 root=/dev/vda rootfstype=ext4 rw quiet panic=-1 pci=off");
     if let Some(khz) = cfg.tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
@@ -132,7 +137,10 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push("-m");
     push(&mem);
     push("-object");
-    push(&format!("memory-backend-file,id=mem,size={mem},mem-path={},share=on", p(paths.ram())));
+    push(&format!(
+        "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+        p(paths.ram())
+    ));
     push("-kernel");
     push(&p(cfg.kernel.clone()));
     push("-initrd");
@@ -152,7 +160,10 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push("-blockdev");
     push("driver=raw,file=base-file,node-name=base,read-only=on");
     push("-blockdev");
-    push(&format!("driver=file,filename={},node-name=disk-file", p(paths.disk())));
+    push(&format!(
+        "driver=file,filename={},node-name=disk-file",
+        p(paths.disk())
+    ));
     push("-blockdev");
     push("driver=qcow2,file=disk-file,backing=base,node-name=disk");
     push("-device");
@@ -160,9 +171,15 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push("-device");
     push("virtio-serial-device,id=serial0");
     push("-chardev");
-    push(&format!("socket,id=agent,path={},server=on,wait=off", p(paths.agent())));
+    push(&format!(
+        "socket,id=agent,path={},server=on,wait=off",
+        p(paths.agent())
+    ));
     push("-device");
-    push(&format!("virtserialport,chardev=agent,name={}", stasis_agent_proto::PORT_NAME));
+    push(&format!(
+        "virtserialport,chardev=agent,name={}",
+        stasis_agent_proto::PORT_NAME
+    ));
     push("-device");
     push("virtio-rng-device");
     push("-qmp");
@@ -196,8 +213,11 @@ impl Vm {
         if !paths.disk().exists() {
             create_overlay(&config.base_disk, &paths.disk()).await?;
         }
-        std::fs::write(paths.config(), serde_json::to_vec_pretty(&config).expect("config serializes"))
-            .map_err(io("writing machine.json"))?;
+        std::fs::write(
+            paths.config(),
+            serde_json::to_vec_pretty(&config).expect("config serializes"),
+        )
+        .map_err(io("writing machine.json"))?;
 
         let process = spawn_qemu(&config, &paths, false)?;
         let started = Instant::now();
@@ -226,7 +246,9 @@ impl Vm {
             .parse()
             .map_err(|_| VmError::Invalid("qemu.pid does not hold a pid".into()))?;
         if !cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
-            return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
+            return Err(VmError::Invalid(format!(
+                "process {pid} is not this machine's QEMU"
+            )));
         }
         let process = Process::attach(pid).map_err(io(format!("watching QEMU pid {pid}")))?;
         let vm = match Self::connect(config, paths, process, Duration::from_secs(5)).await {
@@ -250,16 +272,34 @@ impl Vm {
         Ok(vm)
     }
 
-    async fn connect(config: MachineConfig, paths: VmPaths, process: Process, wait: Duration) -> Result<Vm, VmError> {
+    async fn connect(
+        config: MachineConfig,
+        paths: VmPaths,
+        process: Process,
+        wait: Duration,
+    ) -> Result<Vm, VmError> {
         let fail = |e: VmError, process: &Process| {
             process.signal(libc::SIGKILL);
             e
         };
-        let qmp = match race_exit(&process, &paths, "while starting", Qmp::connect(&paths.qmp(), wait)).await {
+        let qmp = match race_exit(
+            &process,
+            &paths,
+            "while starting",
+            Qmp::connect(&paths.qmp(), wait),
+        )
+        .await
+        {
             Ok(q) => q,
             Err(e) => return Err(fail(e, &process)),
         };
-        let agent = match race_exit(&process, &paths, "while starting", AgentClient::connect(&paths.agent(), wait)).await
+        let agent = match race_exit(
+            &process,
+            &paths,
+            "while starting",
+            AgentClient::connect(&paths.agent(), wait),
+        )
+        .await
         {
             Ok(a) => a,
             Err(e) => return Err(fail(e, &process)),
@@ -310,7 +350,9 @@ impl Vm {
     /// longer for the answer to come back.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecResult, VmError> {
         let limit = Duration::from_millis(req.timeout_ms) + Duration::from_secs(15);
-        let reply = self.until_exit_keep("during exec", self.agent.call(Op::Exec(req), limit)).await?;
+        let reply = self
+            .until_exit_keep("during exec", self.agent.call(Op::Exec(req), limit))
+            .await?;
         match reply {
             Reply::Exec(r) => Ok(r),
             other => Err(AgentError::Unexpected(Box::new(other)).into()),
@@ -332,13 +374,24 @@ impl Vm {
     pub async fn shutdown(&self) {
         if self.exited().is_none() {
             let _ = self.agent.call(Op::Sync, Duration::from_secs(10)).await;
-            let _ = self.qmp.execute_timeout("quit", serde_json::json!({}), Duration::from_secs(3)).await;
-            if tokio::time::timeout(Duration::from_secs(5), self.process.wait()).await.is_err() {
+            let _ = self
+                .qmp
+                .execute_timeout("quit", serde_json::json!({}), Duration::from_secs(3))
+                .await;
+            if tokio::time::timeout(Duration::from_secs(5), self.process.wait())
+                .await
+                .is_err()
+            {
                 self.kill();
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.process.wait()).await;
             }
         }
-        for f in [self.paths.ram(), self.paths.qmp(), self.paths.agent(), self.paths.pidfile()] {
+        for f in [
+            self.paths.ram(),
+            self.paths.qmp(),
+            self.paths.agent(),
+            self.paths.pidfile(),
+        ] {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -387,7 +440,11 @@ async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
     Ok(())
 }
 
-pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, incoming: bool) -> Result<Process, VmError> {
+pub(crate) fn spawn_qemu(
+    config: &MachineConfig,
+    paths: &VmPaths,
+    incoming: bool,
+) -> Result<Process, VmError> {
     let log = std::fs::File::create(paths.qemu_log()).map_err(io("creating qemu.log"))?;
     let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
     let mut cmd = tokio::process::Command::new(&config.qemu_binary);
@@ -428,7 +485,11 @@ pub(crate) async fn race_exit<T, E: Into<VmError>>(
     };
     // Give QEMU's last words a moment to reach the files.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    Err(VmError::Exited { exit, phase, log: log_suffix(paths) })
+    Err(VmError::Exited {
+        exit,
+        phase,
+        log: log_suffix(paths),
+    })
 }
 
 fn log_suffix(paths: &VmPaths) -> String {
@@ -439,7 +500,10 @@ fn log_suffix(paths: &VmPaths) -> String {
         s.push_str(&format!("; qemu: {}", qemu.trim().replace('\n', " | ")));
     }
     if !console.trim().is_empty() {
-        s.push_str(&format!("; console: {}", console.trim().replace('\n', " | ")));
+        s.push_str(&format!(
+            "; console: {}",
+            console.trim().replace('\n', " | ")
+        ));
     }
     s
 }
@@ -472,7 +536,10 @@ mod tests {
     }
 
     fn joined(args: &[OsString]) -> String {
-        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -480,7 +547,9 @@ mod tests {
         let paths = VmPaths::new("/data/c1");
         let line = joined(&qemu_args(&config(), &paths, false));
         assert!(line.contains("-smp 2 -m 1024M"), "{line}");
-        assert!(line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/data/c1/ram,share=on"));
+        assert!(
+            line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/data/c1/ram,share=on")
+        );
         assert!(line.contains("memory-backend=mem"));
         assert!(line.contains("driver=qcow2,file=disk-file,backing=base,node-name=disk"));
         assert!(line.contains("filename=/img/rootfs.ext4,node-name=base-file,read-only=on"));

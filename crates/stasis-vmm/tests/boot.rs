@@ -7,8 +7,12 @@ use stasis_vmm::{Accel, MachineConfig, Vm};
 
 fn machine(name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
-    let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &progress)
-        .expect("the default image builds");
+    let image = stasis_image::ensure(
+        &stasis_image::default_cache_dir(),
+        &Default::default(),
+        &progress,
+    )
+    .expect("the default image builds");
     MachineConfig {
         name: name.into(),
         vcpus: 1,
@@ -39,13 +43,21 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = machine("boot-test", 256);
     let t = Instant::now();
-    let vm = Vm::boot(config.clone(), dir.path()).await.expect("the guest boots");
+    let vm = Vm::boot(config.clone(), dir.path())
+        .await
+        .expect("the guest boots");
     eprintln!("boot to agent ready: {:?}", t.elapsed());
 
-    let r = vm.exec(bash("uname -r; python3 -c 'print(6*7)'; hostname", 10_000)).await.unwrap();
+    let r = vm
+        .exec(bash("uname -r; python3 -c 'print(6*7)'; hostname", 10_000))
+        .await
+        .unwrap();
     assert_eq!(r.exit_code, 0, "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert!(lines[0].ends_with("-cloud-amd64"), "guest kernel, not the host's: {lines:?}");
+    assert!(
+        lines[0].ends_with("-cloud-amd64"),
+        "guest kernel, not the host's: {lines:?}"
+    );
     assert_eq!(lines[1], "42");
     assert_eq!(lines[2], "boot-test");
 
@@ -53,15 +65,27 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     let r = vm.exec(bash("sleep 30", 1_000)).await.unwrap();
     assert_eq!(r.exit_code, 124);
     assert!(r.timed_out);
-    assert!(t.elapsed() < Duration::from_secs(4), "timeout honoured: {:?}", t.elapsed());
-    let r = vm.exec(bash("echo still here > /root/mark; echo ok", 5_000)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "timeout honoured: {:?}",
+        t.elapsed()
+    );
+    let r = vm
+        .exec(bash("echo still here > /root/mark; echo ok", 5_000))
+        .await
+        .unwrap();
     assert_eq!(r.stdout, "ok\n");
 
     vm.shutdown().await;
     assert!(vm.exited().is_some());
-    assert!(!vm.paths.ram().exists(), "the RAM file goes with the machine");
+    assert!(
+        !vm.paths.ram().exists(),
+        "the RAM file goes with the machine"
+    );
 
-    let vm = Vm::boot(config, dir.path()).await.expect("boots again on the same disk");
+    let vm = Vm::boot(config, dir.path())
+        .await
+        .expect("boots again on the same disk");
     let r = vm.exec(bash("cat /root/mark", 5_000)).await.unwrap();
     assert_eq!(r.stdout, "still here\n", "the disk survived the stop");
     vm.shutdown().await;
@@ -70,7 +94,9 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
 #[tokio::test]
 async fn a_killed_qemu_is_reported_with_its_signal() {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::boot(machine("kill-test", 256), dir.path()).await.expect("the guest boots");
+    let vm = Vm::boot(machine("kill-test", 256), dir.path())
+        .await
+        .expect("the guest boots");
     // SAFETY: kill takes no pointers; the pid is our live QEMU child.
     unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
     let err = vm.exec(bash("sleep 5", 10_000)).await.unwrap_err();

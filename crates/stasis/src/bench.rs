@@ -36,7 +36,9 @@ pub struct LocalPlatform {
 
 impl LocalPlatform {
     pub async fn start() -> Result<LocalPlatform> {
-        let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
+        let data = tempfile::Builder::new()
+            .prefix("stasis-bench")
+            .tempdir_in("/tmp")?;
         let config = stasis_server::Config {
             listen: "127.0.0.1:0".parse()?,
             data_dir: data.path().to_path_buf(),
@@ -46,7 +48,9 @@ impl LocalPlatform {
             accel: stasis_vmm::Accel::detect(),
             qemu_binary: "qemu-system-x86_64".into(),
         };
-        let platform = stasis_server::Platform::open(&config).await.map_err(anyhow::Error::msg)?;
+        let platform = stasis_server::Platform::open(&config)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let key = stasis_server::auth::create_key(&platform.state.db, "bench").await?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}/api/v1", listener.local_addr()?);
@@ -87,41 +91,70 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Computers { computers, execs, size } => bench_computers(computers.max(1), execs.max(1), &size).await,
+        BenchCommand::Computers {
+            computers,
+            execs,
+            size,
+        } => bench_computers(computers.max(1), execs.max(1), &size).await,
     }
 }
 
 async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
     eprintln!("preparing the guest image (cached after the first build)...");
     let cache = stasis_image::default_cache_dir();
-    tokio::task::spawn_blocking(move || stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}")))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        stasis_image::ensure(&cache, &Default::default(), &|m: &str| {
+            eprintln!("image: {m}")
+        })
+    })
+    .await??;
     let platform = LocalPlatform::start().await?;
     let api = &platform.api;
     println!("accelerator: {}", stasis_vmm::Accel::detect().as_str());
-    println!("{:<4} {:>14} {:>16} {:>18}", "run", "create (HTTP)", "create→running", "create→first exec");
+    println!(
+        "{:<4} {:>14} {:>16} {:>18}",
+        "run", "create (HTTP)", "create→running", "create→first exec"
+    );
     let mut to_exec = Vec::new();
     let mut first_id = None;
     for i in 0..n {
         let t = Instant::now();
         let c = api
-            .call(Method::POST, "/computers", Some(json!({"name": format!("bench-{i}"), "size": size})))
+            .call(
+                Method::POST,
+                "/computers",
+                Some(json!({"name": format!("bench-{i}"), "size": size})),
+            )
             .await?;
         let created = t.elapsed();
-        let id = c["id"].as_str().context("create answered without an id")?.to_string();
+        let id = c["id"]
+            .as_str()
+            .context("create answered without an id")?
+            .to_string();
         api.wait_running(&id, Duration::from_secs(300)).await?;
         let running = t.elapsed();
         let r = api
-            .call(Method::POST, &format!("/computers/{id}/exec"), Some(json!({"command": "true"})))
+            .call(
+                Method::POST,
+                &format!("/computers/{id}/exec"),
+                Some(json!({"command": "true"})),
+            )
             .await?;
         anyhow::ensure!(r["exit_code"] == 0, "first exec failed: {r}");
         let first = t.elapsed();
-        println!("{:<4} {:>14} {:>16} {:>18}", i + 1, ms(created), ms(running), ms(first));
+        println!(
+            "{:<4} {:>14} {:>16} {:>18}",
+            i + 1,
+            ms(created),
+            ms(running),
+            ms(first)
+        );
         to_exec.push(first);
         if first_id.is_none() {
             first_id = Some(id);
         } else {
-            api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+            api.call(Method::DELETE, &format!("/computers/{id}"), None)
+                .await?;
         }
     }
     let id = first_id.expect("at least one computer");
@@ -129,7 +162,11 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
     for _ in 0..execs {
         let t = Instant::now();
         let r = api
-            .call(Method::POST, &format!("/computers/{id}/exec"), Some(json!({"command": "echo hi"})))
+            .call(
+                Method::POST,
+                &format!("/computers/{id}/exec"),
+                Some(json!({"command": "echo hi"})),
+            )
             .await?;
         anyhow::ensure!(r["output"] == "hi\n", "exec answered {r}");
         rtts.push(t.elapsed());
@@ -137,8 +174,14 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
     let min = *rtts.iter().min().expect("non-empty");
     let max = *rtts.iter().max().expect("non-empty");
     println!("create→first exec median over {n}: {}", ms(median(to_exec)));
-    println!("exec round trip (echo hi) over {execs}: median {}, min {}, max {}", ms(median(rtts)), ms(min), ms(max));
-    api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+    println!(
+        "exec round trip (echo hi) over {execs}: median {}, min {}, max {}",
+        ms(median(rtts)),
+        ms(min),
+        ms(max)
+    );
+    api.call(Method::DELETE, &format!("/computers/{id}"), None)
+        .await?;
     platform.stop().await;
     Ok(())
 }

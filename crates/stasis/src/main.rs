@@ -12,7 +12,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stasis", version, about = "Self-hosted computers with snapshots of running VMs")]
+#[command(
+    name = "stasis",
+    version,
+    about = "Self-hosted computers with snapshots of running VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,7 +68,9 @@ fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("stasis");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".local/share/stasis")
 }
 
@@ -107,12 +113,18 @@ enum ImageCommand {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(run(cli));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -135,7 +147,8 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("--tenant must not be empty");
             }
             let data_dir = data.resolve();
-            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
+            stasis_server::prepare_data_dir(&data_dir)
+                .with_context(|| format!("preparing {}", data_dir.display()))?;
             let db = stasis_server::db::Db::open_sqlite(&stasis_server::db_path(&data_dir)).await?;
             let key = stasis_server::auth::create_key(&db, tenant).await?;
             println!("created a key for tenant {tenant:?}");
@@ -164,7 +177,10 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
     Ok(stasis_server::Config {
         listen: args.listen,
         data_dir: args.data.resolve(),
-        cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(stasis_image::default_cache_dir),
         accel,
         qemu_binary: args.qemu.clone(),
     })
@@ -172,7 +188,9 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = server_config(&args)?;
-    let platform = stasis_server::Platform::open(&config).await.map_err(anyhow::Error::msg)?;
+    let platform = stasis_server::Platform::open(&config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let key = default_key(&platform.state.db, &config.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -225,7 +243,8 @@ async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> 
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -26,20 +26,28 @@ pub fn router() -> Router<AppState> {
 
 /// A computer id from the path; a malformed one cannot name any computer.
 pub fn computer_id(raw: &str) -> ApiResult<ComputerId> {
-    raw.parse().map_err(|_| ApiError::NotFound { kind: "computer" })
+    raw.parse()
+        .map_err(|_| ApiError::NotFound { kind: "computer" })
 }
 
 fn service(state: &AppState) -> &std::sync::Arc<Computers> {
     &state.computers
 }
 
-async fn create(State(state): State<AppState>, Tenant(tenant): Tenant, body: JsonObject) -> ApiResult<(StatusCode, Json<Computer>)> {
+async fn create(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    body: JsonObject,
+) -> ApiResult<(StatusCode, Json<Computer>)> {
     let new = Computers::validate(&body)?;
     let computer = service(&state).create(tenant, new).await?;
     Ok((StatusCode::CREATED, Json(computer)))
 }
 
-async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<ComputerList>> {
+async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<ComputerList>> {
     let computers = service(&state).list(tenant).await?;
     Ok(Json(ComputerList {
         total: computers.len(),
@@ -47,24 +55,51 @@ async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResul
     }))
 }
 
-async fn get_one(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<Computer>> {
+async fn get_one(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Computer>> {
     Ok(Json(service(&state).get(tenant, computer_id(&id)?).await?))
 }
 
-async fn destroy(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(service(&state).destroy(tenant, computer_id(&id)?).await?))
+async fn destroy(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActionResponse>> {
+    Ok(Json(
+        service(&state).destroy(tenant, computer_id(&id)?).await?,
+    ))
 }
 
-async fn start(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, _body: JsonObject) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(service(&state).start(tenant, computer_id(&id)?).await?))
+async fn start(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    _body: JsonObject,
+) -> ApiResult<Json<ActionResponse>> {
+    Ok(Json(
+        service(&state).start(tenant, computer_id(&id)?).await?,
+    ))
 }
 
-async fn stop(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<ActionResponse>> {
+async fn stop(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActionResponse>> {
     Ok(Json(service(&state).stop(tenant, computer_id(&id)?).await?))
 }
 
-async fn restart(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(service(&state).restart(tenant, computer_id(&id)?).await?))
+async fn restart(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActionResponse>> {
+    Ok(Json(
+        service(&state).restart(tenant, computer_id(&id)?).await?,
+    ))
 }
 
 fn timeout(body: &JsonObject) -> ApiResult<u64> {
@@ -73,18 +108,36 @@ fn timeout(body: &JsonObject) -> ApiResult<u64> {
         .unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS))
 }
 
-async fn exec_bash(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<ExecResponse>> {
+async fn exec_bash(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body: JsonObject,
+) -> ApiResult<Json<ExecResponse>> {
     let id = computer_id(&id)?;
     let command = body.required_str("command")?;
     let timeout = timeout(&body)?;
     let args = vec!["-c".to_string(), command];
-    Ok(Json(service(&state).exec(tenant, id, "/bin/bash", args, timeout).await?))
+    Ok(Json(
+        service(&state)
+            .exec(tenant, id, "/bin/bash", args, timeout)
+            .await?,
+    ))
 }
 
-async fn exec_python(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<ExecResponse>> {
+async fn exec_python(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body: JsonObject,
+) -> ApiResult<Json<ExecResponse>> {
     let id = computer_id(&id)?;
     let code = body.required_str("code")?;
     let timeout = timeout(&body)?;
     let args = vec!["-c".to_string(), code];
-    Ok(Json(service(&state).exec(tenant, id, "python3", args, timeout).await?))
+    Ok(Json(
+        service(&state)
+            .exec(tenant, id, "python3", args, timeout)
+            .await?,
+    ))
 }

@@ -1,0 +1,248 @@
+//! Test harness: runs the real `stasis` binary (`serve`, `keys create`) on a temporary data
+//! directory and an ephemeral port, and talks to it over HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stasis");
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+}
+
+/// A data directory that outlives server restarts within a test.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("stasis-e2e")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+pub fn create_key(data_dir: &Path, tenant: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["keys", "create", "--tenant", tenant, "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("STASIS_LOG", "info,sqlx=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().expect("serve prints its address").unwrap();
+        let base = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill takes no pointers; the pid is our live child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "serve exited with {status}");
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "serve did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: as in terminate.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub request_id: Option<String>,
+}
+
+pub struct Client {
+    pub base: String,
+    pub key: Option<String>,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, key: Option<&str>) -> Client {
+        Client {
+            base: base.to_string(),
+            key: key.map(str::to_string),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Resp {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        self.rt.block_on(async {
+            let resp = req.send().await.expect("the server answers");
+            let status = resp.status().as_u16();
+            let request_id = resp
+                .headers()
+                .get("x-request-id")
+                .map(|v| v.to_str().unwrap().to_string());
+            let text = resp.text().await.unwrap();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            Resp {
+                status,
+                body,
+                request_id,
+            }
+        })
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let text = body.map(|b| b.to_string());
+        self.raw(method, path, text.as_deref(), Some("application/json"))
+    }
+
+    pub fn create(&self, name: &str, size: &str) -> String {
+        let r = self.call(
+            "POST",
+            "/computers",
+            Some(json!({"name": name, "size": size})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["id"].as_str().unwrap().to_string()
+    }
+
+    pub fn status(&self, id: &str) -> (String, Value) {
+        let r = self.call("GET", &format!("/computers/{id}"), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        (r.body["status"].as_str().unwrap().to_string(), r.body)
+    }
+
+    /// Polls until the computer has `want` status (panics on a different terminal one).
+    pub fn wait_status(&self, id: &str, want: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.status(id);
+            if status == want {
+                return body;
+            }
+            if status == "error" && want != "error" {
+                panic!("computer {id} went to error: {}", body["error"]);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "computer {id} still {status} after {limit:?}, wanted {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn exec(&self, id: &str, command: &str, timeout: Option<u64>) -> Resp {
+        let mut body = json!({"command": command});
+        if let Some(t) = timeout {
+            body["timeout"] = json!(t);
+        }
+        self.call("POST", &format!("/computers/{id}/exec"), Some(body))
+    }
+}
+
+/// QEMU pid of a computer, from its machine directory.
+pub fn qemu_pid(data_dir: &Path, id: &str) -> Option<i32> {
+    std::fs::read_to_string(data_dir.join("computers").join(id).join("qemu.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state instead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
