@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use stasis_agent_proto::{ExecRequest, ExecResult, MAX_OUTPUT_BYTES, TIMEOUT_EXIT_CODE};
@@ -117,10 +117,7 @@ fn check_exit(rx: &Receiver<i32>, wait: Duration) -> Option<i32> {
     if wait.is_zero() {
         return rx.try_recv().ok();
     }
-    match rx.recv_timeout(wait) {
-        Ok(code) => Some(code),
-        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-    }
+    rx.recv_timeout(wait).ok()
 }
 
 struct Pipe {

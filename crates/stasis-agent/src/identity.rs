@@ -69,7 +69,7 @@ fn add_entropy(bytes: &[u8]) -> io::Result<()> {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
