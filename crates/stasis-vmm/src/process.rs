@@ -156,7 +156,13 @@ mod tests {
             .spawn()
             .unwrap();
         let p = Process::attach(child.id()).unwrap();
-        assert!(cmdline_contains(child.id(), "sleep 30"));
+        // Right after fork the child may not have exec'd yet.
+        let t = std::time::Instant::now();
+        while !cmdline_contains(child.id(), "sleep 30") {
+            assert!(t.elapsed().as_secs() < 5, "the command line never showed up");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!cmdline_contains(child.id(), "something else"));
         assert_eq!(p.exited(), None);
         child.kill().unwrap();
         let waited = tokio::time::timeout(std::time::Duration::from_secs(5), p.wait()).await;
