@@ -159,7 +159,10 @@ mod tests {
         // Right after fork the child may not have exec'd yet.
         let t = std::time::Instant::now();
         while !cmdline_contains(child.id(), "sleep 30") {
-            assert!(t.elapsed().as_secs() < 5, "the command line never showed up");
+            assert!(
+                t.elapsed().as_secs() < 5,
+                "the command line never showed up"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(!cmdline_contains(child.id(), "something else"));

@@ -1,0 +1,459 @@
+//! The snapshot store: a snapshot is a manifest plus content-addressed chunks, kept in any
+//! object store behind the `object_store` interface (a local directory by default, S3 in
+//! production).
+//!
+//! ```text
+//! chunks/<ab>/<blake3 hex>                 zstd-compressed chunk (see `chunk`)
+//! snapshots/<snapshot id>/manifest.zst     the manifest (see `manifest`)
+//! ```
+//!
+//! A chunk is stored once per store, whoever needs it; all-zero chunks are not stored at all.
+//! Uploads hash, compress and upload in parallel and skip chunks the store already has, so a
+//! snapshot that shares most of its bytes with an earlier one uploads only the difference.
+//! Every chunk read back is verified against its name before it is used.
+
+pub mod chunk;
+pub mod manifest;
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+
+pub use chunk::{ChunkError, ChunkHash};
+pub use manifest::{Manifest, ManifestError, Part, MANIFEST_VERSION};
+
+/// Chunk sizes by part: RAM changes in small scattered pieces, disks in larger runs.
+pub const MEMORY_CHUNK_SIZE: u32 = 256 * 1024;
+pub const DISK_CHUNK_SIZE: u32 = 1024 * 1024;
+pub const STATE_CHUNK_SIZE: u32 = 1024 * 1024;
+/// zstd level for chunks.
+pub const COMPRESSION_LEVEL: i32 = 3;
+/// Chunks in flight at once (read, hash, compress, upload).
+const PARALLEL: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object store: {0}")]
+    Object(#[from] object_store::Error),
+    #[error("chunk {chunk} is corrupt: {source}")]
+    Corrupt {
+        chunk: ChunkHash,
+        #[source]
+        source: ChunkError,
+    },
+    #[error("chunk {0} is missing from the store")]
+    MissingChunk(ChunkHash),
+    #[error("manifest of snapshot {id}: {source}")]
+    Manifest {
+        id: String,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("manifest of snapshot {0} is missing from the store")]
+    MissingManifest(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Bytes of the file (its logical size).
+    pub raw_bytes: u64,
+    /// Bytes in all-zero chunks (not stored).
+    pub zero_bytes: u64,
+    /// Chunks written to the store by this upload, and their stored (compressed) size.
+    pub new_chunks: u64,
+    pub uploaded_bytes: u64,
+    /// Chunks the store already had.
+    pub reused_chunks: u64,
+}
+
+impl UploadStats {
+    pub fn add(&mut self, other: UploadStats) {
+        self.raw_bytes += other.raw_bytes;
+        self.zero_bytes += other.zero_bytes;
+        self.new_chunks += other.new_chunks;
+        self.uploaded_bytes += other.uploaded_bytes;
+        self.reused_chunks += other.reused_chunks;
+    }
+}
+
+/// Called with the number of bytes processed so far.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct SnapshotStore {
+    store: Arc<dyn ObjectStore>,
+    /// Where it is, for users: the bucket (or local directory's name).
+    bucket: String,
+    /// Held shared by uploads, exclusively by garbage collection, so a chunk an upload found
+    /// already present cannot be collected before the upload's manifest names it.
+    gc_lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+enum Outcome {
+    Zero,
+    Reused,
+    New(u64),
+}
+
+impl SnapshotStore {
+    pub fn new(store: Arc<dyn ObjectStore>, bucket: impl Into<String>) -> SnapshotStore {
+        SnapshotStore {
+            store,
+            bucket: bucket.into(),
+            gc_lock: Arc::default(),
+        }
+    }
+
+    /// A store in a local directory (created if needed).
+    pub fn local(dir: &Path) -> Result<SnapshotStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
+        Ok(SnapshotStore::new(Arc::new(fs), dir.display().to_string()))
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn manifest_key(snapshot_id: &str) -> String {
+        format!("snapshots/{snapshot_id}/manifest.zst")
+    }
+
+    /// Cuts `path` into chunks and stores the ones the store lacks.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        chunk_size: u32,
+        progress: Progress,
+    ) -> Result<(Part, UploadStats), StoreError> {
+        let _guard = self.gc_lock.read().await;
+        let file =
+            Arc::new(std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?);
+        let size = file.metadata().map_err(io("stat"))?.len();
+        let holes = Arc::new(data_ranges(&file, size));
+        let count = size.div_ceil(chunk_size as u64) as usize;
+        let done = Arc::new(AtomicU64::new(0));
+
+        let results: Vec<(usize, Option<ChunkHash>, Outcome, u64)> =
+            futures::stream::iter(0..count)
+                .map(|i| {
+                    let file = file.clone();
+                    let holes = holes.clone();
+                    let store = self.store.clone();
+                    let done = done.clone();
+                    let progress = progress.clone();
+                    async move {
+                        let start = i as u64 * chunk_size as u64;
+                        let len = (size - start).min(chunk_size as u64);
+                        let outcome = if !holes.overlaps(start, start + len) {
+                            (None, Outcome::Zero)
+                        } else {
+                            let (hash, data) = tokio::task::spawn_blocking(
+                                move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
+                                    let mut buf = vec![0u8; len as usize];
+                                    file.read_exact_at(&mut buf, start)?;
+                                    if chunk::is_zero(&buf) {
+                                        return Ok(None);
+                                    }
+                                    Ok(Some((ChunkHash::of(&buf), buf)))
+                                },
+                            )
+                            .await
+                            .expect("chunk reader does not panic")
+                            .map_err(io("reading a chunk"))?
+                            .map_or((None, None), |(h, d)| (Some(h), Some(d)));
+                            match (hash, data) {
+                                (Some(hash), Some(data)) => {
+                                    let key = ObjectPath::from(hash.key());
+                                    match store.head(&key).await {
+                                        Ok(_) => (Some(hash), Outcome::Reused),
+                                        Err(object_store::Error::NotFound { .. }) => {
+                                            let stored = tokio::task::spawn_blocking(move || {
+                                                chunk::encode(&data, COMPRESSION_LEVEL)
+                                            })
+                                            .await
+                                            .expect("compression does not panic");
+                                            let n = stored.len() as u64;
+                                            store.put(&key, PutPayload::from(stored)).await?;
+                                            (Some(hash), Outcome::New(n))
+                                        }
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
+                                _ => (None, Outcome::Zero),
+                            }
+                        };
+                        let total = done.fetch_add(len, Ordering::Relaxed) + len;
+                        progress(total);
+                        Ok::<_, StoreError>((i, outcome.0, outcome.1, len))
+                    }
+                })
+                .buffer_unordered(PARALLEL)
+                .try_collect()
+                .await?;
+
+        let mut chunks = vec![None; count];
+        let mut stats = UploadStats {
+            raw_bytes: size,
+            ..Default::default()
+        };
+        for (i, hash, outcome, len) in results {
+            chunks[i] = hash;
+            match outcome {
+                Outcome::Zero => stats.zero_bytes += len,
+                Outcome::Reused => stats.reused_chunks += 1,
+                Outcome::New(n) => {
+                    stats.new_chunks += 1;
+                    stats.uploaded_bytes += n;
+                }
+            }
+        }
+        Ok((
+            Part {
+                size,
+                chunk_size,
+                chunks,
+            },
+            stats,
+        ))
+    }
+
+    /// Writes the manifest; the snapshot exists in the store from this moment.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<u64, StoreError> {
+        let bytes = manifest.encode();
+        let n = bytes.len() as u64;
+        self.store
+            .put(
+                &ObjectPath::from(Self::manifest_key(&manifest.snapshot_id)),
+                PutPayload::from(bytes),
+            )
+            .await?;
+        Ok(n)
+    }
+
+    pub async fn get_manifest(&self, snapshot_id: &str) -> Result<Manifest, StoreError> {
+        let key = ObjectPath::from(Self::manifest_key(snapshot_id));
+        let got = match self.store.get(&key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::MissingManifest(snapshot_id.into()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if got.meta.size as usize > manifest::MAX_MANIFEST_BYTES {
+            return Err(StoreError::Manifest {
+                id: snapshot_id.into(),
+                source: ManifestError::TooLarge,
+            });
+        }
+        let bytes = got.bytes().await?;
+        let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+            id: snapshot_id.into(),
+            source,
+        })?;
+        if m.snapshot_id != snapshot_id {
+            return Err(StoreError::Manifest {
+                id: snapshot_id.into(),
+                source: ManifestError::Parse(format!("it names snapshot {}", m.snapshot_id)),
+            });
+        }
+        Ok(m)
+    }
+
+    pub async fn delete_manifest(&self, snapshot_id: &str) -> Result<(), StoreError> {
+        match self
+            .store
+            .delete(&ObjectPath::from(Self::manifest_key(snapshot_id)))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks that every chunk the manifest names is in the store.
+    pub async fn verify_present(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        futures::stream::iter(manifest.chunk_set())
+            .map(|h| async move {
+                match self.store.head(&ObjectPath::from(h.key())).await {
+                    Ok(_) => Ok(()),
+                    Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingChunk(h)),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .buffer_unordered(PARALLEL * 4)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Rebuilds a part into `dest` (sparse: zero chunks stay holes), verifying every chunk.
+    pub async fn materialize(
+        &self,
+        part: &Part,
+        dest: &Path,
+        progress: Progress,
+    ) -> Result<(), StoreError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dest)
+            .map_err(io(format!("creating {}", dest.display())))?;
+        file.set_len(part.size).map_err(io("sizing the file"))?;
+        let file = Arc::new(file);
+        let done = Arc::new(AtomicU64::new(0));
+        let chunk_size = part.chunk_size as u64;
+        futures::stream::iter(part.chunks.iter().enumerate())
+            .map(|(i, hash)| {
+                let file = file.clone();
+                let done = done.clone();
+                let progress = progress.clone();
+                let len = (part.size - i as u64 * chunk_size).min(chunk_size);
+                async move {
+                    if let Some(hash) = *hash {
+                        let got = match self.store.get(&ObjectPath::from(hash.key())).await {
+                            Ok(g) => g,
+                            Err(object_store::Error::NotFound { .. }) => {
+                                return Err(StoreError::MissingChunk(hash))
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
+                        let stored = got.bytes().await?;
+                        let offset = i as u64 * chunk_size;
+                        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                            let raw = chunk::decode(&stored, hash).map_err(|source| {
+                                StoreError::Corrupt {
+                                    chunk: hash,
+                                    source,
+                                }
+                            })?;
+                            if raw.len() as u64 != len {
+                                return Err(StoreError::Corrupt {
+                                    chunk: hash,
+                                    source: ChunkError::Length(raw.len()),
+                                });
+                            }
+                            file.write_all_at(&raw, offset)
+                                .map_err(io("writing a chunk"))
+                        })
+                        .await
+                        .expect("chunk writer does not panic")?;
+                    }
+                    let total = done.fetch_add(len, Ordering::Relaxed) + len;
+                    progress(total);
+                    Ok(())
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        file.sync_all().map_err(io("syncing"))?;
+        Ok(())
+    }
+
+    /// Deletes chunks no live snapshot needs. `live` are the snapshots whose manifests must
+    /// stay whole; chunks younger than `grace` are kept too (an upload may be about to name
+    /// them). Returns how many chunks were deleted.
+    pub async fn collect_garbage(
+        &self,
+        live: &[String],
+        grace: Duration,
+    ) -> Result<u64, StoreError> {
+        let _guard = self.gc_lock.write().await;
+        let mut needed: HashSet<ChunkHash> = HashSet::new();
+        for id in live {
+            match self.get_manifest(id).await {
+                Ok(m) => needed.extend(m.chunk_set()),
+                // A live snapshot without a manifest is still uploading; the grace period
+                // protects what it has written so far.
+                Err(StoreError::MissingManifest(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let cutoff = std::time::SystemTime::now() - grace;
+        let mut deleted = 0;
+        let mut listing = self.store.list(Some(&ObjectPath::from("chunks")));
+        let mut doomed = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let Some(hash) = meta.location.filename().and_then(ChunkHash::from_hex) else {
+                continue;
+            };
+            let modified = std::time::UNIX_EPOCH
+                + Duration::from_millis(meta.last_modified.timestamp_millis().max(0) as u64);
+            if !needed.contains(&hash) && modified <= cutoff {
+                doomed.push(meta.location);
+            }
+        }
+        for key in doomed {
+            match self.store.delete(&key).await {
+                Ok(()) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// Data (non-hole) ranges of a file, from SEEK_DATA/SEEK_HOLE; the whole file where the file
+/// system cannot tell.
+struct DataRanges(Vec<(u64, u64)>);
+
+impl DataRanges {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.0.iter().any(|&(s, e)| s < end && start < e)
+    }
+}
+
+fn data_ranges(file: &std::fs::File, size: u64) -> DataRanges {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a descriptor we hold open; no pointers involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data
+            }
+            return DataRanges(vec![(0, size)]);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return DataRanges(vec![(0, size)]);
+        }
+        ranges.push((data as u64, hole as u64));
+        pos = hole;
+    }
+    DataRanges(ranges)
+}
+
+#[cfg(test)]
+mod tests;
