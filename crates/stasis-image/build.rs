@@ -10,11 +10,7 @@ use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let workspace = manifest
-        .parent()
-        .and_then(|p| p.parent())
-        .unwrap()
-        .to_path_buf();
+    let workspace = manifest.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
     for input in [
         "crates/stasis-agent/src",
         "crates/stasis-agent/Cargo.toml",
@@ -34,14 +30,7 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "stasis-agent",
-            "--target",
-            triple,
-        ])
+        .args(["build", "--release", "-p", "stasis-agent", "--target", triple])
         .arg("--target-dir")
         .arg(&target_dir);
     // Nothing of the outer build's flags or wrappers (clippy, coverage) applies to the agent.
@@ -65,9 +54,7 @@ fn main() {
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
         .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
-    let status = cmd
-        .status()
-        .expect("running cargo to build the guest agent");
+    let status = cmd.status().expect("running cargo to build the guest agent");
     assert!(status.success(), "building the guest agent failed");
 
     let built = target_dir.join(triple).join("release").join("stasis-agent");

@@ -68,8 +68,9 @@ pub struct ExecRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentityRequest {
-    /// Host wall clock, nanoseconds since the Unix epoch.
-    pub unix_time_ns: u128,
+    /// Host wall clock, nanoseconds since the Unix epoch. (u64: a u128 cannot pass through
+    /// the flattened, tagged encoding of requests.)
+    pub unix_time_ns: u64,
     /// Fresh random bytes (hex) credited to the kernel entropy pool, followed by a reseed.
     pub entropy_hex: String,
     #[serde(default)]
@@ -218,6 +219,19 @@ mod tests {
             reply: Reply::Running,
         };
         assert_eq!(decode::<Response>(&encode(&running)), Some(running));
+    }
+
+    #[test]
+    fn identity_requests_decode() {
+        let req = Request {
+            id: 11,
+            op: Op::Identity(IdentityRequest {
+                unix_time_ns: 1_796_000_000_123_456_789,
+                entropy_hex: "00ff".into(),
+                hostname: Some("clone".into()),
+            }),
+        };
+        assert_eq!(decode::<Request>(&encode(&req)), Some(req));
     }
 
     #[test]

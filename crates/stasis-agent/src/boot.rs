@@ -16,13 +16,7 @@ fn cstr(s: impl AsRef<std::ffi::OsStr>) -> CString {
     CString::new(s.as_ref().as_bytes()).expect("paths here never contain NUL")
 }
 
-fn mount(
-    src: &str,
-    target: &str,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: &str,
-) -> io::Result<()> {
+fn mount(src: &str, target: &str, fstype: Option<&str>, flags: libc::c_ulong, data: &str) -> io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let src = cstr(src);
     let target_c = cstr(target);
@@ -77,10 +71,7 @@ fn load_module(path: &Path) -> io::Result<()> {
     if e.raw_os_error() == Some(libc::EEXIST) {
         Ok(())
     } else {
-        Err(io::Error::new(
-            e.kind(),
-            format!("loading {}: {e}", path.display()),
-        ))
+        Err(io::Error::new(e.kind(), format!("loading {}: {e}", path.display())))
     }
 }
 
@@ -153,13 +144,7 @@ pub fn root_stage() -> io::Result<()> {
     if !is_mountpoint("/dev") {
         mount("devtmpfs", "/dev", Some("devtmpfs"), 0, "")?;
     }
-    mount(
-        "devpts",
-        "/dev/pts",
-        Some("devpts"),
-        0,
-        "mode=620,ptmxmode=666",
-    )?;
+    mount("devpts", "/dev/pts", Some("devpts"), 0, "mode=620,ptmxmode=666")?;
     mount("tmpfs", "/dev/shm", Some("tmpfs"), 0, "mode=1777")?;
     mount("tmpfs", "/run", Some("tmpfs"), 0, "mode=755")?;
     mount("tmpfs", "/tmp", Some("tmpfs"), 0, "mode=1777")?;
@@ -212,8 +197,7 @@ pub fn find_port(name: &str) -> io::Result<PathBuf> {
     loop {
         if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
             for entry in entries.flatten() {
-                let port_name =
-                    std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+                let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
                 if port_name.trim() == name {
                     let dev = Path::new("/dev").join(entry.file_name());
                     if wait_for(&dev, Duration::from_secs(5)) {
@@ -240,10 +224,7 @@ mod tests {
     fn reads_values_from_the_kernel_command_line() {
         let c = "console=ttyS0 root=/dev/vda rw stasis.hostname=dev-1 quiet";
         assert_eq!(cmdline_value(c, "root").as_deref(), Some("/dev/vda"));
-        assert_eq!(
-            cmdline_value(c, "stasis.hostname").as_deref(),
-            Some("dev-1")
-        );
+        assert_eq!(cmdline_value(c, "stasis.hostname").as_deref(), Some("dev-1"));
         assert_eq!(cmdline_value(c, "rootfstype"), None);
         assert_eq!(cmdline_value(c, "rw"), None);
     }

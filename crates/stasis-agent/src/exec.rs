@@ -231,11 +231,7 @@ mod tests {
     fn timeout_kills_the_group_and_reports_124() {
         let start = Instant::now();
         let r = bash("echo started; sleep 30 & sleep 30", 300);
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
         assert_eq!(r.exit_code, TIMEOUT_EXIT_CODE);
         assert!(r.timed_out);
         assert_eq!(r.stdout, "started\n");
@@ -245,11 +241,7 @@ mod tests {
     fn a_background_child_holding_the_pipe_does_not_block_the_answer() {
         let start = Instant::now();
         let r = bash("sleep 20 & echo done", 30_000);
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
         assert_eq!(r.exit_code, 0);
         assert_eq!(r.stdout, "done\n");
     }

@@ -32,7 +32,7 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
     }
 }
 
-fn set_clock(unix_time_ns: u128) -> io::Result<()> {
+fn set_clock(unix_time_ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
         tv_sec: (unix_time_ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
@@ -49,9 +49,7 @@ fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
+    let file = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info = Vec::with_capacity(8 + bytes.len());
     info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());

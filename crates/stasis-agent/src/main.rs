@@ -43,9 +43,7 @@ fn main() {
         Some(i) if i + 1 < args.len() => serve::serve_port(&PathBuf::from(&args[i + 1])),
         _ if args.iter().any(|a| a == "--stdio") => serve::serve_stdio(),
         _ => {
-            eprintln!(
-                "usage: stasis-agent --stdio | --port PATH   (as PID 1 it finds its port itself)"
-            );
+            eprintln!("usage: stasis-agent --stdio | --port PATH   (as PID 1 it finds its port itself)");
             std::process::exit(2);
         }
     }

@@ -34,9 +34,7 @@ pub fn start_for_tests() {
 
 /// Spawns a child and registers it; the receiver yields its exit code (128 + signal when
 /// killed by a signal).
-pub fn spawn(
-    cmd: &mut std::process::Command,
-) -> std::io::Result<(std::process::Child, Receiver<i32>)> {
+pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, Receiver<i32>)> {
     let mut guard = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let child = cmd.spawn()?;
     let (tx, rx) = channel();

@@ -54,12 +54,7 @@ fn send(writer: &Writer, line: &[u8]) {
 
 /// Serves the virtio-serial port at `path`. Returns only if the port cannot be opened.
 pub fn serve_port(path: &std::path::Path) {
-    let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-    };
+    let open = || std::fs::OpenOptions::new().read(true).write(true).open(path);
     let (reader, writer) = match open().and_then(|f| Ok((f.try_clone()?, f))) {
         Ok(pair) => pair,
         Err(e) => {
@@ -73,11 +68,7 @@ pub fn serve_port(path: &std::path::Path) {
 
 /// Serves stdin/stdout until stdin closes (development and tests on the host).
 pub fn serve_stdio() {
-    serve(
-        Box::new(std::io::stdin()),
-        Box::new(std::io::stdout()),
-        true,
-    );
+    serve(Box::new(std::io::stdin()), Box::new(std::io::stdout()), true);
 }
 
 fn boot_id() -> String {

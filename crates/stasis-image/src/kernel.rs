@@ -22,8 +22,7 @@ pub struct Kernel {
 
 /// Asks apt which versioned package the flavour's meta package points at, and its version.
 fn resolve(meta: &str) -> Result<(String, String), ImageError> {
-    let deps =
-        run(Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", meta]))?;
+    let deps = run(Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", meta]))?;
     let package = deps
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -44,11 +43,7 @@ fn resolve(meta: &str) -> Result<(String, String), ImageError> {
     Ok((package, version))
 }
 
-pub fn ensure(
-    cache: &Path,
-    spec: &ImageSpec,
-    progress: &dyn Progress,
-) -> Result<Kernel, ImageError> {
+pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result<Kernel, ImageError> {
     let (package, version) = resolve(&spec.kernel_package)?;
     let key = format!("{package}_{version}");
     let dir = cache.join("kernel").join(&key);
@@ -73,9 +68,7 @@ pub fn ensure(
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| {
-            ImageError::Invalid(format!("apt-get download {package} produced no .deb"))
-        })?;
+        .ok_or_else(|| ImageError::Invalid(format!("apt-get download {package} produced no .deb")))?;
     let extracted = tmp.join("x");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extracted))?;
 
@@ -89,11 +82,8 @@ pub fn ensure(
 
     let out = tmp.join("out");
     std::fs::create_dir_all(out.join("modules")).map_err(io_err("creating modules/"))?;
-    std::fs::copy(
-        extracted.join(format!("boot/vmlinuz-{release}")),
-        out.join("vmlinuz"),
-    )
-    .map_err(io_err("copying vmlinuz out of the package"))?;
+    std::fs::copy(extracted.join(format!("boot/vmlinuz-{release}")), out.join("vmlinuz"))
+        .map_err(io_err("copying vmlinuz out of the package"))?;
     let all = find_files(&modules_root.join(&release).join("kernel"));
     let mut modules = Vec::new();
     for name in GUEST_MODULES {
@@ -102,8 +92,7 @@ pub fn ensure(
             .iter()
             .find(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == file))
             .ok_or_else(|| ImageError::Invalid(format!("module {file} is not in {package}")))?;
-        std::fs::copy(src, out.join("modules").join(&file))
-            .map_err(io_err(format!("copying {file}")))?;
+        std::fs::copy(src, out.join("modules").join(&file)).map_err(io_err(format!("copying {file}")))?;
         modules.push(dir.join("modules").join(&file));
     }
     let kernel = Kernel {
@@ -112,11 +101,8 @@ pub fn ensure(
         vmlinuz: dir.join("vmlinuz"),
         modules,
     };
-    std::fs::write(
-        out.join("kernel.json"),
-        serde_json::to_vec_pretty(&kernel).unwrap(),
-    )
-    .map_err(io_err("writing kernel.json"))?;
+    std::fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&kernel).unwrap())
+        .map_err(io_err("writing kernel.json"))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&out, &dir).map_err(io_err("publishing the kernel"))?;
     let _ = std::fs::remove_dir_all(&tmp);

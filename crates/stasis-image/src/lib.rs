@@ -128,11 +128,7 @@ pub fn agent_hash() -> String {
 }
 
 /// Returns the cached image for `spec`, building whatever part is missing or stale.
-pub fn ensure(
-    cache: &Path,
-    spec: &ImageSpec,
-    progress: &dyn Progress,
-) -> Result<Image, ImageError> {
+pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result<Image, ImageError> {
     std::fs::create_dir_all(cache).map_err(io_err(format!("creating {}", cache.display())))?;
     // One builder at a time per cache (several servers or test processes may start together).
     let _lock = FileLock::exclusive(&cache.join(".lock"))?;
@@ -180,22 +176,13 @@ pub fn ensure(
         order.push('\n');
     }
     initrd.file("modules/order", 0o644, order.as_bytes());
-    std::fs::write(tmp.join("initrd.img"), initrd.finish())
-        .map_err(io_err("writing initrd.img"))?;
+    std::fs::write(tmp.join("initrd.img"), initrd.finish()).map_err(io_err("writing initrd.img"))?;
 
     progress.step("making the ext4 root disk");
     rootfs::install_agent(&rootfs.tree, AGENT_BINARY)?;
     let disk = tmp.join("rootfs.ext4");
     run(Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "stasis-root",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-        ])
+        .args(["-q", "-F", "-L", "stasis-root", "-E", "root_owner=0:0", "-d"])
         .arg(&rootfs.tree)
         .arg(&disk)
         .arg(format!("{}M", spec.disk_size_mib)))?;
@@ -208,11 +195,8 @@ pub fn ensure(
         initrd: dir.join("initrd.img"),
         rootfs: dir.join("rootfs.ext4"),
     };
-    std::fs::write(
-        tmp.join("image.json"),
-        serde_json::to_vec_pretty(&image).unwrap(),
-    )
-    .map_err(io_err("writing image.json"))?;
+    std::fs::write(tmp.join("image.json"), serde_json::to_vec_pretty(&image).unwrap())
+        .map_err(io_err("writing image.json"))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(io_err("publishing the image"))?;
     progress.step(&format!("image {id} ready"));
@@ -254,9 +238,7 @@ impl FileLock {
             .map_err(io_err(format!("opening {}", path.display())))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err("locking the image cache")(
-                std::io::Error::last_os_error(),
-            ));
+            return Err(io_err("locking the image cache")(std::io::Error::last_os_error()));
         }
         Ok(FileLock { _file: file })
     }

@@ -12,11 +12,7 @@ pub struct Rootfs {
     pub tree: PathBuf,
 }
 
-pub fn ensure(
-    cache: &Path,
-    spec: &ImageSpec,
-    progress: &dyn Progress,
-) -> Result<Rootfs, ImageError> {
+pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result<Rootfs, ImageError> {
     let input = serde_json::json!({
         "recipe": RECIPE_VERSION,
         "suite": spec.suite,
@@ -36,11 +32,7 @@ pub fn ensure(
         ));
     }
 
-    progress.step(&format!(
-        "debootstrap {} ({})",
-        spec.suite,
-        spec.packages.join(", ")
-    ));
+    progress.step(&format!("debootstrap {} ({})", spec.suite, spec.packages.join(", ")));
     let tmp = cache.join("rootfs").join(format!(".{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the rootfs directory"))?;
@@ -71,16 +63,12 @@ pub fn ensure(
     let status = child.wait().map_err(io_err("waiting for debootstrap"))?;
     let stderr = stderr_reader.join().unwrap_or_default();
     if !status.success() {
-        let log = std::fs::read_to_string(tmp.join("tree/debootstrap/debootstrap.log"))
-            .unwrap_or_default();
+        let log = std::fs::read_to_string(tmp.join("tree/debootstrap/debootstrap.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(10).collect();
         return Err(ImageError::Command {
             command: "debootstrap".into(),
             status: status.to_string(),
-            stderr: format!(
-                "{stderr}\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ),
+            stderr: format!("{stderr}\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")),
         });
     }
 
@@ -99,20 +87,13 @@ pub fn ensure(
     }
     let files: [(&str, &str); 3] = [
         ("etc/hostname", "stasis\n"),
-        (
-            "etc/hosts",
-            "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tstasis\n",
-        ),
-        (
-            "etc/fstab",
-            "# mounts are made by the stasis agent (PID 1)\n",
-        ),
+        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tstasis\n"),
+        ("etc/fstab", "# mounts are made by the stasis agent (PID 1)\n"),
     ];
     for (path, content) in files {
         std::fs::write(t.join(path), content).map_err(io_err(format!("writing {path}")))?;
     }
-    std::fs::write(tmp.join("rootfs.json"), input.to_string())
-        .map_err(io_err("writing rootfs.json"))?;
+    std::fs::write(tmp.join("rootfs.json"), input.to_string()).map_err(io_err("writing rootfs.json"))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(io_err("publishing the rootfs"))?;
     Ok(Rootfs { key, tree })
@@ -125,8 +106,7 @@ pub fn install_agent(tree: &Path, agent: &[u8]) -> Result<(), ImageError> {
     let bin = sbin.join("stasis-agent");
     let _ = std::fs::remove_file(&bin);
     std::fs::write(&bin, agent).map_err(io_err("writing the agent into the tree"))?;
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err("chmod agent"))?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).map_err(io_err("chmod agent"))?;
     let init = sbin.join("init");
     let _ = std::fs::remove_file(&init);
     std::os::unix::fs::symlink("stasis-agent", &init).map_err(io_err("linking /sbin/init"))?;

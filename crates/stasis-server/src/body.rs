@@ -36,9 +36,7 @@ impl JsonObject {
         }
         match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(_) => Err(ApiError::BadRequest(
-                "the request body must be a JSON object".into(),
-            )),
+            Ok(_) => Err(ApiError::BadRequest("the request body must be a JSON object".into())),
             Err(e) => Err(ApiError::BadRequest(format!("malformed JSON body: {e}"))),
         }
     }
@@ -56,10 +54,7 @@ impl JsonObject {
         match self.present(field) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(ApiError::invalid(
-                field,
-                format!("{field} must be a string"),
-            )),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
         }
     }
 
@@ -74,11 +69,9 @@ impl JsonObject {
         match self.present(field) {
             None => Ok(None),
             Some(Value::Number(n)) => {
-                let secs = n.as_u64().or_else(|| {
-                    n.as_f64()
-                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                        .map(|f| f as u64)
-                });
+                let secs = n
+                    .as_u64()
+                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
                 match secs {
                     Some(s) if (1..=max).contains(&s) => Ok(Some(s)),
                     _ => Err(bad()),
@@ -92,10 +85,7 @@ impl JsonObject {
         match self.present(field) {
             None => Ok(None),
             Some(Value::Object(m)) => Ok(Some(m.clone())),
-            Some(_) => Err(ApiError::invalid(
-                field,
-                format!("{field} must be a JSON object"),
-            )),
+            Some(_) => Err(ApiError::invalid(field, format!("{field} must be a JSON object"))),
         }
     }
 }
@@ -130,27 +120,15 @@ mod tests {
             msg(b.required_str("name").unwrap_err()),
             ("name".into(), "name must be a string".into())
         );
-        assert_eq!(
-            msg(b.required_str("command").unwrap_err()).1,
-            "command is required"
-        );
+        assert_eq!(msg(b.required_str("command").unwrap_err()).1, "command is required");
         assert!(msg(b.optional_seconds("timeout", 60).unwrap_err())
             .1
             .starts_with("timeout must be"));
         assert!(msg(b.optional_seconds("big", 60).unwrap_err())
             .1
             .contains("between 1 and 60"));
-        assert_eq!(
-            msg(b.optional_object("metadata").unwrap_err()).0,
-            "metadata"
-        );
-        assert_eq!(
-            body(r#"{"t": 5}"#).optional_seconds("t", 60).unwrap(),
-            Some(5)
-        );
-        assert_eq!(
-            body(r#"{"t": null}"#).optional_seconds("t", 60).unwrap(),
-            None
-        );
+        assert_eq!(msg(b.optional_object("metadata").unwrap_err()).0, "metadata");
+        assert_eq!(body(r#"{"t": 5}"#).optional_seconds("t", 60).unwrap(), Some(5));
+        assert_eq!(body(r#"{"t": null}"#).optional_seconds("t", 60).unwrap(), None);
     }
 }

@@ -7,8 +7,7 @@ use sqlx::{AnyPool, Row};
 use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
 
 /// Schema migrations, in order. Each runs once, inside a transaction.
-const SQLITE_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
 
 #[derive(Clone)]
 pub struct Db {
@@ -35,18 +34,10 @@ impl Db {
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     // Concurrent writers wait instead of failing; WAL lets readers go on.
-                    sqlx::query("PRAGMA busy_timeout = 10000")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA synchronous = NORMAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
                     Ok(())
                 })
             })
@@ -58,16 +49,17 @@ impl Db {
     }
 
     async fn migrate(&self, migrations: &[(i64, &str)]) -> Result<(), sqlx::Error> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
         for (version, sql) in migrations {
             let mut tx = self.pool.begin().await?;
-            let done: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                    .bind(*version)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(*version)
+                .fetch_optional(&mut *tx)
+                .await?;
             if done.is_none() {
                 for statement in sql
                     .split(';')
@@ -112,12 +104,7 @@ impl Db {
         Ok(id.and_then(|s| s.parse().ok()))
     }
 
-    pub async fn insert_key(
-        &self,
-        tenant: TenantId,
-        key_hash: &str,
-        prefix: &str,
-    ) -> Result<(), sqlx::Error> {
+    pub async fn insert_key(&self, tenant: TenantId, key_hash: &str, prefix: &str) -> Result<(), sqlx::Error> {
         sqlx::query("INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(tenant.to_string())
@@ -136,15 +123,11 @@ impl Db {
             .await
     }
 
-    pub async fn tenant_by_key_hash(
-        &self,
-        key_hash: &str,
-    ) -> Result<Option<TenantId>, sqlx::Error> {
-        let id: Option<String> =
-            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
-                .bind(key_hash)
-                .fetch_optional(&self.pool)
-                .await?;
+    pub async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<TenantId>, sqlx::Error> {
+        let id: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(id.and_then(|s| s.parse().ok()))
     }
 
@@ -174,12 +157,10 @@ impl Db {
 
     /// A computer that is not destroyed, whatever its tenant.
     pub async fn get_computer(&self, id: ComputerId) -> Result<Option<Computer>, sqlx::Error> {
-        let row = sqlx::query(&format!(
-            "{SELECT_COMPUTER} WHERE id = $1 AND status <> 'destroyed'"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE id = $1 AND status <> 'destroyed'"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().and_then(computer_from_row))
     }
 
@@ -194,10 +175,7 @@ impl Db {
     }
 
     /// Computers in any of `statuses`, across tenants (for reconciliation).
-    pub async fn computers_in(
-        &self,
-        statuses: &[ComputerStatus],
-    ) -> Result<Vec<Computer>, sqlx::Error> {
+    pub async fn computers_in(&self, statuses: &[ComputerStatus]) -> Result<Vec<Computer>, sqlx::Error> {
         if statuses.is_empty() {
             return Ok(Vec::new());
         }
@@ -245,8 +223,7 @@ fn is_comment(statement: &str) -> bool {
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
 }
 
-const SELECT_COMPUTER: &str =
-    "SELECT id, tenant_id, name, slug, status, template_type, size, metadata, error, \
+const SELECT_COMPUTER: &str = "SELECT id, tenant_id, name, slug, status, template_type, size, metadata, error, \
      source_snapshot_id, created_at, updated_at FROM computers";
 
 fn computer_from_row(row: &AnyRow) -> Option<Computer> {
@@ -314,35 +291,26 @@ mod tests {
 
         let c = computer(t, "dev");
         db.insert_computer(&c).await.unwrap();
-        db.insert_computer(&computer(other, "theirs"))
-            .await
-            .unwrap();
+        db.insert_computer(&computer(other, "theirs")).await.unwrap();
         let got = db.get_computer(c.id).await.unwrap().unwrap();
         assert_eq!(got.name, "dev");
         assert_eq!(got.metadata["team"], "a");
         assert_eq!(db.list_computers(t).await.unwrap().len(), 1);
 
-        assert!(db
-            .set_status(c.id, ComputerStatus::Error, Some("boom"))
-            .await
-            .unwrap());
+        assert!(db.set_status(c.id, ComputerStatus::Error, Some("boom")).await.unwrap());
         let got = db.get_computer(c.id).await.unwrap().unwrap();
         assert_eq!(
             (got.status, got.error.as_deref()),
             (ComputerStatus::Error, Some("boom"))
         );
 
-        db.set_status(c.id, ComputerStatus::Destroyed, None)
-            .await
-            .unwrap();
+        db.set_status(c.id, ComputerStatus::Destroyed, None).await.unwrap();
         assert!(
             db.get_computer(c.id).await.unwrap().is_none(),
             "destroyed computers are gone"
         );
         assert!(
-            !db.set_status(c.id, ComputerStatus::Running, None)
-                .await
-                .unwrap(),
+            !db.set_status(c.id, ComputerStatus::Running, None).await.unwrap(),
             "and stay gone"
         );
     }
@@ -351,12 +319,7 @@ mod tests {
     async fn reopening_keeps_data_and_does_not_rerun_migrations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        let t = Db::open_sqlite(&path)
-            .await
-            .unwrap()
-            .ensure_tenant("x")
-            .await
-            .unwrap();
+        let t = Db::open_sqlite(&path).await.unwrap().ensure_tenant("x").await.unwrap();
         let db = Db::open_sqlite(&path).await.unwrap();
         assert_eq!(db.tenant_by_name("x").await.unwrap(), Some(t));
     }

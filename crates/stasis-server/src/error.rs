@@ -65,24 +65,15 @@ impl ApiError {
 
     fn status_and_code(&self) -> (StatusCode, String) {
         match self {
-            ApiError::NotFound { kind } => (
-                StatusCode::NOT_FOUND,
-                format!("{}_not_found", kind.replace(' ', "_")),
-            ),
+            ApiError::NotFound { kind } => (StatusCode::NOT_FOUND, format!("{}_not_found", kind.replace(' ', "_"))),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code.to_string()),
-            ApiError::Invalid { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed".into())
-            }
+            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed".into()),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_json".into()),
-            ApiError::PayloadTooLarge(_) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into())
-            }
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into()),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden".into()),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found".into()),
-            ApiError::MethodNotAllowed => {
-                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into())
-            }
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into()),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into()),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal".into()),
         }
@@ -124,14 +115,11 @@ mod tests {
     async fn errors_carry_code_message_and_request_id() {
         let resp = REQUEST_ID
             .scope("req-1".to_string(), async {
-                ApiError::conflict("computer_not_running", "computer is not running")
-                    .into_response()
+                ApiError::conflict("computer_not_running", "computer is not running").into_response()
             })
             .await;
         assert_eq!(resp.status(), StatusCode::CONFLICT);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["code"], "computer_not_running");
         assert_eq!(v["error"]["message"], "computer is not running");
@@ -142,9 +130,7 @@ mod tests {
     async fn internal_details_are_not_sent() {
         let resp = ApiError::internal("disk on fire at /var/secret").into_response();
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
-            .await
-            .unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         assert!(!String::from_utf8_lossy(&body).contains("secret"));
     }
 

@@ -76,11 +76,7 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::RouteNotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
+    ApiError::RouteNotFound(format!("no route for {} {}", req.method(), req.uri().path()))
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -112,8 +108,7 @@ pub struct Platform {
 
 impl Platform {
     pub async fn open(config: &Config) -> Result<Platform, String> {
-        prepare_data_dir(&config.data_dir)
-            .map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
+        prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
         let db = Db::open_sqlite(&db_path(&config.data_dir))
             .await
             .map_err(|e| format!("opening the database: {e}"))?;
@@ -161,9 +156,7 @@ impl Platform {
         });
         let computers = state.computers.clone();
         let app = router(state);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
         tracing::info!("stopping all computers");
         computers.shutdown().await;
         Ok(())

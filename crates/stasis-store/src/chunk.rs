@@ -58,8 +58,7 @@ impl Serialize for ChunkHash {
 impl<'de> Deserialize<'de> for ChunkHash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        ChunkHash::from_hex(&s)
-            .ok_or_else(|| serde::de::Error::custom("a chunk hash is 64 hex digits"))
+        ChunkHash::from_hex(&s).ok_or_else(|| serde::de::Error::custom("a chunk hash is 64 hex digits"))
     }
 }
 
@@ -101,8 +100,7 @@ pub fn decode(stored: &[u8], expected: ChunkHash) -> Result<Vec<u8>, ChunkError>
     if len == 0 || len > MAX_CHUNK_SIZE {
         return Err(ChunkError::Length(len));
     }
-    let raw = zstd::bulk::decompress(&stored[HEADER_LEN..], len)
-        .map_err(|e| ChunkError::Decompress(e.to_string()))?;
+    let raw = zstd::bulk::decompress(&stored[HEADER_LEN..], len).map_err(|e| ChunkError::Decompress(e.to_string()))?;
     if raw.len() != len {
         return Err(ChunkError::Length(raw.len()));
     }
@@ -121,9 +119,7 @@ pub fn is_zero(data: &[u8]) -> bool {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middles.
         unsafe { data.align_to::<u64>() }
     };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -137,9 +133,7 @@ mod tests {
         let stored = encode(&raw, 3);
         assert!(stored.len() < raw.len());
         assert_eq!(decode(&stored, h).unwrap(), raw);
-        assert!(h
-            .key()
-            .starts_with(&format!("chunks/{}/", &h.to_hex()[..2])));
+        assert!(h.key().starts_with(&format!("chunks/{}/", &h.to_hex()[..2])));
         assert_eq!(ChunkHash::from_hex(&h.to_hex()), Some(h));
     }
 

@@ -150,70 +150,67 @@ impl SnapshotStore {
         progress: Progress,
     ) -> Result<(Part, UploadStats), StoreError> {
         let _guard = self.gc_lock.read().await;
-        let file =
-            Arc::new(std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?);
+        let file = Arc::new(std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?);
         let size = file.metadata().map_err(io("stat"))?.len();
         let holes = Arc::new(data_ranges(&file, size));
         let count = size.div_ceil(chunk_size as u64) as usize;
         let done = Arc::new(AtomicU64::new(0));
 
-        let results: Vec<(usize, Option<ChunkHash>, Outcome, u64)> =
-            futures::stream::iter(0..count)
-                .map(|i| {
-                    let file = file.clone();
-                    let holes = holes.clone();
-                    let store = self.store.clone();
-                    let done = done.clone();
-                    let progress = progress.clone();
-                    async move {
-                        let start = i as u64 * chunk_size as u64;
-                        let len = (size - start).min(chunk_size as u64);
-                        let outcome = if !holes.overlaps(start, start + len) {
-                            (None, Outcome::Zero)
-                        } else {
-                            let (hash, data) = tokio::task::spawn_blocking(
-                                move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
-                                    let mut buf = vec![0u8; len as usize];
-                                    file.read_exact_at(&mut buf, start)?;
-                                    if chunk::is_zero(&buf) {
-                                        return Ok(None);
-                                    }
-                                    Ok(Some((ChunkHash::of(&buf), buf)))
-                                },
-                            )
+        let results: Vec<(usize, Option<ChunkHash>, Outcome, u64)> = futures::stream::iter(0..count)
+            .map(|i| {
+                let file = file.clone();
+                let holes = holes.clone();
+                let store = self.store.clone();
+                let done = done.clone();
+                let progress = progress.clone();
+                async move {
+                    let start = i as u64 * chunk_size as u64;
+                    let len = (size - start).min(chunk_size as u64);
+                    let outcome = if !holes.overlaps(start, start + len) {
+                        (None, Outcome::Zero)
+                    } else {
+                        let (hash, data) =
+                            tokio::task::spawn_blocking(move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
+                                let mut buf = vec![0u8; len as usize];
+                                file.read_exact_at(&mut buf, start)?;
+                                if chunk::is_zero(&buf) {
+                                    return Ok(None);
+                                }
+                                Ok(Some((ChunkHash::of(&buf), buf)))
+                            })
                             .await
                             .expect("chunk reader does not panic")
                             .map_err(io("reading a chunk"))?
                             .map_or((None, None), |(h, d)| (Some(h), Some(d)));
-                            match (hash, data) {
-                                (Some(hash), Some(data)) => {
-                                    let key = ObjectPath::from(hash.key());
-                                    match store.head(&key).await {
-                                        Ok(_) => (Some(hash), Outcome::Reused),
-                                        Err(object_store::Error::NotFound { .. }) => {
-                                            let stored = tokio::task::spawn_blocking(move || {
-                                                chunk::encode(&data, COMPRESSION_LEVEL)
-                                            })
-                                            .await
-                                            .expect("compression does not panic");
-                                            let n = stored.len() as u64;
-                                            store.put(&key, PutPayload::from(stored)).await?;
-                                            (Some(hash), Outcome::New(n))
-                                        }
-                                        Err(e) => return Err(e.into()),
+                        match (hash, data) {
+                            (Some(hash), Some(data)) => {
+                                let key = ObjectPath::from(hash.key());
+                                match store.head(&key).await {
+                                    Ok(_) => (Some(hash), Outcome::Reused),
+                                    Err(object_store::Error::NotFound { .. }) => {
+                                        let stored = tokio::task::spawn_blocking(move || {
+                                            chunk::encode(&data, COMPRESSION_LEVEL)
+                                        })
+                                        .await
+                                        .expect("compression does not panic");
+                                        let n = stored.len() as u64;
+                                        store.put(&key, PutPayload::from(stored)).await?;
+                                        (Some(hash), Outcome::New(n))
                                     }
+                                    Err(e) => return Err(e.into()),
                                 }
-                                _ => (None, Outcome::Zero),
                             }
-                        };
-                        let total = done.fetch_add(len, Ordering::Relaxed) + len;
-                        progress(total);
-                        Ok::<_, StoreError>((i, outcome.0, outcome.1, len))
-                    }
-                })
-                .buffer_unordered(PARALLEL)
-                .try_collect()
-                .await?;
+                            _ => (None, Outcome::Zero),
+                        }
+                    };
+                    let total = done.fetch_add(len, Ordering::Relaxed) + len;
+                    progress(total);
+                    Ok::<_, StoreError>((i, outcome.0, outcome.1, len))
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
 
         let mut chunks = vec![None; count];
         let mut stats = UploadStats {
@@ -258,9 +255,7 @@ impl SnapshotStore {
         let key = ObjectPath::from(Self::manifest_key(snapshot_id));
         let got = match self.store.get(&key).await {
             Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::MissingManifest(snapshot_id.into()))
-            }
+            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingManifest(snapshot_id.into())),
             Err(e) => return Err(e.into()),
         };
         if got.meta.size as usize > manifest::MAX_MANIFEST_BYTES {
@@ -311,12 +306,7 @@ impl SnapshotStore {
     }
 
     /// Rebuilds a part into `dest` (sparse: zero chunks stay holes), verifying every chunk.
-    pub async fn materialize(
-        &self,
-        part: &Part,
-        dest: &Path,
-        progress: Progress,
-    ) -> Result<(), StoreError> {
+    pub async fn materialize(&self, part: &Part, dest: &Path, progress: Progress) -> Result<(), StoreError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -337,28 +327,21 @@ impl SnapshotStore {
                     if let Some(hash) = *hash {
                         let got = match self.store.get(&ObjectPath::from(hash.key())).await {
                             Ok(g) => g,
-                            Err(object_store::Error::NotFound { .. }) => {
-                                return Err(StoreError::MissingChunk(hash))
-                            }
+                            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
                             Err(e) => return Err(e.into()),
                         };
                         let stored = got.bytes().await?;
                         let offset = i as u64 * chunk_size;
                         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                            let raw = chunk::decode(&stored, hash).map_err(|source| {
-                                StoreError::Corrupt {
-                                    chunk: hash,
-                                    source,
-                                }
-                            })?;
+                            let raw = chunk::decode(&stored, hash)
+                                .map_err(|source| StoreError::Corrupt { chunk: hash, source })?;
                             if raw.len() as u64 != len {
                                 return Err(StoreError::Corrupt {
                                     chunk: hash,
                                     source: ChunkError::Length(raw.len()),
                                 });
                             }
-                            file.write_all_at(&raw, offset)
-                                .map_err(io("writing a chunk"))
+                            file.write_all_at(&raw, offset).map_err(io("writing a chunk"))
                         })
                         .await
                         .expect("chunk writer does not panic")?;
@@ -378,11 +361,7 @@ impl SnapshotStore {
     /// Deletes chunks no live snapshot needs. `live` are the snapshots whose manifests must
     /// stay whole; chunks younger than `grace` are kept too (an upload may be about to name
     /// them). Returns how many chunks were deleted.
-    pub async fn collect_garbage(
-        &self,
-        live: &[String],
-        grace: Duration,
-    ) -> Result<u64, StoreError> {
+    pub async fn collect_garbage(&self, live: &[String], grace: Duration) -> Result<u64, StoreError> {
         let _guard = self.gc_lock.write().await;
         let mut needed: HashSet<ChunkHash> = HashSet::new();
         for id in live {
@@ -403,8 +382,8 @@ impl SnapshotStore {
             let Some(hash) = meta.location.filename().and_then(ChunkHash::from_hex) else {
                 continue;
             };
-            let modified = std::time::UNIX_EPOCH
-                + Duration::from_millis(meta.last_modified.timestamp_millis().max(0) as u64);
+            let modified =
+                std::time::UNIX_EPOCH + Duration::from_millis(meta.last_modified.timestamp_millis().max(0) as u64);
             if !needed.contains(&hash) && modified <= cutoff {
                 doomed.push(meta.location);
             }

@@ -62,11 +62,7 @@ impl Part {
         }
         let expected = self.size.div_ceil(self.chunk_size as u64);
         if self.chunks.len() as u64 != expected {
-            return Err(bad(format!(
-                "{} chunks for {} bytes",
-                self.chunks.len(),
-                self.size
-            )));
+            return Err(bad(format!("{} chunks for {} bytes", self.chunks.len(), self.size)));
         }
         Ok(())
     }
@@ -74,11 +70,7 @@ impl Part {
 
 impl Manifest {
     pub fn parts(&self) -> [(&'static str, &Part); 3] {
-        [
-            ("state", &self.state),
-            ("memory", &self.memory),
-            ("disk", &self.disk),
-        ]
+        [("state", &self.state), ("memory", &self.memory), ("disk", &self.disk)]
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -90,8 +82,8 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge);
         }
-        let json = zstd::bulk::decompress(bytes, MAX_MANIFEST_BYTES)
-            .map_err(|e| ManifestError::Decompress(e.to_string()))?;
+        let json =
+            zstd::bulk::decompress(bytes, MAX_MANIFEST_BYTES).map_err(|e| ManifestError::Decompress(e.to_string()))?;
         let version = serde_json::from_slice::<serde_json::Value>(&json)
             .map_err(|e| ManifestError::Parse(e.to_string()))?
             .get("version")
@@ -100,8 +92,7 @@ impl Manifest {
         if version != MANIFEST_VERSION as u64 {
             return Err(ManifestError::Version(version as u32));
         }
-        let m: Manifest =
-            serde_json::from_slice(&json).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(&json).map_err(|e| ManifestError::Parse(e.to_string()))?;
         for (name, part) in m.parts() {
             part.check(name)?;
         }
@@ -110,10 +101,7 @@ impl Manifest {
 
     /// Every distinct chunk the manifest needs.
     pub fn chunk_set(&self) -> std::collections::HashSet<ChunkHash> {
-        self.parts()
-            .iter()
-            .flat_map(|(_, p)| p.stored_chunks())
-            .collect()
+        self.parts().iter().flat_map(|(_, p)| p.stored_chunks()).collect()
     }
 }
 
@@ -160,10 +148,7 @@ mod tests {
     fn refuses_unknown_versions_and_inconsistent_parts() {
         let mut m = sample();
         m.version = 99;
-        assert!(matches!(
-            Manifest::decode(&m.encode()),
-            Err(ManifestError::Version(99))
-        ));
+        assert!(matches!(Manifest::decode(&m.encode()), Err(ManifestError::Version(99))));
         let mut m = sample();
         m.state.chunks.pop();
         assert!(matches!(

@@ -63,11 +63,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        seen.load(Ordering::Relaxed),
-        8 << 20,
-        "progress reaches the whole size"
-    );
+    assert_eq!(seen.load(Ordering::Relaxed), 8 << 20, "progress reaches the whole size");
     assert_eq!(part.chunks.len(), 8);
     assert_eq!(
         part.chunks.iter().filter(|c| c.is_some()).count(),
@@ -84,10 +80,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     // The same content again uploads nothing new.
     let (again, stats) = store.upload_file(&src, 1 << 20, noop()).await.unwrap();
     assert_eq!(again, part);
-    assert_eq!(
-        (stats.new_chunks, stats.reused_chunks, stats.uploaded_bytes),
-        (0, 3, 0)
-    );
+    assert_eq!((stats.new_chunks, stats.reused_chunks, stats.uploaded_bytes), (0, 3, 0));
 }
 
 #[tokio::test]
@@ -137,14 +130,8 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
         (1, 1),
         "the shared chunk is stored once"
     );
-    store
-        .put_manifest(&manifest("snap-a", pa.clone()))
-        .await
-        .unwrap();
-    store
-        .put_manifest(&manifest("snap-b", pb.clone()))
-        .await
-        .unwrap();
+    store.put_manifest(&manifest("snap-a", pa.clone())).await.unwrap();
+    store.put_manifest(&manifest("snap-b", pb.clone())).await.unwrap();
     assert_eq!(store.get_manifest("snap-a").await.unwrap().memory, pa);
     assert!(matches!(
         store.get_manifest("nope").await,

@@ -173,14 +173,8 @@ mod tests {
 
     #[test]
     fn sizes_match_the_published_table() {
-        let table: Vec<(u32, u64)> = Size::ALL
-            .iter()
-            .map(|s| (s.vcpus(), s.memory_mib()))
-            .collect();
-        assert_eq!(
-            table,
-            vec![(1, 256), (1, 512), (2, 1024), (2, 2048), (4, 4096)]
-        );
+        let table: Vec<(u32, u64)> = Size::ALL.iter().map(|s| (s.vcpus(), s.memory_mib())).collect();
+        assert_eq!(table, vec![(1, 256), (1, 512), (2, 1024), (2, 2048), (4, 4096)]);
         for s in Size::ALL {
             assert_eq!(Size::parse(s.as_str()), Some(s));
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
@@ -191,14 +185,8 @@ mod tests {
 
     #[test]
     fn statuses_serialize_lowercase() {
-        assert_eq!(
-            serde_json::to_value(ComputerStatus::Running).unwrap(),
-            "running"
-        );
-        assert_eq!(
-            ComputerStatus::parse("stopped"),
-            Some(ComputerStatus::Stopped)
-        );
+        assert_eq!(serde_json::to_value(ComputerStatus::Running).unwrap(), "running");
+        assert_eq!(ComputerStatus::parse("stopped"), Some(ComputerStatus::Stopped));
         assert_eq!(ComputerStatus::parse("ready"), None);
         assert_eq!(ComputerStatus::Destroying.as_str(), "destroying");
     }

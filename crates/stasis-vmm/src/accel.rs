@@ -25,9 +25,7 @@ impl Accel {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
             "auto" | "" => Ok(Self::detect()),
-            other => Err(format!(
-                "unknown accelerator {other:?}: use auto, kvm or tcg"
-            )),
+            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
         }
     }
 

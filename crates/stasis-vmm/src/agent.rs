@@ -48,9 +48,7 @@ impl AgentClient {
         let stream = loop {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
-                Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
+                Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(e) => return Err(AgentError::Connect(e)),
             }
         };
@@ -77,11 +75,7 @@ impl AgentClient {
                     hello_tx.send_modify(|n| *n += 1);
                     continue;
                 }
-                let tx = w
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .cloned();
+                let tx = w.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
                 if let Some(tx) = tx {
                     let _ = tx.send(reply);
                 }
@@ -111,15 +105,9 @@ impl AgentClient {
         let id: u64 = rand::random::<u64>() >> 1 | 1;
         let frame = encode(&Request { id, op });
         let (tx, mut rx) = mpsc::unbounded_channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
         let result = self.exchange(&frame, &mut rx, limit).await;
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         result
     }
 

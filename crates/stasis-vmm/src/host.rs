@@ -26,6 +26,9 @@ struct Entry {
 
 pub struct Host {
     root: PathBuf,
+    /// Where RAM files live: a tmpfs when the host has one (guest RAM must not be written
+    /// back to a disk by the page cache), else beside the machines.
+    ram_dir: PathBuf,
     machines: Mutex<HashMap<String, Arc<Entry>>>,
     events: mpsc::UnboundedSender<HostEvent>,
 }
@@ -34,8 +37,11 @@ impl Host {
     /// Machines live in `root/<name>/`.
     pub fn new(root: impl Into<PathBuf>) -> (Arc<Host>, mpsc::UnboundedReceiver<HostEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
+        let root = root.into();
+        let ram_dir = default_ram_dir(&root);
         let host = Arc::new(Host {
-            root: root.into(),
+            root,
+            ram_dir,
             machines: Mutex::new(HashMap::new()),
             events,
         });
@@ -58,13 +64,50 @@ impl Host {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cold-boots `name` from its config (the disk overlay is kept if it exists).
-    pub async fn boot(
+    pub fn ram_path(&self, name: &str) -> PathBuf {
+        self.ram_dir.join(format!("{name}.ram"))
+    }
+
+    /// Fills in where a machine's RAM and top disk overlay are: the overlay a previous run
+    /// left on top of the chain (after snapshots) if there is one, else a fresh one.
+    pub fn place(&self, name: &str, mut config: MachineConfig) -> MachineConfig {
+        let paths = VmPaths::new(self.dir(name));
+        config.ram_path = self.ram_path(name);
+        config.disk = std::fs::read(paths.config())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
+            .map(|previous| previous.disk)
+            .filter(|d| d.exists())
+            .unwrap_or_else(|| paths.disk());
+        config
+    }
+
+    fn ensure_ram_dir(&self) -> Result<(), VmError> {
+        std::fs::create_dir_all(&self.ram_dir).map_err(|source| VmError::Io {
+            context: format!("creating {}", self.ram_dir.display()),
+            source,
+        })
+    }
+
+    /// Cold-boots `name` (the disk chain is kept if it exists).
+    pub async fn boot(self: &Arc<Self>, name: &str, config: MachineConfig) -> Result<Arc<Vm>, VmError> {
+        self.ensure_ram_dir()?;
+        let config = self.place(name, config);
+        let vm = Vm::boot(config, &self.dir(name)).await?;
+        Ok(self.adopt(name, vm))
+    }
+
+    /// Restores `name` from captured (or materialized) snapshot files: the restore path.
+    pub async fn restore(
         self: &Arc<Self>,
         name: &str,
-        config: MachineConfig,
+        mut config: MachineConfig,
+        state: &Path,
+        memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::boot(config, &self.dir(name)).await?;
+        self.ensure_ram_dir()?;
+        config.ram_path = self.ram_path(name);
+        let vm = Vm::restore(config, &self.dir(name), state, memory).await?;
         Ok(self.adopt(name, vm))
     }
 
@@ -134,6 +177,7 @@ impl Host {
     /// Stops `name` and deletes everything it had on this host.
     pub async fn destroy(&self, name: &str) -> std::io::Result<()> {
         self.stop(name).await;
+        let _ = std::fs::remove_file(self.ram_path(name));
         match std::fs::remove_dir_all(self.dir(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -167,7 +211,23 @@ fn kill_stray_at(paths: &VmPaths) {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
     let _ = std::fs::remove_file(paths.pidfile());
-    let _ = std::fs::remove_file(paths.ram());
+    if let Some(config) = std::fs::read(paths.config())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
+    {
+        let _ = std::fs::remove_file(config.ram_path);
+    }
+}
+
+fn default_ram_dir(root: &Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        root.hash(&mut h);
+        return shm.join(format!("stasis-{:016x}", h.finish()));
+    }
+    root.join(".ram")
 }
 
 /// Names of the machine directories under `root` (for reconciliation).

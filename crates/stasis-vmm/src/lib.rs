@@ -6,6 +6,7 @@ pub mod agent;
 pub mod host;
 pub mod process;
 pub mod qmp;
+pub mod snapshot;
 pub mod vm;
 
 pub use accel::Accel;

@@ -151,18 +151,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_attached_process_exit_is_seen() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let p = Process::attach(child.id()).unwrap();
         // Right after fork the child may not have exec'd yet.
         let t = std::time::Instant::now();
         while !cmdline_contains(child.id(), "sleep 30") {
-            assert!(
-                t.elapsed().as_secs() < 5,
-                "the command line never showed up"
-            );
+            assert!(t.elapsed().as_secs() < 5, "the command line never showed up");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(!cmdline_contains(child.id(), "something else"));

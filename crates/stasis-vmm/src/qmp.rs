@@ -95,21 +95,12 @@ impl Qmp {
                 let Some(id) = msg.get("id").and_then(Value::as_u64) else {
                     continue;
                 };
-                let waiter = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 if let Some(tx) = waiter {
                     let result = match msg.get("error") {
                         Some(err) => Err((
-                            err.get("class")
-                                .and_then(Value::as_str)
-                                .unwrap_or("Error")
-                                .to_string(),
-                            err.get("desc")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_string(),
+                            err.get("class").and_then(Value::as_str).unwrap_or("Error").to_string(),
+                            err.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
                         )),
                         None => Ok(msg.get("return").cloned().unwrap_or(Value::Null)),
                     };
@@ -124,33 +115,20 @@ impl Qmp {
     }
 
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        self.execute_timeout(command, arguments, Duration::from_secs(30))
-            .await
+        self.execute_timeout(command, arguments, Duration::from_secs(30)).await
     }
 
-    pub async fn execute_timeout(
-        &self,
-        command: &str,
-        arguments: Value,
-        wait: Duration,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute_timeout(&self, command: &str, arguments: Value, wait: Duration) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        let mut line =
-            serde_json::to_vec(&json!({"execute": command, "arguments": arguments, "id": id}))
-                .expect("a JSON value serializes");
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": arguments, "id": id}))
+            .expect("a JSON value serializes");
         line.push(b'\n');
         {
             let mut w = self.writer.lock().await;
             if let Err(e) = w.write_all(&line).await {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 return Err(QmpError::Io(e));
             }
         }
@@ -163,10 +141,7 @@ impl Qmp {
             }),
             Ok(Err(_)) => Err(QmpError::Closed),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 Err(QmpError::Timeout {
                     command: command.to_string(),
                 })
@@ -182,9 +157,6 @@ impl Qmp {
     /// `query-status`'s `status` field (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", json!({})).await?;
-        Ok(v.get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string())
+        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
     }
 }

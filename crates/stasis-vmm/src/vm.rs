@@ -62,8 +62,15 @@ pub struct MachineConfig {
     pub image_id: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Read-only raw base disk the overlay sits on.
+    /// Read-only raw base disk at the bottom of the disk chain (the image's root disk, or a
+    /// snapshot's materialized disk for a restored machine).
     pub base_disk: PathBuf,
+    /// The top (writable) qcow2 overlay; its backing chain is read from the qcow2 headers.
+    /// A snapshot freezes it and puts a new overlay on top.
+    pub disk: PathBuf,
+    /// Guest RAM: a file mapped shared, so a snapshot captures it without a copy through the
+    /// migration stream. Kept on tmpfs where there is one.
+    pub ram_path: PathBuf,
     pub tsc_khz: Option<u64>,
 }
 
@@ -77,11 +84,9 @@ impl VmPaths {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         VmPaths { dir: dir.into() }
     }
+    /// The first overlay of a machine's disk chain.
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")
-    }
-    pub fn ram(&self) -> PathBuf {
-        self.dir.join("ram")
     }
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
@@ -112,8 +117,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     let mut push = |s: &str| a.push(s.into());
     let p = |path: PathBuf| path.to_string_lossy().into_owned();
     let mem = format!("{}M", cfg.memory_mib);
-    let mut cmdline =
-        String::from("console=ttyS0 root=/dev/vda rootfstype=ext4 rw quiet panic=-1 pci=off");
+    let mut cmdline = String::from("console=ttyS0 root=/dev/vda rootfstype=ext4 rw quiet panic=-1 pci=off");
     if let Some(khz) = cfg.tsc_khz {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
@@ -139,7 +143,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push("-object");
     push(&format!(
         "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
-        p(paths.ram())
+        p(cfg.ram_path.clone())
     ));
     push("-kernel");
     push(&p(cfg.kernel.clone()));
@@ -152,29 +156,20 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     }
     push("-serial");
     push(&format!("file:{}", p(paths.console())));
-    push("-blockdev");
-    push(&format!(
-        "driver=file,filename={},node-name=base-file,read-only=on",
-        p(cfg.base_disk.clone())
-    ));
-    push("-blockdev");
-    push("driver=raw,file=base-file,node-name=base,read-only=on");
+    // The backing chain (frozen overlays, then the base) comes from the qcow2 headers.
     push("-blockdev");
     push(&format!(
         "driver=file,filename={},node-name=disk-file",
-        p(paths.disk())
+        p(cfg.disk.clone())
     ));
     push("-blockdev");
-    push("driver=qcow2,file=disk-file,backing=base,node-name=disk");
+    push("driver=qcow2,file=disk-file,node-name=disk");
     push("-device");
     push("virtio-blk-device,drive=disk,id=rootdisk");
     push("-device");
     push("virtio-serial-device,id=serial0");
     push("-chardev");
-    push(&format!(
-        "socket,id=agent,path={},server=on,wait=off",
-        p(paths.agent())
-    ));
+    push(&format!("socket,id=agent,path={},server=on,wait=off", p(paths.agent())));
     push("-device");
     push(&format!(
         "virtserialport,chardev=agent,name={}",
@@ -193,7 +188,9 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
 }
 
 pub struct Vm {
-    pub config: MachineConfig,
+    config: std::sync::Mutex<MachineConfig>,
+    /// Serializes snapshot operations on this machine.
+    ops: tokio::sync::Mutex<()>,
     pub paths: VmPaths,
     process: Process,
     qmp: Arc<Qmp>,
@@ -207,17 +204,13 @@ impl Vm {
         let paths = VmPaths::new(dir);
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         check_socket_paths(&paths)?;
-        for stale in [paths.qmp(), paths.agent(), paths.ram(), paths.console()] {
+        for stale in [paths.qmp(), paths.agent(), paths.console(), config.ram_path.clone()] {
             let _ = std::fs::remove_file(stale);
         }
-        if !paths.disk().exists() {
-            create_overlay(&config.base_disk, &paths.disk()).await?;
+        if !config.disk.exists() {
+            create_overlay(&config.base_disk, &config.disk).await?;
         }
-        std::fs::write(
-            paths.config(),
-            serde_json::to_vec_pretty(&config).expect("config serializes"),
-        )
-        .map_err(io("writing machine.json"))?;
+        write_config(&paths, &config)?;
 
         let process = spawn_qemu(&config, &paths, false)?;
         let started = Instant::now();
@@ -233,22 +226,80 @@ impl Vm {
         Ok(vm)
     }
 
+    /// The restore path: a new QEMU started paused on captured device state, with a copy of
+    /// the captured RAM and a new overlay over the snapshot's disk (`config.base_disk`), then
+    /// resumed and given its own identity (clock, RNG seed, hostname).
+    pub async fn restore(config: MachineConfig, dir: &Path, state: &Path, memory: &Path) -> Result<Vm, VmError> {
+        let paths = VmPaths::new(dir);
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        check_socket_paths(&paths)?;
+        for stale in [paths.qmp(), paths.agent(), paths.console(), config.ram_path.clone()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let mut config = config;
+        config.disk = paths.disk();
+        let _ = std::fs::remove_file(&config.disk);
+        create_overlay(&config.base_disk, &config.disk).await?;
+        let (ram, mem) = (config.ram_path.clone(), memory.to_path_buf());
+        tokio::task::spawn_blocking(move || crate::snapshot::sparse_copy(&mem, &ram))
+            .await
+            .expect("copy does not panic")
+            .map_err(io("copying the snapshot's RAM"))?;
+        write_config(&paths, &config)?;
+
+        let process = spawn_qemu(&config, &paths, true)?;
+        let qmp = connect_qmp(&process, &paths, Duration::from_secs(30)).await?;
+        let incoming = async {
+            crate::snapshot::set_migration_caps(&qmp).await?;
+            let uri = format!("exec:cat {}", crate::snapshot::shell_quote(state));
+            qmp.execute("migrate-incoming", serde_json::json!({"uri": uri})).await?;
+            crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;
+            qmp.execute("cont", serde_json::json!({})).await?;
+            Ok::<_, VmError>(())
+        };
+        if let Err(e) = race_exit(&process, &paths, "while restoring", incoming).await {
+            process.signal(libc::SIGKILL);
+            return Err(e);
+        }
+        // Only now: a host connecting to the agent port while the device state is still
+        // being loaded leaves the port throttled after the load.
+        let vm = Self::connect_agent(config, paths, process, qmp, Duration::from_secs(30)).await?;
+        vm.until_exit("while restoring", vm.take_identity()).await?;
+        Ok(vm)
+    }
+
+    /// Makes a restored guest its own machine: steps its clock to now, reseeds its kernel RNG
+    /// with fresh host entropy, and sets its hostname.
+    pub async fn take_identity(&self) -> Result<(), VmError> {
+        let mut entropy = [0u8; 64];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut entropy[..]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let op = Op::Identity(stasis_agent_proto::IdentityRequest {
+            unix_time_ns: now.as_nanos() as u64,
+            entropy_hex: hex::encode(entropy),
+            hostname: Some(self.config().name),
+        });
+        match self.agent.call(op, Duration::from_secs(30)).await? {
+            Reply::Done => Ok(()),
+            other => Err(AgentError::Unexpected(Box::new(other)).into()),
+        }
+    }
+
     /// Takes over a QEMU started by an earlier platform process, if it is still ours and alive.
     pub async fn attach(dir: &Path) -> Result<Vm, VmError> {
         let paths = VmPaths::new(dir);
-        let config: MachineConfig = serde_json::from_slice(
-            &std::fs::read(paths.config()).map_err(io("reading machine.json"))?,
-        )
-        .map_err(|e| VmError::Invalid(format!("machine.json: {e}")))?;
+        let config: MachineConfig =
+            serde_json::from_slice(&std::fs::read(paths.config()).map_err(io("reading machine.json"))?)
+                .map_err(|e| VmError::Invalid(format!("machine.json: {e}")))?;
         let pid: u32 = std::fs::read_to_string(paths.pidfile())
             .map_err(io("reading qemu.pid"))?
             .trim()
             .parse()
             .map_err(|_| VmError::Invalid("qemu.pid does not hold a pid".into()))?;
         if !cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
-            return Err(VmError::Invalid(format!(
-                "process {pid} is not this machine's QEMU"
-            )));
+            return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
         }
         let process = Process::attach(pid).map_err(io(format!("watching QEMU pid {pid}")))?;
         let vm = match Self::connect(config, paths, process, Duration::from_secs(5)).await {
@@ -272,40 +323,29 @@ impl Vm {
         Ok(vm)
     }
 
-    async fn connect(
+    async fn connect(config: MachineConfig, paths: VmPaths, process: Process, wait: Duration) -> Result<Vm, VmError> {
+        let qmp = connect_qmp(&process, &paths, wait).await?;
+        Self::connect_agent(config, paths, process, qmp, wait).await
+    }
+
+    async fn connect_agent(
         config: MachineConfig,
         paths: VmPaths,
         process: Process,
+        qmp: Arc<Qmp>,
         wait: Duration,
     ) -> Result<Vm, VmError> {
-        let fail = |e: VmError, process: &Process| {
-            process.signal(libc::SIGKILL);
-            e
-        };
-        let qmp = match race_exit(
-            &process,
-            &paths,
-            "while starting",
-            Qmp::connect(&paths.qmp(), wait),
-        )
-        .await
-        {
-            Ok(q) => q,
-            Err(e) => return Err(fail(e, &process)),
-        };
-        let agent = match race_exit(
-            &process,
-            &paths,
-            "while starting",
-            AgentClient::connect(&paths.agent(), wait),
-        )
-        .await
-        {
+        let socket = paths.agent();
+        let agent = match race_exit(&process, &paths, "while starting", AgentClient::connect(&socket, wait)).await {
             Ok(a) => a,
-            Err(e) => return Err(fail(e, &process)),
+            Err(e) => {
+                process.signal(libc::SIGKILL);
+                return Err(e);
+            }
         };
         Ok(Vm {
-            config,
+            config: std::sync::Mutex::new(config),
+            ops: tokio::sync::Mutex::new(()),
             paths,
             process,
             qmp,
@@ -323,6 +363,21 @@ impl Vm {
             self.kill();
         }
         result
+    }
+
+    pub(crate) fn ops(&self) -> &tokio::sync::Mutex<()> {
+        &self.ops
+    }
+
+    /// The machine's current configuration (its top disk overlay changes with snapshots).
+    pub fn config(&self) -> MachineConfig {
+        self.config.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_config(&self, config: MachineConfig) -> Result<(), VmError> {
+        write_config(&self.paths, &config)?;
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -387,7 +442,7 @@ impl Vm {
             }
         }
         for f in [
-            self.paths.ram(),
+            self.config().ram_path,
             self.paths.qmp(),
             self.paths.agent(),
             self.paths.pidfile(),
@@ -423,7 +478,15 @@ fn check_socket_paths(paths: &VmPaths) -> Result<(), VmError> {
     Ok(())
 }
 
-async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
+pub(crate) fn write_config(paths: &VmPaths, config: &MachineConfig) -> Result<(), VmError> {
+    let tmp = paths.dir.join("machine.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(config).expect("config serializes"))
+        .map_err(io("writing machine.json"))?;
+    std::fs::rename(&tmp, paths.config()).map_err(io("writing machine.json"))
+}
+
+/// A new qcow2 overlay over a raw base.
+pub(crate) async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
     let out = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
@@ -440,11 +503,7 @@ async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
     Ok(())
 }
 
-pub(crate) fn spawn_qemu(
-    config: &MachineConfig,
-    paths: &VmPaths,
-    incoming: bool,
-) -> Result<Process, VmError> {
+pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, incoming: bool) -> Result<Process, VmError> {
     let log = std::fs::File::create(paths.qemu_log()).map_err(io("creating qemu.log"))?;
     let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
     let mut cmd = tokio::process::Command::new(&config.qemu_binary);
@@ -462,6 +521,16 @@ pub(crate) fn spawn_qemu(
     )))?;
     std::fs::write(paths.pidfile(), process.pid().to_string()).map_err(io("writing qemu.pid"))?;
     Ok(process)
+}
+
+async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Duration) -> Result<Arc<Qmp>, VmError> {
+    match race_exit(process, paths, "while starting", Qmp::connect(&paths.qmp(), wait)).await {
+        Ok(q) => Ok(q),
+        Err(e) => {
+            process.signal(libc::SIGKILL);
+            Err(e)
+        }
+    }
 }
 
 /// Runs `fut`, but fails as soon as QEMU exits, with its exit status and log tails.
@@ -500,10 +569,7 @@ fn log_suffix(paths: &VmPaths) -> String {
         s.push_str(&format!("; qemu: {}", qemu.trim().replace('\n', " | ")));
     }
     if !console.trim().is_empty() {
-        s.push_str(&format!(
-            "; console: {}",
-            console.trim().replace('\n', " | ")
-        ));
+        s.push_str(&format!("; console: {}", console.trim().replace('\n', " | ")));
     }
     s
 }
@@ -531,15 +597,14 @@ mod tests {
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
             base_disk: "/img/rootfs.ext4".into(),
+            disk: "/data/c1/disk.qcow2".into(),
+            ram_path: "/dev/shm/c1.ram".into(),
             tsc_khz: Some(2_100_000),
         }
     }
 
     fn joined(args: &[OsString]) -> String {
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
+        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
     }
 
     #[test]
@@ -547,12 +612,14 @@ mod tests {
         let paths = VmPaths::new("/data/c1");
         let line = joined(&qemu_args(&config(), &paths, false));
         assert!(line.contains("-smp 2 -m 1024M"), "{line}");
-        assert!(
-            line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/data/c1/ram,share=on")
-        );
+        assert!(line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/dev/shm/c1.ram,share=on"));
         assert!(line.contains("memory-backend=mem"));
-        assert!(line.contains("driver=qcow2,file=disk-file,backing=base,node-name=disk"));
-        assert!(line.contains("filename=/img/rootfs.ext4,node-name=base-file,read-only=on"));
+        assert!(line.contains("driver=file,filename=/data/c1/disk.qcow2,node-name=disk-file"));
+        assert!(line.contains("driver=qcow2,file=disk-file,node-name=disk"));
+        assert!(
+            !line.contains("rootfs.ext4"),
+            "the base comes from the overlay's header"
+        );
         assert!(line.contains("tsc_early_khz=2100000"));
         assert!(line.contains("-accel tcg -cpu max"));
         assert!(line.contains("name=stasis.agent"));

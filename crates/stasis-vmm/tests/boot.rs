@@ -7,12 +7,8 @@ use stasis_vmm::{Accel, MachineConfig, Vm};
 
 fn machine(name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
-    let image = stasis_image::ensure(
-        &stasis_image::default_cache_dir(),
-        &Default::default(),
-        &progress,
-    )
-    .expect("the default image builds");
+    let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &progress)
+        .expect("the default image builds");
     MachineConfig {
         name: name.into(),
         vcpus: 1,
@@ -43,9 +39,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = machine("boot-test", 256);
     let t = Instant::now();
-    let vm = Vm::boot(config.clone(), dir.path())
-        .await
-        .expect("the guest boots");
+    let vm = Vm::boot(config.clone(), dir.path()).await.expect("the guest boots");
     eprintln!("boot to agent ready: {:?}", t.elapsed());
 
     let r = vm
@@ -78,10 +72,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
 
     vm.shutdown().await;
     assert!(vm.exited().is_some());
-    assert!(
-        !vm.paths.ram().exists(),
-        "the RAM file goes with the machine"
-    );
+    assert!(!vm.paths.ram().exists(), "the RAM file goes with the machine");
 
     let vm = Vm::boot(config, dir.path())
         .await

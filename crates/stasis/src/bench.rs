@@ -36,9 +36,7 @@ pub struct LocalPlatform {
 
 impl LocalPlatform {
     pub async fn start() -> Result<LocalPlatform> {
-        let data = tempfile::Builder::new()
-            .prefix("stasis-bench")
-            .tempdir_in("/tmp")?;
+        let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
         let config = stasis_server::Config {
             listen: "127.0.0.1:0".parse()?,
             data_dir: data.path().to_path_buf(),
@@ -91,11 +89,9 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Computers {
-            computers,
-            execs,
-            size,
-        } => bench_computers(computers.max(1), execs.max(1), &size).await,
+        BenchCommand::Computers { computers, execs, size } => {
+            bench_computers(computers.max(1), execs.max(1), &size).await
+        }
     }
 }
 
@@ -103,9 +99,7 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
     eprintln!("preparing the guest image (cached after the first build)...");
     let cache = stasis_image::default_cache_dir();
     tokio::task::spawn_blocking(move || {
-        stasis_image::ensure(&cache, &Default::default(), &|m: &str| {
-            eprintln!("image: {m}")
-        })
+        stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}"))
     })
     .await??;
     let platform = LocalPlatform::start().await?;
@@ -127,10 +121,7 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
             )
             .await?;
         let created = t.elapsed();
-        let id = c["id"]
-            .as_str()
-            .context("create answered without an id")?
-            .to_string();
+        let id = c["id"].as_str().context("create answered without an id")?.to_string();
         api.wait_running(&id, Duration::from_secs(300)).await?;
         let running = t.elapsed();
         let r = api
@@ -142,19 +133,12 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
             .await?;
         anyhow::ensure!(r["exit_code"] == 0, "first exec failed: {r}");
         let first = t.elapsed();
-        println!(
-            "{:<4} {:>14} {:>16} {:>18}",
-            i + 1,
-            ms(created),
-            ms(running),
-            ms(first)
-        );
+        println!("{:<4} {:>14} {:>16} {:>18}", i + 1, ms(created), ms(running), ms(first));
         to_exec.push(first);
         if first_id.is_none() {
             first_id = Some(id);
         } else {
-            api.call(Method::DELETE, &format!("/computers/{id}"), None)
-                .await?;
+            api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
         }
     }
     let id = first_id.expect("at least one computer");
@@ -180,8 +164,7 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
         ms(min),
         ms(max)
     );
-    api.call(Method::DELETE, &format!("/computers/{id}"), None)
-        .await?;
+    api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
     platform.stop().await;
     Ok(())
 }

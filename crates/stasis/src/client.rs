@@ -86,9 +86,10 @@ pub enum ComputerCommand {
 /// Base URL normalised as the official SDK does.
 pub fn normalize_base(raw: &str) -> String {
     let trimmed = raw.trim().trim_end_matches('/');
-    let has_version = trimmed.rsplit('/').next().is_some_and(|seg| {
-        seg.len() > 1 && seg.starts_with('v') && seg[1..].chars().all(|c| c.is_ascii_digit())
-    });
+    let has_version = trimmed
+        .rsplit('/')
+        .next()
+        .is_some_and(|seg| seg.len() > 1 && seg.starts_with('v') && seg[1..].chars().all(|c| c.is_ascii_digit()));
     if has_version {
         trimmed.to_string()
     } else {
@@ -120,12 +121,7 @@ impl Api {
         Api { http, base, key }
     }
 
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -151,10 +147,7 @@ impl Api {
                 .as_str()
                 .unwrap_or("request failed")
                 .to_string();
-            bail!(
-                "{message} ({} {method} {path}, request {request_id})",
-                status.as_u16()
-            );
+            bail!("{message} ({} {method} {path}, request {request_id})", status.as_u16());
         }
         Ok(value)
     }
@@ -184,22 +177,13 @@ impl Api {
 
 fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
         Output::Text => println!("{}", text()),
     }
 }
 
 fn row(c: &Computer) -> String {
-    format!(
-        "{}  {:<12} {:<7} {}",
-        c.id,
-        c.status.as_str(),
-        c.size.as_str(),
-        c.name
-    )
+    format!("{}  {:<12} {:<7} {}", c.id, c.status.as_str(), c.size.as_str(), c.name)
 }
 
 pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<()> {
@@ -209,17 +193,11 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
     match command {
         ComputerCommand::Create { name, size, wait } => {
             let v = api
-                .call(
-                    Method::POST,
-                    "/computers",
-                    Some(json!({"name": name, "size": size})),
-                )
+                .call(Method::POST, "/computers", Some(json!({"name": name, "size": size})))
                 .await?;
             let mut c: Computer = serde_json::from_value(v)?;
             if wait {
-                c = api
-                    .wait_running(&c.id.to_string(), Duration::from_secs(300))
-                    .await?;
+                c = api.wait_running(&c.id.to_string(), Duration::from_secs(300)).await?;
             }
             print(out, &serde_json::to_value(&c)?, || row(&c));
         }
@@ -227,11 +205,7 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
             let v = api.call(Method::GET, "/computers", None).await?;
             let list: ComputerList = serde_json::from_value(v.clone())?;
             print(out, &v, || {
-                list.computers
-                    .iter()
-                    .map(row)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                list.computers.iter().map(row).collect::<Vec<_>>().join("\n")
             });
         }
         ComputerCommand::Get { id } => {
@@ -244,11 +218,7 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
                 s
             });
         }
-        ComputerCommand::Exec {
-            id,
-            timeout,
-            command,
-        } => {
+        ComputerCommand::Exec { id, timeout, command } => {
             let mut body = json!({"command": command.join(" ")});
             if let Some(t) = timeout {
                 body["timeout"] = json!(t);
@@ -269,9 +239,7 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
             }
         }
         ComputerCommand::Start { id, wait } => {
-            let v = api
-                .call(Method::POST, &format!("/computers/{id}/start"), None)
-                .await?;
+            let v = api.call(Method::POST, &format!("/computers/{id}/start"), None).await?;
             if wait {
                 let c = api.wait_running(&id, Duration::from_secs(300)).await?;
                 print(out, &serde_json::to_value(&c)?, || row(&c));
@@ -280,15 +248,11 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
             }
         }
         ComputerCommand::Stop { id } => {
-            let v = api
-                .call(Method::POST, &format!("/computers/{id}/stop"), None)
-                .await?;
+            let v = api.call(Method::POST, &format!("/computers/{id}/stop"), None).await?;
             print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
         }
         ComputerCommand::Delete { id } => {
-            let v = api
-                .call(Method::DELETE, &format!("/computers/{id}"), None)
-                .await?;
+            let v = api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
             print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
         }
     }
@@ -302,10 +266,7 @@ mod tests {
     #[test]
     fn base_urls_are_normalised_like_the_sdk() {
         assert_eq!(normalize_base("http://h:8080"), "http://h:8080/api/v1");
-        assert_eq!(
-            normalize_base("http://h:8080/api/v1/"),
-            "http://h:8080/api/v1"
-        );
+        assert_eq!(normalize_base("http://h:8080/api/v1/"), "http://h:8080/api/v1");
         assert_eq!(normalize_base("http://h/v2"), "http://h/v2");
         assert_eq!(normalize_base("http://h/vx"), "http://h/vx/api/v1");
     }

@@ -147,8 +147,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("--tenant must not be empty");
             }
             let data_dir = data.resolve();
-            stasis_server::prepare_data_dir(&data_dir)
-                .with_context(|| format!("preparing {}", data_dir.display()))?;
+            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
             let db = stasis_server::db::Db::open_sqlite(&stasis_server::db_path(&data_dir)).await?;
             let key = stasis_server::auth::create_key(&db, tenant).await?;
             println!("created a key for tenant {tenant:?}");
@@ -177,10 +176,7 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
     Ok(stasis_server::Config {
         listen: args.listen,
         data_dir: args.data.resolve(),
-        cache_dir: args
-            .cache_dir
-            .clone()
-            .unwrap_or_else(stasis_image::default_cache_dir),
+        cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
         accel,
         qemu_binary: args.qemu.clone(),
     })
@@ -203,7 +199,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     match &key {
         DefaultKey::New(k) => println!("API key for tenant \"default\" (shown once, also saved in the data dir):\n{k}"),
         DefaultKey::Saved(k) => println!("API key for tenant \"default\":\n{k}"),
-        DefaultKey::Unknown => println!("tenant \"default\" has keys; create another with `stasis keys create --tenant default`"),
+        DefaultKey::Unknown => {
+            println!("tenant \"default\" has keys; create another with `stasis keys create --tenant default`")
+        }
     }
     if let DefaultKey::New(k) | DefaultKey::Saved(k) = &key {
         println!("  export MIOSA_API_KEY={k} MIOSA_BASE_URL={base}");
@@ -243,8 +241,7 @@ async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> 
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -20,10 +20,7 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
     // Authentication.
     for (client, what) in [
         (Client::new(&server.base, None), "no key"),
-        (
-            Client::new(&server.base, Some("stasis_not-a-real-key")),
-            "a wrong key",
-        ),
+        (Client::new(&server.base, Some("stasis_not-a-real-key")), "a wrong key"),
     ] {
         let r = client.call("GET", "/computers", None);
         assert_eq!(r.status, 401, "{what}: {}", r.body);
@@ -32,21 +29,10 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
     }
 
     // Malformed JSON is a 400; the error format is the API's.
-    let r = api.raw(
-        "POST",
-        "/computers",
-        Some("{\"name\": "),
-        Some("application/json"),
-    );
+    let r = api.raw("POST", "/computers", Some("{\"name\": "), Some("application/json"));
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("malformed JSON"));
-    assert_eq!(
-        r.body["error"]["request_id"].as_str(),
-        r.request_id.as_deref()
-    );
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("malformed JSON"));
+    assert_eq!(r.body["error"]["request_id"].as_str(), r.request_id.as_deref());
 
     // Field problems are 422s that name the field.
     let cases = [
@@ -55,10 +41,7 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
         (json!({"name": "x", "size": "gigantic"}), "size"),
         (json!({"name": "x", "size": 1}), "size"),
         (json!({"name": "x", "metadata": "nope"}), "metadata"),
-        (
-            json!({"name": "x", "template_type": "windows-11"}),
-            "template_type",
-        ),
+        (json!({"name": "x", "template_type": "windows-11"}), "template_type"),
     ];
     for (body, field) in cases {
         let r = api.call("POST", "/computers", Some(body.clone()));
@@ -72,11 +55,7 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
     }
 
     // Unknown ids and unknown routes are 404s in the same format.
-    let r = api.call(
-        "GET",
-        "/computers/00000000-0000-0000-0000-000000000000",
-        None,
-    );
+    let r = api.call("GET", "/computers/00000000-0000-0000-0000-000000000000", None);
     assert_eq!(
         (r.status, r.body["error"]["message"].as_str()),
         (404, Some("computer not found"))
@@ -108,15 +87,9 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
 
     // Exec: validation, then state.
     let r = api.call("POST", &format!("/computers/{id}/exec"), Some(json!({})));
-    assert_eq!(
-        (r.status, r.body["error"]["field"].as_str()),
-        (422, Some("command"))
-    );
+    assert_eq!((r.status, r.body["error"]["field"].as_str()), (422, Some("command")));
     let r = api.exec(&id, "true", Some(0));
-    assert_eq!(
-        (r.status, r.body["error"]["field"].as_str()),
-        (422, Some("timeout"))
-    );
+    assert_eq!((r.status, r.body["error"]["field"].as_str()), (422, Some("timeout")));
     let r = api.call(
         "POST",
         &format!("/computers/{id}/exec"),
@@ -136,10 +109,7 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
     assert_eq!(r.body["error"]["message"], "computer is not running");
     let r = api.call("DELETE", &format!("/computers/{id}"), None);
     assert_eq!(r.status, 200);
-    assert_eq!(
-        api.call("GET", &format!("/computers/{id}"), None).status,
-        404
-    );
+    assert_eq!(api.call("GET", &format!("/computers/{id}"), None).status, 404);
 }
 
 #[test]
@@ -162,11 +132,7 @@ fn a_computer_runs_commands_times_them_out_and_keeps_its_disk() {
         lines[0].starts_with("6.1.") && lines[0].ends_with("-cloud-amd64"),
         "{out}"
     );
-    assert_ne!(
-        lines[0],
-        host_kernel.trim(),
-        "the guest's kernel, not the host's"
-    );
+    assert_ne!(lines[0], host_kernel.trim(), "the guest's kernel, not the host's");
     assert_eq!(lines[1], "42");
     assert_eq!(r.body["exit_code"], 0);
     assert_eq!(r.body["success"], true);
@@ -207,10 +173,7 @@ fn a_computer_runs_commands_times_them_out_and_keeps_its_disk() {
     let r = api.call("POST", &format!("/computers/{id}/start"), None);
     assert_eq!((r.status, r.body["success"].as_bool()), (200, Some(true)));
     api.wait_status(&id, "running", BOOT);
-    assert_eq!(
-        api.exec(&id, "cat /root/note", None).body["output"],
-        "alive\n"
-    );
+    assert_eq!(api.exec(&id, "cat /root/note", None).body["output"], "alive\n");
 
     let list = api.call("GET", "/computers", None);
     assert_eq!(list.body["total"], 1);
@@ -242,10 +205,7 @@ fn a_killed_qemu_turns_the_computer_to_error_and_the_server_stays_up() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let body = api.wait_status(&id, "error", Duration::from_secs(10));
     let reason = body["error"].as_str().unwrap();
-    assert!(
-        reason.contains("SIGKILL"),
-        "the reason names what happened: {reason}"
-    );
+    assert!(reason.contains("SIGKILL"), "the reason names what happened: {reason}");
     assert_eq!(api.exec(&id, "true", None).status, 409);
 
     // The server and the other computer are unaffected.
@@ -278,11 +238,7 @@ fn restarts_reattach_running_machines_and_shutdown_leaves_no_qemu_behind() {
     let mut server = Server::start(dir.path());
     let api = Client::new(&server.base, Some(&key));
     assert_eq!(api.status(&id).0, "running");
-    let r = api.exec(
-        &id,
-        &format!("kill -0 {guest_pid} && echo same-machine"),
-        None,
-    );
+    let r = api.exec(&id, &format!("kill -0 {guest_pid} && echo same-machine"), None);
     assert_eq!(r.body["output"], "same-machine\n", "{}", r.body);
     assert_eq!(qemu_pid(dir.path(), &id), Some(qemu));
 

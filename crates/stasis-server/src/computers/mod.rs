@@ -12,8 +12,8 @@ use chrono::{SubsecRound, Utc};
 use serde_json::{Map, Value};
 use stasis_agent_proto::ExecRequest;
 use stasis_types::{
-    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, TenantId,
-    DEFAULT_TEMPLATE, TEMPLATE_ALIASES,
+    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, TenantId, DEFAULT_TEMPLATE,
+    TEMPLATE_ALIASES,
 };
 use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
 
@@ -62,12 +62,7 @@ const LIVE: &[ComputerStatus] = &[
 ];
 
 impl Computers {
-    pub fn new(
-        db: Db,
-        host: Arc<Host>,
-        images: Arc<Images>,
-        settings: RuntimeSettings,
-    ) -> Arc<Computers> {
+    pub fn new(db: Db, host: Arc<Host>, images: Arc<Images>, settings: RuntimeSettings) -> Arc<Computers> {
         Arc::new(Computers {
             db,
             host,
@@ -121,10 +116,7 @@ impl Computers {
         };
         let metadata = body.optional_object("metadata")?.unwrap_or_default();
         if Value::Object(metadata.clone()).to_string().len() > 16 * 1024 {
-            return Err(ApiError::invalid(
-                "metadata",
-                "metadata must be at most 16 KiB of JSON",
-            ));
+            return Err(ApiError::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
         }
         Ok(NewComputer {
             name,
@@ -134,11 +126,7 @@ impl Computers {
         })
     }
 
-    pub async fn create(
-        self: &Arc<Self>,
-        tenant: TenantId,
-        new: NewComputer,
-    ) -> ApiResult<Computer> {
+    pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> ApiResult<Computer> {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
         let computer = Computer {
@@ -173,20 +161,14 @@ impl Computers {
         let Ok(Some(computer)) = self.db.get_computer(id).await else {
             return;
         };
-        if !matches!(
-            computer.status,
-            ComputerStatus::Provisioning | ComputerStatus::Starting
-        ) {
+        if !matches!(computer.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
             return;
         }
         let started = Instant::now();
         let image = match self.images.get().await {
             Ok(image) => image,
             Err(e) => {
-                let _ = self
-                    .db
-                    .set_status(id, ComputerStatus::Error, Some(&e))
-                    .await;
+                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&e)).await;
                 return;
             }
         };
@@ -216,11 +198,7 @@ impl Computers {
                 tracing::warn!(%id, error = %e, "boot failed");
                 let _ = self
                     .db
-                    .set_status(
-                        id,
-                        ComputerStatus::Error,
-                        Some(&format!("boot failed: {e}")),
-                    )
+                    .set_status(id, ComputerStatus::Error, Some(&format!("boot failed: {e}")))
                     .await;
             }
         }
@@ -239,11 +217,7 @@ impl Computers {
         Ok(self.db.list_computers(tenant).await?)
     }
 
-    pub async fn start(
-        self: &Arc<Self>,
-        tenant: TenantId,
-        id: ComputerId,
-    ) -> ApiResult<ActionResponse> {
+    pub async fn start(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
         let c = self.get(tenant, id).await?;
@@ -254,19 +228,14 @@ impl Computers {
             ComputerStatus::Stopped | ComputerStatus::Error => {
                 // An errored computer may still have a QEMU around (say, a hung one).
                 self.host.stop(&id.to_string()).await;
-                self.db
-                    .set_status(id, ComputerStatus::Starting, None)
-                    .await?;
+                self.db.set_status(id, ComputerStatus::Starting, None).await?;
                 drop(guard);
                 self.spawn_boot(id);
                 Ok(action(ComputerStatus::Starting, "computer is starting"))
             }
             other => Err(ApiError::conflict(
                 "computer_busy",
-                format!(
-                    "computer is {}; try again when it has settled",
-                    other.as_str()
-                ),
+                format!("computer is {}; try again when it has settled", other.as_str()),
             )),
         }
     }
@@ -276,26 +245,15 @@ impl Computers {
         let _guard = lock.lock().await;
         let c = self.get(tenant, id).await?;
         if c.status == ComputerStatus::Stopped {
-            return Ok(action(
-                ComputerStatus::Stopped,
-                "computer is already stopped",
-            ));
+            return Ok(action(ComputerStatus::Stopped, "computer is already stopped"));
         }
-        self.db
-            .set_status(id, ComputerStatus::Stopping, None)
-            .await?;
+        self.db.set_status(id, ComputerStatus::Stopping, None).await?;
         self.host.stop(&id.to_string()).await;
-        self.db
-            .set_status(id, ComputerStatus::Stopped, None)
-            .await?;
+        self.db.set_status(id, ComputerStatus::Stopped, None).await?;
         Ok(action(ComputerStatus::Stopped, "computer stopped"))
     }
 
-    pub async fn restart(
-        self: &Arc<Self>,
-        tenant: TenantId,
-        id: ComputerId,
-    ) -> ApiResult<ActionResponse> {
+    pub async fn restart(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
         self.stop(tenant, id).await?;
         let mut r = self.start(tenant, id).await?;
         r.message = "computer is restarting".into();
@@ -306,20 +264,13 @@ impl Computers {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         self.get(tenant, id).await?;
-        self.db
-            .set_status(id, ComputerStatus::Destroying, None)
-            .await?;
+        self.db.set_status(id, ComputerStatus::Destroying, None).await?;
         if let Err(e) = self.host.destroy(&id.to_string()).await {
             // The machine is stopped; leftover files are only disk space. Report, go on.
             tracing::warn!(%id, error = %e, "removing the computer's files");
         }
-        self.db
-            .set_status(id, ComputerStatus::Destroyed, None)
-            .await?;
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.db.set_status(id, ComputerStatus::Destroyed, None).await?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
 
@@ -359,9 +310,7 @@ impl Computers {
                 duration_ms: started.elapsed().as_millis() as u64,
             }),
             Err(VmError::Exited { .. }) => Err(not_running()),
-            Err(e) => Err(ApiError::Unavailable(format!(
-                "the guest agent did not answer: {e}"
-            ))),
+            Err(e) => Err(ApiError::Unavailable(format!("the guest agent did not answer: {e}"))),
         }
     }
 
@@ -377,10 +326,7 @@ impl Computers {
                 let _guard = lock.lock().await;
                 if let Ok(Some(c)) = self.db.get_computer(id).await {
                     if matches!(c.status, ComputerStatus::Running | ComputerStatus::Starting) {
-                        let _ = self
-                            .db
-                            .set_status(id, ComputerStatus::Error, Some(&reason))
-                            .await;
+                        let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
                     }
                 }
             }
@@ -398,47 +344,31 @@ impl Computers {
             match c.status {
                 ComputerStatus::Destroying => {
                     let _ = self.host.destroy(&name).await;
-                    self.db
-                        .set_status(c.id, ComputerStatus::Destroyed, None)
-                        .await?;
+                    self.db.set_status(c.id, ComputerStatus::Destroyed, None).await?;
                 }
-                ComputerStatus::Creating
-                | ComputerStatus::Provisioning
-                | ComputerStatus::Starting => {
+                ComputerStatus::Creating | ComputerStatus::Provisioning | ComputerStatus::Starting => {
                     self.host.kill_stray(&name);
                     if c.status == ComputerStatus::Creating {
-                        self.db
-                            .set_status(c.id, ComputerStatus::Provisioning, None)
-                            .await?;
+                        self.db.set_status(c.id, ComputerStatus::Provisioning, None).await?;
                     }
                     tracing::info!(id = %c.id, "resuming an interrupted boot");
                     self.spawn_boot(c.id);
                 }
-                ComputerStatus::Running | ComputerStatus::Paused => {
-                    match self.host.attach(&name).await {
-                        Ok(_) => {
-                            tracing::info!(id = %c.id, "re-attached to running computer");
-                            self.db
-                                .set_status(c.id, ComputerStatus::Running, None)
-                                .await?;
-                        }
-                        Err(e) => {
-                            self.host.kill_stray(&name);
-                            let reason = format!(
-                                "the machine was not running after a platform restart ({e})"
-                            );
-                            tracing::info!(id = %c.id, reason, "marking computer stopped");
-                            self.db
-                                .set_status(c.id, ComputerStatus::Stopped, Some(&reason))
-                                .await?;
-                        }
+                ComputerStatus::Running | ComputerStatus::Paused => match self.host.attach(&name).await {
+                    Ok(_) => {
+                        tracing::info!(id = %c.id, "re-attached to running computer");
+                        self.db.set_status(c.id, ComputerStatus::Running, None).await?;
                     }
-                }
+                    Err(e) => {
+                        self.host.kill_stray(&name);
+                        let reason = format!("the machine was not running after a platform restart ({e})");
+                        tracing::info!(id = %c.id, reason, "marking computer stopped");
+                        self.db.set_status(c.id, ComputerStatus::Stopped, Some(&reason)).await?;
+                    }
+                },
                 _ => {
                     self.host.stop(&name).await;
-                    self.db
-                        .set_status(c.id, ComputerStatus::Stopped, None)
-                        .await?;
+                    self.db.set_status(c.id, ComputerStatus::Stopped, None).await?;
                 }
             }
         }
@@ -458,11 +388,7 @@ impl Computers {
             if let Ok(id) = name.parse::<ComputerId>() {
                 let _ = self
                     .db
-                    .set_status(
-                        id,
-                        ComputerStatus::Stopped,
-                        Some("the platform was shut down"),
-                    )
+                    .set_status(id, ComputerStatus::Stopped, Some("the platform was shut down"))
                     .await;
             }
         }
@@ -470,17 +396,10 @@ impl Computers {
         if let Ok(live) = self.db.computers_in(LIVE).await {
             for c in live {
                 self.host.kill_stray(&c.id.to_string());
-                if matches!(
-                    c.status,
-                    ComputerStatus::Provisioning | ComputerStatus::Starting
-                ) {
+                if matches!(c.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
                     let _ = self
                         .db
-                        .set_status(
-                            c.id,
-                            ComputerStatus::Stopped,
-                            Some("the platform was shut down"),
-                        )
+                        .set_status(c.id, ComputerStatus::Stopped, Some("the platform was shut down"))
                         .await;
                 }
             }
@@ -546,14 +465,8 @@ mod tests {
 
     #[test]
     fn create_bodies_are_validated_field_by_field() {
-        let ok = validate(
-            r#"{"name":"dev","size":"xs","template_type":"miosa-desktop","metadata":{"a":1}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (ok.size, ok.template_type.as_str()),
-            (Size::Xs, DEFAULT_TEMPLATE)
-        );
+        let ok = validate(r#"{"name":"dev","size":"xs","template_type":"miosa-desktop","metadata":{"a":1}}"#).unwrap();
+        assert_eq!((ok.size, ok.template_type.as_str()), (Size::Xs, DEFAULT_TEMPLATE));
         assert_eq!(validate(r#"{"name":"dev"}"#).unwrap().size, Size::Small);
         assert_eq!(field_of(validate(r#"{"size":"xs"}"#).unwrap_err()), "name");
         assert_eq!(field_of(validate(r#"{"name":"  "}"#).unwrap_err()), "name");
@@ -561,10 +474,7 @@ mod tests {
             field_of(validate(r#"{"name":"dev","size":"huge"}"#).unwrap_err()),
             "size"
         );
-        assert_eq!(
-            field_of(validate(r#"{"name":"dev","size":3}"#).unwrap_err()),
-            "size"
-        );
+        assert_eq!(field_of(validate(r#"{"name":"dev","size":3}"#).unwrap_err()), "size");
         assert_eq!(
             field_of(validate(r#"{"name":"dev","template_type":"windows"}"#).unwrap_err()),
             "template_type"

@@ -26,8 +26,7 @@ pub fn router() -> Router<AppState> {
 
 /// A computer id from the path; a malformed one cannot name any computer.
 pub fn computer_id(raw: &str) -> ApiResult<ComputerId> {
-    raw.parse()
-        .map_err(|_| ApiError::NotFound { kind: "computer" })
+    raw.parse().map_err(|_| ApiError::NotFound { kind: "computer" })
 }
 
 fn service(state: &AppState) -> &std::sync::Arc<Computers> {
@@ -44,10 +43,7 @@ async fn create(
     Ok((StatusCode::CREATED, Json(computer)))
 }
 
-async fn list(
-    State(state): State<AppState>,
-    Tenant(tenant): Tenant,
-) -> ApiResult<Json<ComputerList>> {
+async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<ComputerList>> {
     let computers = service(&state).list(tenant).await?;
     Ok(Json(ComputerList {
         total: computers.len(),
@@ -68,9 +64,7 @@ async fn destroy(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(
-        service(&state).destroy(tenant, computer_id(&id)?).await?,
-    ))
+    Ok(Json(service(&state).destroy(tenant, computer_id(&id)?).await?))
 }
 
 async fn start(
@@ -79,9 +73,7 @@ async fn start(
     Path(id): Path<String>,
     _body: JsonObject,
 ) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(
-        service(&state).start(tenant, computer_id(&id)?).await?,
-    ))
+    Ok(Json(service(&state).start(tenant, computer_id(&id)?).await?))
 }
 
 async fn stop(
@@ -97,9 +89,7 @@ async fn restart(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(
-        service(&state).restart(tenant, computer_id(&id)?).await?,
-    ))
+    Ok(Json(service(&state).restart(tenant, computer_id(&id)?).await?))
 }
 
 fn timeout(body: &JsonObject) -> ApiResult<u64> {
@@ -119,9 +109,7 @@ async fn exec_bash(
     let timeout = timeout(&body)?;
     let args = vec!["-c".to_string(), command];
     Ok(Json(
-        service(&state)
-            .exec(tenant, id, "/bin/bash", args, timeout)
-            .await?,
+        service(&state).exec(tenant, id, "/bin/bash", args, timeout).await?,
     ))
 }
 
@@ -135,9 +123,5 @@ async fn exec_python(
     let code = body.required_str("code")?;
     let timeout = timeout(&body)?;
     let args = vec!["-c".to_string(), code];
-    Ok(Json(
-        service(&state)
-            .exec(tenant, id, "python3", args, timeout)
-            .await?,
-    ))
+    Ok(Json(service(&state).exec(tenant, id, "python3", args, timeout).await?))
 }

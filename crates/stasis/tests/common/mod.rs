@@ -143,13 +143,7 @@ impl Client {
         }
     }
 
-    pub fn raw(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        content_type: Option<&str>,
-    ) -> Resp {
+    pub fn raw(&self, method: &str, path: &str, body: Option<&str>, content_type: Option<&str>) -> Resp {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(k) = &self.key {
@@ -184,11 +178,7 @@ impl Client {
     }
 
     pub fn create(&self, name: &str, size: &str) -> String {
-        let r = self.call(
-            "POST",
-            "/computers",
-            Some(json!({"name": name, "size": size})),
-        );
+        let r = self.call("POST", "/computers", Some(json!({"name": name, "size": size})));
         assert_eq!(r.status, 201, "{}", r.body);
         r.body["id"].as_str().unwrap().to_string()
     }
@@ -237,12 +227,7 @@ pub fn qemu_pid(data_dir: &Path, id: &str) -> Option<i32> {
 pub fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }

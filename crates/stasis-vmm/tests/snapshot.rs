@@ -1,0 +1,110 @@
+//! Capture a running guest and restore it twice, side by side, with real QEMU.
+
+use std::time::Duration;
+
+use stasis_agent_proto::ExecRequest;
+use stasis_vmm::snapshot::flatten_disk;
+use stasis_vmm::{Accel, Host, MachineConfig};
+
+fn bash(cmd: &str) -> ExecRequest {
+    ExecRequest {
+        program: "/bin/bash".into(),
+        args: vec!["-c".into(), cmd.into()],
+        env: vec![],
+        cwd: None,
+        stdin: None,
+        timeout_ms: 20_000,
+    }
+}
+
+async fn out(vm: &stasis_vmm::Vm, cmd: &str) -> String {
+    let r = vm.exec(bash(cmd)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{cmd}: {r:?}");
+    r.stdout.trim().to_string()
+}
+
+#[tokio::test]
+async fn a_captured_guest_continues_in_its_restored_clones() {
+    let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &|m: &str| {
+        eprintln!("{m}")
+    })
+    .unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("stasis-vmm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (host, _events) = Host::new(root.path().join("machines"));
+    let config = MachineConfig {
+        name: "origin".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        accel: Accel::detect(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        image_id: image.id.clone(),
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+        base_disk: image.rootfs.clone(),
+        disk: Default::default(),
+        ram_path: Default::default(),
+        tsc_khz: stasis_vmm::accel::host_tsc_khz(),
+    };
+    let origin = host.boot("origin", config).await.unwrap();
+    // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.
+    out(&origin, "echo on-disk > /root/before; nohup python3 -c 'import time\ni=0\nwhile True:\n  i+=1\n  open(\"/tmp/n\",\"w\").write(str(i))\n  time.sleep(0.05)' >/dev/null 2>&1 & sleep 1; echo started").await;
+
+    let staging = root.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let capture = origin.capture(&staging).await.unwrap();
+    eprintln!("paused {:?}", capture.paused);
+    let at_snapshot: u64 = out(&origin, "cat /tmp/n").await.parse().unwrap();
+    out(&origin, "echo later > /root/after").await;
+
+    let flat = staging.join("disk.raw");
+    flatten_disk(&capture.disk, &flat).await.unwrap();
+    let mut clone_config = capture.machine.clone();
+    clone_config.base_disk = flat.clone();
+    clone_config.name = "clone-a".into();
+    let a = host
+        .restore("clone-a", clone_config.clone(), &capture.state, &capture.memory)
+        .await
+        .unwrap();
+    clone_config.name = "clone-b".into();
+    let b = host
+        .restore("clone-b", clone_config, &capture.state, &capture.memory)
+        .await
+        .unwrap();
+
+    for clone in [&a, &b] {
+        assert_eq!(out(clone, "cat /root/before").await, "on-disk");
+        assert_eq!(out(clone, "test -e /root/after && echo yes || echo no").await, "no");
+        let first: u64 = out(clone, "cat /tmp/n").await.parse().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later: u64 = out(clone, "cat /tmp/n").await.parse().unwrap();
+        assert!(
+            first + 50 >= at_snapshot && first <= at_snapshot + 100,
+            "continues from {at_snapshot}: {first}"
+        );
+        assert!(later > first, "still counting: {first} -> {later}");
+        let skew: i64 = out(clone, "date +%s").await.parse().unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((skew - host_now).abs() <= 2, "guest clock {skew} vs host {host_now}");
+    }
+    assert_eq!(out(&a, "hostname").await, "clone-a");
+    let ra = out(&a, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").await;
+    let rb = out(&b, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").await;
+    assert_ne!(ra, rb, "clones do not share their RNG");
+    // The clones and the original are independent.
+    out(&a, "echo mine > /root/a-only").await;
+    assert_eq!(out(&b, "test -e /root/a-only && echo yes || echo no").await, "no");
+    assert_eq!(out(&origin, "cat /root/after").await, "later");
+
+    // The original can be captured again (its disk chain grew by one overlay).
+    let staging2 = root.path().join("staging2");
+    std::fs::create_dir_all(&staging2).unwrap();
+    let second = origin.capture(&staging2).await.unwrap();
+    assert_ne!(second.disk, capture.disk);
+    host.stop_all().await;
+}
