@@ -162,6 +162,90 @@ pub struct ErrorDetail {
     pub request_id: String,
 }
 
+/// Lifecycle of a snapshot: `creating → uploading → ready`, `ready ⇄ restoring` while
+/// restores read it, `ready → deleted`, any → `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    Creating,
+    Uploading,
+    Ready,
+    Restoring,
+    Failed,
+    Deleted,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Creating => "creating",
+            SnapshotStatus::Uploading => "uploading",
+            SnapshotStatus::Ready => "ready",
+            SnapshotStatus::Restoring => "restoring",
+            SnapshotStatus::Failed => "failed",
+            SnapshotStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SnapshotStatus> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
+    /// No more work will happen to a snapshot in this state (an SSE stream may end).
+    pub fn is_final(self) -> bool {
+        matches!(self, SnapshotStatus::Ready | SnapshotStatus::Failed | SnapshotStatus::Deleted)
+    }
+}
+
+/// A snapshot as the API returns it (inside `{"data": ...}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub computer_id: ComputerId,
+    pub tenant_id: TenantId,
+    pub comment: Option<String>,
+    pub status: SnapshotStatus,
+    /// Raw size of the VM device state.
+    pub state_size_bytes: Option<u64>,
+    /// Raw size of the guest RAM captured.
+    pub memory_size_bytes: Option<u64>,
+    /// Raw (virtual) size of the root disk captured.
+    pub rootfs_size_bytes: Option<u64>,
+    /// What the snapshot occupies in the store: its distinct chunks, compressed, plus its
+    /// manifest (chunks shared with other snapshots are counted in each).
+    pub compressed_size_bytes: Option<u64>,
+    /// What this snapshot added to the store (chunks it was the first to need).
+    pub uploaded_bytes: Option<u64>,
+    /// How long the guest was paused for the capture.
+    pub pause_ms: Option<u64>,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: Option<String>,
+    pub parent_snapshot_id: Option<SnapshotId>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The `data` of a snapshot SSE event. Absent fields are omitted, never null.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotEventData {
+    pub snapshot_id: SnapshotId,
+    pub status: SnapshotStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub progress: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// For restores: the computer being restored.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub computer_id: Option<ComputerId>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes_done: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes_total: Option<u64>,
+}
+
 /// Templates this platform knows. `miosa-desktop` is what the official SDK sends by default;
 /// it gets the default image, as does `default`.
 pub const DEFAULT_TEMPLATE: &str = "debian-bookworm";

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use stasis_agent_proto::ExecRequest;
 use stasis_vmm::{Accel, MachineConfig, Vm};
 
-fn machine(name: &str, memory_mib: u64) -> MachineConfig {
+fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
     let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &progress)
         .expect("the default image builds");
@@ -19,6 +19,8 @@ fn machine(name: &str, memory_mib: u64) -> MachineConfig {
         kernel: image.kernel,
         initrd: image.initrd,
         base_disk: image.rootfs,
+        disk: dir.join("disk.qcow2"),
+        ram_path: dir.join("ram"),
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
     }
 }
@@ -37,7 +39,7 @@ fn bash(cmd: &str, timeout_ms: u64) -> ExecRequest {
 #[tokio::test]
 async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let config = machine("boot-test", 256);
+    let config = machine(dir.path(), "boot-test", 256);
     let t = Instant::now();
     let vm = Vm::boot(config.clone(), dir.path()).await.expect("the guest boots");
     eprintln!("boot to agent ready: {:?}", t.elapsed());
@@ -72,7 +74,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
 
     vm.shutdown().await;
     assert!(vm.exited().is_some());
-    assert!(!vm.paths.ram().exists(), "the RAM file goes with the machine");
+    assert!(!vm.config().ram_path.exists(), "the RAM file goes with the machine");
 
     let vm = Vm::boot(config, dir.path())
         .await
@@ -85,7 +87,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
 #[tokio::test]
 async fn a_killed_qemu_is_reported_with_its_signal() {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::boot(machine("kill-test", 256), dir.path())
+    let vm = Vm::boot(machine(dir.path(), "kill-test", 256), dir.path())
         .await
         .expect("the guest boots");
     // SAFETY: kill takes no pointers; the pid is our live QEMU child.

@@ -185,6 +185,9 @@ impl Computers {
             kernel: image.kernel,
             initrd: image.initrd,
             base_disk: image.rootfs,
+            // Placed by the host runtime.
+            disk: Default::default(),
+            ram_path: Default::default(),
             tsc_khz: self.settings.tsc_khz,
         };
         match self.host.boot(&id.to_string(), config).await {

@@ -1,13 +1,20 @@
 //! Metadata in SQL: tenants, API keys, computers. Written against sqlx's `Any` driver with
 //! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
 
+mod snapshots;
+
+pub use snapshots::{Idempotency, SnapshotRecord};
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
 
 /// Schema migrations, in order. Each runs once, inside a transaction.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_snapshots.sql")),
+];
 
 #[derive(Clone)]
 pub struct Db {
@@ -18,7 +25,7 @@ pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn parse_time(s: &str) -> DateTime<Utc> {
+pub(crate) fn parse_time(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_default()
@@ -158,6 +165,15 @@ impl Db {
     /// A computer that is not destroyed, whatever its tenant.
     pub async fn get_computer(&self, id: ComputerId) -> Result<Option<Computer>, sqlx::Error> {
         let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE id = $1 AND status <> 'destroyed'"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().and_then(computer_from_row))
+    }
+
+    /// A computer whatever its state, destroyed included (snapshots outlive their computer).
+    pub async fn get_computer_any(&self, id: ComputerId) -> Result<Option<Computer>, sqlx::Error> {
+        let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;

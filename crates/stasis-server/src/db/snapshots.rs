@@ -1,0 +1,494 @@
+//! Snapshot rows, their event log, SSE tickets and idempotency records.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use stasis_types::{ComputerId, Size, Snapshot, SnapshotId, SnapshotStatus, TenantId};
+
+use super::{now, parse_time, Db};
+
+/// A snapshot row: the API object plus what the platform keeps for itself.
+#[derive(Debug, Clone)]
+pub struct SnapshotRecord {
+    pub snapshot: Snapshot,
+    /// How many restores are reading it right now.
+    pub restores_active: i64,
+    /// The source computer's size and name at capture (what a restore recreates).
+    pub size: Size,
+    pub computer_name: String,
+}
+
+const SELECT_SNAPSHOT: &str = "SELECT id, computer_id, tenant_id, comment, status, state_size_bytes, memory_size_bytes, \
+     rootfs_size_bytes, compressed_size_bytes, uploaded_bytes, pause_ms, s3_bucket, s3_prefix, parent_snapshot_id, \
+     error, restores_active, machine, created_at, updated_at FROM snapshots";
+
+fn opt_u64(row: &AnyRow, col: &str) -> Option<u64> {
+    row.try_get::<Option<i64>, _>(col).ok().flatten().map(|v| v.max(0) as u64)
+}
+
+fn opt_text(row: &AnyRow, col: &str) -> Option<String> {
+    row.try_get::<Option<String>, _>(col).ok().flatten()
+}
+
+fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
+    let text = |c: &str| row.try_get::<String, _>(c).ok();
+    let machine: serde_json::Value = opt_text(row, "machine")
+        .and_then(|m| serde_json::from_str(&m).ok())
+        .unwrap_or_default();
+    Some(SnapshotRecord {
+        snapshot: Snapshot {
+            id: text("id")?.parse().ok()?,
+            computer_id: text("computer_id")?.parse().ok()?,
+            tenant_id: text("tenant_id")?.parse().ok()?,
+            comment: opt_text(row, "comment"),
+            status: SnapshotStatus::parse(&text("status")?)?,
+            state_size_bytes: opt_u64(row, "state_size_bytes"),
+            memory_size_bytes: opt_u64(row, "memory_size_bytes"),
+            rootfs_size_bytes: opt_u64(row, "rootfs_size_bytes"),
+            compressed_size_bytes: opt_u64(row, "compressed_size_bytes"),
+            uploaded_bytes: opt_u64(row, "uploaded_bytes"),
+            pause_ms: opt_u64(row, "pause_ms"),
+            s3_bucket: opt_text(row, "s3_bucket"),
+            s3_prefix: opt_text(row, "s3_prefix"),
+            parent_snapshot_id: opt_text(row, "parent_snapshot_id").and_then(|s| s.parse().ok()),
+            error: opt_text(row, "error"),
+            created_at: parse_time(&text("created_at")?),
+            updated_at: parse_time(&text("updated_at")?),
+        },
+        restores_active: row.try_get::<i64, _>("restores_active").unwrap_or(0),
+        size: machine.get("size").and_then(|s| s.as_str()).and_then(Size::parse).unwrap_or(Size::Small),
+        computer_name: machine.get("name").and_then(|s| s.as_str()).unwrap_or("computer").to_string(),
+    })
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Outcome of claiming an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotency {
+    /// First time: do the work, then record the answer.
+    Proceed,
+    /// Seen before with this request: here is the first answer.
+    Replay { status: u16, body: String },
+    /// Seen before and still being worked on.
+    InProgress,
+    /// Seen before with a different request.
+    Mismatch,
+}
+
+impl Db {
+    pub async fn insert_snapshot(&self, s: &Snapshot, size: Size, computer_name: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, computer_id, tenant_id, comment, status, parent_snapshot_id, machine, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(s.id.to_string())
+        .bind(s.computer_id.to_string())
+        .bind(s.tenant_id.to_string())
+        .bind(s.comment.clone())
+        .bind(s.status.as_str())
+        .bind(s.parent_snapshot_id.map(|p| p.to_string()))
+        .bind(serde_json::json!({"size": size.as_str(), "name": computer_name}).to_string())
+        .bind(ts(s.created_at))
+        .bind(ts(s.updated_at))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_snapshot(&self, id: SnapshotId) -> Result<Option<SnapshotRecord>, sqlx::Error> {
+        let row = sqlx::query(&format!("{SELECT_SNAPSHOT} WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().and_then(record_from_row))
+    }
+
+    /// A computer's snapshots, oldest first, without the deleted ones.
+    pub async fn list_snapshots(&self, computer: ComputerId) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_SNAPSHOT} WHERE computer_id = $1 AND status <> 'deleted' ORDER BY created_at, id"
+        ))
+        .bind(computer.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().filter_map(record_from_row).collect())
+    }
+
+    pub async fn snapshots_in(&self, statuses: &[SnapshotStatus]) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
+        let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("{SELECT_SNAPSHOT} WHERE status IN ({}) ORDER BY created_at", placeholders.join(", "));
+        let mut q = sqlx::query(&sql);
+        for s in statuses {
+            q = q.bind(s.as_str());
+        }
+        Ok(q.fetch_all(self.pool()).await?.iter().filter_map(record_from_row).collect())
+    }
+
+    /// The newest `ready` (or being restored) snapshot of a computer: the parent of its next.
+    pub async fn latest_ready_snapshot(&self, computer: ComputerId) -> Result<Option<SnapshotId>, sqlx::Error> {
+        let id: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM snapshots WHERE computer_id = $1 AND status IN ('ready', 'restoring') \
+             ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(computer.to_string())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(id.and_then(|s| s.parse().ok()))
+    }
+
+    /// Moves a snapshot to `to` if it is in one of `from`; returns whether it moved.
+    pub async fn transition_snapshot(
+        &self,
+        id: SnapshotId,
+        from: &[SnapshotStatus],
+        to: SnapshotStatus,
+        error: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let placeholders: Vec<String> = (4..4 + from.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "UPDATE snapshots SET status = $1, error = COALESCE($2, error), updated_at = $3 \
+             WHERE id = ${} AND status IN ({})",
+            4 + from.len(),
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(to.as_str()).bind(error.map(str::to_string)).bind(now());
+        for f in from {
+            q = q.bind(f.as_str());
+        }
+        let done = q.bind(id.to_string()).execute(self.pool()).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Records the result of a finished upload and marks the snapshot ready.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn complete_snapshot(
+        &self,
+        id: SnapshotId,
+        state: u64,
+        memory: u64,
+        rootfs: u64,
+        compressed: u64,
+        uploaded: u64,
+        pause_ms: u64,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE snapshots SET status = 'ready', state_size_bytes = $1, memory_size_bytes = $2, \
+             rootfs_size_bytes = $3, compressed_size_bytes = $4, uploaded_bytes = $5, pause_ms = $6, \
+             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9 \
+             WHERE id = $10 AND status IN ('creating', 'uploading')",
+        )
+        .bind(state as i64)
+        .bind(memory as i64)
+        .bind(rootfs as i64)
+        .bind(compressed as i64)
+        .bind(uploaded as i64)
+        .bind(pause_ms as i64)
+        .bind(bucket)
+        .bind(prefix)
+        .bind(now())
+        .bind(id.to_string())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// A restore starts reading the snapshot: `ready`/`restoring` → `restoring`, one more reader.
+    pub async fn begin_restore(&self, id: SnapshotId) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE snapshots SET status = 'restoring', restores_active = restores_active + 1, updated_at = $1 \
+             WHERE id = $2 AND status IN ('ready', 'restoring')",
+        )
+        .bind(now())
+        .bind(id.to_string())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// A restore is done with the snapshot; the last one out puts it back to `ready`.
+    pub async fn end_restore(&self, id: SnapshotId) -> Result<SnapshotStatus, sqlx::Error> {
+        sqlx::query(
+            "UPDATE snapshots SET restores_active = CASE WHEN restores_active > 0 THEN restores_active - 1 ELSE 0 END, \
+             status = CASE WHEN restores_active <= 1 THEN 'ready' ELSE 'restoring' END, updated_at = $1 \
+             WHERE id = $2 AND status = 'restoring'",
+        )
+        .bind(now())
+        .bind(id.to_string())
+        .execute(self.pool())
+        .await?;
+        Ok(self
+            .get_snapshot(id)
+            .await?
+            .map(|r| r.snapshot.status)
+            .unwrap_or(SnapshotStatus::Deleted))
+    }
+
+    /// After a platform restart no restore is in flight: every `restoring` snapshot is `ready`.
+    pub async fn reset_restores(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE snapshots SET status = 'ready', restores_active = 0 WHERE status = 'restoring'")
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Snapshots whose stored objects must be kept: all but the deleted, plus any a live
+    /// computer still boots from (its disk chain rests on the snapshot's disk).
+    pub async fn live_snapshot_ids(&self) -> Result<Vec<String>, sqlx::Error> {
+        let mut ids: Vec<String> = sqlx::query_scalar("SELECT id FROM snapshots WHERE status <> 'deleted'")
+            .fetch_all(self.pool())
+            .await?;
+        let sources: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT source_snapshot_id FROM computers WHERE status <> 'destroyed'")
+                .fetch_all(self.pool())
+                .await?;
+        ids.extend(sources.into_iter().flatten());
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Deleted snapshots (whose manifests may go).
+    pub async fn deleted_snapshot_ids(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT id FROM snapshots WHERE status = 'deleted'")
+            .fetch_all(self.pool())
+            .await
+    }
+
+    // ---- events ----
+
+    /// Appends an event; returns its sequence number (1, 2, ... per snapshot).
+    pub async fn append_event(&self, snapshot: SnapshotId, event: &str, data: &str) -> Result<i64, sqlx::Error> {
+        let mut tx = self.pool().begin().await?;
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshot_events WHERE snapshot_id = $1")
+            .bind(snapshot.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO snapshot_events (snapshot_id, seq, event, data, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(snapshot.to_string())
+            .bind(seq)
+            .bind(event)
+            .bind(data)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Events after `seq`, in order: `(seq, event, data)`.
+    pub async fn events_after(&self, snapshot: SnapshotId, seq: i64) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT seq, event, data FROM snapshot_events WHERE snapshot_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(snapshot.to_string())
+        .bind(seq)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?, r.try_get(2).ok()?)))
+            .collect())
+    }
+
+    pub async fn last_event_seq(&self, snapshot: SnapshotId) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM snapshot_events WHERE snapshot_id = $1")
+            .bind(snapshot.to_string())
+            .fetch_one(self.pool())
+            .await
+    }
+
+    // ---- SSE tickets ----
+
+    pub async fn insert_ticket(&self, hash: &str, tenant: TenantId, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO sse_tickets (ticket_hash, tenant_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(hash)
+            .bind(tenant.to_string())
+            .bind(ts(expires_at))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Uses a ticket up: its tenant if it existed, was unused and had not expired.
+    pub async fn consume_ticket(&self, hash: &str) -> Result<Option<TenantId>, sqlx::Error> {
+        let done = sqlx::query("UPDATE sse_tickets SET used = 1 WHERE ticket_hash = $1 AND used = 0 AND expires_at > $2")
+            .bind(hash)
+            .bind(now())
+            .execute(self.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let tenant: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM sse_tickets WHERE ticket_hash = $1")
+            .bind(hash)
+            .fetch_optional(self.pool())
+            .await?;
+        // Expired and used tickets are worth nothing; forget them.
+        sqlx::query("DELETE FROM sse_tickets WHERE expires_at < $1")
+            .bind(now())
+            .execute(self.pool())
+            .await?;
+        Ok(tenant.and_then(|t| t.parse().ok()))
+    }
+
+    // ---- idempotency ----
+
+    pub async fn claim_idempotency_key(&self, tenant: TenantId, key: &str, fingerprint: &str) -> Result<Idempotency, sqlx::Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant_id, key) DO NOTHING",
+        )
+        .bind(tenant.to_string())
+        .bind(key)
+        .bind(fingerprint)
+        .bind(now())
+        .execute(self.pool())
+        .await?;
+        if inserted.rows_affected() > 0 {
+            return Ok(Idempotency::Proceed);
+        }
+        let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
+            .bind(tenant.to_string())
+            .bind(key)
+            .fetch_one(self.pool())
+            .await?;
+        let stored: String = row.try_get(0)?;
+        if stored != fingerprint {
+            return Ok(Idempotency::Mismatch);
+        }
+        let status: Option<i64> = row.try_get(1)?;
+        let body: Option<String> = row.try_get(2)?;
+        Ok(match (status, body) {
+            (Some(status), Some(body)) => Idempotency::Replay {
+                status: status as u16,
+                body,
+            },
+            _ => Idempotency::InProgress,
+        })
+    }
+
+    pub async fn record_idempotent_answer(&self, tenant: TenantId, key: &str, status: u16, body: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE idempotency_keys SET status = $1, body = $2 WHERE tenant_id = $3 AND key = $4")
+            .bind(status as i64)
+            .bind(body)
+            .bind(tenant.to_string())
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a claim whose request failed, so a retry can do the work.
+    pub async fn release_idempotency_key(&self, tenant: TenantId, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status IS NULL")
+            .bind(tenant.to_string())
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(tenant: TenantId) -> Snapshot {
+        let now = Utc::now();
+        Snapshot {
+            id: SnapshotId::new(),
+            computer_id: ComputerId::new(),
+            tenant_id: tenant,
+            comment: Some("c".into()),
+            status: SnapshotStatus::Creating,
+            state_size_bytes: None,
+            memory_size_bytes: None,
+            rootfs_size_bytes: None,
+            compressed_size_bytes: None,
+            uploaded_bytes: None,
+            pause_ms: None,
+            s3_bucket: None,
+            s3_prefix: None,
+            parent_snapshot_id: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    async fn db() -> (tempfile::TempDir, Db, TenantId) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("m.db")).await.unwrap();
+        let t = db.ensure_tenant("t").await.unwrap();
+        (dir, db, t)
+    }
+
+    #[tokio::test]
+    async fn the_status_machine_is_enforced_in_sql() {
+        let (_d, db, t) = db().await;
+        let s = snapshot(t);
+        db.insert_snapshot(&s, Size::Xs, "box").await.unwrap();
+        assert!(!db.begin_restore(s.id).await.unwrap(), "not ready yet");
+        assert!(db.transition_snapshot(s.id, &[SnapshotStatus::Creating], SnapshotStatus::Uploading, None).await.unwrap());
+        assert!(db.complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p").await.unwrap());
+        let r = db.get_snapshot(s.id).await.unwrap().unwrap();
+        assert_eq!((r.snapshot.status, r.snapshot.compressed_size_bytes), (SnapshotStatus::Ready, Some(4)));
+        assert_eq!((r.size, r.computer_name.as_str()), (Size::Xs, "box"));
+
+        // Two restores at once; the snapshot is ready again when both are done.
+        assert!(db.begin_restore(s.id).await.unwrap());
+        assert!(db.begin_restore(s.id).await.unwrap());
+        assert_eq!(db.end_restore(s.id).await.unwrap(), SnapshotStatus::Restoring);
+        assert_eq!(db.end_restore(s.id).await.unwrap(), SnapshotStatus::Ready);
+
+        let deletable = [SnapshotStatus::Ready, SnapshotStatus::Failed];
+        assert!(db.transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None).await.unwrap());
+        assert!(!db.transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None).await.unwrap());
+        assert!(db.list_snapshots(s.computer_id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn events_are_numbered_per_snapshot() {
+        let (_d, db, _t) = db().await;
+        let (a, b) = (SnapshotId::new(), SnapshotId::new());
+        assert_eq!(db.append_event(a, "snapshot_creating", "{}").await.unwrap(), 1);
+        assert_eq!(db.append_event(a, "snapshot_uploading", "{}").await.unwrap(), 2);
+        assert_eq!(db.append_event(b, "snapshot_creating", "{}").await.unwrap(), 1);
+        let after = db.events_after(a, 1).await.unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].1, "snapshot_uploading");
+        assert_eq!(db.last_event_seq(a).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn tickets_are_single_use_and_expire() {
+        let (_d, db, t) = db().await;
+        db.insert_ticket("h1", t, Utc::now() + chrono::Duration::seconds(60)).await.unwrap();
+        db.insert_ticket("h2", t, Utc::now() - chrono::Duration::seconds(1)).await.unwrap();
+        assert_eq!(db.consume_ticket("h1").await.unwrap(), Some(t));
+        assert_eq!(db.consume_ticket("h1").await.unwrap(), None, "used");
+        assert_eq!(db.consume_ticket("h2").await.unwrap(), None, "expired");
+        assert_eq!(db.consume_ticket("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_replay_the_first_answer() {
+        let (_d, db, t) = db().await;
+        assert_eq!(db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(), Idempotency::Proceed);
+        assert_eq!(db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(), Idempotency::InProgress);
+        assert_eq!(db.claim_idempotency_key(t, "k", "POST /b").await.unwrap(), Idempotency::Mismatch);
+        db.record_idempotent_answer(t, "k", 201, "{\"x\":1}").await.unwrap();
+        assert_eq!(
+            db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(),
+            Idempotency::Replay { status: 201, body: "{\"x\":1}".into() }
+        );
+        assert_eq!(db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(), Idempotency::Proceed);
+        db.release_idempotency_key(t, "k2").await.unwrap();
+        assert_eq!(db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(), Idempotency::Proceed);
+    }
+}
