@@ -6,7 +6,9 @@ pub mod body;
 pub mod computers;
 pub mod db;
 pub mod error;
+pub mod idempotency;
 pub mod images;
+pub mod snapshots;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,12 +26,16 @@ use crate::computers::{Computers, RuntimeSettings};
 use crate::db::Db;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::images::Images;
+use crate::snapshots::cache::Materializer;
+use crate::snapshots::events::EventBus;
+use crate::snapshots::Snapshots;
 
 /// Everything the handlers share (cheap to clone).
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
     pub computers: Arc<Computers>,
+    pub snapshots: Arc<Snapshots>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +67,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/health", get(health))
         .merge(computers::routes::router())
+        .merge(snapshots::routes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
@@ -119,13 +126,40 @@ impl Platform {
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         };
-        let computers = Computers::new(db.clone(), host, images.clone(), settings);
+        let store = stasis_store::SnapshotStore::local(&config.data_dir.join("objects"))
+            .map_err(|e| format!("opening the snapshot store: {e}"))?;
+        let events = Arc::new(EventBus::new(db.clone()));
+        let materializer = Arc::new(Materializer::new(
+            store.clone(),
+            config.data_dir.join("cache/snapshots"),
+        ));
+        let computers = Computers::new(db.clone(), host, images.clone(), settings, materializer, events.clone());
+        let snapshots = Snapshots::new(
+            db.clone(),
+            store,
+            computers.clone(),
+            events,
+            config.data_dir.join("staging"),
+        );
+        db.reset_restores()
+            .await
+            .map_err(|e| format!("resetting restores: {e}"))?;
         computers
             .reconcile()
             .await
             .map_err(|e| format!("reconciling computers: {e}"))?;
+        snapshots
+            .recover()
+            .await
+            .map_err(|e| format!("recovering snapshots: {e}"))?;
+        let gc = snapshots.clone();
+        tokio::spawn(async move { gc.collect_garbage().await });
         Ok(Platform {
-            state: AppState { db, computers },
+            state: AppState {
+                db,
+                computers,
+                snapshots,
+            },
             host_events,
             images,
         })

@@ -83,6 +83,8 @@ pub struct UploadStats {
     pub uploaded_bytes: u64,
     /// Chunks the store already had.
     pub reused_chunks: u64,
+    /// Stored (compressed) size of every distinct chunk the file needs, new or reused.
+    pub stored_bytes: u64,
 }
 
 impl UploadStats {
@@ -92,6 +94,7 @@ impl UploadStats {
         self.new_chunks += other.new_chunks;
         self.uploaded_bytes += other.uploaded_bytes;
         self.reused_chunks += other.reused_chunks;
+        self.stored_bytes += other.stored_bytes;
     }
 }
 
@@ -110,9 +113,12 @@ pub struct SnapshotStore {
 
 enum Outcome {
     Zero,
-    Reused,
+    Reused(u64),
     New(u64),
 }
+
+/// Proof that garbage collection is held off (see [`SnapshotStore::pin`]).
+pub struct Pin(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>);
 
 impl SnapshotStore {
     pub fn new(store: Arc<dyn ObjectStore>, bucket: impl Into<String>) -> SnapshotStore {
@@ -142,14 +148,21 @@ impl SnapshotStore {
         format!("snapshots/{snapshot_id}/manifest.zst")
     }
 
+    /// Holds off garbage collection until dropped: take it before uploading a snapshot's
+    /// chunks and drop it once its manifest is written, so no chunk it relies on (found
+    /// present, or uploaded but not yet named by a manifest) can be collected meanwhile.
+    pub async fn pin(&self) -> Pin {
+        Pin(self.gc_lock.clone().read_owned().await)
+    }
+
     /// Cuts `path` into chunks and stores the ones the store lacks.
     pub async fn upload_file(
         &self,
+        _pin: &Pin,
         path: &Path,
         chunk_size: u32,
         progress: Progress,
     ) -> Result<(Part, UploadStats), StoreError> {
-        let _guard = self.gc_lock.read().await;
         let file = Arc::new(std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?);
         let size = file.metadata().map_err(io("stat"))?.len();
         let holes = Arc::new(data_ranges(&file, size));
@@ -186,7 +199,7 @@ impl SnapshotStore {
                             (Some(hash), Some(data)) => {
                                 let key = ObjectPath::from(hash.key());
                                 match store.head(&key).await {
-                                    Ok(_) => (Some(hash), Outcome::Reused),
+                                    Ok(meta) => (Some(hash), Outcome::Reused(meta.size)),
                                     Err(object_store::Error::NotFound { .. }) => {
                                         let stored = tokio::task::spawn_blocking(move || {
                                             chunk::encode(&data, COMPRESSION_LEVEL)
@@ -217,15 +230,26 @@ impl SnapshotStore {
             raw_bytes: size,
             ..Default::default()
         };
+        let mut distinct = HashSet::new();
         for (i, hash, outcome, len) in results {
             chunks[i] = hash;
-            match outcome {
-                Outcome::Zero => stats.zero_bytes += len,
-                Outcome::Reused => stats.reused_chunks += 1,
+            let stored = match outcome {
+                Outcome::Zero => {
+                    stats.zero_bytes += len;
+                    0
+                }
+                Outcome::Reused(n) => {
+                    stats.reused_chunks += 1;
+                    n
+                }
                 Outcome::New(n) => {
                     stats.new_chunks += 1;
                     stats.uploaded_bytes += n;
+                    n
                 }
+            };
+            if hash.is_some_and(|h| distinct.insert(h)) {
+                stats.stored_bytes += stored;
             }
         }
         Ok((
@@ -292,11 +316,14 @@ impl SnapshotStore {
     /// Checks that every chunk the manifest names is in the store.
     pub async fn verify_present(&self, manifest: &Manifest) -> Result<(), StoreError> {
         futures::stream::iter(manifest.chunk_set())
-            .map(|h| async move {
-                match self.store.head(&ObjectPath::from(h.key())).await {
-                    Ok(_) => Ok(()),
-                    Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingChunk(h)),
-                    Err(e) => Err(e.into()),
+            .map(|h| {
+                let store = self.store.clone();
+                async move {
+                    match store.head(&ObjectPath::from(h.key())).await {
+                        Ok(_) => Ok(()),
+                        Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingChunk(h)),
+                        Err(e) => Err(e.into()),
+                    }
                 }
             })
             .buffer_unordered(PARALLEL * 4)
@@ -317,15 +344,19 @@ impl SnapshotStore {
         let file = Arc::new(file);
         let done = Arc::new(AtomicU64::new(0));
         let chunk_size = part.chunk_size as u64;
-        futures::stream::iter(part.chunks.iter().enumerate())
+        let size = part.size;
+        // Owned items and handles: futures that borrow from the iterator are not `Send` for
+        // every lifetime, which spawned callers need.
+        futures::stream::iter(part.chunks.clone().into_iter().enumerate())
             .map(|(i, hash)| {
                 let file = file.clone();
                 let done = done.clone();
                 let progress = progress.clone();
-                let len = (part.size - i as u64 * chunk_size).min(chunk_size);
+                let store = self.store.clone();
+                let len = (size - i as u64 * chunk_size).min(chunk_size);
                 async move {
-                    if let Some(hash) = *hash {
-                        let got = match self.store.get(&ObjectPath::from(hash.key())).await {
+                    if let Some(hash) = hash {
+                        let got = match store.get(&ObjectPath::from(hash.key())).await {
                             Ok(g) => g,
                             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
                             Err(e) => return Err(e.into()),

@@ -55,6 +55,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     let s2 = seen.clone();
     let (part, stats) = store
         .upload_file(
+            &store.pin().await,
             &src,
             1 << 20,
             Arc::new(move |n| {
@@ -78,7 +79,10 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 
     // The same content again uploads nothing new.
-    let (again, stats) = store.upload_file(&src, 1 << 20, noop()).await.unwrap();
+    let (again, stats) = store
+        .upload_file(&store.pin().await, &src, 1 << 20, noop())
+        .await
+        .unwrap();
     assert_eq!(again, part);
     assert_eq!((stats.new_chunks, stats.reused_chunks, stats.uploaded_bytes), (0, 3, 0));
 }
@@ -89,7 +93,10 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     let root = dir.path().join("store");
     let store = SnapshotStore::local(&root).unwrap();
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"precious data")]);
-    let (part, _) = store.upload_file(&src, 1 << 20, noop()).await.unwrap();
+    let (part, _) = store
+        .upload_file(&store.pin().await, &src, 1 << 20, noop())
+        .await
+        .unwrap();
     let hash = part.chunks[0].unwrap();
 
     let on_disk = root.join(hash.key());
@@ -123,8 +130,8 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     let shared = vec![1u8; 4096];
     let a = sparse_file(dir.path(), "a", 8192, &[(0, &shared), (4096, &[2u8; 4096])]);
     let b = sparse_file(dir.path(), "b", 8192, &[(0, &shared), (4096, &[3u8; 4096])]);
-    let (pa, _) = store.upload_file(&a, 4096, noop()).await.unwrap();
-    let (pb, sb) = store.upload_file(&b, 4096, noop()).await.unwrap();
+    let (pa, _) = store.upload_file(&store.pin().await, &a, 4096, noop()).await.unwrap();
+    let (pb, sb) = store.upload_file(&store.pin().await, &b, 4096, noop()).await.unwrap();
     assert_eq!(
         (sb.new_chunks, sb.reused_chunks),
         (1, 1),
@@ -158,7 +165,7 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
 
     // Young chunks survive a collection even when nothing names them yet.
     let c = sparse_file(dir.path(), "c", 4096, &[(0, &[9u8; 4096])]);
-    store.upload_file(&c, 4096, noop()).await.unwrap();
+    store.upload_file(&store.pin().await, &c, 4096, noop()).await.unwrap();
     let deleted = store
         .collect_garbage(&["snap-b".to_string()], Duration::from_secs(600))
         .await

@@ -193,7 +193,10 @@ impl SnapshotStatus {
 
     /// No more work will happen to a snapshot in this state (an SSE stream may end).
     pub fn is_final(self) -> bool {
-        matches!(self, SnapshotStatus::Ready | SnapshotStatus::Failed | SnapshotStatus::Deleted)
+        matches!(
+            self,
+            SnapshotStatus::Ready | SnapshotStatus::Failed | SnapshotStatus::Deleted
+        )
     }
 }
 

@@ -12,14 +12,16 @@ use chrono::{SubsecRound, Utc};
 use serde_json::{Map, Value};
 use stasis_agent_proto::ExecRequest;
 use stasis_types::{
-    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, TenantId, DEFAULT_TEMPLATE,
-    TEMPLATE_ALIASES,
+    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, SnapshotId, SnapshotStatus, TenantId,
+    DEFAULT_TEMPLATE, TEMPLATE_ALIASES,
 };
 use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
 
 use crate::db::Db;
 use crate::error::{ApiError, ApiResult};
 use crate::images::Images;
+use crate::snapshots::cache::Materializer;
+use crate::snapshots::events::{self, EventBus};
 
 /// Default and largest exec timeouts, in seconds.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;
@@ -47,7 +49,9 @@ pub struct Computers {
     host: Arc<Host>,
     images: Arc<Images>,
     settings: RuntimeSettings,
-    /// Serializes lifecycle operations (boot, stop, destroy) per computer.
+    materializer: Arc<Materializer>,
+    events: Arc<EventBus>,
+    /// Serializes lifecycle operations (boot, stop, destroy, capture) per computer.
     locks: Mutex<HashMap<ComputerId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -62,18 +66,32 @@ const LIVE: &[ComputerStatus] = &[
 ];
 
 impl Computers {
-    pub fn new(db: Db, host: Arc<Host>, images: Arc<Images>, settings: RuntimeSettings) -> Arc<Computers> {
+    pub fn new(
+        db: Db,
+        host: Arc<Host>,
+        images: Arc<Images>,
+        settings: RuntimeSettings,
+        materializer: Arc<Materializer>,
+        events: Arc<EventBus>,
+    ) -> Arc<Computers> {
         Arc::new(Computers {
             db,
             host,
             images,
             settings,
+            materializer,
+            events,
             locks: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn host(&self) -> &Arc<Host> {
         &self.host
+    }
+
+    /// Holds off other lifecycle operations on `id` (a snapshot capture takes it).
+    pub async fn lifecycle_lock(&self, id: ComputerId) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_for(id).lock_owned().await
     }
 
     fn lock_for(&self, id: ComputerId) -> Arc<tokio::sync::Mutex<()>> {
@@ -127,6 +145,13 @@ impl Computers {
     }
 
     pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> ApiResult<Computer> {
+        let computer = self.insert(tenant, new, None).await?;
+        self.spawn_boot(computer.id);
+        Ok(computer)
+    }
+
+    /// Records a new computer in `provisioning`; `source` makes it a restore of that snapshot.
+    pub async fn insert(&self, tenant: TenantId, new: NewComputer, source: Option<SnapshotId>) -> ApiResult<Computer> {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
         let computer = Computer {
@@ -142,14 +167,13 @@ impl Computers {
             updated_at: now,
             metadata: new.metadata,
             error: None,
-            source_snapshot_id: None,
+            source_snapshot_id: source,
         };
         self.db.insert_computer(&computer).await?;
-        self.spawn_boot(computer.id);
         Ok(computer)
     }
 
-    fn spawn_boot(self: &Arc<Self>, id: ComputerId) {
+    pub fn spawn_boot(self: &Arc<Self>, id: ComputerId) {
         let this = self.clone();
         tokio::spawn(async move { this.boot(id).await });
     }
@@ -172,24 +196,25 @@ impl Computers {
                 return;
             }
         };
+        if let (ComputerStatus::Provisioning, Some(snapshot)) = (computer.status, computer.source_snapshot_id) {
+            self.restore_machine(&computer, snapshot, image).await;
+            return;
+        }
         if computer.status == ComputerStatus::Provisioning {
             let _ = self.db.set_status(id, ComputerStatus::Starting, None).await;
         }
-        let config = MachineConfig {
-            name: computer.slug.clone(),
-            vcpus: computer.size.vcpus(),
-            memory_mib: computer.size.memory_mib(),
-            accel: self.settings.accel,
-            qemu_binary: self.settings.qemu_binary.clone(),
-            image_id: image.id,
-            kernel: image.kernel,
-            initrd: image.initrd,
-            base_disk: image.rootfs,
-            // Placed by the host runtime.
-            disk: Default::default(),
-            ram_path: Default::default(),
-            tsc_khz: self.settings.tsc_khz,
-        };
+        let mut config = self.machine_config(&computer, &image);
+        if let Some(snapshot) = computer.source_snapshot_id {
+            // A restored computer's disk chain rests on its snapshot's disk.
+            match self.materializer.ensure(snapshot, |_, _| {}).await {
+                Ok(m) => config.base_disk = m.disk,
+                Err(e) => {
+                    let reason = format!("boot failed: the disk of snapshot {snapshot} is not available: {e}");
+                    let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                    return;
+                }
+            }
+        }
         match self.host.boot(&id.to_string(), config).await {
             Ok(_) => {
                 tracing::info!(%id, elapsed_ms = started.elapsed().as_millis() as u64, "computer running");
@@ -203,6 +228,117 @@ impl Computers {
                     .db
                     .set_status(id, ComputerStatus::Error, Some(&format!("boot failed: {e}")))
                     .await;
+            }
+        }
+    }
+
+    fn machine_config(&self, computer: &Computer, image: &stasis_image::Image) -> MachineConfig {
+        MachineConfig {
+            name: computer.slug.clone(),
+            vcpus: computer.size.vcpus(),
+            memory_mib: computer.size.memory_mib(),
+            accel: self.settings.accel,
+            qemu_binary: self.settings.qemu_binary.clone(),
+            image_id: image.id.clone(),
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            base_disk: image.rootfs.clone(),
+            // Placed by the host runtime.
+            disk: Default::default(),
+            ram_path: Default::default(),
+            tsc_khz: self.settings.tsc_khz,
+        }
+    }
+
+    /// The restore path of a computer made from a snapshot: fetch (or reuse) the snapshot's
+    /// files on this host, start QEMU on them, resume. The snapshot was marked `restoring`
+    /// for this restore by whoever asked for it; it is released here, whatever happens.
+    async fn restore_machine(&self, computer: &Computer, snapshot: SnapshotId, image: stasis_image::Image) {
+        let id = computer.id;
+        let started = Instant::now();
+        let (tx, mut rx) = tokio::sync::watch::channel((0u64, 0u64));
+        let bus = self.events.clone();
+        let reporter = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let (done, total) = *rx.borrow_and_update();
+                let mut e = events::data(snapshot, SnapshotStatus::Restoring);
+                e.step = Some("downloading".into());
+                e.computer_id = Some(id);
+                e.progress = Some(if total == 0 { 1.0 } else { done as f64 / total as f64 });
+                e.bytes_done = Some(done);
+                e.bytes_total = Some(total);
+                bus.progress(e).await;
+            }
+        });
+        let fetched = self
+            .materializer
+            .ensure(snapshot, move |done, total| {
+                let _ = tx.send((done, total));
+            })
+            .await;
+        let _ = reporter.await;
+        let outcome: Result<(), (String, bool)> = match fetched {
+            Err(e) => {
+                let damaged = matches!(
+                    e,
+                    stasis_store::StoreError::Corrupt { .. }
+                        | stasis_store::StoreError::MissingChunk(_)
+                        | stasis_store::StoreError::Manifest { .. }
+                        | stasis_store::StoreError::MissingManifest(_)
+                );
+                let reason = if damaged {
+                    format!("snapshot {snapshot} is damaged and cannot be restored: {e}")
+                } else {
+                    format!("reading snapshot {snapshot}: {e}")
+                };
+                Err((reason, damaged))
+            }
+            Ok(files) => {
+                let mut e = events::data(snapshot, SnapshotStatus::Restoring);
+                e.step = Some("starting".into());
+                e.computer_id = Some(id);
+                self.events.emit(e).await;
+                let mut config = self.machine_config(computer, &image);
+                config.base_disk = files.disk.clone();
+                match self
+                    .host
+                    .restore(&id.to_string(), config, &files.state, &files.memory)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err((format!("restore failed: {e}"), false)),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(%id, %snapshot, elapsed_ms = started.elapsed().as_millis() as u64, "computer restored");
+                let _ = self.db.set_status(id, ComputerStatus::Running, None).await;
+                let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
+                let mut e = events::data(snapshot, status);
+                e.step = Some("restored".into());
+                e.computer_id = Some(id);
+                e.progress = Some(1.0);
+                self.events.emit(e).await;
+            }
+            Err((reason, damaged)) => {
+                tracing::warn!(%id, %snapshot, reason, "restore failed");
+                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                let mut status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
+                if damaged {
+                    let from = [SnapshotStatus::Ready, SnapshotStatus::Restoring];
+                    let _ = self
+                        .db
+                        .transition_snapshot(snapshot, &from, SnapshotStatus::Failed, Some(&reason))
+                        .await;
+                    self.materializer.evict(snapshot);
+                    status = SnapshotStatus::Failed;
+                }
+                let mut e = events::data(snapshot, status);
+                e.step = Some("restore_failed".into());
+                e.computer_id = Some(id);
+                e.error = Some(reason);
+                self.events.emit(e).await;
             }
         }
     }
@@ -353,6 +489,16 @@ impl Computers {
                     self.host.kill_stray(&name);
                     if c.status == ComputerStatus::Creating {
                         self.db.set_status(c.id, ComputerStatus::Provisioning, None).await?;
+                    }
+                    if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot)) =
+                        (c.status, c.source_snapshot_id)
+                    {
+                        // An interrupted restore starts over and reads its snapshot again.
+                        if !self.db.begin_restore(snapshot).await? {
+                            let reason = format!("snapshot {snapshot} is no longer available to restore from");
+                            self.db.set_status(c.id, ComputerStatus::Error, Some(&reason)).await?;
+                            continue;
+                        }
                     }
                     tracing::info!(id = %c.id, "resuming an interrupted boot");
                     self.spawn_boot(c.id);

@@ -18,12 +18,16 @@ pub struct SnapshotRecord {
     pub computer_name: String,
 }
 
-const SELECT_SNAPSHOT: &str = "SELECT id, computer_id, tenant_id, comment, status, state_size_bytes, memory_size_bytes, \
+const SELECT_SNAPSHOT: &str =
+    "SELECT id, computer_id, tenant_id, comment, status, state_size_bytes, memory_size_bytes, \
      rootfs_size_bytes, compressed_size_bytes, uploaded_bytes, pause_ms, s3_bucket, s3_prefix, parent_snapshot_id, \
      error, restores_active, machine, created_at, updated_at FROM snapshots";
 
 fn opt_u64(row: &AnyRow, col: &str) -> Option<u64> {
-    row.try_get::<Option<i64>, _>(col).ok().flatten().map(|v| v.max(0) as u64)
+    row.try_get::<Option<i64>, _>(col)
+        .ok()
+        .flatten()
+        .map(|v| v.max(0) as u64)
 }
 
 fn opt_text(row: &AnyRow, col: &str) -> Option<String> {
@@ -56,8 +60,16 @@ fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
             updated_at: parse_time(&text("updated_at")?),
         },
         restores_active: row.try_get::<i64, _>("restores_active").unwrap_or(0),
-        size: machine.get("size").and_then(|s| s.as_str()).and_then(Size::parse).unwrap_or(Size::Small),
-        computer_name: machine.get("name").and_then(|s| s.as_str()).unwrap_or("computer").to_string(),
+        size: machine
+            .get("size")
+            .and_then(|s| s.as_str())
+            .and_then(Size::parse)
+            .unwrap_or(Size::Small),
+        computer_name: machine
+            .get("name")
+            .and_then(|s| s.as_str())
+            .unwrap_or("computer")
+            .to_string(),
     })
 }
 
@@ -119,12 +131,19 @@ impl Db {
 
     pub async fn snapshots_in(&self, statuses: &[SnapshotStatus]) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
         let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
-        let sql = format!("{SELECT_SNAPSHOT} WHERE status IN ({}) ORDER BY created_at", placeholders.join(", "));
+        let sql = format!(
+            "{SELECT_SNAPSHOT} WHERE status IN ({}) ORDER BY created_at",
+            placeholders.join(", ")
+        );
         let mut q = sqlx::query(&sql);
         for s in statuses {
             q = q.bind(s.as_str());
         }
-        Ok(q.fetch_all(self.pool()).await?.iter().filter_map(record_from_row).collect())
+        Ok(q.fetch_all(self.pool())
+            .await?
+            .iter()
+            .filter_map(record_from_row)
+            .collect())
     }
 
     /// The newest `ready` (or being restored) snapshot of a computer: the parent of its next.
@@ -154,7 +173,10 @@ impl Db {
             4 + from.len(),
             placeholders.join(", ")
         );
-        let mut q = sqlx::query(&sql).bind(to.as_str()).bind(error.map(str::to_string)).bind(now());
+        let mut q = sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(error.map(str::to_string))
+            .bind(now());
         for f in from {
             q = q.bind(f.as_str());
         }
@@ -264,24 +286,31 @@ impl Db {
     /// Appends an event; returns its sequence number (1, 2, ... per snapshot).
     pub async fn append_event(&self, snapshot: SnapshotId, event: &str, data: &str) -> Result<i64, sqlx::Error> {
         let mut tx = self.pool().begin().await?;
-        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshot_events WHERE snapshot_id = $1")
-            .bind(snapshot.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO snapshot_events (snapshot_id, seq, event, data, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(snapshot.to_string())
-            .bind(seq)
-            .bind(event)
-            .bind(data)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
+        let seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshot_events WHERE snapshot_id = $1")
+                .bind(snapshot.to_string())
+                .fetch_one(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO snapshot_events (snapshot_id, seq, event, data, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(snapshot.to_string())
+        .bind(seq)
+        .bind(event)
+        .bind(data)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(seq)
     }
 
     /// Events after `seq`, in order: `(seq, event, data)`.
-    pub async fn events_after(&self, snapshot: SnapshotId, seq: i64) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
+    pub async fn events_after(
+        &self,
+        snapshot: SnapshotId,
+        seq: i64,
+    ) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT seq, event, data FROM snapshot_events WHERE snapshot_id = $1 AND seq > $2 ORDER BY seq",
         )
@@ -304,7 +333,12 @@ impl Db {
 
     // ---- SSE tickets ----
 
-    pub async fn insert_ticket(&self, hash: &str, tenant: TenantId, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    pub async fn insert_ticket(
+        &self,
+        hash: &str,
+        tenant: TenantId,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("INSERT INTO sse_tickets (ticket_hash, tenant_id, expires_at) VALUES ($1, $2, $3)")
             .bind(hash)
             .bind(tenant.to_string())
@@ -316,11 +350,12 @@ impl Db {
 
     /// Uses a ticket up: its tenant if it existed, was unused and had not expired.
     pub async fn consume_ticket(&self, hash: &str) -> Result<Option<TenantId>, sqlx::Error> {
-        let done = sqlx::query("UPDATE sse_tickets SET used = 1 WHERE ticket_hash = $1 AND used = 0 AND expires_at > $2")
-            .bind(hash)
-            .bind(now())
-            .execute(self.pool())
-            .await?;
+        let done =
+            sqlx::query("UPDATE sse_tickets SET used = 1 WHERE ticket_hash = $1 AND used = 0 AND expires_at > $2")
+                .bind(hash)
+                .bind(now())
+                .execute(self.pool())
+                .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
         }
@@ -338,7 +373,12 @@ impl Db {
 
     // ---- idempotency ----
 
-    pub async fn claim_idempotency_key(&self, tenant: TenantId, key: &str, fingerprint: &str) -> Result<Idempotency, sqlx::Error> {
+    pub async fn claim_idempotency_key(
+        &self,
+        tenant: TenantId,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Idempotency, sqlx::Error> {
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (tenant_id, key) DO NOTHING",
@@ -352,11 +392,12 @@ impl Db {
         if inserted.rows_affected() > 0 {
             return Ok(Idempotency::Proceed);
         }
-        let row = sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
-            .bind(tenant.to_string())
-            .bind(key)
-            .fetch_one(self.pool())
-            .await?;
+        let row =
+            sqlx::query("SELECT fingerprint, status, body FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
+                .bind(tenant.to_string())
+                .bind(key)
+                .fetch_one(self.pool())
+                .await?;
         let stored: String = row.try_get(0)?;
         if stored != fingerprint {
             return Ok(Idempotency::Mismatch);
@@ -372,7 +413,13 @@ impl Db {
         })
     }
 
-    pub async fn record_idempotent_answer(&self, tenant: TenantId, key: &str, status: u16, body: &str) -> Result<(), sqlx::Error> {
+    pub async fn record_idempotent_answer(
+        &self,
+        tenant: TenantId,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE idempotency_keys SET status = $1, body = $2 WHERE tenant_id = $3 AND key = $4")
             .bind(status as i64)
             .bind(body)
@@ -434,10 +481,16 @@ mod tests {
         let s = snapshot(t);
         db.insert_snapshot(&s, Size::Xs, "box").await.unwrap();
         assert!(!db.begin_restore(s.id).await.unwrap(), "not ready yet");
-        assert!(db.transition_snapshot(s.id, &[SnapshotStatus::Creating], SnapshotStatus::Uploading, None).await.unwrap());
+        assert!(db
+            .transition_snapshot(s.id, &[SnapshotStatus::Creating], SnapshotStatus::Uploading, None)
+            .await
+            .unwrap());
         assert!(db.complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p").await.unwrap());
         let r = db.get_snapshot(s.id).await.unwrap().unwrap();
-        assert_eq!((r.snapshot.status, r.snapshot.compressed_size_bytes), (SnapshotStatus::Ready, Some(4)));
+        assert_eq!(
+            (r.snapshot.status, r.snapshot.compressed_size_bytes),
+            (SnapshotStatus::Ready, Some(4))
+        );
         assert_eq!((r.size, r.computer_name.as_str()), (Size::Xs, "box"));
 
         // Two restores at once; the snapshot is ready again when both are done.
@@ -447,8 +500,14 @@ mod tests {
         assert_eq!(db.end_restore(s.id).await.unwrap(), SnapshotStatus::Ready);
 
         let deletable = [SnapshotStatus::Ready, SnapshotStatus::Failed];
-        assert!(db.transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None).await.unwrap());
-        assert!(!db.transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None).await.unwrap());
+        assert!(db
+            .transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None)
+            .await
+            .unwrap());
+        assert!(!db
+            .transition_snapshot(s.id, &deletable, SnapshotStatus::Deleted, None)
+            .await
+            .unwrap());
         assert!(db.list_snapshots(s.computer_id).await.unwrap().is_empty());
     }
 
@@ -468,8 +527,12 @@ mod tests {
     #[tokio::test]
     async fn tickets_are_single_use_and_expire() {
         let (_d, db, t) = db().await;
-        db.insert_ticket("h1", t, Utc::now() + chrono::Duration::seconds(60)).await.unwrap();
-        db.insert_ticket("h2", t, Utc::now() - chrono::Duration::seconds(1)).await.unwrap();
+        db.insert_ticket("h1", t, Utc::now() + chrono::Duration::seconds(60))
+            .await
+            .unwrap();
+        db.insert_ticket("h2", t, Utc::now() - chrono::Duration::seconds(1))
+            .await
+            .unwrap();
         assert_eq!(db.consume_ticket("h1").await.unwrap(), Some(t));
         assert_eq!(db.consume_ticket("h1").await.unwrap(), None, "used");
         assert_eq!(db.consume_ticket("h2").await.unwrap(), None, "expired");
@@ -479,16 +542,34 @@ mod tests {
     #[tokio::test]
     async fn idempotency_keys_replay_the_first_answer() {
         let (_d, db, t) = db().await;
-        assert_eq!(db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(), Idempotency::Proceed);
-        assert_eq!(db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(), Idempotency::InProgress);
-        assert_eq!(db.claim_idempotency_key(t, "k", "POST /b").await.unwrap(), Idempotency::Mismatch);
+        assert_eq!(
+            db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(),
+            Idempotency::Proceed
+        );
+        assert_eq!(
+            db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(),
+            Idempotency::InProgress
+        );
+        assert_eq!(
+            db.claim_idempotency_key(t, "k", "POST /b").await.unwrap(),
+            Idempotency::Mismatch
+        );
         db.record_idempotent_answer(t, "k", 201, "{\"x\":1}").await.unwrap();
         assert_eq!(
             db.claim_idempotency_key(t, "k", "POST /a").await.unwrap(),
-            Idempotency::Replay { status: 201, body: "{\"x\":1}".into() }
+            Idempotency::Replay {
+                status: 201,
+                body: "{\"x\":1}".into()
+            }
         );
-        assert_eq!(db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(), Idempotency::Proceed);
+        assert_eq!(
+            db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(),
+            Idempotency::Proceed
+        );
         db.release_idempotency_key(t, "k2").await.unwrap();
-        assert_eq!(db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(), Idempotency::Proceed);
+        assert_eq!(
+            db.claim_idempotency_key(t, "k2", "POST /a").await.unwrap(),
+            Idempotency::Proceed
+        );
     }
 }

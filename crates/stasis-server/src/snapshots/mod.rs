@@ -1,0 +1,526 @@
+//! Snapshots of running computers: capture (guest paused briefly), then compress and upload
+//! to the snapshot store in the background, with progress events; restore into new
+//! computers; soft delete with background collection of chunks nobody needs.
+
+pub mod cache;
+pub mod events;
+pub mod routes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use stasis_store::{
+    Manifest, Progress, SnapshotStore, UploadStats, DISK_CHUNK_SIZE, MANIFEST_VERSION, MEMORY_CHUNK_SIZE,
+    STATE_CHUNK_SIZE,
+};
+use stasis_types::{Computer, ComputerId, ComputerStatus, Snapshot, SnapshotId, SnapshotStatus, TenantId};
+use stasis_vmm::snapshot::flatten_disk;
+use stasis_vmm::MachineConfig;
+
+use crate::computers::{Computers, NewComputer};
+use crate::db::{Db, SnapshotRecord};
+use crate::error::{ApiError, ApiResult};
+use events::EventBus;
+
+/// Longest `comment` accepted.
+pub const MAX_COMMENT_CHARS: usize = 500;
+
+pub struct Snapshots {
+    db: Db,
+    store: SnapshotStore,
+    computers: Arc<Computers>,
+    events: Arc<EventBus>,
+    staging: PathBuf,
+    /// One collection at a time.
+    gc: tokio::sync::Mutex<()>,
+}
+
+/// What a capture left in the staging directory, recorded so an upload interrupted by a
+/// platform restart can be finished from it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Captured {
+    state: PathBuf,
+    memory: PathBuf,
+    disk: PathBuf,
+    machine: MachineConfig,
+    pause_ms: u64,
+}
+
+impl Snapshots {
+    pub fn new(
+        db: Db,
+        store: SnapshotStore,
+        computers: Arc<Computers>,
+        events: Arc<EventBus>,
+        staging: PathBuf,
+    ) -> Arc<Snapshots> {
+        Arc::new(Snapshots {
+            db,
+            store,
+            computers,
+            events,
+            staging,
+            gc: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The computer a snapshot route names, if the tenant owns it (destroyed ones included:
+    /// snapshots outlive their computer).
+    async fn owned_computer(&self, tenant: TenantId, id: ComputerId) -> ApiResult<Computer> {
+        match self.db.get_computer_any(id).await? {
+            Some(c) if c.tenant_id == tenant => Ok(c),
+            _ => Err(ApiError::NotFound { kind: "computer" }),
+        }
+    }
+
+    /// A snapshot as a route names it: `404 snapshot not found` unless it exists (not deleted)
+    /// under that computer; `403 forbidden` if it is another tenant's.
+    pub async fn find(&self, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> ApiResult<SnapshotRecord> {
+        match self.db.get_snapshot(id).await? {
+            Some(r) if r.snapshot.computer_id == computer && r.snapshot.status != SnapshotStatus::Deleted => {
+                if r.snapshot.tenant_id != tenant {
+                    Err(ApiError::Forbidden)
+                } else {
+                    Ok(r)
+                }
+            }
+            _ => Err(ApiError::NotFound { kind: "snapshot" }),
+        }
+    }
+
+    pub fn validate_comment(body: &crate::body::JsonObject) -> ApiResult<Option<String>> {
+        let comment = body.optional_str("comment")?;
+        if let Some(c) = &comment {
+            if c.chars().count() > MAX_COMMENT_CHARS {
+                return Err(ApiError::invalid(
+                    "comment",
+                    format!(
+                        "comment must be at most {MAX_COMMENT_CHARS} characters (got {})",
+                        c.chars().count()
+                    ),
+                ));
+            }
+        }
+        Ok(comment)
+    }
+
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        computer: ComputerId,
+        comment: Option<String>,
+    ) -> ApiResult<Snapshot> {
+        let c = match self.db.get_computer(computer).await? {
+            Some(c) if c.tenant_id == tenant => c,
+            _ => return Err(ApiError::NotFound { kind: "computer" }),
+        };
+        if c.status != ComputerStatus::Running || self.computers.host().get(&c.id.to_string()).is_none() {
+            return Err(ApiError::conflict("computer_not_running", "computer is not running"));
+        }
+        let now = Utc::now().trunc_subsecs(3);
+        let snapshot = Snapshot {
+            id: SnapshotId::new(),
+            computer_id: c.id,
+            tenant_id: tenant,
+            comment,
+            status: SnapshotStatus::Creating,
+            state_size_bytes: None,
+            memory_size_bytes: None,
+            rootfs_size_bytes: None,
+            compressed_size_bytes: None,
+            uploaded_bytes: None,
+            pause_ms: None,
+            s3_bucket: None,
+            s3_prefix: None,
+            parent_snapshot_id: self.db.latest_ready_snapshot(c.id).await?,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
+        let mut e = events::data(snapshot.id, SnapshotStatus::Creating);
+        e.step = Some("queued".into());
+        e.progress = Some(0.0);
+        self.events.emit(e).await;
+        let this = self.clone();
+        let id = snapshot.id;
+        tokio::spawn(async move { this.run(id).await });
+        Ok(snapshot)
+    }
+
+    pub async fn list(&self, tenant: TenantId, computer: ComputerId) -> ApiResult<Vec<Snapshot>> {
+        self.owned_computer(tenant, computer).await?;
+        Ok(self
+            .db
+            .list_snapshots(computer)
+            .await?
+            .into_iter()
+            .map(|r| r.snapshot)
+            .collect())
+    }
+
+    pub async fn delete(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        computer: ComputerId,
+        id: SnapshotId,
+    ) -> ApiResult<Snapshot> {
+        let record = self.find(tenant, computer, id).await?;
+        let deletable = [SnapshotStatus::Ready, SnapshotStatus::Failed];
+        if !self
+            .db
+            .transition_snapshot(id, &deletable, SnapshotStatus::Deleted, None)
+            .await?
+        {
+            return Err(ApiError::conflict(
+                "snapshot_not_deletable",
+                "snapshot is not in a deletable state",
+            ));
+        }
+        self.events.emit(events::data(id, SnapshotStatus::Deleted)).await;
+        let this = self.clone();
+        tokio::spawn(async move { this.collect_garbage().await });
+        let mut s = record.snapshot;
+        s.status = SnapshotStatus::Deleted;
+        s.updated_at = Utc::now().trunc_subsecs(3);
+        Ok(s)
+    }
+
+    /// Starts restoring `id` into a new computer; answers at once with it `provisioning`.
+    pub async fn restore(&self, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> ApiResult<Computer> {
+        let record = self.find(tenant, computer, id).await?;
+        if !self.db.begin_restore(id).await? {
+            return Err(ApiError::conflict("snapshot_not_ready", "snapshot is not ready"));
+        }
+        let mut e = events::data(id, SnapshotStatus::Restoring);
+        e.step = Some("queued".into());
+        e.progress = Some(0.0);
+        let new = NewComputer {
+            name: format!("{}-restored", record.computer_name),
+            size: record.size,
+            template_type: stasis_types::DEFAULT_TEMPLATE.into(),
+            metadata: Default::default(),
+        };
+        let restored = match self.computers.insert(tenant, new, Some(id)).await {
+            Ok(c) => c,
+            Err(err) => {
+                let _ = self.db.end_restore(id).await;
+                return Err(err);
+            }
+        };
+        e.computer_id = Some(restored.id);
+        self.events.emit(e).await;
+        self.computers.spawn_boot(restored.id);
+        Ok(restored)
+    }
+
+    /// A new computer from a fresh snapshot of a running one (`POST /computers/{id}/clone`).
+    pub async fn clone_computer(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        source: ComputerId,
+        name: Option<String>,
+    ) -> ApiResult<Computer> {
+        let original = self.computers.get(tenant, source).await?;
+        let snapshot = self
+            .create(tenant, source, Some(format!("clone of {}", original.name)))
+            .await?;
+        let new = NewComputer {
+            name: name.unwrap_or_else(|| format!("{}-clone", original.name)),
+            size: original.size,
+            template_type: original.template_type.clone(),
+            metadata: original.metadata.clone(),
+        };
+        let clone = self.computers.insert(tenant, new, Some(snapshot.id)).await?;
+        let this = self.clone();
+        let clone_id = clone.id;
+        tokio::spawn(async move {
+            // The restore starts when the snapshot is ready.
+            let mut rx = this.events.subscribe(snapshot.id);
+            loop {
+                let status = this
+                    .db
+                    .get_snapshot(snapshot.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.snapshot.status);
+                match status {
+                    Some(SnapshotStatus::Ready | SnapshotStatus::Restoring) => {
+                        if this.db.begin_restore(snapshot.id).await.unwrap_or(false) {
+                            this.computers.spawn_boot(clone_id);
+                            return;
+                        }
+                    }
+                    Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => {}
+                    _ => {
+                        let reason = format!("the snapshot for this clone ({}) failed", snapshot.id);
+                        let _ = this.db.set_status(clone_id, ComputerStatus::Error, Some(&reason)).await;
+                        return;
+                    }
+                }
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+            }
+        });
+        Ok(clone)
+    }
+
+    fn staging_dir(&self, id: SnapshotId) -> PathBuf {
+        self.staging.join(id.to_string())
+    }
+
+    /// The snapshot job: capture, then upload, then `ready` (or `failed` with the reason).
+    async fn run(self: Arc<Self>, id: SnapshotId) {
+        let staging = self.staging_dir(id);
+        let result = self.capture_and_upload(id, &staging).await;
+        let _ = std::fs::remove_dir_all(&staging);
+        if let Err(reason) = result {
+            tracing::warn!(%id, reason, "snapshot failed");
+            let from = [SnapshotStatus::Creating, SnapshotStatus::Uploading];
+            let _ = self
+                .db
+                .transition_snapshot(id, &from, SnapshotStatus::Failed, Some(&reason))
+                .await;
+            let mut e = events::data(id, SnapshotStatus::Failed);
+            e.error = Some(reason);
+            self.events.emit(e).await;
+        }
+    }
+
+    async fn capture_and_upload(&self, id: SnapshotId, staging: &std::path::Path) -> Result<(), String> {
+        let record = self
+            .db
+            .get_snapshot(id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the snapshot vanished")?;
+        // Chunks this upload finds or writes must not be collected before the manifest names them.
+        let pin = self.store.pin().await;
+        let marker = staging.join("captured.json");
+        let captured = match std::fs::read(&marker)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Captured>(&b).ok())
+        {
+            Some(c) => c, // resumed after a restart: the capture is already done
+            None => {
+                std::fs::create_dir_all(staging).map_err(|e| format!("creating the staging directory: {e}"))?;
+                let mut e = events::data(id, SnapshotStatus::Creating);
+                e.step = Some("capturing".into());
+                e.progress = Some(0.0);
+                self.events.emit(e).await;
+                let computer = record.snapshot.computer_id;
+                let guard = self.computers.lifecycle_lock(computer).await;
+                let running = self.db.get_computer(computer).await.ok().flatten();
+                let vm = match (
+                    running.map(|c| c.status),
+                    self.computers.host().get(&computer.to_string()),
+                ) {
+                    (Some(ComputerStatus::Running), Some(vm)) => vm,
+                    _ => return Err("computer is not running".into()),
+                };
+                let capture = vm
+                    .capture(staging)
+                    .await
+                    .map_err(|e| format!("capturing the machine: {e}"))?;
+                drop(guard);
+                let captured = Captured {
+                    state: capture.state,
+                    memory: capture.memory,
+                    disk: capture.disk,
+                    machine: capture.machine,
+                    pause_ms: capture.paused.as_millis() as u64,
+                };
+                std::fs::write(&marker, serde_json::to_vec(&captured).expect("serializes"))
+                    .map_err(|e| format!("recording the capture: {e}"))?;
+                captured
+            }
+        };
+        tracing::info!(%id, pause_ms = captured.pause_ms, "snapshot captured");
+
+        self.db
+            .transition_snapshot(id, &[SnapshotStatus::Creating], SnapshotStatus::Uploading, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut e = events::data(id, SnapshotStatus::Uploading);
+        e.step = Some("preparing".into());
+        e.progress = Some(0.0);
+        self.events.emit(e).await;
+
+        let flat = staging.join("disk.raw");
+        let _ = std::fs::remove_file(&flat);
+        flatten_disk(&captured.disk, &flat)
+            .await
+            .map_err(|e| format!("reading the frozen disk: {e}"))?;
+
+        let size_of = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let total = size_of(&captured.state) + size_of(&captured.memory) + size_of(&flat);
+        let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+        let bus = self.events.clone();
+        let reporter = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let done = *rx.borrow_and_update();
+                let mut e = events::data(id, SnapshotStatus::Uploading);
+                e.step = Some("uploading".into());
+                e.progress = Some(if total == 0 {
+                    1.0
+                } else {
+                    (done as f64 / total as f64).min(1.0)
+                });
+                e.bytes_done = Some(done);
+                e.bytes_total = Some(total);
+                bus.progress(e).await;
+            }
+        });
+        let started = Instant::now();
+        let mut stats = UploadStats::default();
+        let mut parts = Vec::new();
+        let mut base = 0u64;
+        for (path, chunk_size) in [
+            (&captured.state, STATE_CHUNK_SIZE),
+            (&captured.memory, MEMORY_CHUNK_SIZE),
+            (&flat, DISK_CHUNK_SIZE),
+        ] {
+            let tx = tx.clone();
+            let offset = base;
+            let progress: Progress = Arc::new(move |done| {
+                let _ = tx.send(offset + done);
+            });
+            let (part, s) = self
+                .store
+                .upload_file(&pin, path, chunk_size, progress)
+                .await
+                .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
+            base += part.size;
+            stats.add(s);
+            parts.push(part);
+        }
+        drop(tx);
+        let _ = reporter.await;
+        let [state, memory, disk]: [stasis_store::Part; 3] = parts.try_into().expect("three parts");
+        let s = &record.snapshot;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            snapshot_id: id.to_string(),
+            tenant_id: s.tenant_id.to_string(),
+            computer_id: s.computer_id.to_string(),
+            parent_snapshot_id: s.parent_snapshot_id.map(|p| p.to_string()),
+            created_at: s.created_at.to_rfc3339(),
+            machine: serde_json::json!({
+                "vcpus": captured.machine.vcpus,
+                "memory_mib": captured.machine.memory_mib,
+                "accel": captured.machine.accel,
+                "image_id": captured.machine.image_id,
+                "size": record.size.as_str(),
+                "computer_name": record.computer_name,
+                "device_model": "microvm-1",
+            }),
+            state,
+            memory,
+            disk,
+        };
+        let manifest_bytes = self
+            .store
+            .put_manifest(&manifest)
+            .await
+            .map_err(|e| format!("writing the manifest: {e}"))?;
+        self.store
+            .verify_present(&manifest)
+            .await
+            .map_err(|e| format!("checking the upload: {e}"))?;
+        drop(pin);
+        tracing::info!(
+            %id,
+            raw = stats.raw_bytes,
+            uploaded = stats.uploaded_bytes,
+            new_chunks = stats.new_chunks,
+            reused_chunks = stats.reused_chunks,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot uploaded"
+        );
+        let done = self
+            .db
+            .complete_snapshot(
+                id,
+                manifest.state.size,
+                manifest.memory.size,
+                manifest.disk.size,
+                stats.stored_bytes + manifest_bytes,
+                stats.uploaded_bytes + manifest_bytes,
+                captured.pause_ms,
+                self.store.bucket(),
+                &format!("snapshots/{id}/"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if done {
+            let mut e = events::data(id, SnapshotStatus::Ready);
+            e.progress = Some(1.0);
+            e.bytes_done = Some(total);
+            e.bytes_total = Some(total);
+            self.events.emit(e).await;
+        }
+        Ok(())
+    }
+
+    /// Deletes what deleted snapshots left in the store: manifests, and chunks no live
+    /// snapshot (or computer restored from one) needs.
+    pub async fn collect_garbage(&self) {
+        let _one = self.gc.lock().await;
+        let result = async {
+            let live = self.db.live_snapshot_ids().await.map_err(|e| e.to_string())?;
+            for id in self.db.deleted_snapshot_ids().await.map_err(|e| e.to_string())? {
+                if !live.contains(&id) {
+                    self.store.delete_manifest(&id).await.map_err(|e| e.to_string())?;
+                }
+            }
+            self.store
+                .collect_garbage(&live, std::time::Duration::ZERO)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(n) => tracing::info!(deleted_chunks = n, "snapshot store collected"),
+            Err(e) => tracing::warn!(error = e, "collecting the snapshot store"),
+        }
+    }
+
+    /// After a platform restart: finish uploads whose capture completed, fail the others.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), sqlx::Error> {
+        for r in self
+            .db
+            .snapshots_in(&[SnapshotStatus::Creating, SnapshotStatus::Uploading])
+            .await?
+        {
+            let id = r.snapshot.id;
+            let staging = self.staging_dir(id);
+            if staging.join("captured.json").exists() {
+                tracing::info!(%id, "resuming an interrupted snapshot upload");
+                let this = self.clone();
+                tokio::spawn(async move { this.run(id).await });
+            } else {
+                let _ = std::fs::remove_dir_all(&staging);
+                let reason = "the platform stopped before the machine was captured";
+                let from = [SnapshotStatus::Creating, SnapshotStatus::Uploading];
+                self.db
+                    .transition_snapshot(id, &from, SnapshotStatus::Failed, Some(reason))
+                    .await?;
+                let mut e = events::data(id, SnapshotStatus::Failed);
+                e.error = Some(reason.into());
+                self.events.emit(e).await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! HTTP routes of the Snapshots API (the seed document), clone, and SSE tickets.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use stasis_types::{SnapshotId, SnapshotStatus, TenantId};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::events::{self, StoredEvent};
+use super::Snapshots;
+use crate::auth::{hash_key, Tenant};
+use crate::body::JsonObject;
+use crate::computers::routes::computer_id;
+use crate::error::{ApiError, ApiResult};
+use crate::{idempotency, AppState};
+
+/// How long an SSE ticket is good for.
+pub const TICKET_TTL: Duration = Duration::from_secs(60);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/computers/{id}/snapshots", post(create).get(list))
+        .route("/computers/{id}/snapshots/{snap_id}", get(get_one).delete(delete))
+        .route("/computers/{id}/snapshots/{snap_id}/events", get(stream))
+        .route("/computers/{id}/restore/{snap_id}", post(restore))
+        .route("/computers/{id}/clone", post(clone))
+        .route("/sse/ticket", post(ticket))
+}
+
+fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+    raw.parse().map_err(|_| ApiError::NotFound { kind: "snapshot" })
+}
+
+fn service(state: &AppState) -> &std::sync::Arc<Snapshots> {
+    &state.snapshots
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: JsonObject,
+) -> ApiResult<Response> {
+    let computer = computer_id(&id)?;
+    let comment = Snapshots::validate_comment(&body)?;
+    let fingerprint = format!(
+        "POST /computers/{computer}/snapshots {}",
+        comment.clone().unwrap_or_default()
+    );
+    idempotency::once(&state.db, tenant, &headers, fingerprint, async {
+        let s = service(&state).create(tenant, computer, comment).await?;
+        Ok((StatusCode::CREATED, json!({ "data": s })))
+    })
+    .await
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let snapshots = service(&state).list(tenant, computer_id(&id)?).await?;
+    Ok(Json(json!({ "data": snapshots, "total": snapshots.len() })))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, snap)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let r = service(&state)
+        .find(tenant, computer_id(&id)?, snapshot_id(&snap)?)
+        .await?;
+    Ok(Json(json!({ "data": r.snapshot })))
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, snap)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let s = service(&state)
+        .delete(tenant, computer_id(&id)?, snapshot_id(&snap)?)
+        .await?;
+    Ok(Json(json!({ "data": s })))
+}
+
+async fn restore(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, snap)): Path<(String, String)>,
+    headers: HeaderMap,
+    _body: JsonObject,
+) -> ApiResult<Response> {
+    let (computer, snap) = (computer_id(&id)?, snapshot_id(&snap)?);
+    let fingerprint = format!("POST /computers/{computer}/restore/{snap}");
+    idempotency::once(&state.db, tenant, &headers, fingerprint, async {
+        let c = service(&state).restore(tenant, computer, snap).await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({ "data": c, "snapshot": { "id": snap, "status": "restoring" } }),
+        ))
+    })
+    .await
+}
+
+async fn clone(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: JsonObject,
+) -> ApiResult<Response> {
+    let computer = computer_id(&id)?;
+    let name = body.optional_str("name")?;
+    let fingerprint = format!("POST /computers/{computer}/clone {}", name.clone().unwrap_or_default());
+    idempotency::once(&state.db, tenant, &headers, fingerprint, async {
+        let c = service(&state).clone_computer(tenant, computer, name).await?;
+        Ok((StatusCode::CREATED, json!({ "data": c })))
+    })
+    .await
+}
+
+async fn ticket(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let ticket = format!("sset_{}", &crate::auth::generate_key()["stasis_".len()..]);
+    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(TICKET_TTL).expect("a small duration");
+    state.db.insert_ticket(&hash_key(&ticket), tenant, expires_at).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "ticket": ticket,
+            "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        })),
+    ))
+}
+
+/// Who may open an event stream: a Bearer key, or a one-use ticket in `?ticket=` (browsers'
+/// `EventSource` cannot send headers).
+pub struct StreamTenant(pub TenantId);
+
+impl FromRequestParts<AppState> for StreamTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return Tenant::from_request_parts(parts, state)
+                .await
+                .map(|t| StreamTenant(t.0));
+        }
+        #[derive(serde::Deserialize)]
+        struct TicketQuery {
+            ticket: Option<String>,
+        }
+        let Query(q) = Query::<TicketQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::Unauthorized)?;
+        let ticket = q
+            .ticket
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or(ApiError::Unauthorized)?;
+        match state.db.consume_ticket(&hash_key(&ticket)).await? {
+            Some(t) => Ok(StreamTenant(t)),
+            None => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+fn to_event(e: &StoredEvent) -> Event {
+    Event::default()
+        .id(e.seq.to_string())
+        .event(e.event.clone())
+        .data(e.data.clone())
+}
+
+fn ends_stream(data: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(data)
+        .ok()
+        .and_then(|v| v.get("status").and_then(|s| s.as_str()).and_then(SnapshotStatus::parse))
+        .is_some_and(SnapshotStatus::is_final)
+}
+
+/// `GET .../snapshots/{snap_id}/events`: the current state first (or, with `Last-Event-ID`,
+/// every event after it), then live events until a final one (`ready`, `failed`, `deleted`).
+async fn stream(
+    State(state): State<AppState>,
+    StreamTenant(tenant): StreamTenant,
+    Path((id, snap)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let snapshots = service(&state).clone();
+    let record = snapshots.find(tenant, computer_id(&id)?, snapshot_id(&snap)?).await?;
+    let id = record.snapshot.id;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    // Subscribe before reading the log, so nothing falls between the two.
+    let mut live = snapshots.events().subscribe(id);
+    let db = snapshots.db().clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut sent = match last_event_id {
+            Some(after) => {
+                let mut sent = after;
+                for (seq, event, data) in db.events_after(id, after).await.unwrap_or_default() {
+                    if tx.send(Ok(to_event(&StoredEvent { seq, event, data }))).await.is_err() {
+                        return;
+                    }
+                    sent = seq;
+                }
+                sent
+            }
+            None => {
+                let seq = db.last_event_seq(id).await.unwrap_or(0);
+                let current = db.get_snapshot(id).await.ok().flatten().map(|r| r.snapshot);
+                let Some(current) = current else { return };
+                let mut data = events::data(id, current.status);
+                data.error = current.error.clone();
+                if current.status == SnapshotStatus::Ready {
+                    data.progress = Some(1.0);
+                }
+                let e = StoredEvent {
+                    seq,
+                    event: events::event_name(current.status).into(),
+                    data: serde_json::to_string(&data).expect("serializes"),
+                };
+                if tx.send(Ok(to_event(&e))).await.is_err() {
+                    return;
+                }
+                seq
+            }
+        };
+        let status_now = db.get_snapshot(id).await.ok().flatten().map(|r| r.snapshot.status);
+        if status_now.is_none_or(SnapshotStatus::is_final) {
+            return;
+        }
+        loop {
+            let next = match live.recv().await {
+                Ok(e) => vec![e],
+                Err(RecvError::Lagged(_)) => db
+                    .events_after(id, sent)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(seq, event, data)| StoredEvent { seq, event, data })
+                    .collect(),
+                Err(RecvError::Closed) => return,
+            };
+            for e in next {
+                if e.seq <= sent {
+                    continue;
+                }
+                sent = e.seq;
+                let last = ends_stream(&e.data);
+                if tx.send(Ok(to_event(&e))).await.is_err() || last {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+        .into_response())
+}
