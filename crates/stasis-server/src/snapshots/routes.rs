@@ -22,8 +22,13 @@ use crate::computers::routes::computer_id;
 use crate::error::{ApiError, ApiResult};
 use crate::{idempotency, AppState};
 
-/// How long an SSE ticket is good for.
-pub const TICKET_TTL: Duration = Duration::from_secs(60);
+/// How long an SSE ticket is good for (`STASIS_SSE_TICKET_TTL_SECS` overrides, for tests).
+fn ticket_ttl() -> Duration {
+    std::env::var("STASIS_SSE_TICKET_TTL_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -135,7 +140,7 @@ async fn ticket(
     Tenant(tenant): Tenant,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let ticket = format!("sset_{}", &crate::auth::generate_key()["stasis_".len()..]);
-    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(TICKET_TTL).expect("a small duration");
+    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(ticket_ttl()).expect("a small duration");
     state.db.insert_ticket(&hash_key(&ticket), tenant, expires_at).await?;
     Ok((
         StatusCode::CREATED,

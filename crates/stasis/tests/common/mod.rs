@@ -47,10 +47,15 @@ pub fn create_key(data_dir: &Path, tenant: &str) -> String {
 
 impl Server {
     pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("STASIS_LOG", "info,sqlx=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -144,6 +149,17 @@ impl Client {
     }
 
     pub fn raw(&self, method: &str, path: &str, body: Option<&str>, content_type: Option<&str>) -> Resp {
+        self.raw_with(method, path, body, content_type, &[])
+    }
+
+    pub fn raw_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(k) = &self.key {
@@ -154,6 +170,9 @@ impl Client {
         }
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         self.rt.block_on(async {
             let resp = req.send().await.expect("the server answers");
@@ -170,6 +189,63 @@ impl Client {
                 request_id,
             }
         })
+    }
+
+    /// Reads a whole SSE stream (until the server ends it): `(status, [(id, event, data)])`.
+    pub fn sse(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String, Value)>) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.rt.block_on(async {
+            let resp = tokio::time::timeout(Duration::from_secs(120), req.send())
+                .await
+                .expect("the stream starts")
+                .expect("the server answers");
+            let status = resp.status().as_u16();
+            let text = tokio::time::timeout(Duration::from_secs(120), resp.text())
+                .await
+                .expect("the stream ends by itself")
+                .unwrap_or_default();
+            let mut events = Vec::new();
+            for block in text.split("\n\n") {
+                let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if !data.is_empty() {
+                    events.push((id, event, serde_json::from_str(&data).unwrap_or(Value::String(data))));
+                }
+            }
+            (status, events)
+        })
+    }
+
+    /// Polls a snapshot until it is `want` (panics if it fails instead).
+    pub fn wait_snapshot(&self, computer: &str, snap: &str, want: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let r = self.call("GET", &format!("/computers/{computer}/snapshots/{snap}"), None);
+            assert_eq!(r.status, 200, "{}", r.body);
+            let status = r.body["data"]["status"].as_str().unwrap().to_string();
+            if status == want {
+                return r.body["data"].clone();
+            }
+            if status == "failed" && want != "failed" {
+                panic!("snapshot {snap} failed: {}", r.body["data"]["error"]);
+            }
+            assert!(start.elapsed() < limit, "snapshot {snap} still {status} after {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {

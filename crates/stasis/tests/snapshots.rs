@@ -1,0 +1,309 @@
+//! End to end: the Snapshots API of a real `stasis serve` with real guests — the error matrix
+//! of the seed, the SSE cases, idempotent retries, and the faults (an unwritable store, a
+//! server killed mid-upload, a corrupted chunk, deleted caches, deleting shared chunks).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{create_key, data_dir, Client, Server};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(180);
+const SNAP: Duration = Duration::from_secs(180);
+
+fn running_computer(api: &Client, name: &str) -> String {
+    let id = api.create(name, "xs");
+    api.wait_status(&id, "running", BOOT);
+    id
+}
+
+fn snapshot(api: &Client, computer: &str, comment: &str) -> String {
+    let r = api.call("POST", &format!("/computers/{computer}/snapshots"), Some(json!({"comment": comment})));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["data"]["status"], "creating");
+    r.body["data"]["id"].as_str().unwrap().to_string()
+}
+
+fn restore(api: &Client, computer: &str, snap: &str) -> String {
+    let r = api.call("POST", &format!("/computers/{computer}/restore/{snap}"), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["snapshot"]["status"], "restoring");
+    assert_eq!(r.body["data"]["status"], "provisioning");
+    r.body["data"]["id"].as_str().unwrap().to_string()
+}
+
+fn out(api: &Client, computer: &str, cmd: &str) -> String {
+    let r = api.exec(computer, cmd, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["output"].as_str().unwrap().trim().to_string()
+}
+
+fn error_of(r: &common::Resp) -> (u16, String) {
+    (r.status, r.body["error"]["message"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn the_error_matrix_sse_tickets_and_idempotent_retries() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "alice");
+    let bob_key = create_key(dir.path(), "bob");
+    let server = Server::start_with(dir.path(), &[("STASIS_SSE_TICKET_TTL_SECS", "2")]);
+    let api = Client::new(&server.base, Some(&key));
+    let bob = Client::new(&server.base, Some(&bob_key));
+    let id = running_computer(&api, "matrix");
+    let snaps = format!("/computers/{id}/snapshots");
+
+    // Creating: unknown or foreign computer, over-long comment, bad JSON.
+    let r = api.call("POST", "/computers/00000000-0000-0000-0000-000000000000/snapshots", Some(json!({})));
+    assert_eq!(error_of(&r), (404, "computer not found".into()));
+    assert_eq!(error_of(&bob.call("POST", &snaps, Some(json!({})))), (404, "computer not found".into()));
+    let r = api.call("POST", &snaps, Some(json!({"comment": "x".repeat(501)})));
+    assert_eq!((r.status, r.body["error"]["field"].as_str()), (422, Some("comment")), "{}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("500"));
+    assert_eq!(api.call("POST", &snaps, Some(json!({"comment": 7}))).status, 422);
+    assert_eq!(api.raw("POST", &snaps, Some("{nope"), Some("application/json")).status, 400);
+
+    // An Idempotency-Key retry gets the first answer; no second snapshot is made.
+    let body = json!({"comment": "first"}).to_string();
+    let headers = [("idempotency-key", "snap-key-1")];
+    let first = api.raw_with("POST", &snaps, Some(&body), Some("application/json"), &headers);
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = api.raw_with("POST", &snaps, Some(&body), Some("application/json"), &headers);
+    assert_eq!(again.status, 201);
+    assert_eq!(again.body["data"]["id"], first.body["data"]["id"]);
+    let s1 = first.body["data"]["id"].as_str().unwrap().to_string();
+
+    // Progress over SSE with the Bearer key: uploading progress, then ready, then the end.
+    let (status, events) = api.sse(&format!("{snaps}/{s1}/events"), &[]);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = events.iter().map(|(_, e, _)| e.as_str()).collect();
+    assert_eq!(names.last(), Some(&"snapshot_ready"), "{names:?}");
+    assert!(names.contains(&"snapshot_uploading"), "{names:?}");
+    let progress: Vec<f64> = events
+        .iter()
+        .filter(|(_, e, _)| e == "snapshot_uploading")
+        .filter_map(|(_, _, d)| d["progress"].as_f64())
+        .collect();
+    assert!(progress.len() >= 2 && progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    let ids: Vec<i64> = events.iter().map(|(i, _, _)| i.parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    for (_, _, d) in &events {
+        assert_eq!(d["snapshot_id"], s1.as_str());
+        assert!(d.as_object().unwrap().values().all(|v| !v.is_null()), "no null fields: {d}");
+    }
+
+    // Only one snapshot exists, with its sizes filled in.
+    let list = api.call("GET", &snaps, None);
+    assert_eq!(list.body["total"], 1, "{}", list.body);
+    let s = api.call("GET", &format!("{snaps}/{s1}"), None).body["data"].clone();
+    assert_eq!(s["status"], "ready");
+    for field in ["state_size_bytes", "memory_size_bytes", "rootfs_size_bytes", "compressed_size_bytes"] {
+        assert!(s[field].as_u64().unwrap() > 0, "{field}: {s}");
+    }
+    assert_eq!(s["memory_size_bytes"], 256 << 20);
+    assert!(s["compressed_size_bytes"].as_u64() < s["rootfs_size_bytes"].as_u64());
+    assert!(s["s3_bucket"].is_string() && s["s3_prefix"].as_str().unwrap().contains(&s1));
+
+    // A late subscriber gets the final state at once; Last-Event-ID replays what followed it.
+    let (_, late) = api.sse(&format!("{snaps}/{s1}/events"), &[]);
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].1, "snapshot_ready");
+    let (_, replay) = api.sse(&format!("{snaps}/{s1}/events"), &[("last-event-id", &ids[0].to_string())]);
+    let replayed: Vec<i64> = replay.iter().map(|(i, _, _)| i.parse().unwrap()).collect();
+    assert_eq!(replayed.first(), Some(&(ids[0] + 1)), "{replayed:?}");
+    assert_eq!(replay.last().unwrap().1, "snapshot_ready");
+
+    // Tickets: one stream each, for a short while, for their tenant only.
+    let t = api.call("POST", "/sse/ticket", None);
+    assert_eq!(t.status, 201, "{}", t.body);
+    let ticket = t.body["ticket"].as_str().unwrap().to_string();
+    assert!(t.body["expires_at"].as_str().unwrap().ends_with('Z'));
+    let anon = Client::new(&server.base, None);
+    let path = format!("{snaps}/{s1}/events?ticket={ticket}");
+    let (status, with_ticket) = anon.sse(&path, &[]);
+    assert_eq!((status, with_ticket.len()), (200, 1));
+    assert_eq!(anon.call("GET", &path, None).status, 401, "a used ticket");
+    assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events?ticket=bogus"), None).status, 401);
+    assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events"), None).status, 401);
+    let stale = api.call("POST", "/sse/ticket", None).body["ticket"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events?ticket={stale}"), None).status, 401, "expired");
+    let bobs = bob.call("POST", "/sse/ticket", None).body["ticket"].as_str().unwrap().to_string();
+    let r = anon.call("GET", &format!("{snaps}/{s1}/events?ticket={bobs}"), None);
+    assert_eq!(error_of(&r), (403, "forbidden".into()), "another tenant's ticket");
+
+    // Reading: another tenant's snapshot is forbidden; unknown ones are not found.
+    assert_eq!(error_of(&bob.call("GET", &format!("{snaps}/{s1}"), None)), (403, "forbidden".into()));
+    let missing = format!("{snaps}/00000000-0000-0000-0000-000000000000");
+    assert_eq!(error_of(&api.call("GET", &missing, None)), (404, "snapshot not found".into()));
+    let other = running_computer(&api, "other");
+    let r = api.call("GET", &format!("/computers/{other}/snapshots/{s1}"), None);
+    assert_eq!(error_of(&r), (404, "snapshot not found".into()), "a snapshot is found under its own computer");
+    assert_eq!(error_of(&api.call("DELETE", &missing, None)), (404, "snapshot not found".into()));
+    let r = api.call("POST", &format!("/computers/{id}/restore/00000000-0000-0000-0000-000000000000"), None);
+    assert_eq!(error_of(&r), (404, "snapshot not found".into()));
+
+    // A snapshot being made is not ready to restore nor deletable.
+    let s2 = snapshot(&api, &id, "second");
+    let r = api.call("POST", &format!("/computers/{id}/restore/{s2}"), None);
+    assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
+    let r = api.call("DELETE", &format!("{snaps}/{s2}"), None);
+    assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
+    let s2_data = api.wait_snapshot(&id, &s2, "ready", SNAP);
+    assert_eq!(s2_data["parent_snapshot_id"], s1.as_str(), "the second snapshot records its parent");
+
+    // A snapshot being restored is not deletable; an idempotent restore makes one computer.
+    let restore_headers = [("idempotency-key", "restore-key-1")];
+    let r1 = api.raw_with("POST", &format!("/computers/{id}/restore/{s1}"), None, None, &restore_headers);
+    assert_eq!(r1.status, 201, "{}", r1.body);
+    let r = api.call("DELETE", &format!("{snaps}/{s1}"), None);
+    assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
+    let r2 = api.raw_with("POST", &format!("/computers/{id}/restore/{s1}"), None, None, &restore_headers);
+    assert_eq!(r2.body["data"]["id"], r1.body["data"]["id"]);
+    let restored = r1.body["data"]["id"].as_str().unwrap().to_string();
+    api.wait_status(&restored, "running", BOOT);
+    api.wait_snapshot(&id, &s1, "ready", SNAP);
+    let names: Vec<String> = api.call("GET", "/computers", None).body["computers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.iter().filter(|n| n.ends_with("-restored")).count(), 1, "{names:?}");
+
+    // Deleting: soft, answered with the snapshot in `deleted`, then gone.
+    let r = api.call("DELETE", &format!("{snaps}/{s1}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!((r.body["data"]["id"].as_str(), r.body["data"]["status"].as_str()), (Some(s1.as_str()), Some("deleted")));
+    assert_eq!(api.call("GET", &format!("{snaps}/{s1}"), None).status, 404);
+    assert_eq!(api.call("GET", &snaps, None).body["total"], 1);
+    let r = api.call("POST", &format!("/computers/{id}/restore/{s1}"), None);
+    assert_eq!(r.status, 404);
+
+    // A stopped computer cannot be snapshotted.
+    api.call("POST", &format!("/computers/{id}/stop"), None);
+    let r = api.call("POST", &snaps, Some(json!({})));
+    assert_eq!(error_of(&r), (409, "computer is not running".into()));
+}
+
+fn chunk_files(data: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let root = data.join("objects/chunks");
+    for sub in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "default");
+    let server = Server::start(dir.path());
+    let api = Client::new(&server.base, Some(&key));
+    let id = running_computer(&api, "keeper");
+    out(&api, &id, "echo one > /root/one");
+    let a = snapshot(&api, &id, "a");
+    api.wait_snapshot(&id, &a, "ready", SNAP);
+    out(&api, &id, "echo two > /root/two; head -c 8000000 /dev/urandom > /root/noise");
+    let b = snapshot(&api, &id, "b");
+    api.wait_snapshot(&id, &b, "ready", SNAP);
+    let before = chunk_files(dir.path()).len();
+
+    let r = api.call("DELETE", &format!("/computers/{id}/snapshots/{a}"), None);
+    assert_eq!(r.status, 200);
+    // Collection runs in the background; a's own chunks go, b's stay.
+    let t = Instant::now();
+    while chunk_files(dir.path()).len() == before && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = chunk_files(dir.path()).len();
+    assert!(after < before, "a's own chunks are collected ({before} -> {after})");
+    assert!(!dir.path().join(format!("objects/snapshots/{a}/manifest.zst")).exists(), "a's manifest is gone");
+    assert!(dir.path().join(format!("objects/snapshots/{b}/manifest.zst")).exists());
+
+    // With every local cache gone, b restores from the store alone (twice: the first restore
+    // fills the cache again, which is then deleted too).
+    let first = restore(&api, &id, &b);
+    api.wait_status(&first, "running", BOOT);
+    assert!(dir.path().join(format!("cache/snapshots/{b}")).exists());
+    std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+    let restored = restore(&api, &id, &b);
+    api.wait_status(&restored, "running", BOOT);
+    assert_eq!(out(&api, &restored, "cat /root/one /root/two; wc -c < /root/noise"), "one\ntwo\n8000000");
+}
+
+#[test]
+fn faults_end_in_clear_states() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "default");
+    let mut server = Server::start(dir.path());
+    let api = Client::new(&server.base, Some(&key));
+    let id = running_computer(&api, "faulty");
+
+    // The store cannot be written: the snapshot fails with the reason; the computer goes on.
+    let chunks = dir.path().join("objects/chunks");
+    std::fs::create_dir_all(chunks.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&chunks);
+    std::fs::write(&chunks, b"not a directory").unwrap();
+    let s = snapshot(&api, &id, "doomed");
+    let failed = api.wait_snapshot(&id, &s, "failed", SNAP);
+    assert!(failed["error"].as_str().unwrap().contains("snapshot store"), "{failed}");
+    assert_eq!(api.status(&id).0, "running");
+    assert_eq!(out(&api, &id, "echo still-fine"), "still-fine");
+    assert!(!dir.path().join(format!("objects/snapshots/{s}/manifest.zst")).exists(), "no manifest for a failed snapshot");
+    let r = api.call("POST", &format!("/computers/{id}/restore/{s}"), None);
+    assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
+    std::fs::remove_file(&chunks).unwrap();
+
+    // The server dies during an upload: after a restart the snapshot ends ready or failed.
+    let s = snapshot(&api, &id, "interrupted");
+    let t = Instant::now();
+    loop {
+        let st = api.call("GET", &format!("/computers/{id}/snapshots/{s}"), None).body["data"]["status"].clone();
+        if st != "creating" || t.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.kill9();
+    let server = Server::start(dir.path());
+    let api = Client::new(&server.base, Some(&key));
+    let t = Instant::now();
+    let final_state: Value = loop {
+        let d = api.call("GET", &format!("/computers/{id}/snapshots/{s}"), None).body["data"].clone();
+        if d["status"] == "ready" || d["status"] == "failed" {
+            break d;
+        }
+        assert!(t.elapsed() < SNAP, "snapshot stuck in {}", d["status"]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("after the restart the interrupted snapshot is {}", final_state["status"]);
+    if final_state["status"] == "ready" {
+        let restored = restore(&api, &id, &s);
+        api.wait_status(&restored, "running", BOOT);
+        assert_eq!(out(&api, &restored, "echo ok"), "ok");
+    }
+
+    // A corrupted chunk: the restore fails naming the snapshot; no guest runs on bad memory.
+    let good = snapshot(&api, &id, "to-corrupt");
+    api.wait_snapshot(&id, &good, "ready", SNAP);
+    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
+    for f in chunk_files(dir.path()) {
+        let mut bytes = std::fs::read(&f).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    let restored = restore(&api, &id, &good);
+    let body = api.wait_status(&restored, "error", SNAP);
+    let reason = body["error"].as_str().unwrap();
+    assert!(reason.contains(&good) && reason.contains("corrupt"), "{reason}");
+    let snap = api.wait_snapshot(&id, &good, "failed", SNAP);
+    assert!(snap["error"].as_str().unwrap().contains("damaged"), "{snap}");
+    assert!(common::qemu_pid(dir.path(), &restored).is_none_or(|p| !common::alive(p)), "no guest was started");
+}
