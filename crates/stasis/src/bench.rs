@@ -24,6 +24,14 @@ pub enum BenchCommand {
         #[arg(long, default_value = "xs")]
         size: String,
     },
+    /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
+    Snapshots {
+        #[arg(long, default_value = "small")]
+        size: String,
+        /// MiB of guest memory to fill with data before the snapshot.
+        #[arg(long, default_value_t = 128)]
+        touch_mib: u64,
+    },
 }
 
 /// A platform serving on an ephemeral port, stopped (with its machines) on drop of the guard.
@@ -92,6 +100,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Computers { computers, execs, size } => {
             bench_computers(computers.max(1), execs.max(1), &size).await
         }
+        BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
     }
 }
 
@@ -165,6 +174,136 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
         ms(max)
     );
     api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+    platform.stop().await;
+    Ok(())
+}
+
+async fn prepare_image() -> Result<()> {
+    eprintln!("preparing the guest image (cached after the first build)...");
+    let cache = stasis_image::default_cache_dir();
+    tokio::task::spawn_blocking(move || {
+        stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}"))
+    })
+    .await??;
+    Ok(())
+}
+
+async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_json::Value> {
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/computers/{id}/exec"),
+            Some(json!({"command": command})),
+        )
+        .await?;
+    anyhow::ensure!(r["exit_code"] == 0, "exec {command:?} failed: {r}");
+    Ok(r)
+}
+
+async fn wait_snapshot(api: &Api, computer: &str, snap: &str) -> Result<serde_json::Value> {
+    loop {
+        let r = api
+            .call(Method::GET, &format!("/computers/{computer}/snapshots/{snap}"), None)
+            .await?;
+        match r["data"]["status"].as_str() {
+            Some("ready") => return Ok(r["data"].clone()),
+            Some("failed") => anyhow::bail!("snapshot failed: {}", r["data"]["error"]),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+fn mib(bytes: &serde_json::Value) -> String {
+    bytes
+        .as_u64()
+        .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+}
+
+async fn bench_snapshots(size: &str, touch_mib: u64) -> Result<()> {
+    prepare_image().await?;
+    let platform = LocalPlatform::start().await?;
+    let api = &platform.api;
+
+    // Baseline in the same run: cold boot → first exec.
+    let t = Instant::now();
+    let c = api
+        .call(
+            Method::POST,
+            "/computers",
+            Some(json!({"name": "bench-snap", "size": size})),
+        )
+        .await?;
+    let id = c["id"].as_str().context("no id")?.to_string();
+    api.wait_running(&id, Duration::from_secs(300)).await?;
+    exec_ok(api, &id, "true").await?;
+    let cold = t.elapsed();
+
+    // Some state worth saving: a process holding touch_mib of memory.
+    exec_ok(
+        api,
+        &id,
+        &format!(
+            "nohup python3 -c 'import os,time\nb=bytearray(os.urandom({touch_mib}*1024*1024))\nwhile True: time.sleep(1)' >/dev/null 2>&1 & sleep 3; echo ok"
+        ),
+    )
+    .await?;
+
+    let t = Instant::now();
+    let s = api
+        .call(
+            Method::POST,
+            &format!("/computers/{id}/snapshots"),
+            Some(json!({"comment": "bench"})),
+        )
+        .await?;
+    let snap = s["data"]["id"].as_str().context("no snapshot id")?.to_string();
+    let ready = wait_snapshot(api, &id, &snap).await?;
+    let to_ready = t.elapsed();
+
+    let mut restores = Vec::new();
+    for label in [
+        "restore (snapshot not on this host yet)",
+        "restore (snapshot cached on this host)",
+    ] {
+        let t = Instant::now();
+        let r = api
+            .call(Method::POST, &format!("/computers/{id}/restore/{snap}"), None)
+            .await?;
+        let new = r["data"]["id"].as_str().context("no restored id")?.to_string();
+        api.wait_running(&new, Duration::from_secs(300)).await?;
+        exec_ok(api, &new, "true").await?;
+        restores.push((label, t.elapsed()));
+    }
+
+    println!(
+        "accelerator: {}, size: {size}, memory touched before the snapshot: {touch_mib} MiB",
+        stasis_vmm::Accel::detect().as_str()
+    );
+    println!("{:<44} {:>12}", "measure", "value");
+    println!("{:<44} {:>12}", "cold boot: create -> first exec", ms(cold));
+    println!(
+        "{:<44} {:>12}",
+        "guest pause during the snapshot",
+        format!("{} ms", ready["pause_ms"])
+    );
+    println!("{:<44} {:>12}", "snapshot: create -> ready", ms(to_ready));
+    for (label, d) in &restores {
+        println!("{:<44} {:>12}", format!("{label}: call -> first exec"), ms(*d));
+    }
+    for field in [
+        "state_size_bytes",
+        "memory_size_bytes",
+        "rootfs_size_bytes",
+        "compressed_size_bytes",
+        "uploaded_bytes",
+    ] {
+        println!("{:<44} {:>12}", field, mib(&ready[field]));
+    }
+    let warm = restores[1].1;
+    println!(
+        "restore (cached) is {:.1}x faster than a cold boot to first exec",
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
     platform.stop().await;
     Ok(())
 }

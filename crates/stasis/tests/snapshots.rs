@@ -20,7 +20,11 @@ fn running_computer(api: &Client, name: &str) -> String {
 }
 
 fn snapshot(api: &Client, computer: &str, comment: &str) -> String {
-    let r = api.call("POST", &format!("/computers/{computer}/snapshots"), Some(json!({"comment": comment})));
+    let r = api.call(
+        "POST",
+        &format!("/computers/{computer}/snapshots"),
+        Some(json!({"comment": comment})),
+    );
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["data"]["status"], "creating");
     r.body["data"]["id"].as_str().unwrap().to_string()
@@ -56,14 +60,29 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     let snaps = format!("/computers/{id}/snapshots");
 
     // Creating: unknown or foreign computer, over-long comment, bad JSON.
-    let r = api.call("POST", "/computers/00000000-0000-0000-0000-000000000000/snapshots", Some(json!({})));
+    let r = api.call(
+        "POST",
+        "/computers/00000000-0000-0000-0000-000000000000/snapshots",
+        Some(json!({})),
+    );
     assert_eq!(error_of(&r), (404, "computer not found".into()));
-    assert_eq!(error_of(&bob.call("POST", &snaps, Some(json!({})))), (404, "computer not found".into()));
+    assert_eq!(
+        error_of(&bob.call("POST", &snaps, Some(json!({})))),
+        (404, "computer not found".into())
+    );
     let r = api.call("POST", &snaps, Some(json!({"comment": "x".repeat(501)})));
-    assert_eq!((r.status, r.body["error"]["field"].as_str()), (422, Some("comment")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.body["error"]["field"].as_str()),
+        (422, Some("comment")),
+        "{}",
+        r.body
+    );
     assert!(r.body["error"]["message"].as_str().unwrap().contains("500"));
     assert_eq!(api.call("POST", &snaps, Some(json!({"comment": 7}))).status, 422);
-    assert_eq!(api.raw("POST", &snaps, Some("{nope"), Some("application/json")).status, 400);
+    assert_eq!(
+        api.raw("POST", &snaps, Some("{nope"), Some("application/json")).status,
+        400
+    );
 
     // An Idempotency-Key retry gets the first answer; no second snapshot is made.
     let body = json!({"comment": "first"}).to_string();
@@ -86,12 +105,18 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
         .filter(|(_, e, _)| e == "snapshot_uploading")
         .filter_map(|(_, _, d)| d["progress"].as_f64())
         .collect();
-    assert!(progress.len() >= 2 && progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert!(
+        progress.len() >= 2 && progress.windows(2).all(|w| w[0] <= w[1]),
+        "{progress:?}"
+    );
     let ids: Vec<i64> = events.iter().map(|(i, _, _)| i.parse().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     for (_, _, d) in &events {
         assert_eq!(d["snapshot_id"], s1.as_str());
-        assert!(d.as_object().unwrap().values().all(|v| !v.is_null()), "no null fields: {d}");
+        assert!(
+            d.as_object().unwrap().values().all(|v| !v.is_null()),
+            "no null fields: {d}"
+        );
     }
 
     // Only one snapshot exists, with its sizes filled in.
@@ -99,7 +124,12 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     assert_eq!(list.body["total"], 1, "{}", list.body);
     let s = api.call("GET", &format!("{snaps}/{s1}"), None).body["data"].clone();
     assert_eq!(s["status"], "ready");
-    for field in ["state_size_bytes", "memory_size_bytes", "rootfs_size_bytes", "compressed_size_bytes"] {
+    for field in [
+        "state_size_bytes",
+        "memory_size_bytes",
+        "rootfs_size_bytes",
+        "compressed_size_bytes",
+    ] {
         assert!(s[field].as_u64().unwrap() > 0, "{field}: {s}");
     }
     assert_eq!(s["memory_size_bytes"], 256 << 20);
@@ -110,7 +140,10 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     let (_, late) = api.sse(&format!("{snaps}/{s1}/events"), &[]);
     assert_eq!(late.len(), 1);
     assert_eq!(late[0].1, "snapshot_ready");
-    let (_, replay) = api.sse(&format!("{snaps}/{s1}/events"), &[("last-event-id", &ids[0].to_string())]);
+    let (_, replay) = api.sse(
+        &format!("{snaps}/{s1}/events"),
+        &[("last-event-id", &ids[0].to_string())],
+    );
     let replayed: Vec<i64> = replay.iter().map(|(i, _, _)| i.parse().unwrap()).collect();
     assert_eq!(replayed.first(), Some(&(ids[0] + 1)), "{replayed:?}");
     assert_eq!(replay.last().unwrap().1, "snapshot_ready");
@@ -125,24 +158,56 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     let (status, with_ticket) = anon.sse(&path, &[]);
     assert_eq!((status, with_ticket.len()), (200, 1));
     assert_eq!(anon.call("GET", &path, None).status, 401, "a used ticket");
-    assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events?ticket=bogus"), None).status, 401);
+    assert_eq!(
+        anon.call("GET", &format!("{snaps}/{s1}/events?ticket=bogus"), None)
+            .status,
+        401
+    );
     assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events"), None).status, 401);
-    let stale = api.call("POST", "/sse/ticket", None).body["ticket"].as_str().unwrap().to_string();
+    let stale = api.call("POST", "/sse/ticket", None).body["ticket"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events?ticket={stale}"), None).status, 401, "expired");
-    let bobs = bob.call("POST", "/sse/ticket", None).body["ticket"].as_str().unwrap().to_string();
+    assert_eq!(
+        anon.call("GET", &format!("{snaps}/{s1}/events?ticket={stale}"), None)
+            .status,
+        401,
+        "expired"
+    );
+    let bobs = bob.call("POST", "/sse/ticket", None).body["ticket"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = anon.call("GET", &format!("{snaps}/{s1}/events?ticket={bobs}"), None);
     assert_eq!(error_of(&r), (403, "forbidden".into()), "another tenant's ticket");
 
     // Reading: another tenant's snapshot is forbidden; unknown ones are not found.
-    assert_eq!(error_of(&bob.call("GET", &format!("{snaps}/{s1}"), None)), (403, "forbidden".into()));
+    assert_eq!(
+        error_of(&bob.call("GET", &format!("{snaps}/{s1}"), None)),
+        (403, "forbidden".into())
+    );
     let missing = format!("{snaps}/00000000-0000-0000-0000-000000000000");
-    assert_eq!(error_of(&api.call("GET", &missing, None)), (404, "snapshot not found".into()));
+    assert_eq!(
+        error_of(&api.call("GET", &missing, None)),
+        (404, "snapshot not found".into())
+    );
     let other = running_computer(&api, "other");
     let r = api.call("GET", &format!("/computers/{other}/snapshots/{s1}"), None);
-    assert_eq!(error_of(&r), (404, "snapshot not found".into()), "a snapshot is found under its own computer");
-    assert_eq!(error_of(&api.call("DELETE", &missing, None)), (404, "snapshot not found".into()));
-    let r = api.call("POST", &format!("/computers/{id}/restore/00000000-0000-0000-0000-000000000000"), None);
+    assert_eq!(
+        error_of(&r),
+        (404, "snapshot not found".into()),
+        "a snapshot is found under its own computer"
+    );
+    assert_eq!(
+        error_of(&api.call("DELETE", &missing, None)),
+        (404, "snapshot not found".into())
+    );
+    let r = api.call(
+        "POST",
+        &format!("/computers/{id}/restore/00000000-0000-0000-0000-000000000000"),
+        None,
+    );
     assert_eq!(error_of(&r), (404, "snapshot not found".into()));
 
     // A snapshot being made is not ready to restore nor deletable.
@@ -152,15 +217,31 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     let r = api.call("DELETE", &format!("{snaps}/{s2}"), None);
     assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
     let s2_data = api.wait_snapshot(&id, &s2, "ready", SNAP);
-    assert_eq!(s2_data["parent_snapshot_id"], s1.as_str(), "the second snapshot records its parent");
+    assert_eq!(
+        s2_data["parent_snapshot_id"],
+        s1.as_str(),
+        "the second snapshot records its parent"
+    );
 
     // A snapshot being restored is not deletable; an idempotent restore makes one computer.
     let restore_headers = [("idempotency-key", "restore-key-1")];
-    let r1 = api.raw_with("POST", &format!("/computers/{id}/restore/{s1}"), None, None, &restore_headers);
+    let r1 = api.raw_with(
+        "POST",
+        &format!("/computers/{id}/restore/{s1}"),
+        None,
+        None,
+        &restore_headers,
+    );
     assert_eq!(r1.status, 201, "{}", r1.body);
     let r = api.call("DELETE", &format!("{snaps}/{s1}"), None);
     assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
-    let r2 = api.raw_with("POST", &format!("/computers/{id}/restore/{s1}"), None, None, &restore_headers);
+    let r2 = api.raw_with(
+        "POST",
+        &format!("/computers/{id}/restore/{s1}"),
+        None,
+        None,
+        &restore_headers,
+    );
     assert_eq!(r2.body["data"]["id"], r1.body["data"]["id"]);
     let restored = r1.body["data"]["id"].as_str().unwrap().to_string();
     api.wait_status(&restored, "running", BOOT);
@@ -171,12 +252,19 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
         .iter()
         .map(|c| c["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names.iter().filter(|n| n.ends_with("-restored")).count(), 1, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with("-restored")).count(),
+        1,
+        "{names:?}"
+    );
 
     // Deleting: soft, answered with the snapshot in `deleted`, then gone.
     let r = api.call("DELETE", &format!("{snaps}/{s1}"), None);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!((r.body["data"]["id"].as_str(), r.body["data"]["status"].as_str()), (Some(s1.as_str()), Some("deleted")));
+    assert_eq!(
+        (r.body["data"]["id"].as_str(), r.body["data"]["status"].as_str()),
+        (Some(s1.as_str()), Some("deleted"))
+    );
     assert_eq!(api.call("GET", &format!("{snaps}/{s1}"), None).status, 404);
     assert_eq!(api.call("GET", &snaps, None).body["total"], 1);
     let r = api.call("POST", &format!("/computers/{id}/restore/{s1}"), None);
@@ -209,7 +297,11 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     out(&api, &id, "echo one > /root/one");
     let a = snapshot(&api, &id, "a");
     api.wait_snapshot(&id, &a, "ready", SNAP);
-    out(&api, &id, "echo two > /root/two; head -c 8000000 /dev/urandom > /root/noise");
+    out(
+        &api,
+        &id,
+        "echo two > /root/two; head -c 8000000 /dev/urandom > /root/noise",
+    );
     let b = snapshot(&api, &id, "b");
     api.wait_snapshot(&id, &b, "ready", SNAP);
     let before = chunk_files(dir.path()).len();
@@ -223,7 +315,10 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     }
     let after = chunk_files(dir.path()).len();
     assert!(after < before, "a's own chunks are collected ({before} -> {after})");
-    assert!(!dir.path().join(format!("objects/snapshots/{a}/manifest.zst")).exists(), "a's manifest is gone");
+    assert!(
+        !dir.path().join(format!("objects/snapshots/{a}/manifest.zst")).exists(),
+        "a's manifest is gone"
+    );
     assert!(dir.path().join(format!("objects/snapshots/{b}/manifest.zst")).exists());
 
     // With every local cache gone, b restores from the store alone (twice: the first restore
@@ -234,7 +329,10 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
     let restored = restore(&api, &id, &b);
     api.wait_status(&restored, "running", BOOT);
-    assert_eq!(out(&api, &restored, "cat /root/one /root/two; wc -c < /root/noise"), "one\ntwo\n8000000");
+    assert_eq!(
+        out(&api, &restored, "cat /root/one /root/two; wc -c < /root/noise"),
+        "one\ntwo\n8000000"
+    );
 }
 
 #[test]
@@ -255,7 +353,10 @@ fn faults_end_in_clear_states() {
     assert!(failed["error"].as_str().unwrap().contains("snapshot store"), "{failed}");
     assert_eq!(api.status(&id).0, "running");
     assert_eq!(out(&api, &id, "echo still-fine"), "still-fine");
-    assert!(!dir.path().join(format!("objects/snapshots/{s}/manifest.zst")).exists(), "no manifest for a failed snapshot");
+    assert!(
+        !dir.path().join(format!("objects/snapshots/{s}/manifest.zst")).exists(),
+        "no manifest for a failed snapshot"
+    );
     let r = api.call("POST", &format!("/computers/{id}/restore/{s}"), None);
     assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
     std::fs::remove_file(&chunks).unwrap();
@@ -282,7 +383,10 @@ fn faults_end_in_clear_states() {
         assert!(t.elapsed() < SNAP, "snapshot stuck in {}", d["status"]);
         std::thread::sleep(Duration::from_millis(100));
     };
-    eprintln!("after the restart the interrupted snapshot is {}", final_state["status"]);
+    eprintln!(
+        "after the restart the interrupted snapshot is {}",
+        final_state["status"]
+    );
     if final_state["status"] == "ready" {
         let restored = restore(&api, &id, &s);
         api.wait_status(&restored, "running", BOOT);
@@ -305,5 +409,8 @@ fn faults_end_in_clear_states() {
     assert!(reason.contains(&good) && reason.contains("corrupt"), "{reason}");
     let snap = api.wait_snapshot(&id, &good, "failed", SNAP);
     assert!(snap["error"].as_str().unwrap().contains("damaged"), "{snap}");
-    assert!(common::qemu_pid(dir.path(), &restored).is_none_or(|p| !common::alive(p)), "no guest was started");
+    assert!(
+        common::qemu_pid(dir.path(), &restored).is_none_or(|p| !common::alive(p)),
+        "no guest was started"
+    );
 }

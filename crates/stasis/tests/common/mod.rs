@@ -243,7 +243,10 @@ impl Client {
             if status == "failed" && want != "failed" {
                 panic!("snapshot {snap} failed: {}", r.body["data"]["error"]);
             }
-            assert!(start.elapsed() < limit, "snapshot {snap} still {status} after {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "snapshot {snap} still {status} after {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
