@@ -73,6 +73,7 @@ impl Host {
     pub fn place(&self, name: &str, mut config: MachineConfig) -> MachineConfig {
         let paths = VmPaths::new(self.dir(name));
         config.ram_path = self.ram_path(name);
+        config.ram_shared = true;
         config.disk = std::fs::read(paths.config())
             .ok()
             .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
@@ -101,12 +102,10 @@ impl Host {
     pub async fn restore(
         self: &Arc<Self>,
         name: &str,
-        mut config: MachineConfig,
+        config: MachineConfig,
         state: &Path,
         memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
-        self.ensure_ram_dir()?;
-        config.ram_path = self.ram_path(name);
         let vm = Vm::restore(config, &self.dir(name), state, memory).await?;
         Ok(self.adopt(name, vm))
     }
@@ -215,7 +214,10 @@ fn kill_stray_at(paths: &VmPaths) {
         .ok()
         .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
     {
-        let _ = std::fs::remove_file(config.ram_path);
+        // Only a machine's own RAM file; a restored machine maps its snapshot's, shared.
+        if config.ram_shared {
+            let _ = std::fs::remove_file(config.ram_path);
+        }
     }
 }
 

@@ -76,7 +76,7 @@ impl Qmp {
             }
         }
         let pending: Pending = Arc::default();
-        let (events, _) = broadcast::channel(64);
+        let (events, _) = broadcast::channel(1024);
         let qmp = Arc::new(Qmp {
             writer: tokio::sync::Mutex::new(write),
             pending: pending.clone(),

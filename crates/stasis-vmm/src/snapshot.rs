@@ -1,35 +1,41 @@
-//! Capturing a running machine: device state, RAM and disk frozen at one instant.
+//! Capturing a running machine: device state, RAM and disk frozen at one instant, with the
+//! guest paused for as short a time as possible.
 //!
-//! The guest is paused only while three cheap things happen: the disk's top overlay is frozen
-//! (`blockdev-snapshot-sync` puts a new overlay on top for the guest to go on writing to),
-//! the device state is streamed out without RAM (`x-ignore-shared`: RAM lives in a shared
-//! file), and the RAM file is copied. Then the guest resumes; compressing and uploading happen
-//! afterwards from the captured files.
+//! The machine is streamed into a *twin*: a second QEMU with the same devices, started waiting
+//! for a migration stream, whose RAM is a file in the staging directory and whose disk reads as
+//! zeros. The stream is a background snapshot: the guest is paused only while its disk's top
+//! overlay is frozen (`blockdev-snapshot-sync` puts a new overlay on top to go on writing to)
+//! and its device state is saved; it then runs on while RAM is written out as it was at the
+//! pause (userfaultfd write protection). The twin, holding RAM and device state exactly as at
+//! the pause, writes its device state (without RAM, `x-ignore-shared`) to a file and quits.
+//! Compressing and uploading happen afterwards from these files.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
+use crate::process::Process;
 use crate::qmp::Qmp;
-use crate::vm::{MachineConfig, Vm, VmError};
+use crate::vm::{connect_qmp, spawn_qemu, Launch, MachineConfig, Vm, VmError, VmPaths};
 
 /// What a capture leaves in the staging directory.
 #[derive(Debug, Clone)]
 pub struct Capture {
     /// Device state: QEMU's migration stream without RAM.
     pub state: PathBuf,
-    /// A copy of guest RAM (sparse).
+    /// Guest RAM (sparse).
     pub memory: PathBuf,
     /// Top of the frozen disk chain; nothing writes to it any more.
     pub disk: PathBuf,
     /// The machine as it was captured (what a restore must rebuild).
     pub machine: MachineConfig,
-    /// How long the guest was paused.
+    /// How long the guest was paused (QEMU's own STOP → RESUME timestamps).
     pub paused: Duration,
 }
 
-/// Capabilities every machine's migration uses, on both ends.
+/// Capabilities of a stream a restore reads: RAM is not in it (it is in a file).
 pub(crate) async fn set_migration_caps(qmp: &Qmp) -> Result<(), VmError> {
     qmp.execute(
         "migrate-set-capabilities",
@@ -39,87 +45,231 @@ pub(crate) async fn set_migration_caps(qmp: &Qmp) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Give up on a copy that has not finished by then.
+const COPY_LIMIT: Duration = Duration::from_secs(300);
+
 impl Vm {
     /// Captures the machine into `staging` (which must exist).
     pub async fn capture(&self, staging: &Path) -> Result<Capture, VmError> {
         let _one_at_a_time = self.ops().lock().await;
         let qmp = self.qmp().clone();
-        set_migration_caps(&qmp).await?;
-        // The default cap of 128 MiB/s would throttle even the small state stream.
+        let config = self.config();
+        let disk_bytes = disk_size(&qmp).await?;
+
+        let twin_paths = VmPaths::new(staging.join("twin"));
+        std::fs::create_dir_all(&twin_paths.dir).map_err(|source| VmError::Io {
+            context: "creating the twin's directory".into(),
+            source,
+        })?;
+        let memory = staging.join("memory");
+        let state = staging.join("state");
+        let mut twin_config = config.clone();
+        twin_config.ram_path = memory.clone();
+        twin_config.ram_shared = true;
+        let launch = Launch {
+            incoming: true,
+            null_disk_bytes: Some(disk_bytes),
+        };
+        let twin = spawn_qemu(&twin_config, &twin_paths, launch)?;
+        let result = async {
+            let twin_qmp = connect_qmp(&twin, &twin_paths, Duration::from_secs(30)).await?;
+            let stream = twin_paths.dir.join("migrate.sock");
+            let uri = format!("unix:{}", stream.display());
+            twin_qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
+            let (frozen, paused) = self.background_copy(&qmp, &uri).await?;
+            wait_migration(&twin_qmp, Duration::from_secs(60)).await?;
+            // The twin's query-migrate still says `completed` (its incoming stream) until the
+            // outgoing one starts: wait for the outgoing one's own completion event instead.
+            let mut twin_events = twin_qmp.events();
+            twin_qmp
+                .execute(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [
+                        {"capability": "x-ignore-shared", "state": true},
+                        {"capability": "events", "state": true},
+                    ]}),
+                )
+                .await?;
+            let out = format!("exec:cat > {}", shell_quote(&state));
+            twin_qmp.execute("migrate", json!({ "uri": out })).await?;
+            wait_migration_event(&mut twin_events, "completed", Duration::from_secs(60)).await?;
+            let _ = twin_qmp
+                .execute_timeout("quit", json!({}), Duration::from_secs(2))
+                .await;
+            Ok::<_, VmError>((frozen, paused))
+        }
+        .await;
+        stop_twin(&twin).await;
+        let _ = std::fs::remove_dir_all(&twin_paths.dir);
+        let (frozen, paused) = result?;
+        let mut machine = self.config();
+        machine.disk = frozen.clone();
+        Ok(Capture {
+            state,
+            memory,
+            disk: frozen,
+            machine,
+            paused,
+        })
+    }
+
+    /// Streams the machine into the twin listening at `uri` as a *background snapshot*: the
+    /// guest is paused only while its disk is frozen and its device state is saved; then it
+    /// runs on while RAM is written out as it was at that instant (pages the guest writes are
+    /// write-protected with userfaultfd and sent before the write goes ahead), so no dirty
+    /// tracking and no second pass are involved. Returns the frozen top overlay and the pause.
+    async fn background_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
+        let mut events = qmp.events();
+        let mut run_state = qmp.events();
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": false},
+                {"capability": "background-snapshot", "state": true},
+                {"capability": "events", "state": true},
+            ]}),
+        )
+        .await?;
+        // No bandwidth cap: the default 128 MiB/s would make the copy crawl.
         qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
             .await?;
-        let mut config = self.config();
-        let top = top_node(&qmp).await?;
-        let suffix = format!(
-            "{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        );
-        let next_disk = self.paths.dir.join(format!("disk-{suffix}.qcow2"));
-        let state = staging.join("state");
-        let memory = staging.join("memory");
-        let frozen = config.disk.clone();
-
-        let paused_at = Instant::now();
         qmp.execute("stop", json!({})).await?;
-        let frozen_result: Result<(), VmError> = async {
+        let started = async {
+            // Paused: freeze the disk at this very instant.
+            let mut config = self.config();
+            let frozen = config.disk.clone();
+            let top = top_node(qmp).await?;
+            let suffix = format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            );
+            let next = self.paths.dir.join(format!("disk-{suffix}.qcow2"));
             qmp.execute(
                 "blockdev-snapshot-sync",
                 json!({
                     "node-name": top,
-                    "snapshot-file": next_disk.to_string_lossy(),
+                    "snapshot-file": next.to_string_lossy(),
                     "snapshot-node-name": format!("disk-{suffix}"),
                     "format": "qcow2",
                 }),
             )
             .await?;
-            // From here on the guest writes to the new overlay, even if what follows fails.
-            config.disk = next_disk.clone();
-            self.set_config(config.clone())?;
-            let uri = format!("exec:cat > {}", shell_quote(&state));
-            qmp.execute("migrate", json!({"uri": uri})).await?;
-            wait_migration(&qmp, Duration::from_secs(120)).await?;
-            let ram = config.ram_path.clone();
-            let mem = memory.clone();
-            tokio::task::spawn_blocking(move || sparse_copy(&ram, &mem))
-                .await
-                .expect("copy does not panic")
-                .map_err(|source| VmError::Io {
-                    context: "copying guest RAM".into(),
-                    source,
-                })?;
-            Ok(())
+            // From here on the guest writes to the new overlay, whatever happens next.
+            config.disk = next;
+            self.set_config(config)?;
+            // The migration saves the device state and restarts the guest by itself.
+            qmp.execute("migrate", json!({ "uri": uri })).await?;
+            Ok::<_, VmError>(frozen)
         }
         .await;
-        let resumed = qmp.execute("cont", json!({})).await;
-        let paused = paused_at.elapsed();
-        frozen_result?;
-        resumed?;
-        config.disk = frozen.clone();
-        Ok(Capture {
-            state,
-            memory,
-            disk: frozen,
-            machine: config,
-            paused,
-        })
+        let frozen = match started {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = qmp.execute("cont", json!({})).await;
+                return Err(e);
+            }
+        };
+        let finished = wait_migration_event(&mut events, "completed", COPY_LIMIT).await;
+        if finished.is_err() {
+            let _ = qmp.execute("migrate_cancel", json!({})).await;
+        }
+        // Whatever happened, the guest must be running again.
+        if qmp.status().await.is_ok_and(|s| s != "running") {
+            let _ = qmp.execute("cont", json!({})).await;
+        }
+        finished?;
+        let paused = pause_from_events(&mut run_state).await;
+        Ok((frozen, paused))
+    }
+}
+
+async fn stop_twin(twin: &Process) {
+    if tokio::time::timeout(Duration::from_secs(3), twin.wait()).await.is_err() {
+        twin.signal(libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(5), twin.wait()).await;
+    }
+}
+
+/// The root disk's virtual size.
+async fn disk_size(qmp: &Qmp) -> Result<u64, VmError> {
+    let blocks = qmp.execute("query-block", json!({})).await?;
+    root_disk(&blocks)
+        .and_then(|b| b.pointer("/inserted/image/virtual-size"))
+        .and_then(Value::as_u64)
+        .ok_or_else(|| VmError::Invalid("the root disk's size is not in query-block".into()))
+}
+
+fn root_disk(blocks: &Value) -> Option<&Value> {
+    blocks.as_array()?.iter().find(|b| {
+        b.get("qdev")
+            .and_then(Value::as_str)
+            .is_some_and(|q| q.contains("rootdisk"))
+    })
+}
+
+/// Waits for a MIGRATION event with `status` (the stream's own, not an earlier one's).
+async fn wait_migration_event(
+    events: &mut broadcast::Receiver<Value>,
+    status: &str,
+    limit: Duration,
+) -> Result<(), VmError> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.get("event").and_then(Value::as_str) == Some("MIGRATION") => {
+                    match e.pointer("/data/status").and_then(Value::as_str) {
+                        Some(s) if s == status => return Ok(()),
+                        Some(s @ ("failed" | "cancelled")) => {
+                            return Err(VmError::Invalid(format!("migration {s}")));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Err(VmError::Invalid("QMP closed".into())),
+            }
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| VmError::Invalid(format!("migration did not reach {status} within {limit:?}")))?
+}
+
+/// The guest's pause, from QEMU's STOP and RESUME event timestamps.
+async fn pause_from_events(events: &mut broadcast::Receiver<Value>) -> Duration {
+    let stamp = |e: &Value| {
+        let s = e.pointer("/timestamp/seconds").and_then(Value::as_u64)?;
+        let us = e.pointer("/timestamp/microseconds").and_then(Value::as_u64)?;
+        Some(Duration::from_secs(s) + Duration::from_micros(us))
+    };
+    let (mut stop, mut resume) = (None, None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while resume.is_none() {
+            match events.recv().await {
+                Ok(e) => match e.get("event").and_then(Value::as_str) {
+                    Some("STOP") => stop = stamp(&e),
+                    Some("RESUME") if stop.is_some() => resume = stamp(&e),
+                    _ => {}
+                },
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    match (stop, resume) {
+        (Some(a), Some(b)) if b >= a => b - a,
+        _ => Duration::ZERO,
     }
 }
 
 /// The node name at the top of the root disk's chain.
 async fn top_node(qmp: &Qmp) -> Result<String, VmError> {
     let blocks = qmp.execute("query-block", json!({})).await?;
-    blocks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| {
-            b.get("qdev")
-                .and_then(Value::as_str)
-                .is_some_and(|q| q.contains("rootdisk"))
-        })
+    root_disk(&blocks)
         .and_then(|b| b.pointer("/inserted/node-name"))
         .and_then(Value::as_str)
         .map(str::to_string)

@@ -71,7 +71,25 @@ pub struct MachineConfig {
     /// Guest RAM: a file mapped shared, so a snapshot captures it without a copy through the
     /// migration stream. Kept on tmpfs where there is one.
     pub ram_path: PathBuf,
+    /// `share=on` (booted machines: RAM on tmpfs) or a private copy-on-write mapping of
+    /// `ram_path` (restored machines map their snapshot's RAM file, shared by all clones).
+    #[serde(default = "shared_by_default")]
+    pub ram_shared: bool,
     pub tsc_khz: Option<u64>,
+}
+
+fn shared_by_default() -> bool {
+    true
+}
+
+/// How a QEMU is started besides its machine config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// Paused, waiting for a migration stream (`-S -incoming defer`).
+    pub incoming: bool,
+    /// A disk that reads as zeros (a capture's twin never runs the guest); the size must
+    /// match the real disk's for the device state to load.
+    pub null_disk_bytes: Option<u64>,
 }
 
 /// Files of one machine, all inside its directory.
@@ -112,7 +130,7 @@ impl VmPaths {
 const MAX_SOCKET_PATH: usize = 107;
 
 /// The QEMU command line for `cfg`. `incoming` prepares a restore (`-S -incoming defer`).
-pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<OsString> {
+pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     let p = |path: PathBuf| path.to_string_lossy().into_owned();
@@ -142,8 +160,9 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push(&mem);
     push("-object");
     push(&format!(
-        "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
-        p(cfg.ram_path.clone())
+        "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
+        p(cfg.ram_path.clone()),
+        if cfg.ram_shared { "on" } else { "off" }
     ));
     push("-kernel");
     push(&p(cfg.kernel.clone()));
@@ -156,14 +175,22 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     }
     push("-serial");
     push(&format!("file:{}", p(paths.console())));
-    // The backing chain (frozen overlays, then the base) comes from the qcow2 headers.
-    push("-blockdev");
-    push(&format!(
-        "driver=file,filename={},node-name=disk-file",
-        p(cfg.disk.clone())
-    ));
-    push("-blockdev");
-    push("driver=qcow2,file=disk-file,node-name=disk");
+    match launch.null_disk_bytes {
+        Some(size) => {
+            push("-blockdev");
+            push(&format!("driver=null-co,node-name=disk,size={size},read-zeroes=on"));
+        }
+        None => {
+            // The backing chain (frozen overlays, then the base) comes from the qcow2 headers.
+            push("-blockdev");
+            push(&format!(
+                "driver=file,filename={},node-name=disk-file",
+                p(cfg.disk.clone())
+            ));
+            push("-blockdev");
+            push("driver=qcow2,file=disk-file,node-name=disk");
+        }
+    }
     push("-device");
     push("virtio-blk-device,drive=disk,id=rootdisk");
     push("-device");
@@ -179,7 +206,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, incoming: bool) -> Vec<Os
     push("virtio-rng-device");
     push("-qmp");
     push(&format!("unix:{},server=on,wait=off", p(paths.qmp())));
-    if incoming {
+    if launch.incoming {
         push("-S");
         push("-incoming");
         push("defer");
@@ -212,7 +239,7 @@ impl Vm {
         }
         write_config(&paths, &config)?;
 
-        let process = spawn_qemu(&config, &paths, false)?;
+        let process = spawn_qemu(&config, &paths, Launch::default())?;
         let started = Instant::now();
         let vm = Self::connect(config, paths, process, BOOT_TIMEOUT).await?;
         let remaining = BOOT_TIMEOUT.saturating_sub(started.elapsed());
@@ -233,21 +260,27 @@ impl Vm {
         let paths = VmPaths::new(dir);
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         check_socket_paths(&paths)?;
-        for stale in [paths.qmp(), paths.agent(), paths.console(), config.ram_path.clone()] {
+        for stale in [paths.qmp(), paths.agent(), paths.console()] {
             let _ = std::fs::remove_file(stale);
         }
         let mut config = config;
+        // RAM: a private copy-on-write mapping of the snapshot's RAM file. Nothing is copied;
+        // pages are read when the guest touches them, and pages no clone has written stay
+        // shared between all clones in the page cache.
+        config.ram_path = memory.to_path_buf();
+        config.ram_shared = false;
         config.disk = paths.disk();
-        let _ = std::fs::remove_file(&config.disk);
-        create_overlay(&config.base_disk, &config.disk).await?;
-        let (ram, mem) = (config.ram_path.clone(), memory.to_path_buf());
-        tokio::task::spawn_blocking(move || crate::snapshot::sparse_copy(&mem, &ram))
-            .await
-            .expect("copy does not panic")
-            .map_err(io("copying the snapshot's RAM"))?;
+        new_overlay_from_template(&config.base_disk, &config.disk).await?;
         write_config(&paths, &config)?;
 
-        let process = spawn_qemu(&config, &paths, true)?;
+        let process = spawn_qemu(
+            &config,
+            &paths,
+            Launch {
+                incoming: true,
+                null_disk_bytes: None,
+            },
+        )?;
         let qmp = connect_qmp(&process, &paths, Duration::from_secs(30)).await?;
         let incoming = async {
             crate::snapshot::set_migration_caps(&qmp).await?;
@@ -441,12 +474,11 @@ impl Vm {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.process.wait()).await;
             }
         }
-        for f in [
-            self.config().ram_path,
-            self.paths.qmp(),
-            self.paths.agent(),
-            self.paths.pidfile(),
-        ] {
+        let config = self.config();
+        if config.ram_shared {
+            let _ = std::fs::remove_file(&config.ram_path);
+        }
+        for f in [self.paths.qmp(), self.paths.agent(), self.paths.pidfile()] {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -485,6 +517,21 @@ pub(crate) fn write_config(paths: &VmPaths, config: &MachineConfig) -> Result<()
     std::fs::rename(&tmp, paths.config()).map_err(io("writing machine.json"))
 }
 
+/// A new empty overlay over `base`, copied from a template kept beside the base (creating a
+/// qcow2 file costs a `qemu-img` run; copying a small one costs nothing).
+pub(crate) async fn new_overlay_from_template(base: &Path, disk: &Path) -> Result<(), VmError> {
+    let template = base.with_extension("overlay-template.qcow2");
+    if !template.exists() {
+        // Concurrent restores may race to make it: each writes its own, the last rename wins.
+        let tmp = base.with_extension(format!("overlay-template.{:016x}.tmp", rand::random::<u64>()));
+        create_overlay(base, &tmp).await?;
+        std::fs::rename(&tmp, &template).map_err(io("publishing the overlay template"))?;
+    }
+    let _ = std::fs::remove_file(disk);
+    std::fs::copy(&template, disk).map_err(io("copying the overlay template"))?;
+    Ok(())
+}
+
 /// A new qcow2 overlay over a raw base.
 pub(crate) async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmError> {
     let out = tokio::process::Command::new("qemu-img")
@@ -503,11 +550,11 @@ pub(crate) async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmErr
     Ok(())
 }
 
-pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, incoming: bool) -> Result<Process, VmError> {
+pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Result<Process, VmError> {
     let log = std::fs::File::create(paths.qemu_log()).map_err(io("creating qemu.log"))?;
     let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
     let mut cmd = tokio::process::Command::new(&config.qemu_binary);
-    cmd.args(qemu_args(config, paths, incoming))
+    cmd.args(qemu_args(config, paths, launch))
         .current_dir(&paths.dir)
         .stdin(std::process::Stdio::null())
         .stdout(log)
@@ -523,7 +570,7 @@ pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, incoming: bool
     Ok(process)
 }
 
-async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Duration) -> Result<Arc<Qmp>, VmError> {
+pub(crate) async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Duration) -> Result<Arc<Qmp>, VmError> {
     match race_exit(process, paths, "while starting", Qmp::connect(&paths.qmp(), wait)).await {
         Ok(q) => Ok(q),
         Err(e) => {
@@ -610,7 +657,7 @@ mod tests {
     #[test]
     fn the_command_line_has_shared_file_ram_and_an_overlay() {
         let paths = VmPaths::new("/data/c1");
-        let line = joined(&qemu_args(&config(), &paths, false));
+        let line = joined(&qemu_args(&config(), &paths, Launch::default()));
         assert!(line.contains("-smp 2 -m 1024M"), "{line}");
         assert!(line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/dev/shm/c1.ram,share=on"));
         assert!(line.contains("memory-backend=mem"));
@@ -624,7 +671,27 @@ mod tests {
         assert!(line.contains("-accel tcg -cpu max"));
         assert!(line.contains("name=stasis.agent"));
         assert!(!line.contains("-incoming"));
-        let restore = joined(&qemu_args(&config(), &paths, true));
+        let mut private = config();
+        private.ram_shared = false;
+        let restore = joined(&qemu_args(
+            &private,
+            &paths,
+            Launch {
+                incoming: true,
+                null_disk_bytes: None,
+            },
+        ));
+        assert!(restore.contains("mem-path=/dev/shm/c1.ram,share=off"), "{restore}");
+        let twin = joined(&qemu_args(
+            &config(),
+            &paths,
+            Launch {
+                incoming: true,
+                null_disk_bytes: Some(1 << 30),
+            },
+        ));
+        assert!(twin.contains("driver=null-co,node-name=disk,size=1073741824"), "{twin}");
+        assert!(!twin.contains("disk.qcow2"));
         assert!(restore.ends_with("-S -incoming defer"), "{restore}");
     }
 

@@ -21,6 +21,7 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         base_disk: image.rootfs,
         disk: dir.join("disk.qcow2"),
         ram_path: dir.join("ram"),
+        ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
     }
 }

@@ -33,6 +33,8 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         .prefix("stasis-vmm")
         .tempdir_in("/tmp")
         .unwrap();
+    let root = Keep(root.keep());
+    eprintln!("KEPT {}", root.path().display());
     let (host, _events) = Host::new(root.path().join("machines"));
     let config = MachineConfig {
         name: "origin".into(),
@@ -46,11 +48,12 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         base_disk: image.rootfs.clone(),
         disk: Default::default(),
         ram_path: Default::default(),
+        ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
     };
     let origin = host.boot("origin", config).await.unwrap();
     // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.
-    out(&origin, "echo on-disk > /root/before; nohup python3 -c 'import time\ni=0\nwhile True:\n  i+=1\n  open(\"/tmp/n\",\"w\").write(str(i))\n  time.sleep(0.05)' >/dev/null 2>&1 & sleep 1; echo started").await;
+    out(&origin, "echo on-disk > /root/before; nohup python3 -c 'import os,time\ni=0\nwhile True:\n  i+=1\n  open(\"/tmp/n.new\",\"w\").write(str(i))\n  os.rename(\"/tmp/n.new\",\"/tmp/n\")\n  time.sleep(0.05)' >/dev/null 2>&1 & sleep 1; echo started").await;
 
     let staging = root.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
@@ -107,4 +110,10 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let second = origin.capture(&staging2).await.unwrap();
     assert_ne!(second.disk, capture.disk);
     host.stop_all().await;
+}
+struct Keep(std::path::PathBuf);
+impl Keep {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
 }

@@ -246,6 +246,7 @@ impl Computers {
             // Placed by the host runtime.
             disk: Default::default(),
             ram_path: Default::default(),
+            ram_shared: true,
             tsc_khz: self.settings.tsc_khz,
         }
     }
