@@ -646,6 +646,7 @@ mod tests {
             base_disk: "/img/rootfs.ext4".into(),
             disk: "/data/c1/disk.qcow2".into(),
             ram_path: "/dev/shm/c1.ram".into(),
+            ram_shared: true,
             tsc_khz: Some(2_100_000),
         }
     }
