@@ -50,6 +50,27 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { context, source }
 }
 
+/// Where the time of a restore went (also left in the machine's `restore-timings.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreTimings {
+    /// Overlay and config files.
+    pub prepare_ms: f64,
+    /// QEMU process start until its monitor answers.
+    pub qemu_start_ms: f64,
+    /// Loading the device state (RAM is mapped, not loaded).
+    pub state_load_ms: f64,
+    /// `cont`.
+    pub resume_ms: f64,
+    /// Connecting to the guest agent and its first answer (clock, RNG, hostname): the
+    /// guest's first page faults on the mapped RAM happen here.
+    pub agent_ms: f64,
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// Everything needed to start (or restart, or restore) the same machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfig {
@@ -263,6 +284,8 @@ impl Vm {
         for stale in [paths.qmp(), paths.agent(), paths.console()] {
             let _ = std::fs::remove_file(stale);
         }
+        let t0 = Instant::now();
+        let mut timings = RestoreTimings::default();
         let mut config = config;
         // RAM: a private copy-on-write mapping of the snapshot's RAM file. Nothing is copied;
         // pages are read when the guest touches them, and pages no clone has written stay
@@ -272,7 +295,9 @@ impl Vm {
         config.disk = paths.disk();
         new_overlay_from_template(&config.base_disk, &config.disk).await?;
         write_config(&paths, &config)?;
+        timings.prepare_ms = ms(t0.elapsed());
 
+        let t = Instant::now();
         let process = spawn_qemu(
             &config,
             &paths,
@@ -282,12 +307,17 @@ impl Vm {
             },
         )?;
         let qmp = connect_qmp(&process, &paths, Duration::from_secs(30)).await?;
+        timings.qemu_start_ms = ms(t.elapsed());
         let incoming = async {
+            let t = Instant::now();
             crate::snapshot::set_migration_caps(&qmp).await?;
             let uri = format!("exec:cat {}", crate::snapshot::shell_quote(state));
             qmp.execute("migrate-incoming", serde_json::json!({"uri": uri})).await?;
             crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;
+            timings.state_load_ms = ms(t.elapsed());
+            let t = Instant::now();
             qmp.execute("cont", serde_json::json!({})).await?;
+            timings.resume_ms = ms(t.elapsed());
             Ok::<_, VmError>(())
         };
         if let Err(e) = race_exit(&process, &paths, "while restoring", incoming).await {
@@ -296,8 +326,13 @@ impl Vm {
         }
         // Only now: a host connecting to the agent port while the device state is still
         // being loaded leaves the port throttled after the load.
+        let t = Instant::now();
         let vm = Self::connect_agent(config, paths, process, qmp, Duration::from_secs(30)).await?;
         vm.until_exit("while restoring", vm.take_identity()).await?;
+        timings.agent_ms = ms(t.elapsed());
+        timings.total_ms = ms(t0.elapsed());
+        tracing::info!(?timings, "restored");
+        let _ = std::fs::write(vm.paths.dir.join("restore-timings.json"), serde_json::to_vec(&timings).unwrap_or_default());
         Ok(vm)
     }
 

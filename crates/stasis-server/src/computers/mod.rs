@@ -51,6 +51,8 @@ pub struct Computers {
     settings: RuntimeSettings,
     materializer: Arc<Materializer>,
     events: Arc<EventBus>,
+    /// Bumped on every status change, for callers waiting for one.
+    changes: tokio::sync::watch::Sender<u64>,
     /// Serializes lifecycle operations (boot, stop, destroy, capture) per computer.
     locks: Mutex<HashMap<ComputerId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -81,12 +83,36 @@ impl Computers {
             settings,
             materializer,
             events,
+            changes: tokio::sync::watch::channel(0).0,
             locks: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn host(&self) -> &Arc<Host> {
         &self.host
+    }
+
+    async fn set_status(&self, id: ComputerId, status: ComputerStatus, error: Option<&str>) -> Result<bool, sqlx::Error> {
+        let changed = self.db.set_status(id, status, error).await;
+        self.changes.send_modify(|n| *n += 1);
+        changed
+    }
+
+    /// Waits (up to `limit`) while the computer is on its way up (`provisioning`,
+    /// `starting`), so that an exec sent right after a create or restore runs as soon as the
+    /// machine does instead of failing.
+    async fn settled(&self, tenant: TenantId, id: ComputerId, limit: std::time::Duration) -> ApiResult<Computer> {
+        let mut changes = self.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let c = self.get(tenant, id).await?;
+            if !matches!(c.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
+                return Ok(c);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Ok(c);
+            }
+        }
     }
 
     /// Holds off other lifecycle operations on `id` (a snapshot capture takes it).
@@ -192,7 +218,7 @@ impl Computers {
         let image = match self.images.get().await {
             Ok(image) => image,
             Err(e) => {
-                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&e)).await;
+                let _ = self.set_status(id, ComputerStatus::Error, Some(&e)).await;
                 return;
             }
         };
@@ -201,7 +227,7 @@ impl Computers {
             return;
         }
         if computer.status == ComputerStatus::Provisioning {
-            let _ = self.db.set_status(id, ComputerStatus::Starting, None).await;
+            let _ = self.set_status(id, ComputerStatus::Starting, None).await;
         }
         let mut config = self.machine_config(&computer, &image);
         if let Some(snapshot) = computer.source_snapshot_id {
@@ -210,7 +236,7 @@ impl Computers {
                 Ok(m) => config.base_disk = m.disk,
                 Err(e) => {
                     let reason = format!("boot failed: the disk of snapshot {snapshot} is not available: {e}");
-                    let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                    let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
                     return;
                 }
             }
@@ -220,7 +246,7 @@ impl Computers {
                 tracing::info!(%id, elapsed_ms = started.elapsed().as_millis() as u64, "computer running");
                 // If it was destroyed or stopped meanwhile the update matches nothing useful;
                 // stop/destroy hold the same lock, so that cannot interleave.
-                let _ = self.db.set_status(id, ComputerStatus::Running, None).await;
+                let _ = self.set_status(id, ComputerStatus::Running, None).await;
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e, "boot failed");
@@ -314,7 +340,7 @@ impl Computers {
         match outcome {
             Ok(()) => {
                 tracing::info!(%id, %snapshot, elapsed_ms = started.elapsed().as_millis() as u64, "computer restored");
-                let _ = self.db.set_status(id, ComputerStatus::Running, None).await;
+                let _ = self.set_status(id, ComputerStatus::Running, None).await;
                 let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
                 let mut e = events::data(snapshot, status);
                 e.step = Some("restored".into());
@@ -324,7 +350,7 @@ impl Computers {
             }
             Err((reason, damaged)) => {
                 tracing::warn!(%id, %snapshot, reason, "restore failed");
-                let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
                 let mut status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
                 if damaged {
                     let from = [SnapshotStatus::Ready, SnapshotStatus::Restoring];
@@ -368,7 +394,7 @@ impl Computers {
             ComputerStatus::Stopped | ComputerStatus::Error => {
                 // An errored computer may still have a QEMU around (say, a hung one).
                 self.host.stop(&id.to_string()).await;
-                self.db.set_status(id, ComputerStatus::Starting, None).await?;
+                self.set_status(id, ComputerStatus::Starting, None).await?;
                 drop(guard);
                 self.spawn_boot(id);
                 Ok(action(ComputerStatus::Starting, "computer is starting"))
@@ -387,9 +413,9 @@ impl Computers {
         if c.status == ComputerStatus::Stopped {
             return Ok(action(ComputerStatus::Stopped, "computer is already stopped"));
         }
-        self.db.set_status(id, ComputerStatus::Stopping, None).await?;
+        self.set_status(id, ComputerStatus::Stopping, None).await?;
         self.host.stop(&id.to_string()).await;
-        self.db.set_status(id, ComputerStatus::Stopped, None).await?;
+        self.set_status(id, ComputerStatus::Stopped, None).await?;
         Ok(action(ComputerStatus::Stopped, "computer stopped"))
     }
 
@@ -404,12 +430,12 @@ impl Computers {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         self.get(tenant, id).await?;
-        self.db.set_status(id, ComputerStatus::Destroying, None).await?;
+        self.set_status(id, ComputerStatus::Destroying, None).await?;
         if let Err(e) = self.host.destroy(&id.to_string()).await {
             // The machine is stopped; leftover files are only disk space. Report, go on.
             tracing::warn!(%id, error = %e, "removing the computer's files");
         }
-        self.db.set_status(id, ComputerStatus::Destroyed, None).await?;
+        self.set_status(id, ComputerStatus::Destroyed, None).await?;
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
@@ -423,7 +449,7 @@ impl Computers {
         args: Vec<String>,
         timeout_secs: u64,
     ) -> ApiResult<ExecResponse> {
-        let c = self.get(tenant, id).await?;
+        let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
         let vm = match (c.status, self.host.get(&id.to_string())) {
             (ComputerStatus::Running, Some(vm)) => vm,
             _ => return Err(not_running()),
@@ -466,7 +492,7 @@ impl Computers {
                 let _guard = lock.lock().await;
                 if let Ok(Some(c)) = self.db.get_computer(id).await {
                     if matches!(c.status, ComputerStatus::Running | ComputerStatus::Starting) {
-                        let _ = self.db.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                        let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
                     }
                 }
             }
@@ -484,12 +510,12 @@ impl Computers {
             match c.status {
                 ComputerStatus::Destroying => {
                     let _ = self.host.destroy(&name).await;
-                    self.db.set_status(c.id, ComputerStatus::Destroyed, None).await?;
+                    self.set_status(c.id, ComputerStatus::Destroyed, None).await?;
                 }
                 ComputerStatus::Creating | ComputerStatus::Provisioning | ComputerStatus::Starting => {
                     self.host.kill_stray(&name);
                     if c.status == ComputerStatus::Creating {
-                        self.db.set_status(c.id, ComputerStatus::Provisioning, None).await?;
+                        self.set_status(c.id, ComputerStatus::Provisioning, None).await?;
                     }
                     if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot)) =
                         (c.status, c.source_snapshot_id)
@@ -497,7 +523,7 @@ impl Computers {
                         // An interrupted restore starts over and reads its snapshot again.
                         if !self.db.begin_restore(snapshot).await? {
                             let reason = format!("snapshot {snapshot} is no longer available to restore from");
-                            self.db.set_status(c.id, ComputerStatus::Error, Some(&reason)).await?;
+                            self.set_status(c.id, ComputerStatus::Error, Some(&reason)).await?;
                             continue;
                         }
                     }
@@ -507,18 +533,18 @@ impl Computers {
                 ComputerStatus::Running | ComputerStatus::Paused => match self.host.attach(&name).await {
                     Ok(_) => {
                         tracing::info!(id = %c.id, "re-attached to running computer");
-                        self.db.set_status(c.id, ComputerStatus::Running, None).await?;
+                        self.set_status(c.id, ComputerStatus::Running, None).await?;
                     }
                     Err(e) => {
                         self.host.kill_stray(&name);
                         let reason = format!("the machine was not running after a platform restart ({e})");
                         tracing::info!(id = %c.id, reason, "marking computer stopped");
-                        self.db.set_status(c.id, ComputerStatus::Stopped, Some(&reason)).await?;
+                        self.set_status(c.id, ComputerStatus::Stopped, Some(&reason)).await?;
                     }
                 },
                 _ => {
                     self.host.stop(&name).await;
-                    self.db.set_status(c.id, ComputerStatus::Stopped, None).await?;
+                    self.set_status(c.id, ComputerStatus::Stopped, None).await?;
                 }
             }
         }
