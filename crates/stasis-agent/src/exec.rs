@@ -73,9 +73,22 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
     let mut timed_out = false;
     let mut exited_at: Option<Instant> = None;
     loop {
-        let got_data = poll_pipes(&mut outputs, Duration::from_millis(20));
+        let got_data = if outputs.iter().any(|p| p.open) {
+            poll_pipes(&mut outputs, Duration::from_millis(20))
+        } else {
+            false
+        };
         if exit_code.is_none() {
-            exit_code = check_exit(&exited, Duration::ZERO);
+            // With every pipe at end-of-file only the exit itself is left: wait for it rather
+            // than spin (bounded by the deadline, checked below).
+            let wait = if outputs.iter().any(|p| p.open) {
+                Duration::ZERO
+            } else {
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100))
+            };
+            exit_code = check_exit(&exited, wait);
             if exit_code.is_some() {
                 exited_at = Some(Instant::now());
             }

@@ -133,12 +133,20 @@ impl Platform {
             store.clone(),
             config.data_dir.join("cache/snapshots"),
         ));
-        let computers = Computers::new(db.clone(), host, images.clone(), settings, materializer, events.clone());
+        let computers = Computers::new(
+            db.clone(),
+            host,
+            images.clone(),
+            settings,
+            materializer.clone(),
+            events.clone(),
+        );
         let snapshots = Snapshots::new(
             db.clone(),
             store,
             computers.clone(),
             events,
+            materializer,
             config.data_dir.join("staging"),
         );
         db.reset_restores()

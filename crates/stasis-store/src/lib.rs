@@ -30,11 +30,12 @@ pub use chunk::{ChunkError, ChunkHash};
 pub use manifest::{Manifest, ManifestError, Part, MANIFEST_VERSION};
 
 /// Chunk sizes by part: RAM changes in small scattered pieces, disks in larger runs.
-pub const MEMORY_CHUNK_SIZE: u32 = 256 * 1024;
+pub const MEMORY_CHUNK_SIZE: u32 = 64 * 1024;
 pub const DISK_CHUNK_SIZE: u32 = 1024 * 1024;
 pub const STATE_CHUNK_SIZE: u32 = 1024 * 1024;
-/// zstd level for chunks.
-pub const COMPRESSION_LEVEL: i32 = 3;
+/// zstd level for chunks: cutting a file into chunks costs some ratio against compressing it
+/// whole, and a higher level wins it back; the pipeline has throughput to spare.
+pub const COMPRESSION_LEVEL: i32 = 6;
 /// Chunks in flight at once (read, hash, compress, upload).
 const PARALLEL: usize = 8;
 

@@ -277,7 +277,7 @@ async fn top_node(qmp: &Qmp) -> Result<String, VmError> {
 }
 
 /// Polls `query-migrate` until the outgoing (or incoming) migration completes.
-pub(crate) async fn wait_migration(qmp: &Qmp, limit: Duration) -> Result<(), VmError> {
+pub async fn wait_migration(qmp: &Qmp, limit: Duration) -> Result<(), VmError> {
     let start = Instant::now();
     loop {
         let m = qmp.execute("query-migrate", json!({})).await?;

@@ -332,7 +332,10 @@ impl Vm {
         timings.agent_ms = ms(t.elapsed());
         timings.total_ms = ms(t0.elapsed());
         tracing::info!(?timings, "restored");
-        let _ = std::fs::write(vm.paths.dir.join("restore-timings.json"), serde_json::to_vec(&timings).unwrap_or_default());
+        let _ = std::fs::write(
+            vm.paths.dir.join("restore-timings.json"),
+            serde_json::to_vec(&timings).unwrap_or_default(),
+        );
         Ok(vm)
     }
 

@@ -92,7 +92,12 @@ impl Computers {
         &self.host
     }
 
-    async fn set_status(&self, id: ComputerId, status: ComputerStatus, error: Option<&str>) -> Result<bool, sqlx::Error> {
+    async fn set_status(
+        &self,
+        id: ComputerId,
+        status: ComputerStatus,
+        error: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
         let changed = self.db.set_status(id, status, error).await;
         self.changes.send_modify(|n| *n += 1);
         changed

@@ -110,6 +110,33 @@ impl Materializer {
         Ok(Self::files(&dir, manifest))
     }
 
+    /// Takes the files a snapshot was just made from as its materialized copy: this host then
+    /// restores it without downloading anything. (They are exactly what the chunks were cut
+    /// from.)
+    pub fn adopt(
+        &self,
+        id: SnapshotId,
+        manifest: &Manifest,
+        state: &Path,
+        memory: &Path,
+        disk: &Path,
+    ) -> std::io::Result<()> {
+        let tmp = self.root.join(format!(".{id}.adopt"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let files = Self::files(&tmp, manifest.clone());
+        std::fs::rename(state, &files.state)?;
+        std::fs::rename(memory, &files.memory)?;
+        std::fs::rename(disk, &files.disk)?;
+        std::fs::write(
+            tmp.join(COMPLETE),
+            serde_json::to_vec(manifest).expect("manifests serialize"),
+        )?;
+        let dir = self.dir(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)
+    }
+
     /// Forgets a snapshot's local files.
     pub fn evict(&self, id: SnapshotId) {
         let _ = std::fs::remove_dir_all(self.dir(id));

@@ -33,6 +33,7 @@ pub struct Snapshots {
     store: SnapshotStore,
     computers: Arc<Computers>,
     events: Arc<EventBus>,
+    materializer: Arc<cache::Materializer>,
     staging: PathBuf,
     /// One collection at a time.
     gc: tokio::sync::Mutex<()>,
@@ -55,6 +56,7 @@ impl Snapshots {
         store: SnapshotStore,
         computers: Arc<Computers>,
         events: Arc<EventBus>,
+        materializer: Arc<cache::Materializer>,
         staging: PathBuf,
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
@@ -62,6 +64,7 @@ impl Snapshots {
             store,
             computers,
             events,
+            materializer,
             staging,
             gc: tokio::sync::Mutex::new(()),
         })
@@ -402,6 +405,8 @@ impl Snapshots {
                 .await
                 .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
             base += part.size;
+            tracing::debug!(%id, file = %path.display(), new_chunks = s.new_chunks, reused = s.reused_chunks,
+                uploaded = s.uploaded_bytes, "part uploaded");
             stats.add(s);
             parts.push(part);
         }
@@ -463,6 +468,12 @@ impl Snapshots {
             )
             .await
             .map_err(|e| e.to_string())?;
+        if let Err(e) = self
+            .materializer
+            .adopt(id, &manifest, &captured.state, &captured.memory, &flat)
+        {
+            tracing::warn!(%id, error = %e, "keeping the snapshot's files for local restores");
+        }
         if done {
             let mut e = events::data(id, SnapshotStatus::Ready);
             e.progress = Some(1.0);

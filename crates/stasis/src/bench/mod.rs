@@ -11,8 +11,13 @@ use serde_json::json;
 
 use crate::client::Api;
 
+mod targets;
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Every performance target of the snapshot platform, each against its baseline in
+    /// this same run: measured value, baseline, ratio, target, pass/fail.
+    Targets,
     /// Create → running → first exec latency, and exec round trips.
     Computers {
         /// How many computers to create, one after another.
@@ -37,6 +42,9 @@ pub enum BenchCommand {
 /// A platform serving on an ephemeral port, stopped (with its machines) on drop of the guard.
 pub struct LocalPlatform {
     pub api: Api,
+    /// The platform's insides, for baselines that must reach a machine directly.
+    pub state: stasis_server::AppState,
+    pub data_dir: PathBuf,
     _data: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -58,6 +66,7 @@ impl LocalPlatform {
             .await
             .map_err(anyhow::Error::msg)?;
         let key = stasis_server::auth::create_key(&platform.state.db, "bench").await?;
+        let state = platform.state.clone();
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}/api/v1", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -70,6 +79,8 @@ impl LocalPlatform {
         });
         Ok(LocalPlatform {
             api: Api::with(base, key),
+            state,
+            data_dir: data.path().to_path_buf(),
             _data: data,
             shutdown: Some(tx),
             task: Some(task),
@@ -86,12 +97,12 @@ impl LocalPlatform {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
@@ -101,6 +112,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             bench_computers(computers.max(1), execs.max(1), &size).await
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
+        BenchCommand::Targets => targets::run().await,
     }
 }
 
@@ -178,7 +190,7 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
     Ok(())
 }
 
-async fn prepare_image() -> Result<()> {
+pub(crate) async fn prepare_image() -> Result<()> {
     eprintln!("preparing the guest image (cached after the first build)...");
     let cache = stasis_image::default_cache_dir();
     tokio::task::spawn_blocking(move || {
@@ -188,7 +200,7 @@ async fn prepare_image() -> Result<()> {
     Ok(())
 }
 
-async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_json::Value> {
+pub(crate) async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_json::Value> {
     let r = api
         .call(
             Method::POST,
@@ -200,7 +212,7 @@ async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_json::Value
     Ok(r)
 }
 
-async fn wait_snapshot(api: &Api, computer: &str, snap: &str) -> Result<serde_json::Value> {
+pub(crate) async fn wait_snapshot(api: &Api, computer: &str, snap: &str) -> Result<serde_json::Value> {
     loop {
         let r = api
             .call(Method::GET, &format!("/computers/{computer}/snapshots/{snap}"), None)
