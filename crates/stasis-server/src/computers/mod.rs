@@ -309,6 +309,7 @@ impl Computers {
             })
             .await;
         let _ = reporter.await;
+        let fetched_ms = started.elapsed().as_millis() as u64;
         let outcome: Result<(), (String, bool)> = match fetched {
             Err(e) => {
                 let damaged = matches!(
@@ -344,8 +345,10 @@ impl Computers {
         };
         match outcome {
             Ok(()) => {
-                tracing::info!(%id, %snapshot, elapsed_ms = started.elapsed().as_millis() as u64, "computer restored");
+                let restored_ms = started.elapsed().as_millis() as u64;
                 let _ = self.set_status(id, ComputerStatus::Running, None).await;
+                tracing::info!(%id, %snapshot, fetched_ms, restored_ms, running_ms = started.elapsed().as_millis() as u64,
+                    "computer restored");
                 let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
                 let mut e = events::data(snapshot, status);
                 e.step = Some("restored".into());
