@@ -20,6 +20,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
+use sha2::Digest;
 use stasis_vmm::{Accel, Host};
 
 use crate::computers::{Computers, RuntimeSettings};
@@ -54,6 +55,18 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 
 pub fn default_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("default-api-key")
+}
+
+/// Where snapshot RAM files live: a tmpfs when the host has one (restored machines map them,
+/// and only shared memory can be write-protected for their own snapshots), named after the
+/// data directory so two platforms on one host do not meet.
+pub fn memory_dir(data_dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let tag = hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..8]);
+        return shm.join(format!("stasis-{tag}"));
+    }
+    data_dir.join("cache/memory")
 }
 
 /// Creates the data directory with owner-only permissions.
@@ -132,6 +145,7 @@ impl Platform {
         let materializer = Arc::new(Materializer::new(
             store.clone(),
             config.data_dir.join("cache/snapshots"),
+            memory_dir(&config.data_dir),
         ));
         let computers = Computers::new(
             db.clone(),

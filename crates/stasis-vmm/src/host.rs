@@ -26,9 +26,6 @@ struct Entry {
 
 pub struct Host {
     root: PathBuf,
-    /// Where RAM files live: a tmpfs when the host has one (guest RAM must not be written
-    /// back to a disk by the page cache), else beside the machines.
-    ram_dir: PathBuf,
     machines: Mutex<HashMap<String, Arc<Entry>>>,
     events: mpsc::UnboundedSender<HostEvent>,
 }
@@ -38,10 +35,8 @@ impl Host {
     pub fn new(root: impl Into<PathBuf>) -> (Arc<Host>, mpsc::UnboundedReceiver<HostEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let root = root.into();
-        let ram_dir = default_ram_dir(&root);
         let host = Arc::new(Host {
             root,
-            ram_dir,
             machines: Mutex::new(HashMap::new()),
             events,
         });
@@ -64,16 +59,14 @@ impl Host {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn ram_path(&self, name: &str) -> PathBuf {
-        self.ram_dir.join(format!("{name}.ram"))
-    }
-
     /// Fills in where a machine's RAM and top disk overlay are: the overlay a previous run
     /// left on top of the chain (after snapshots) if there is one, else a fresh one.
     pub fn place(&self, name: &str, mut config: MachineConfig) -> MachineConfig {
         let paths = VmPaths::new(self.dir(name));
-        config.ram_path = self.ram_path(name);
-        config.ram_shared = true;
+        // Anonymous RAM: a snapshot streams it out (see `snapshot`), and unlike shared file
+        // memory, pages the guest never touched cost nothing, before a snapshot or after.
+        config.ram_path = PathBuf::new();
+        config.ram_shared = false;
         config.disk = std::fs::read(paths.config())
             .ok()
             .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
@@ -83,16 +76,8 @@ impl Host {
         config
     }
 
-    fn ensure_ram_dir(&self) -> Result<(), VmError> {
-        std::fs::create_dir_all(&self.ram_dir).map_err(|source| VmError::Io {
-            context: format!("creating {}", self.ram_dir.display()),
-            source,
-        })
-    }
-
     /// Cold-boots `name` (the disk chain is kept if it exists).
     pub async fn boot(self: &Arc<Self>, name: &str, config: MachineConfig) -> Result<Arc<Vm>, VmError> {
-        self.ensure_ram_dir()?;
         let config = self.place(name, config);
         let vm = Vm::boot(config, &self.dir(name)).await?;
         Ok(self.adopt(name, vm))
@@ -176,7 +161,6 @@ impl Host {
     /// Stops `name` and deletes everything it had on this host.
     pub async fn destroy(&self, name: &str) -> std::io::Result<()> {
         self.stop(name).await;
-        let _ = std::fs::remove_file(self.ram_path(name));
         match std::fs::remove_dir_all(self.dir(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -215,21 +199,10 @@ fn kill_stray_at(paths: &VmPaths) {
         .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
     {
         // Only a machine's own RAM file; a restored machine maps its snapshot's, shared.
-        if config.ram_shared {
+        if config.ram_shared && !config.ram_path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(config.ram_path);
         }
     }
-}
-
-fn default_ram_dir(root: &Path) -> PathBuf {
-    use std::hash::{Hash, Hasher};
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        root.hash(&mut h);
-        return shm.join(format!("stasis-{:016x}", h.finish()));
-    }
-    root.join(".ram")
 }
 
 /// Names of the machine directories under `root` (for reconciliation).

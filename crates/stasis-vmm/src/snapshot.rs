@@ -49,8 +49,10 @@ pub(crate) async fn set_migration_caps(qmp: &Qmp) -> Result<(), VmError> {
 const COPY_LIMIT: Duration = Duration::from_secs(300);
 
 impl Vm {
-    /// Captures the machine into `staging` (which must exist).
-    pub async fn capture(&self, staging: &Path) -> Result<Capture, VmError> {
+    /// Captures the machine into `staging` (which must exist), its RAM into `memory` (best on
+    /// a tmpfs: a machine restored from the snapshot maps that file, and only shared memory
+    /// can be write-protected for its own later snapshots).
+    pub async fn capture(&self, staging: &Path, memory: &Path) -> Result<Capture, VmError> {
         let _one_at_a_time = self.ops().lock().await;
         let qmp = self.qmp().clone();
         let config = self.config();
@@ -61,7 +63,7 @@ impl Vm {
             context: "creating the twin's directory".into(),
             source,
         })?;
-        let memory = staging.join("memory");
+        let memory = memory.to_path_buf();
         let state = staging.join("state");
         let mut twin_config = config.clone();
         twin_config.ram_path = memory.clone();
@@ -76,7 +78,14 @@ impl Vm {
             let stream = twin_paths.dir.join("migrate.sock");
             let uri = format!("unix:{}", stream.display());
             twin_qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
-            let (frozen, paused) = self.background_copy(&qmp, &uri).await?;
+            // A restored machine's RAM is a private mapping of its snapshot's file, which
+            // userfaultfd cannot write-protect: it is copied with the guest paused instead.
+            let background = config.ram_path.as_os_str().is_empty() || config.ram_shared;
+            let (frozen, paused) = if background {
+                self.background_copy(&qmp, &uri).await?
+            } else {
+                self.paused_copy(&qmp, &uri).await?
+            };
             wait_migration(&twin_qmp, Duration::from_secs(60)).await?;
             // The twin's query-migrate still says `completed` (its incoming stream) until the
             // outgoing one starts: wait for the outgoing one's own completion event instead.
@@ -136,30 +145,7 @@ impl Vm {
         qmp.execute("stop", json!({})).await?;
         let started = async {
             // Paused: freeze the disk at this very instant.
-            let mut config = self.config();
-            let frozen = config.disk.clone();
-            let top = top_node(qmp).await?;
-            let suffix = format!(
-                "{:x}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos()
-            );
-            let next = self.paths.dir.join(format!("disk-{suffix}.qcow2"));
-            qmp.execute(
-                "blockdev-snapshot-sync",
-                json!({
-                    "node-name": top,
-                    "snapshot-file": next.to_string_lossy(),
-                    "snapshot-node-name": format!("disk-{suffix}"),
-                    "format": "qcow2",
-                }),
-            )
-            .await?;
-            // From here on the guest writes to the new overlay, whatever happens next.
-            config.disk = next;
-            self.set_config(config)?;
+            let frozen = self.freeze_disk(qmp).await?;
             // The migration saves the device state and restarts the guest by itself.
             qmp.execute("migrate", json!({ "uri": uri })).await?;
             Ok::<_, VmError>(frozen)
@@ -183,6 +169,80 @@ impl Vm {
         finished?;
         let paused = pause_from_events(&mut run_state).await;
         Ok((frozen, paused))
+    }
+}
+
+impl Vm {
+    /// The fallback: pause, freeze the disk, stream everything (RAM included) into the twin,
+    /// resume. The pause grows with the RAM the guest uses.
+    async fn paused_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
+        let mut events = qmp.events();
+        let mut run_state = qmp.events();
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": false},
+                {"capability": "background-snapshot", "state": false},
+                {"capability": "events", "state": true},
+            ]}),
+        )
+        .await?;
+        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
+            .await?;
+        qmp.execute("stop", json!({})).await?;
+        let copied = async {
+            let frozen = self.freeze_disk(qmp).await?;
+            qmp.execute("migrate", json!({ "uri": uri })).await?;
+            wait_migration_event(&mut events, "completed", COPY_LIMIT).await?;
+            Ok::<_, VmError>(frozen)
+        }
+        .await;
+        if copied.is_err() {
+            let _ = qmp.execute("migrate_cancel", json!({})).await;
+        }
+        // QEMU reports `completed` a moment before it leaves `finish-migrate`, when `cont`
+        // is still refused.
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(5) {
+            match qmp.status().await {
+                Ok(s) if s == "finish-migrate" => tokio::time::sleep(Duration::from_millis(1)).await,
+                _ => break,
+            }
+        }
+        let resumed = qmp.execute("cont", json!({})).await;
+        let frozen = copied?;
+        resumed?;
+        Ok((frozen, pause_from_events(&mut run_state).await))
+    }
+
+    /// With the guest paused: puts a new overlay on top of the disk for the guest to go on
+    /// writing to, and returns the one now frozen.
+    async fn freeze_disk(&self, qmp: &Qmp) -> Result<PathBuf, VmError> {
+        let mut config = self.config();
+        let frozen = config.disk.clone();
+        let top = top_node(qmp).await?;
+        let suffix = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let next = self.paths.dir.join(format!("disk-{suffix}.qcow2"));
+        qmp.execute(
+            "blockdev-snapshot-sync",
+            json!({
+                "node-name": top,
+                "snapshot-file": next.to_string_lossy(),
+                "snapshot-node-name": format!("disk-{suffix}"),
+                "format": "qcow2",
+            }),
+        )
+        .await?;
+        // From here on the guest writes to the new overlay, whatever happens next.
+        config.disk = next;
+        self.set_config(config)?;
+        Ok(frozen)
     }
 }
 

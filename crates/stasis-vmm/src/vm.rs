@@ -89,11 +89,12 @@ pub struct MachineConfig {
     /// The top (writable) qcow2 overlay; its backing chain is read from the qcow2 headers.
     /// A snapshot freezes it and puts a new overlay on top.
     pub disk: PathBuf,
-    /// Guest RAM: a file mapped shared, so a snapshot captures it without a copy through the
-    /// migration stream. Kept on tmpfs where there is one.
+    /// Guest RAM file, if any: empty for anonymous RAM (booted machines); a restored machine
+    /// maps its snapshot's RAM file; a capture's twin writes its RAM into one.
     pub ram_path: PathBuf,
-    /// `share=on` (booted machines: RAM on tmpfs) or a private copy-on-write mapping of
-    /// `ram_path` (restored machines map their snapshot's RAM file, shared by all clones).
+    /// Map `ram_path` shared (the twin, whose writes must land in the file) or as a private
+    /// copy-on-write mapping (restored machines: pages are read on demand and stay shared by
+    /// every clone of the snapshot until written).
     #[serde(default = "shared_by_default")]
     pub ram_shared: bool,
     pub tsc_khz: Option<u64>,
@@ -180,11 +181,15 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     push("-m");
     push(&mem);
     push("-object");
-    push(&format!(
-        "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
-        p(cfg.ram_path.clone()),
-        if cfg.ram_shared { "on" } else { "off" }
-    ));
+    if cfg.ram_path.as_os_str().is_empty() {
+        push(&format!("memory-backend-ram,id=mem,size={mem}"));
+    } else {
+        push(&format!(
+            "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
+            p(cfg.ram_path.clone()),
+            if cfg.ram_shared { "on" } else { "off" }
+        ));
+    }
     push("-kernel");
     push(&p(cfg.kernel.clone()));
     push("-initrd");
@@ -513,7 +518,7 @@ impl Vm {
             }
         }
         let config = self.config();
-        if config.ram_shared {
+        if config.ram_shared && !config.ram_path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&config.ram_path);
         }
         for f in [self.paths.qmp(), self.paths.agent(), self.paths.pidfile()] {

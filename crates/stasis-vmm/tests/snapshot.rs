@@ -57,7 +57,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
 
     let staging = root.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
-    let capture = origin.capture(&staging).await.unwrap();
+    let capture = origin.capture(&staging, &staging.join("memory")).await.unwrap();
     eprintln!("paused {:?}", capture.paused);
     let at_snapshot: u64 = out(&origin, "cat /tmp/n").await.parse().unwrap();
     out(&origin, "echo later > /root/after").await;
@@ -104,11 +104,34 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     assert_eq!(out(&b, "test -e /root/a-only && echo yes || echo no").await, "no");
     assert_eq!(out(&origin, "cat /root/after").await, "later");
 
-    // The original can be captured again (its disk chain grew by one overlay).
+    // The original can be captured again (its disk chain grew by one overlay), and so can a
+    // restored clone (whose RAM is a private mapping of the snapshot's file), into a second
+    // generation that still carries everything.
     let staging2 = root.path().join("staging2");
     std::fs::create_dir_all(&staging2).unwrap();
-    let second = origin.capture(&staging2).await.unwrap();
+    let second = origin.capture(&staging2, &staging2.join("memory")).await.unwrap();
     assert_ne!(second.disk, capture.disk);
+    out(&a, "echo gen2 > /root/gen2").await;
+    let staging3 = root.path().join("staging3");
+    std::fs::create_dir_all(&staging3).unwrap();
+    let from_clone = a.capture(&staging3, &staging3.join("memory")).await.unwrap();
+    eprintln!("clone paused {:?}", from_clone.paused);
+    let flat = staging3.join("disk.raw");
+    flatten_disk(&from_clone.disk, &flat).await.unwrap();
+    let mut gen2 = from_clone.machine.clone();
+    gen2.base_disk = flat;
+    gen2.name = "gen2".into();
+    let g = host
+        .restore("gen2", gen2, &from_clone.state, &from_clone.memory)
+        .await
+        .unwrap();
+    assert_eq!(out(&g, "cat /root/before /root/gen2").await, "on-disk\ngen2");
+    let n1: u64 = out(&g, "cat /tmp/n").await.parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        out(&g, "cat /tmp/n").await.parse::<u64>().unwrap() > n1,
+        "the counter still runs"
+    );
     host.stop_all().await;
 }
 struct Keep(std::path::PathBuf);

@@ -333,6 +333,18 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
         out(&api, &restored, "cat /root/one /root/two; wc -c < /root/noise"),
         "one\ntwo\n8000000"
     );
+
+    // A restored computer is a computer like any other: it can be snapshotted and restored.
+    out(&api, &restored, "echo three > /root/three");
+    let c = snapshot(&api, &restored, "second generation");
+    let c_data = api.wait_snapshot(&restored, &c, "ready", SNAP);
+    assert!(c_data["pause_ms"].as_u64().is_some(), "{c_data}");
+    let grandchild = restore(&api, &restored, &c);
+    api.wait_status(&grandchild, "running", BOOT);
+    assert_eq!(
+        out(&api, &grandchild, "cat /root/one /root/two /root/three"),
+        "one\ntwo\nthree"
+    );
 }
 
 #[test]

@@ -566,6 +566,12 @@ impl Computers {
 
     /// Platform shutdown: stop every machine (none is left without an owner) and record it.
     pub async fn shutdown(&self) {
+        self.shutdown_machines().await;
+        // Snapshot RAM kept in memory is only a cache, and nothing maps it any more.
+        self.materializer.clear_memory();
+    }
+
+    async fn shutdown_machines(&self) {
         let running = self.host.running();
         self.host.stop_all().await;
         for name in running {

@@ -12,6 +12,9 @@ use stasis_types::SnapshotId;
 pub struct Materializer {
     store: SnapshotStore,
     root: PathBuf,
+    /// Where RAM files go: a tmpfs where there is one (restored machines map them, and their
+    /// own snapshots need shared memory underneath to write-protect).
+    memory_root: PathBuf,
     locks: Mutex<HashMap<SnapshotId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -27,22 +30,31 @@ pub struct Materialized {
 const COMPLETE: &str = "manifest.json";
 
 impl Materializer {
-    pub fn new(store: SnapshotStore, root: PathBuf) -> Materializer {
+    pub fn new(store: SnapshotStore, root: PathBuf, memory_root: PathBuf) -> Materializer {
         Materializer {
             store,
             root,
+            memory_root,
             locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn memory_root(&self) -> &Path {
+        &self.memory_root
     }
 
     pub fn dir(&self, id: SnapshotId) -> PathBuf {
         self.root.join(id.to_string())
     }
 
-    fn files(dir: &Path, manifest: Manifest) -> Materialized {
+    fn memory_path(&self, id: SnapshotId) -> PathBuf {
+        self.memory_root.join(format!("{id}.memory"))
+    }
+
+    fn files(&self, id: SnapshotId, dir: &Path, manifest: Manifest) -> Materialized {
         Materialized {
             state: dir.join("state"),
-            memory: dir.join("memory"),
+            memory: self.memory_path(id),
             disk: dir.join("disk.raw"),
             manifest,
         }
@@ -66,7 +78,7 @@ impl Materializer {
         let dir = self.dir(id);
         if let Ok(bytes) = std::fs::read(dir.join(COMPLETE)) {
             if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) {
-                let files = Self::files(&dir, manifest);
+                let files = self.files(id, &dir, manifest);
                 if files.state.exists() && files.memory.exists() && files.disk.exists() {
                     return Ok(files);
                 }
@@ -75,13 +87,17 @@ impl Materializer {
         let manifest = self.store.get_manifest(&id.to_string()).await?;
         let tmp = self.root.join(format!(".{id}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|source| StoreError::Io {
-            context: format!("creating {}", tmp.display()),
-            source,
-        })?;
+        for d in [&tmp, &self.memory_root] {
+            std::fs::create_dir_all(d).map_err(|source| StoreError::Io {
+                context: format!("creating {}", d.display()),
+                source,
+            })?;
+        }
         let total: u64 = manifest.parts().iter().map(|(_, p)| p.size).sum();
         let progress = Arc::new(progress);
-        let files = Self::files(&tmp, manifest.clone());
+        let mut files = self.files(id, &tmp, manifest.clone());
+        let memory_tmp = self.memory_root.join(format!(".{id}.memory.tmp"));
+        files.memory = memory_tmp.clone();
         let mut base = 0;
         for (part, path) in [
             (&manifest.state, &files.state),
@@ -92,12 +108,14 @@ impl Materializer {
             let tracker: Progress = Arc::new(move |done| p(base + done, total));
             if let Err(e) = self.store.materialize(part, path, tracker).await {
                 let _ = std::fs::remove_dir_all(&tmp);
+                let _ = std::fs::remove_file(&memory_tmp);
                 return Err(e);
             }
             base += part.size;
         }
         let json = serde_json::to_vec(&manifest).expect("manifests serialize");
         let write = std::fs::write(tmp.join(COMPLETE), json)
+            .and_then(|_| std::fs::rename(&memory_tmp, self.memory_path(id)))
             .and_then(|_| {
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::rename(&tmp, &dir)
@@ -107,7 +125,8 @@ impl Materializer {
                 source,
             });
         write?;
-        Ok(Self::files(&dir, manifest))
+        self.enforce_budget();
+        Ok(self.files(id, &dir, manifest))
     }
 
     /// Takes the files a snapshot was just made from as its materialized copy: this host then
@@ -124,7 +143,8 @@ impl Materializer {
         let tmp = self.root.join(format!(".{id}.adopt"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let files = Self::files(&tmp, manifest.clone());
+        std::fs::create_dir_all(&self.memory_root)?;
+        let files = self.files(id, &tmp, manifest.clone());
         std::fs::rename(state, &files.state)?;
         std::fs::rename(memory, &files.memory)?;
         std::fs::rename(disk, &files.disk)?;
@@ -134,11 +154,59 @@ impl Materializer {
         )?;
         let dir = self.dir(id);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)
+        std::fs::rename(&tmp, &dir)?;
+        self.enforce_budget();
+        Ok(())
+    }
+
+    /// Keeps the RAM files within budget (a quarter of the host's memory): the least recently
+    /// used go first. A file a running machine maps stays mapped after it is deleted, so this
+    /// never disturbs a computer; a later restore just fetches the RAM again.
+    pub fn enforce_budget(&self) {
+        let budget = host_memory_bytes() / 4;
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = std::fs::read_dir(&self.memory_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".memory"))
+            .filter_map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                let m = e.metadata().ok()?;
+                Some((m.accessed().or_else(|_| m.modified()).ok()?, m.blocks() * 512, e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, size, path) in files {
+            if total <= budget {
+                break;
+            }
+            tracing::info!(file = %path.display(), size, "evicting a cached snapshot RAM file");
+            let _ = std::fs::remove_file(&path);
+            total = total.saturating_sub(size);
+        }
+    }
+
+    /// Removes every RAM file (the platform is shutting down and its computers are stopped).
+    pub fn clear_memory(&self) {
+        let _ = std::fs::remove_dir_all(&self.memory_root);
     }
 
     /// Forgets a snapshot's local files.
     pub fn evict(&self, id: SnapshotId) {
+        let _ = std::fs::remove_file(self.memory_path(id));
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
+}
+
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kb| kb * 1024)
 }

@@ -279,6 +279,12 @@ impl Snapshots {
         Ok(clone)
     }
 
+    /// Where the capture's RAM goes (beside the materialized RAM files, so a finished
+    /// snapshot's RAM can be kept by a rename).
+    fn staging_memory(&self, id: SnapshotId) -> PathBuf {
+        self.materializer.memory_root().join(format!(".{id}.staging"))
+    }
+
     fn staging_dir(&self, id: SnapshotId) -> PathBuf {
         self.staging.join(id.to_string())
     }
@@ -288,6 +294,7 @@ impl Snapshots {
         let staging = self.staging_dir(id);
         let result = self.capture_and_upload(id, &staging).await;
         let _ = std::fs::remove_dir_all(&staging);
+        let _ = std::fs::remove_file(self.staging_memory(id));
         if let Err(reason) = result {
             tracing::warn!(%id, reason, "snapshot failed");
             let from = [SnapshotStatus::Creating, SnapshotStatus::Uploading];
@@ -332,8 +339,9 @@ impl Snapshots {
                     (Some(ComputerStatus::Running), Some(vm)) => vm,
                     _ => return Err("computer is not running".into()),
                 };
+                let _ = std::fs::create_dir_all(self.materializer.memory_root());
                 let capture = vm
-                    .capture(staging)
+                    .capture(staging, &self.staging_memory(id))
                     .await
                     .map_err(|e| format!("capturing the machine: {e}"))?;
                 drop(guard);
