@@ -87,6 +87,15 @@ impl LocalPlatform {
         })
     }
 
+    /// Runs `f` against a fresh platform and always stops it after (its machines with it),
+    /// whether `f` succeeded or not.
+    pub async fn with<T>(f: impl AsyncFnOnce(&LocalPlatform) -> Result<T>) -> Result<T> {
+        let platform = LocalPlatform::start().await?;
+        let result = f(&platform).await;
+        platform.stop().await;
+        result
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -123,71 +132,72 @@ async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
         stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}"))
     })
     .await??;
-    let platform = LocalPlatform::start().await?;
-    let api = &platform.api;
-    println!("accelerator: {}", stasis_vmm::Accel::detect().as_str());
-    println!(
-        "{:<4} {:>14} {:>16} {:>18}",
-        "run", "create (HTTP)", "create→running", "create→first exec"
-    );
-    let mut to_exec = Vec::new();
-    let mut first_id = None;
-    for i in 0..n {
-        let t = Instant::now();
-        let c = api
-            .call(
-                Method::POST,
-                "/computers",
-                Some(json!({"name": format!("bench-{i}"), "size": size})),
-            )
-            .await?;
-        let created = t.elapsed();
-        let id = c["id"].as_str().context("create answered without an id")?.to_string();
-        api.wait_running(&id, Duration::from_secs(300)).await?;
-        let running = t.elapsed();
-        let r = api
-            .call(
-                Method::POST,
-                &format!("/computers/{id}/exec"),
-                Some(json!({"command": "true"})),
-            )
-            .await?;
-        anyhow::ensure!(r["exit_code"] == 0, "first exec failed: {r}");
-        let first = t.elapsed();
-        println!("{:<4} {:>14} {:>16} {:>18}", i + 1, ms(created), ms(running), ms(first));
-        to_exec.push(first);
-        if first_id.is_none() {
-            first_id = Some(id);
-        } else {
-            api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+    LocalPlatform::with(async |platform| {
+        let api = &platform.api;
+        println!("accelerator: {}", stasis_vmm::Accel::detect().as_str());
+        println!(
+            "{:<4} {:>14} {:>16} {:>18}",
+            "run", "create (HTTP)", "create→running", "create→first exec"
+        );
+        let mut to_exec = Vec::new();
+        let mut first_id = None;
+        for i in 0..n {
+            let t = Instant::now();
+            let c = api
+                .call(
+                    Method::POST,
+                    "/computers",
+                    Some(json!({"name": format!("bench-{i}"), "size": size})),
+                )
+                .await?;
+            let created = t.elapsed();
+            let id = c["id"].as_str().context("create answered without an id")?.to_string();
+            api.wait_running(&id, Duration::from_secs(300)).await?;
+            let running = t.elapsed();
+            let r = api
+                .call(
+                    Method::POST,
+                    &format!("/computers/{id}/exec"),
+                    Some(json!({"command": "true"})),
+                )
+                .await?;
+            anyhow::ensure!(r["exit_code"] == 0, "first exec failed: {r}");
+            let first = t.elapsed();
+            println!("{:<4} {:>14} {:>16} {:>18}", i + 1, ms(created), ms(running), ms(first));
+            to_exec.push(first);
+            if first_id.is_none() {
+                first_id = Some(id);
+            } else {
+                api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+            }
         }
-    }
-    let id = first_id.expect("at least one computer");
-    let mut rtts = Vec::new();
-    for _ in 0..execs {
-        let t = Instant::now();
-        let r = api
-            .call(
-                Method::POST,
-                &format!("/computers/{id}/exec"),
-                Some(json!({"command": "echo hi"})),
-            )
-            .await?;
-        anyhow::ensure!(r["output"] == "hi\n", "exec answered {r}");
-        rtts.push(t.elapsed());
-    }
-    let min = *rtts.iter().min().expect("non-empty");
-    let max = *rtts.iter().max().expect("non-empty");
-    println!("create→first exec median over {n}: {}", ms(median(to_exec)));
-    println!(
-        "exec round trip (echo hi) over {execs}: median {}, min {}, max {}",
-        ms(median(rtts)),
-        ms(min),
-        ms(max)
-    );
-    api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
-    platform.stop().await;
-    Ok(())
+        let id = first_id.expect("at least one computer");
+        let mut rtts = Vec::new();
+        for _ in 0..execs {
+            let t = Instant::now();
+            let r = api
+                .call(
+                    Method::POST,
+                    &format!("/computers/{id}/exec"),
+                    Some(json!({"command": "echo hi"})),
+                )
+                .await?;
+            anyhow::ensure!(r["output"] == "hi\n", "exec answered {r}");
+            rtts.push(t.elapsed());
+        }
+        let min = *rtts.iter().min().expect("non-empty");
+        let max = *rtts.iter().max().expect("non-empty");
+        println!("create→first exec median over {n}: {}", ms(median(to_exec)));
+        println!(
+            "exec round trip (echo hi) over {execs}: median {}, min {}, max {}",
+            ms(median(rtts)),
+            ms(min),
+            ms(max)
+        );
+        api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+        Ok(())
+    })
+    .await
 }
 
 pub(crate) async fn prepare_image() -> Result<()> {
@@ -233,7 +243,7 @@ fn mib(bytes: &serde_json::Value) -> String {
 
 async fn bench_snapshots(size: &str, touch_mib: u64) -> Result<()> {
     prepare_image().await?;
-    let platform = LocalPlatform::start().await?;
+    LocalPlatform::with(async |platform| {
     let api = &platform.api;
 
     // Baseline in the same run: cold boot → first exec.
@@ -316,6 +326,7 @@ async fn bench_snapshots(size: &str, touch_mib: u64) -> Result<()> {
         "restore (cached) is {:.1}x faster than a cold boot to first exec",
         cold.as_secs_f64() / warm.as_secs_f64()
     );
-    platform.stop().await;
     Ok(())
+    })
+    .await
 }
