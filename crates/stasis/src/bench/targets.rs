@@ -334,7 +334,7 @@ pub async fn run() -> Result<()> {
     // Ours first, so that neither benefits from the other having touched the guest's memory.
     let medium_snap = snapshot(api, &medium).await?;
     let full_state = scratch.join("full.state");
-    let baseline_pause = baseline_save(&platform, &medium, &full_state).await?;
+    let baseline_pause = baseline_save(platform, &medium, &full_state).await?;
     let medium_snap_id = medium_snap["id"].as_str().context("no id")?.to_string();
     let our_pause = Duration::from_millis(medium_snap["pause_ms"].as_u64().unwrap_or(0));
     let medium_config = machine(&data, &medium)?;
