@@ -46,6 +46,19 @@ pub struct Config {
     pub cache_dir: PathBuf,
     pub accel: Accel,
     pub qemu_binary: PathBuf,
+    /// sqlite://... or postgres://... (see [`database_url`]).
+    pub database_url: String,
+    /// s3://BUCKET[/PREFIX] or file:///DIR; None: `objects/` in the data dir.
+    pub store_url: Option<String>,
+    pub s3: stasis_store::S3Options,
+}
+
+/// The metadata database: the one given, or SQLite in the data dir.
+pub fn database_url(data_dir: &Path, given: Option<&str>) -> String {
+    match given.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(url) => url.to_string(),
+        None => format!("sqlite://{}", db_path(data_dir).display()),
+    }
 }
 
 /// Paths inside the data directory.
@@ -129,9 +142,9 @@ pub struct Platform {
 impl Platform {
     pub async fn open(config: &Config) -> Result<Platform, String> {
         prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
-        let db = Db::open_sqlite(&db_path(&config.data_dir))
+        let db = Db::open(&config.database_url)
             .await
-            .map_err(|e| format!("opening the database: {e}"))?;
+            .map_err(|e| format!("opening the database {}: {e}", db::redact(&config.database_url)))?;
         let (host, host_events) = Host::new(config.data_dir.join("computers"));
         let images = Images::new(config.cache_dir.clone());
         let settings = RuntimeSettings {
@@ -139,8 +152,11 @@ impl Platform {
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         };
-        let store = stasis_store::SnapshotStore::local(&config.data_dir.join("objects"))
-            .map_err(|e| format!("opening the snapshot store: {e}"))?;
+        let store = match &config.store_url {
+            Some(url) => stasis_store::SnapshotStore::open(url, &config.s3),
+            None => stasis_store::SnapshotStore::local(&config.data_dir.join("objects")),
+        }
+        .map_err(|e| format!("opening the snapshot store: {e}"))?;
         let events = Arc::new(EventBus::new(db.clone()));
         let materializer = Arc::new(Materializer::new(
             store.clone(),

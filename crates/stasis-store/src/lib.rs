@@ -57,6 +57,8 @@ pub enum StoreError {
         #[source]
         source: ManifestError,
     },
+    #[error("{0}")]
+    Config(String),
     #[error("manifest of snapshot {0} is missing from the store")]
     MissingManifest(String),
     #[error("{context}: {source}")]
@@ -102,11 +104,24 @@ impl UploadStats {
 /// Called with the number of bytes processed so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// How to reach an S3-compatible store beyond what the standard `AWS_*` variables say
+/// (credentials always come from those: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// e.g. `http://127.0.0.1:9000` for a server that is not AWS; plain HTTP is allowed then.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// How long a request is retried (with backoff) before it fails; default two minutes.
+    pub retry_timeout: Option<Duration>,
+}
+
 #[derive(Clone)]
 pub struct SnapshotStore {
     store: Arc<dyn ObjectStore>,
     /// Where it is, for users: the bucket (or local directory's name).
     bucket: String,
+    /// The key prefix inside the bucket under which everything lives ("" or ending in '/').
+    prefix: String,
     /// Held shared by uploads, exclusively by garbage collection, so a chunk an upload found
     /// already present cannot be collected before the upload's manifest names it.
     gc_lock: Arc<tokio::sync::RwLock<()>>,
@@ -126,8 +141,70 @@ impl SnapshotStore {
         SnapshotStore {
             store,
             bucket: bucket.into(),
+            prefix: String::new(),
             gc_lock: Arc::default(),
         }
+    }
+
+    /// Opens the store a URL names: `file:///ABS/DIR` (or a plain absolute path) for a local
+    /// directory, `s3://BUCKET[/PREFIX]` for S3 or any S3-compatible server.
+    pub fn open(url: &str, s3: &S3Options) -> Result<SnapshotStore, StoreError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::Config(format!("store URL {url:?} names no bucket")));
+            }
+            return SnapshotStore::s3(bucket, prefix, s3);
+        }
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if !path.starts_with('/') {
+            return Err(StoreError::Config(format!(
+                "unsupported store URL {url:?}: use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/DIR"
+            )));
+        }
+        SnapshotStore::local(Path::new(path))
+    }
+
+    /// A store in an S3 bucket, under `prefix`.
+    pub fn s3(bucket: &str, prefix: &str, options: &S3Options) -> Result<SnapshotStore, StoreError> {
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(region) = &options.region {
+            builder = builder.with_region(region);
+        }
+        // Retry transient failures (a server briefly down, 5xx, throttling) with backoff for up
+        // to two minutes (by default) before an upload gives up.
+        builder = builder.with_retry(object_store::RetryConfig {
+            backoff: object_store::BackoffConfig::default(),
+            max_retries: 100,
+            retry_timeout: options.retry_timeout.unwrap_or(Duration::from_secs(120)),
+        });
+        let s3 = builder.build()?;
+        let prefix = prefix.trim_matches('/');
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = if prefix.is_empty() {
+            (Arc::new(s3), String::new())
+        } else {
+            (
+                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)),
+                format!("{prefix}/"),
+            )
+        };
+        Ok(SnapshotStore {
+            store,
+            bucket: bucket.to_string(),
+            prefix,
+            gc_lock: Arc::default(),
+        })
+    }
+
+    /// The key prefix inside the bucket ("" or ending in '/').
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// A store in a local directory (created if needed).

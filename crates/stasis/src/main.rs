@@ -74,12 +74,41 @@ fn default_data_dir() -> PathBuf {
     home.join(".local/share/stasis")
 }
 
+/// Where metadata lives.
+#[derive(clap::Args)]
+struct Database {
+    /// Metadata database: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB
+    /// (default: SQLite in the data dir).
+    #[arg(long, env = "STASIS_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+impl Database {
+    fn resolve(&self, data_dir: &std::path::Path) -> String {
+        stasis_server::database_url(data_dir, self.database_url.as_deref())
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", env = "STASIS_LISTEN")]
     listen: SocketAddr,
     #[command(flatten)]
     data: DataDir,
+    #[command(flatten)]
+    database: Database,
+    /// Snapshot store: s3://BUCKET[/PREFIX] (credentials from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, ...) or file:///DIR (default: objects/ in the data dir).
+    #[arg(long, env = "STASIS_STORE_URL")]
+    store_url: Option<String>,
+    /// S3 endpoint for an S3-compatible server, e.g. http://127.0.0.1:9000.
+    #[arg(long, env = "STASIS_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "STASIS_S3_REGION")]
+    s3_region: Option<String>,
+    /// How long an S3 request is retried, with backoff, before it fails.
+    #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
+    s3_retry_secs: u64,
     /// auto (KVM where the CPU has vmx/svm and /dev/kvm opens, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
     accel: String,
@@ -98,6 +127,8 @@ enum KeysCommand {
         tenant: String,
         #[command(flatten)]
         data: DataDir,
+        #[command(flatten)]
+        database: Database,
     },
 }
 
@@ -140,7 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
             serve(args).await
         }
         Command::Keys {
-            command: KeysCommand::Create { tenant, data },
+            command: KeysCommand::Create { tenant, data, database },
         } => {
             let tenant = tenant.trim();
             if tenant.is_empty() {
@@ -148,7 +179,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let data_dir = data.resolve();
             stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
-            let db = stasis_server::db::Db::open_sqlite(&stasis_server::db_path(&data_dir)).await?;
+            let url = database.resolve(&data_dir);
+            let db = stasis_server::db::Db::open(&url)
+                .await
+                .with_context(|| format!("opening the database {}", stasis_server::db::redact(&url)))?;
             let key = stasis_server::auth::create_key(&db, tenant).await?;
             println!("created a key for tenant {tenant:?}");
             println!("{key}");
@@ -179,6 +213,13 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
         cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
         accel,
         qemu_binary: args.qemu.clone(),
+        database_url: args.database.resolve(&args.data.resolve()),
+        store_url: args.store_url.clone(),
+        s3: stasis_store::S3Options {
+            endpoint: args.s3_endpoint.clone(),
+            region: args.s3_region.clone(),
+            retry_timeout: Some(std::time::Duration::from_secs(args.s3_retry_secs)),
+        },
     })
 }
 

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{create_key, data_dir, Client, Server};
@@ -276,17 +275,6 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     assert_eq!(error_of(&r), (409, "computer is not running".into()));
 }
 
-fn chunk_files(data: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let root = data.join("objects/chunks");
-    for sub in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
-            out.push(f.path());
-        }
-    }
-    out
-}
-
 #[test]
 fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     let dir = data_dir();
@@ -304,22 +292,20 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     );
     let b = snapshot(&api, &id, "b");
     api.wait_snapshot(&id, &b, "ready", SNAP);
-    let before = chunk_files(dir.path()).len();
+    let store = common::backends::Store::of(dir.path());
+    let before = store.chunks().len();
 
     let r = api.call("DELETE", &format!("/computers/{id}/snapshots/{a}"), None);
     assert_eq!(r.status, 200);
     // Collection runs in the background; a's own chunks go, b's stay.
     let t = Instant::now();
-    while chunk_files(dir.path()).len() == before && t.elapsed() < Duration::from_secs(30) {
+    while store.chunks().len() == before && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let after = chunk_files(dir.path()).len();
+    let after = store.chunks().len();
     assert!(after < before, "a's own chunks are collected ({before} -> {after})");
-    assert!(
-        !dir.path().join(format!("objects/snapshots/{a}/manifest.zst")).exists(),
-        "a's manifest is gone"
-    );
-    assert!(dir.path().join(format!("objects/snapshots/{b}/manifest.zst")).exists());
+    assert!(!store.has_manifest(&a), "a's manifest is gone");
+    assert!(store.has_manifest(&b));
 
     // With every local cache gone, b restores from the store alone (twice: the first restore
     // fills the cache again, which is then deleted too).
@@ -351,27 +337,23 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
 fn faults_end_in_clear_states() {
     let dir = data_dir();
     let key = create_key(dir.path(), "default");
-    let mut server = Server::start(dir.path());
+    // An unreachable S3 store is retried for 5 s before an upload gives up.
+    let mut server = Server::start_with(dir.path(), &[("STASIS_S3_RETRY_SECS", "5")]);
     let api = Client::new(&server.base, Some(&key));
     let id = running_computer(&api, "faulty");
 
     // The store cannot be written: the snapshot fails with the reason; the computer goes on.
-    let chunks = dir.path().join("objects/chunks");
-    std::fs::create_dir_all(chunks.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_dir_all(&chunks);
-    std::fs::write(&chunks, b"not a directory").unwrap();
+    let store = common::backends::Store::of(dir.path());
+    store.set_unwritable(true);
     let s = snapshot(&api, &id, "doomed");
     let failed = api.wait_snapshot(&id, &s, "failed", SNAP);
     assert!(failed["error"].as_str().unwrap().contains("snapshot store"), "{failed}");
     assert_eq!(api.status(&id).0, "running");
     assert_eq!(out(&api, &id, "echo still-fine"), "still-fine");
-    assert!(
-        !dir.path().join(format!("objects/snapshots/{s}/manifest.zst")).exists(),
-        "no manifest for a failed snapshot"
-    );
+    store.set_unwritable(false);
+    assert!(!store.has_manifest(&s), "no manifest for a failed snapshot");
     let r = api.call("POST", &format!("/computers/{id}/restore/{s}"), None);
     assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
-    std::fs::remove_file(&chunks).unwrap();
 
     // The server dies during an upload: after a restart the snapshot ends ready or failed.
     let s = snapshot(&api, &id, "interrupted");
@@ -384,7 +366,7 @@ fn faults_end_in_clear_states() {
         std::thread::sleep(Duration::from_millis(10));
     }
     server.kill9();
-    let server = Server::start(dir.path());
+    let server = Server::start_with(dir.path(), &[("STASIS_S3_RETRY_SECS", "5")]);
     let api = Client::new(&server.base, Some(&key));
     let t = Instant::now();
     let final_state: Value = loop {
@@ -409,12 +391,7 @@ fn faults_end_in_clear_states() {
     let good = snapshot(&api, &id, "to-corrupt");
     api.wait_snapshot(&id, &good, "ready", SNAP);
     let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    for f in chunk_files(dir.path()) {
-        let mut bytes = std::fs::read(&f).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x5a;
-        std::fs::write(&f, bytes).unwrap();
-    }
+    store.corrupt_chunks();
     let restored = restore(&api, &id, &good);
     let body = api.wait_status(&restored, "error", SNAP);
     let reason = body["error"].as_str().unwrap();

@@ -10,15 +10,24 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
 
-/// Schema migrations, in order. Each runs once, inside a transaction.
-const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
-    (2, include_str!("../../migrations/sqlite/0002_snapshots.sql")),
+/// Schema migrations, in order. Each runs once, inside a transaction. They are written in the
+/// SQL that SQLite and PostgreSQL share (TEXT, BIGINT, `ON CONFLICT`), so one set serves both.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_snapshots.sql")),
 ];
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
 
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    backend: Backend,
 }
 
 pub fn now() -> String {
@@ -32,6 +41,25 @@ pub(crate) fn parse_time(s: &str) -> DateTime<Utc> {
 }
 
 impl Db {
+    /// Opens the database a URL names: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`
+    /// (`postgresql://` too), and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Db, sqlx::Error> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = path.split('?').next().unwrap_or(path);
+            return Db::open_sqlite(std::path::Path::new(path)).await;
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Db::open_postgres(url).await;
+        }
+        Err(sqlx::Error::Configuration(
+            format!(
+                "unsupported database URL {:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB",
+                redact(url)
+            )
+            .into(),
+        ))
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and brings its schema up to date.
     pub async fn open_sqlite(path: &std::path::Path) -> Result<Db, sqlx::Error> {
         sqlx::any::install_default_drivers();
@@ -50,9 +78,41 @@ impl Db {
             })
             .connect(&url)
             .await?;
-        let db = Db { pool };
-        db.migrate(SQLITE_MIGRATIONS).await?;
+        let db = Db {
+            pool,
+            backend: Backend::Sqlite,
+        };
+        db.migrate(MIGRATIONS).await?;
         Ok(db)
+    }
+
+    /// Connects to a PostgreSQL server and brings the schema up to date. Several processes may
+    /// start at once: an advisory lock lets one migrate while the others wait.
+    pub async fn open_postgres(url: &str) -> Result<Db, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(32)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        let db = Db {
+            pool,
+            backend: Backend::Postgres,
+        };
+        let mut conn = db.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(7355608)")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = db.migrate(MIGRATIONS).await;
+        sqlx::query("SELECT pg_advisory_unlock(7355608)")
+            .execute(&mut *conn)
+            .await?;
+        migrated?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     async fn migrate(&self, migrations: &[(i64, &str)]) -> Result<(), sqlx::Error> {
@@ -233,6 +293,20 @@ impl Db {
     }
 }
 
+/// A database URL fit for messages: the password, if any, replaced.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn is_comment(statement: &str) -> bool {
     statement
         .lines()
@@ -328,6 +402,22 @@ mod tests {
         assert!(
             !db.set_status(c.id, ComputerStatus::Running, None).await.unwrap(),
             "and stay gone"
+        );
+    }
+
+    #[test]
+    fn passwords_do_not_reach_messages() {
+        assert_eq!(redact("postgres://u:secret@h:5432/d"), "postgres://u:***@h:5432/d");
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+
+    #[tokio::test]
+    async fn unknown_database_urls_are_named() {
+        let err = Db::open("mysql://u:pw@h/d").await.err().unwrap().to_string();
+        assert!(
+            err.contains("unsupported database URL") && err.contains("mysql://u:***@h/d"),
+            "{err}"
         );
     }
 

@@ -472,7 +472,7 @@ impl Snapshots {
                 stats.uploaded_bytes + manifest_bytes,
                 captured.pause_ms,
                 self.store.bucket(),
-                &format!("snapshots/{id}/"),
+                &format!("{}snapshots/{id}/", self.store.prefix()),
             )
             .await
             .map_err(|e| e.to_string())?;

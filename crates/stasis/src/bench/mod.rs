@@ -61,6 +61,9 @@ impl LocalPlatform {
                 .unwrap_or_else(stasis_image::default_cache_dir),
             accel: stasis_vmm::Accel::detect(),
             qemu_binary: "qemu-system-x86_64".into(),
+            database_url: stasis_server::database_url(data.path(), None),
+            store_url: None,
+            s3: Default::default(),
         };
         let platform = stasis_server::Platform::open(&config)
             .await

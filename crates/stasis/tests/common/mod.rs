@@ -2,6 +2,8 @@
 //! directory and an ephemeral port, and talks to it over HTTP.
 #![allow(dead_code)]
 
+pub mod backends;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,11 +28,13 @@ pub fn data_dir() -> tempfile::TempDir {
 }
 
 pub fn create_key(data_dir: &Path, tenant: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["keys", "create", "--tenant", tenant, "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["keys", "create", "--tenant", tenant, "--data-dir"])
+        .arg(data_dir);
+    if let Some(url) = backends::database_url(data_dir) {
+        cmd.args(["--database-url", &url]);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "keys create: {}",
@@ -51,10 +55,13 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let (args, backend_env) = backends::serve_args(data_dir);
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("STASIS_LOG", "info,sqlx=warn")
+            .envs(backend_env)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
