@@ -44,6 +44,9 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(t) = crate::cluster::host_tenant(state, &parts.headers) {
+            return Ok(t);
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

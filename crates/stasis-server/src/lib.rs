@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cluster;
 pub mod computers;
 pub mod db;
 pub mod error;
@@ -37,6 +38,25 @@ pub struct AppState {
     pub db: Db,
     pub computers: Arc<Computers>,
     pub snapshots: Arc<Snapshots>,
+    /// Set when this platform is a control plane of hosts.
+    pub control_plane: Option<Arc<cluster::ControlPlane>>,
+    /// Set when this platform is a host: its control plane's token.
+    pub host_token: Option<String>,
+}
+
+/// What part this process plays.
+#[derive(Debug, Clone, Default)]
+pub enum Role {
+    /// One process does everything (the default).
+    #[default]
+    Embedded,
+    /// A control plane: hosts join it with `token`; one silent for `host_timeout` is lost.
+    ControlPlane {
+        token: String,
+        host_timeout: std::time::Duration,
+    },
+    /// A host of a control plane, known to it as `id`.
+    Host { id: String, token: String },
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +71,7 @@ pub struct Config {
     /// s3://BUCKET[/PREFIX] or file:///DIR; None: `objects/` in the data dir.
     pub store_url: Option<String>,
     pub s3: stasis_store::S3Options,
+    pub role: Role,
 }
 
 /// The metadata database: the one given, or SQLite in the data dir.
@@ -98,8 +119,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/api/v1", api)
+        .route("/internal/v1/hosts/heartbeat", axum::routing::post(cluster::heartbeat))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::dispatch))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -119,7 +142,14 @@ async fn method_not_allowed() -> ApiError {
 /// Gives every request an id, visible to handlers (for error bodies and logs) and returned in
 /// `x-request-id`.
 async fn request_id(req: Request, next: Next) -> Response {
-    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    // A control plane forwarding a request passes its id on, so both logs and the answer agree.
+    let forwarded = req
+        .headers()
+        .get("x-stasis-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 36 && v.starts_with("req_") && v[4..].bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string);
+    let id = forwarded.unwrap_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = std::time::Instant::now();
@@ -163,6 +193,10 @@ impl Platform {
             config.data_dir.join("cache/snapshots"),
             memory_dir(&config.data_dir),
         ));
+        let host_id = match &config.role {
+            Role::Host { id, .. } => Some(id.clone()),
+            _ => None,
+        };
         let computers = Computers::new(
             db.clone(),
             host,
@@ -170,6 +204,7 @@ impl Platform {
             settings,
             materializer.clone(),
             events.clone(),
+            host_id,
         );
         let snapshots = Snapshots::new(
             db.clone(),
@@ -179,9 +214,21 @@ impl Platform {
             materializer,
             config.data_dir.join("staging"),
         );
-        db.reset_restores()
-            .await
-            .map_err(|e| format!("resetting restores: {e}"))?;
+        let clustered = !matches!(config.role, Role::Embedded);
+        if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {
+            return Err(
+                "several hosts need a shared database and store: give --database-url postgres://... and \
+                 --store-url s3://..."
+                    .into(),
+            );
+        }
+        if !clustered {
+            // Restores in flight died with the last process (with several hosts, another
+            // host's may still be running).
+            db.reset_restores()
+                .await
+                .map_err(|e| format!("resetting restores: {e}"))?;
+        }
         computers
             .reconcile()
             .await
@@ -190,13 +237,40 @@ impl Platform {
             .recover()
             .await
             .map_err(|e| format!("recovering snapshots: {e}"))?;
-        let gc = snapshots.clone();
-        tokio::spawn(async move { gc.collect_garbage().await });
+        // One collector per store: the control plane's (or the embedded platform's).
+        if !matches!(config.role, Role::Host { .. }) {
+            let gc = snapshots.clone();
+            tokio::spawn(async move { gc.collect_garbage().await });
+        }
+        let control_plane = match &config.role {
+            Role::ControlPlane { token, host_timeout } => {
+                let cp = Arc::new(cluster::ControlPlane::new(
+                    token.clone(),
+                    *host_timeout,
+                    cluster::Joined {
+                        database_url: config.database_url.clone(),
+                        store_url: config.store_url.clone().unwrap_or_default(),
+                        s3_endpoint: config.s3.endpoint.clone(),
+                        s3_region: config.s3.region.clone(),
+                        heartbeat_secs: (host_timeout.as_secs() / 4).max(1),
+                    },
+                ));
+                tokio::spawn(cp.clone().watch_hosts(db.clone(), computers.clone()));
+                Some(cp)
+            }
+            _ => None,
+        };
+        let host_token = match &config.role {
+            Role::Host { token, .. } => Some(token.clone()),
+            _ => None,
+        };
         Ok(Platform {
             state: AppState {
                 db,
                 computers,
                 snapshots,
+                control_plane,
+                host_token,
             },
             host_events,
             images,

@@ -4,6 +4,7 @@
 
 mod bench;
 mod client;
+mod host;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,8 +25,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the platform: API, SQLite metadata, local object store, QEMU machines, one process.
+    /// Run the platform: API, SQLite metadata, local object store, QEMU machines, one process
+    /// (or, with --cluster-token, a control plane that hosts join).
     Serve(ServeArgs),
+    /// Run computers for a control plane: join it, heartbeat, serve its requests.
+    Host(HostArgs),
     /// API keys.
     Keys {
         #[command(subcommand)]
@@ -109,6 +113,13 @@ pub struct ServeArgs {
     /// How long an S3 request is retried, with backoff, before it fails.
     #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
     s3_retry_secs: u64,
+    /// Be a control plane that hosts join with this shared secret (needs PostgreSQL and S3);
+    /// computers then run on the hosts.
+    #[arg(long, env = "STASIS_CLUSTER_TOKEN")]
+    cluster_token: Option<String>,
+    /// A host silent this long is lost: its computers turn error.
+    #[arg(long, default_value_t = 10, env = "STASIS_HOST_TIMEOUT_SECS")]
+    host_timeout_secs: u64,
     /// auto (KVM where the CPU has vmx/svm and /dev/kvm opens, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
     accel: String,
@@ -117,6 +128,35 @@ pub struct ServeArgs {
     /// Image cache (default ~/.cache/stasis).
     #[arg(long, env = "STASIS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct HostArgs {
+    /// The control plane's URL, e.g. http://10.0.0.1:8080
+    #[arg(long, env = "STASIS_CONTROL_PLANE")]
+    control_plane: String,
+    /// The control plane's --cluster-token.
+    #[arg(long, env = "STASIS_CLUSTER_TOKEN")]
+    cluster_token: String,
+    /// Where this host serves the control plane's requests.
+    #[arg(long, default_value = "127.0.0.1:8081", env = "STASIS_LISTEN")]
+    listen: SocketAddr,
+    /// The URL the control plane reaches this host at (default: http://LISTEN).
+    #[arg(long, env = "STASIS_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    #[command(flatten)]
+    data: DataDir,
+    /// Memory (MiB) this host offers to computers (default: three quarters of its RAM).
+    #[arg(long, env = "STASIS_CAPACITY_MIB")]
+    capacity_mib: Option<i64>,
+    #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
+    accel: String,
+    #[arg(long, default_value = "qemu-system-x86_64", env = "STASIS_QEMU")]
+    qemu: PathBuf,
+    #[arg(long, env = "STASIS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
+    s3_retry_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +210,10 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging();
             serve(args).await
         }
+        Command::Host(args) => {
+            init_logging();
+            host::run(args).await
+        }
         Command::Keys {
             command: KeysCommand::Create { tenant, data, database },
         } => {
@@ -219,6 +263,13 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
             endpoint: args.s3_endpoint.clone(),
             region: args.s3_region.clone(),
             retry_timeout: Some(std::time::Duration::from_secs(args.s3_retry_secs)),
+        },
+        role: match &args.cluster_token {
+            Some(token) if !token.trim().is_empty() => stasis_server::Role::ControlPlane {
+                token: token.trim().to_string(),
+                host_timeout: std::time::Duration::from_secs(args.host_timeout_secs.max(2)),
+            },
+            _ => stasis_server::Role::Embedded,
         },
     })
 }
@@ -281,7 +332,7 @@ async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> 
     Ok(DefaultKey::New(key))
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

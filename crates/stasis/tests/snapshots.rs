@@ -6,42 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{create_key, data_dir, Client, Server};
+use common::{create_key, data_dir, out, restore, running_computer, snapshot, Client, Server, BOOT, SNAP};
 use serde_json::{json, Value};
-
-const BOOT: Duration = Duration::from_secs(180);
-const SNAP: Duration = Duration::from_secs(180);
-
-fn running_computer(api: &Client, name: &str) -> String {
-    let id = api.create(name, "xs");
-    api.wait_status(&id, "running", BOOT);
-    id
-}
-
-fn snapshot(api: &Client, computer: &str, comment: &str) -> String {
-    let r = api.call(
-        "POST",
-        &format!("/computers/{computer}/snapshots"),
-        Some(json!({"comment": comment})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["data"]["status"], "creating");
-    r.body["data"]["id"].as_str().unwrap().to_string()
-}
-
-fn restore(api: &Client, computer: &str, snap: &str) -> String {
-    let r = api.call("POST", &format!("/computers/{computer}/restore/{snap}"), None);
-    assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["snapshot"]["status"], "restoring");
-    assert_eq!(r.body["data"]["status"], "provisioning");
-    r.body["data"]["id"].as_str().unwrap().to_string()
-}
-
-fn out(api: &Client, computer: &str, cmd: &str) -> String {
-    let r = api.exec(computer, cmd, None);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body["output"].as_str().unwrap().trim().to_string()
-}
 
 fn error_of(r: &common::Resp) -> (u16, String) {
     (r.status, r.body["error"]["message"].as_str().unwrap_or("").to_string())

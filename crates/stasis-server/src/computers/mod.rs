@@ -55,6 +55,9 @@ pub struct Computers {
     changes: tokio::sync::watch::Sender<u64>,
     /// Serializes lifecycle operations (boot, stop, destroy, capture) per computer.
     locks: Mutex<HashMap<ComputerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// This host's id when it is one of a control plane's hosts; None for the embedded
+    /// platform. Computers are recorded under it, and only its own are reconciled.
+    host_id: Option<String>,
 }
 
 const LIVE: &[ComputerStatus] = &[
@@ -75,6 +78,7 @@ impl Computers {
         settings: RuntimeSettings,
         materializer: Arc<Materializer>,
         events: Arc<EventBus>,
+        host_id: Option<String>,
     ) -> Arc<Computers> {
         Arc::new(Computers {
             db,
@@ -85,11 +89,22 @@ impl Computers {
             events,
             changes: tokio::sync::watch::channel(0).0,
             locks: Mutex::new(HashMap::new()),
+            host_id,
         })
     }
 
     pub fn host(&self) -> &Arc<Host> {
         &self.host
+    }
+
+    /// Wakes callers waiting for a status change (after one made elsewhere).
+    pub fn notify_changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// This host's id among a control plane's hosts (None: the embedded platform).
+    pub fn host_id(&self) -> Option<&str> {
+        self.host_id.as_deref()
     }
 
     async fn set_status(
@@ -200,7 +215,7 @@ impl Computers {
             error: None,
             source_snapshot_id: source,
         };
-        self.db.insert_computer(&computer).await?;
+        self.db.insert_computer(&computer, self.host_id.as_deref()).await?;
         Ok(computer)
     }
 
@@ -510,7 +525,7 @@ impl Computers {
     /// After a platform restart: re-attach the QEMUs still running, mark the rest stopped,
     /// finish interrupted deletes, resume interrupted boots, kill any QEMU nobody owns.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), sqlx::Error> {
-        let live = self.db.computers_in(LIVE).await?;
+        let live = self.db.computers_in(LIVE, self.host_id.as_deref()).await?;
         let mut owned = std::collections::HashSet::new();
         for c in live {
             let name = c.id.to_string();
@@ -583,7 +598,7 @@ impl Computers {
             }
         }
         // Boots still in flight: their QEMUs are not tracked yet, but their pid files are.
-        if let Ok(live) = self.db.computers_in(LIVE).await {
+        if let Ok(live) = self.db.computers_in(LIVE, self.host_id.as_deref()).await {
             for c in live {
                 self.host.kill_stray(&c.id.to_string());
                 if matches!(c.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {

@@ -1,8 +1,10 @@
 //! Metadata in SQL: tenants, API keys, computers. Written against sqlx's `Any` driver with
 //! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
 
+mod hosts;
 mod snapshots;
 
+pub use hosts::HostRecord;
 pub use snapshots::{Idempotency, SnapshotRecord};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -15,6 +17,7 @@ use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, Tenan
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_snapshots.sql")),
+    (3, include_str!("../../migrations/0003_hosts.sql")),
 ];
 
 /// Which database a URL names.
@@ -200,10 +203,12 @@ impl Db {
 
     // ---- computers ----
 
-    pub async fn insert_computer(&self, c: &Computer) -> Result<(), sqlx::Error> {
+    /// Records a new computer, run by `host` (None: this platform itself).
+    pub async fn insert_computer(&self, c: &Computer, host: Option<&str>) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO computers (id, tenant_id, name, slug, status, template_type, size, metadata, error, \
-             source_snapshot_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             source_snapshot_id, created_at, updated_at, host_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(c.id.to_string())
         .bind(c.tenant_id.to_string())
@@ -217,6 +222,7 @@ impl Db {
         .bind(c.source_snapshot_id.map(|s| s.to_string()))
         .bind(c.created_at.to_rfc3339_opts(SecondsFormat::Millis, true))
         .bind(c.updated_at.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .bind(host.map(str::to_string))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -250,19 +256,31 @@ impl Db {
         Ok(rows.iter().filter_map(computer_from_row).collect())
     }
 
-    /// Computers in any of `statuses`, across tenants (for reconciliation).
-    pub async fn computers_in(&self, statuses: &[ComputerStatus]) -> Result<Vec<Computer>, sqlx::Error> {
+    /// Computers in any of `statuses` run by `host` (None: this platform itself), across
+    /// tenants (for reconciliation).
+    pub async fn computers_in(
+        &self,
+        statuses: &[ComputerStatus],
+        host: Option<&str>,
+    ) -> Result<Vec<Computer>, sqlx::Error> {
         if statuses.is_empty() {
             return Ok(Vec::new());
         }
         let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
+        let scope = match host {
+            Some(_) => format!("host_id = ${}", statuses.len() + 1),
+            None => "host_id IS NULL".to_string(),
+        };
         let sql = format!(
-            "{SELECT_COMPUTER} WHERE status IN ({}) ORDER BY created_at",
+            "{SELECT_COMPUTER} WHERE status IN ({}) AND {scope} ORDER BY created_at",
             placeholders.join(", ")
         );
         let mut query = sqlx::query(&sql);
         for s in statuses {
             query = query.bind(s.as_str());
+        }
+        if let Some(h) = host {
+            query = query.bind(h.to_string());
         }
         let rows = query.fetch_all(&self.pool).await?;
         Ok(rows.iter().filter_map(computer_from_row).collect())
@@ -380,8 +398,26 @@ mod tests {
         assert_eq!(db.count_keys(t).await.unwrap(), 1);
 
         let c = computer(t, "dev");
-        db.insert_computer(&c).await.unwrap();
-        db.insert_computer(&computer(other, "theirs")).await.unwrap();
+        db.insert_computer(&c, None).await.unwrap();
+        db.insert_computer(&computer(other, "theirs"), Some("host-b"))
+            .await
+            .unwrap();
+        assert_eq!(db.host_of(c.id).await.unwrap(), None);
+        assert_eq!(
+            db.computers_in(&[ComputerStatus::Provisioning], None)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "reconciliation sees only its own host's computers"
+        );
+        assert_eq!(
+            db.computers_in(&[ComputerStatus::Provisioning], Some("host-b"))
+                .await
+                .unwrap()[0]
+                .name,
+            "theirs"
+        );
         let got = db.get_computer(c.id).await.unwrap().unwrap();
         assert_eq!(got.name, "dev");
         assert_eq!(got.metadata["team"], "a");

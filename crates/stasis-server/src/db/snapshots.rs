@@ -129,15 +129,28 @@ impl Db {
         Ok(rows.iter().filter_map(record_from_row).collect())
     }
 
-    pub async fn snapshots_in(&self, statuses: &[SnapshotStatus]) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
+    /// Snapshots in any of `statuses` of computers run by `host` (None: this platform).
+    pub async fn snapshots_in(
+        &self,
+        statuses: &[SnapshotStatus],
+        host: Option<&str>,
+    ) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
         let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
+        let scope = match host {
+            Some(_) => format!("host_id = ${}", statuses.len() + 1),
+            None => "host_id IS NULL".to_string(),
+        };
         let sql = format!(
-            "{SELECT_SNAPSHOT} WHERE status IN ({}) ORDER BY created_at",
+            "{SELECT_SNAPSHOT} WHERE status IN ({}) AND computer_id IN (SELECT id FROM computers WHERE {scope}) \
+             ORDER BY created_at",
             placeholders.join(", ")
         );
         let mut q = sqlx::query(&sql);
         for s in statuses {
             q = q.bind(s.as_str());
+        }
+        if let Some(h) = host {
+            q = q.bind(h.to_string());
         }
         Ok(q.fetch_all(self.pool())
             .await?

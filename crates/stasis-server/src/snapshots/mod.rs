@@ -519,7 +519,10 @@ impl Snapshots {
     pub async fn recover(self: &Arc<Self>) -> Result<(), sqlx::Error> {
         for r in self
             .db
-            .snapshots_in(&[SnapshotStatus::Creating, SnapshotStatus::Uploading])
+            .snapshots_in(
+                &[SnapshotStatus::Creating, SnapshotStatus::Uploading],
+                self.computers.host_id(),
+            )
             .await?
         {
             let id = r.snapshot.id;

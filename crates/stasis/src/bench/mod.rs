@@ -64,6 +64,7 @@ impl LocalPlatform {
             database_url: stasis_server::database_url(data.path(), None),
             store_url: None,
             s3: Default::default(),
+            role: Default::default(),
         };
         let platform = stasis_server::Platform::open(&config)
             .await

@@ -1,9 +1,10 @@
 //! Which metadata database and snapshot store a test's server uses. By default SQLite and a
-//! local directory inside the data dir; with `STASIS_TEST_POSTGRES` (an admin URL of a real
-//! PostgreSQL server) and `STASIS_TEST_S3` (the endpoint of a real S3-compatible server),
-//! both set by `scripts/services`, every data dir gets its own database and bucket there, so the
-//! same tests run against PostgreSQL and S3. The S3 endpoint is reached through a proxy the
-//! test can take down, to see how uploads meet an unreachable store.
+//! local directory inside the data dir. `scripts/services` starts a real PostgreSQL server and
+//! a real S3-compatible server and names them in `STASIS_TEST_POSTGRES` (an admin URL) and
+//! `STASIS_TEST_S3` (an endpoint); with `STASIS_TEST_BACKENDS=postgres-s3` every data dir gets
+//! its own database and bucket there, so the same tests run against PostgreSQL and S3 (the
+//! several-hosts tests always use them). S3 is reached through a proxy the test can take
+//! down, to see how uploads meet an unreachable store.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -31,9 +32,20 @@ pub fn s3_endpoint() -> Option<String> {
     std::env::var("STASIS_TEST_S3").ok().filter(|v| !v.is_empty())
 }
 
-/// `--database-url` for this data dir's own database (created on first use), if PostgreSQL.
+/// Whether ordinary tests run on PostgreSQL and S3 rather than SQLite and a directory.
+fn shared_backends() -> bool {
+    std::env::var("STASIS_TEST_BACKENDS").is_ok_and(|v| v == "postgres-s3")
+}
+
+/// `--database-url` for this data dir's own database, if tests run on PostgreSQL.
 pub fn database_url(data_dir: &Path) -> Option<String> {
-    let admin = postgres_admin()?;
+    shared_backends().then(|| pg_database(data_dir))
+}
+
+/// This data dir's own database on the test PostgreSQL server (created on first use).
+pub fn pg_database(data_dir: &Path) -> String {
+    let admin = postgres_admin()
+        .expect("STASIS_TEST_POSTGRES names no PostgreSQL server: run the tests with scripts/test, or eval \"$(scripts/services start)\" first");
     let name = format!("stasis_{}", tag(data_dir));
     let exists = Command::new("psql")
         .args([
@@ -56,7 +68,7 @@ pub fn database_url(data_dir: &Path) -> Option<String> {
         assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     }
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    Some(format!("{base}/{name}"))
+    format!("{base}/{name}")
 }
 
 /// Arguments and environment for `stasis serve` on this data dir.
@@ -67,21 +79,22 @@ pub fn serve_args(data_dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
         args.extend(["--database-url".to_string(), url]);
     }
     if let Some(s3) = S3::of(data_dir) {
-        args.extend([
-            "--store-url".to_string(),
-            format!("s3://{}/tests", s3.bucket),
-            "--s3-endpoint".to_string(),
-            format!("http://{}", s3.proxy.addr),
-        ]);
-        for (k, v) in [
-            ("AWS_ACCESS_KEY_ID", "stasis-test"),
-            ("AWS_SECRET_ACCESS_KEY", "stasis-test"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
-            env.push((k.to_string(), v.to_string()));
-        }
+        args.extend(s3.serve_args());
+        env.extend(s3_env());
     }
     (args, env)
+}
+
+/// Credentials of the test S3 server's user.
+pub fn s3_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "stasis-test"),
+        ("AWS_SECRET_ACCESS_KEY", "stasis-test"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// A data dir's bucket on the S3 server, and the proxy its server reaches it through.
@@ -92,12 +105,29 @@ pub struct S3 {
 }
 
 impl S3 {
+    /// This data dir's bucket, if tests run on S3.
     pub fn of(data_dir: &Path) -> Option<Arc<S3>> {
+        shared_backends().then(|| S3::bucket_for(data_dir))
+    }
+
+    /// `stasis serve` arguments that put its store in this bucket.
+    pub fn serve_args(&self) -> Vec<String> {
+        vec![
+            "--store-url".to_string(),
+            format!("s3://{}/tests", self.bucket),
+            "--s3-endpoint".to_string(),
+            format!("http://{}", self.proxy.addr),
+        ]
+    }
+
+    /// This data dir's own bucket on the test S3 server (created on first use).
+    pub fn bucket_for(data_dir: &Path) -> Arc<S3> {
         static ALL: OnceLock<Mutex<HashMap<PathBuf, Arc<S3>>>> = OnceLock::new();
-        let endpoint = s3_endpoint()?;
+        let endpoint = s3_endpoint()
+            .expect("STASIS_TEST_S3 names no S3 server: run the tests with scripts/test, or eval \"$(scripts/services start)\" first");
         let mut all = ALL.get_or_init(Default::default).lock().unwrap();
         if let Some(s3) = all.get(data_dir) {
-            return Some(s3.clone());
+            return s3.clone();
         }
         let bucket = format!("stasis-{}", tag(data_dir));
         let out = curl()
@@ -116,7 +146,7 @@ impl S3 {
             proxy: Proxy::start(target),
         });
         all.insert(data_dir.to_path_buf(), s3.clone());
-        Some(s3)
+        s3
     }
 
     /// An object's bytes; None if it is gone (garbage collection may take one meanwhile).

@@ -55,14 +55,23 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Server {
-        let (args, backend_env) = backends::serve_args(data_dir);
+        let (mut args, mut all_env) = backends::serve_args(data_dir);
+        args.splice(
+            0..0,
+            ["serve".to_string(), "--listen".to_string(), "127.0.0.1:0".to_string()],
+        );
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::spawn(data_dir, &args, &all_env)
+    }
+
+    /// Runs `stasis ARGS --data-dir DATA_DIR`; the first line it prints holds its address.
+    pub fn spawn(data_dir: &Path, args: &[String], env: &[(String, String)]) -> Server {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
             .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
             .env("STASIS_LOG", "info,sqlx=warn")
-            .envs(backend_env)
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -316,4 +325,40 @@ pub fn alive(pid: i32) -> bool {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
+}
+
+// ---- snapshot helpers shared by the suites ----
+
+pub const BOOT: Duration = Duration::from_secs(180);
+pub const SNAP: Duration = Duration::from_secs(180);
+
+pub fn running_computer(api: &Client, name: &str) -> String {
+    let id = api.create(name, "xs");
+    api.wait_status(&id, "running", BOOT);
+    id
+}
+
+pub fn snapshot(api: &Client, computer: &str, comment: &str) -> String {
+    let r = api.call(
+        "POST",
+        &format!("/computers/{computer}/snapshots"),
+        Some(json!({"comment": comment})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["data"]["status"], "creating");
+    r.body["data"]["id"].as_str().unwrap().to_string()
+}
+
+pub fn restore(api: &Client, computer: &str, snap: &str) -> String {
+    let r = api.call("POST", &format!("/computers/{computer}/restore/{snap}"), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["snapshot"]["status"], "restoring");
+    assert_eq!(r.body["data"]["status"], "provisioning");
+    r.body["data"]["id"].as_str().unwrap().to_string()
+}
+
+pub fn out(api: &Client, computer: &str, cmd: &str) -> String {
+    let r = api.exec(computer, cmd, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["output"].as_str().unwrap().trim().to_string()
 }

@@ -1,0 +1,117 @@
+//! Hosts that joined a control plane, and which computers each runs.
+
+use sqlx::Row;
+use stasis_types::{ComputerId, ComputerStatus, SnapshotStatus};
+
+use super::{now, parse_time, Db};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRecord {
+    pub id: String,
+    pub url: String,
+    pub capacity_mib: i64,
+    pub vcpus: i64,
+    /// `alive` or `lost`.
+    pub status: String,
+    pub last_seen: chrono::DateTime<chrono::Utc>,
+}
+
+/// Statuses in which a computer holds its host's memory.
+const HOLDING: &str = "('creating', 'provisioning', 'starting', 'running', 'paused', 'stopping')";
+
+impl Db {
+    /// Records a heartbeat: inserts the host or refreshes it (and brings a lost host back).
+    pub async fn heartbeat_host(&self, id: &str, url: &str, capacity_mib: i64, vcpus: i64) -> Result<(), sqlx::Error> {
+        let t = now();
+        sqlx::query(
+            "INSERT INTO hosts (id, url, capacity_mib, vcpus, status, last_seen, joined_at) \
+             VALUES ($1, $2, $3, $4, 'alive', $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET url = $2, capacity_mib = $3, vcpus = $4, status = 'alive', last_seen = $5",
+        )
+        .bind(id)
+        .bind(url)
+        .bind(capacity_mib)
+        .bind(vcpus)
+        .bind(t.clone())
+        .bind(t)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, url, capacity_mib, vcpus, status, last_seen FROM hosts ORDER BY id")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(HostRecord {
+                    id: r.try_get("id").ok()?,
+                    url: r.try_get("url").ok()?,
+                    capacity_mib: r.try_get("capacity_mib").ok()?,
+                    vcpus: r.try_get("vcpus").ok()?,
+                    status: r.try_get("status").ok()?,
+                    last_seen: parse_time(&r.try_get::<String, _>("last_seen").ok()?),
+                })
+            })
+            .collect())
+    }
+
+    /// Memory (MiB) held by each host's computers, from their sizes.
+    pub async fn host_sizes(&self) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT host_id, size FROM computers WHERE host_id IS NOT NULL AND status IN {HOLDING}"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.try_get("host_id").ok()?, r.try_get("size").ok()?)))
+            .collect())
+    }
+
+    pub async fn host_of(&self, computer: ComputerId) -> Result<Option<String>, sqlx::Error> {
+        let host: Option<Option<String>> = sqlx::query_scalar("SELECT host_id FROM computers WHERE id = $1")
+            .bind(computer.to_string())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(host.flatten())
+    }
+
+    /// Marks a host lost (if it was alive); then its computers turn `error` and its
+    /// unfinished snapshots `failed`. Returns whether the host was alive.
+    pub async fn lose_host(&self, id: &str, reason: &str) -> Result<bool, sqlx::Error> {
+        let changed = sqlx::query("UPDATE hosts SET status = 'lost' WHERE id = $1 AND status = 'alive'")
+            .bind(id)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        let t = now();
+        sqlx::query(&format!(
+            "UPDATE snapshots SET status = 'failed', error = $1, updated_at = $2 \
+             WHERE status IN ('{}', '{}') AND computer_id IN (SELECT id FROM computers WHERE host_id = $3)",
+            SnapshotStatus::Creating.as_str(),
+            SnapshotStatus::Uploading.as_str()
+        ))
+        .bind(format!("{reason} before the snapshot was stored"))
+        .bind(t.clone())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE computers SET status = '{}', error = $1, updated_at = $2 \
+             WHERE host_id = $3 AND status IN {HOLDING}",
+            ComputerStatus::Error.as_str()
+        ))
+        .bind(reason)
+        .bind(t)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(true)
+    }
+}
