@@ -1,8 +1,9 @@
 //! End to end on several hosts: a control plane on a real PostgreSQL server and a real S3
 //! server (started by `scripts/services`), and two hosts with their own data dirs and ports.
 //! A computer made on one host is snapshotted and restored on the other, which reads only
-//! from S3; the control plane is killed during an upload; a host is killed and its computers
-//! turn `error` while its snapshots restore on the other host.
+//! from S3; S3 is unreachable for a while during an upload; the control plane is killed
+//! during an upload; a host is killed and its computers turn `error` while its snapshots
+//! restore on the other host.
 
 mod common;
 
@@ -90,7 +91,22 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         "echo before > /root/before; nohup bash -c 'i=0; while true; do i=$((i+1)); echo $i > /dev/shm/count; \
          sleep 0.2; done' >/dev/null 2>&1 & sleep 1; echo started",
     );
+    // S3 goes away for a while during the upload: the host retries, and the snapshot is
+    // ready once S3 is back (and every chunk is there: the restore below verifies each one).
     let snap = snapshot(&api, &first, "to move");
+    let t = Instant::now();
+    while api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None).body["data"]["status"] != "uploading" {
+        assert!(t.elapsed() < SNAP, "the upload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s3.proxy.set_down(true);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None).body["data"]["status"],
+        "uploading",
+        "an unreachable store is retried, not given up on at once"
+    );
+    s3.proxy.set_down(false);
     let data = api.wait_snapshot(&first, &snap, "ready", SNAP);
     assert_eq!(data["s3_bucket"], s3.bucket.as_str());
     out(&api, &first, "echo after > /root/after");
