@@ -113,6 +113,14 @@ impl Api {
         Ok(Api::with(normalize_base(&conn.base_url), key))
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     pub fn with(base: String, key: String) -> Api {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(3700))

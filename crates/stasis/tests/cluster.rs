@@ -95,14 +95,19 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
     // ready once S3 is back (and every chunk is there: the restore below verifies each one).
     let snap = snapshot(&api, &first, "to move");
     let t = Instant::now();
-    while api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None).body["data"]["status"] != "uploading" {
+    while api
+        .call("GET", &format!("/computers/{first}/snapshots/{snap}"), None)
+        .body["data"]["status"]
+        != "uploading"
+    {
         assert!(t.elapsed() < SNAP, "the upload never started");
         std::thread::sleep(Duration::from_millis(20));
     }
     s3.proxy.set_down(true);
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
-        api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None).body["data"]["status"],
+        api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None)
+            .body["data"]["status"],
         "uploading",
         "an unreachable store is retried, not given up on at once"
     );

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::client::Api;
 
+mod load;
 mod targets;
 
 #[derive(Subcommand)]
@@ -28,6 +29,18 @@ pub enum BenchCommand {
         execs: usize,
         #[arg(long, default_value = "xs")]
         size: String,
+    },
+    /// Many concurrent clients listing and getting computers and snapshots, on SQLite (the
+    /// baseline) and then on PostgreSQL: throughput, p50/p99 latency, and any 5xx.
+    Load {
+        /// The PostgreSQL database to run on (e.g. from `scripts/services start`: an empty
+        /// database is created in it for the run).
+        #[arg(long, env = "STASIS_BENCH_POSTGRES")]
+        postgres: String,
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
     },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
     Snapshots {
@@ -51,7 +64,8 @@ pub struct LocalPlatform {
 }
 
 impl LocalPlatform {
-    pub async fn start() -> Result<LocalPlatform> {
+    /// A platform on the given metadata database (None: SQLite in its data dir).
+    pub async fn start_on(database_url: Option<String>) -> Result<LocalPlatform> {
         let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
         let config = stasis_server::Config {
             listen: "127.0.0.1:0".parse()?,
@@ -61,7 +75,7 @@ impl LocalPlatform {
                 .unwrap_or_else(stasis_image::default_cache_dir),
             accel: stasis_vmm::Accel::detect(),
             qemu_binary: "qemu-system-x86_64".into(),
-            database_url: stasis_server::database_url(data.path(), None),
+            database_url: stasis_server::database_url(data.path(), database_url.as_deref()),
             store_url: None,
             s3: Default::default(),
             role: Default::default(),
@@ -94,7 +108,15 @@ impl LocalPlatform {
     /// Runs `f` against a fresh platform and always stops it after (its machines with it),
     /// whether `f` succeeded or not.
     pub async fn with<T>(f: impl AsyncFnOnce(&LocalPlatform) -> Result<T>) -> Result<T> {
-        let platform = LocalPlatform::start().await?;
+        Self::with_on(None, f).await
+    }
+
+    /// As [`LocalPlatform::with`], on the given metadata database.
+    pub async fn with_on<T>(
+        database_url: Option<String>,
+        f: impl AsyncFnOnce(&LocalPlatform) -> Result<T>,
+    ) -> Result<T> {
+        let platform = LocalPlatform::start_on(database_url).await?;
         let result = f(&platform).await;
         platform.stop().await;
         result
@@ -126,6 +148,11 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
         BenchCommand::Targets => targets::run().await,
+        BenchCommand::Load {
+            postgres,
+            clients,
+            secs,
+        } => load::run(&postgres, clients.max(1), secs.max(1)).await,
     }
 }
 
