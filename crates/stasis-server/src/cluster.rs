@@ -198,6 +198,9 @@ impl ControlPlane {
                 );
                 match db.lose_host(&h.id, &reason).await {
                     Ok(true) => {
+                        if let Err(e) = db.fail_jobs_of_host(&h.id, &reason).await {
+                            tracing::warn!(host = h.id, error = %e, "failing a lost host's jobs");
+                        }
                         tracing::warn!(host = h.id, "host lost; its computers are marked error");
                         computers.notify_changed();
                     }

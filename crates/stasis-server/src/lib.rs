@@ -9,6 +9,7 @@ pub mod db;
 pub mod error;
 pub mod idempotency;
 pub mod images;
+pub mod jobs;
 pub mod snapshots;
 
 use std::net::SocketAddr;
@@ -206,6 +207,16 @@ impl Platform {
             events.clone(),
             host_id,
         );
+        let identity = {
+            let role = match &config.role {
+                Role::Embedded => "embedded".to_string(),
+                Role::ControlPlane { .. } => "control-plane".to_string(),
+                Role::Host { id, .. } => id.clone(),
+            };
+            let dir = hex::encode(&sha2::Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..6]);
+            format!("{role}-{dir}")
+        };
+        let jobs = jobs::Jobs::new(db.clone(), identity, computers.host_id().map(str::to_string));
         let snapshots = Snapshots::new(
             db.clone(),
             store,
@@ -213,6 +224,8 @@ impl Platform {
             events,
             materializer,
             config.data_dir.join("staging"),
+            jobs.clone(),
+            !matches!(config.role, Role::Embedded),
         );
         let clustered = !matches!(config.role, Role::Embedded);
         if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {
@@ -237,10 +250,11 @@ impl Platform {
             .recover()
             .await
             .map_err(|e| format!("recovering snapshots: {e}"))?;
-        // One collector per store: the control plane's (or the embedded platform's).
+        // The job worker; collection jobs belong to the control plane (or embedded platform),
+        // one collector per store.
+        tokio::spawn(jobs.work(snapshots.clone()));
         if !matches!(config.role, Role::Host { .. }) {
-            let gc = snapshots.clone();
-            tokio::spawn(async move { gc.collect_garbage().await });
+            snapshots.schedule_collection(std::time::Duration::ZERO).await;
         }
         let control_plane = match &config.role {
             Role::ControlPlane { token, host_timeout } => {

@@ -101,6 +101,15 @@ impl UploadStats {
     }
 }
 
+/// What a collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Chunks deleted.
+    pub deleted: u64,
+    /// Unneeded chunks spared for being younger than the grace period.
+    pub young: u64,
+}
+
 /// Called with the number of bytes processed so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
@@ -469,8 +478,8 @@ impl SnapshotStore {
 
     /// Deletes chunks no live snapshot needs. `live` are the snapshots whose manifests must
     /// stay whole; chunks younger than `grace` are kept too (an upload may be about to name
-    /// them). Returns how many chunks were deleted.
-    pub async fn collect_garbage(&self, live: &[String], grace: Duration) -> Result<u64, StoreError> {
+    /// them).
+    pub async fn collect_garbage(&self, live: &[String], grace: Duration) -> Result<GcStats, StoreError> {
         let _guard = self.gc_lock.write().await;
         let mut needed: HashSet<ChunkHash> = HashSet::new();
         for id in live {
@@ -486,6 +495,7 @@ impl SnapshotStore {
         let mut deleted = 0;
         let mut listing = self.store.list(Some(&ObjectPath::from("chunks")));
         let mut doomed = Vec::new();
+        let mut young = 0;
         while let Some(meta) = listing.next().await {
             let meta = meta?;
             let Some(hash) = meta.location.filename().and_then(ChunkHash::from_hex) else {
@@ -493,8 +503,12 @@ impl SnapshotStore {
             };
             let modified =
                 std::time::UNIX_EPOCH + Duration::from_millis(meta.last_modified.timestamp_millis().max(0) as u64);
-            if !needed.contains(&hash) && modified <= cutoff {
-                doomed.push(meta.location);
+            if !needed.contains(&hash) {
+                if modified <= cutoff {
+                    doomed.push(meta.location);
+                } else {
+                    young += 1;
+                }
             }
         }
         for key in doomed {
@@ -504,7 +518,7 @@ impl SnapshotStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(deleted)
+        Ok(GcStats { deleted, young })
     }
 }
 

@@ -2,9 +2,11 @@
 //! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
 
 mod hosts;
+mod jobs;
 mod snapshots;
 
 pub use hosts::HostRecord;
+pub use jobs::JobRecord;
 pub use snapshots::{Idempotency, SnapshotRecord};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -18,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_snapshots.sql")),
     (3, include_str!("../../migrations/0003_hosts.sql")),
+    (4, include_str!("../../migrations/0004_jobs.sql")),
 ];
 
 /// Which database a URL names.
@@ -131,7 +134,13 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?;
             if done.is_none() {
-                for statement in sql
+                // Comments go first, so a ';' inside one cannot split a statement.
+                let code: String = sql
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("--"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                for statement in code
                     .split(';')
                     .map(str::trim)
                     .filter(|s| !s.is_empty() && !is_comment(s))

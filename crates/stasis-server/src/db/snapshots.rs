@@ -129,6 +129,20 @@ impl Db {
         Ok(rows.iter().filter_map(record_from_row).collect())
     }
 
+    /// How many snapshots, on any host, are in any of `statuses`.
+    pub async fn snapshots_in_any_scope(&self, statuses: &[SnapshotStatus]) -> Result<i64, sqlx::Error> {
+        let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT COUNT(*) FROM snapshots WHERE status IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query_scalar(&sql);
+        for s in statuses {
+            q = q.bind(s.as_str());
+        }
+        q.fetch_one(self.pool()).await
+    }
+
     /// Snapshots in any of `statuses` of computers run by `host` (None: this platform).
     pub async fn snapshots_in(
         &self,

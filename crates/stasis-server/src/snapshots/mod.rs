@@ -28,6 +28,9 @@ use events::EventBus;
 /// Longest `comment` accepted.
 pub const MAX_COMMENT_CHARS: usize = 500;
 
+/// Attempts a snapshot's upload gets before the snapshot fails.
+const SNAPSHOT_ATTEMPTS: i64 = 3;
+
 pub struct Snapshots {
     db: Db,
     store: SnapshotStore,
@@ -37,7 +40,14 @@ pub struct Snapshots {
     staging: PathBuf,
     /// One collection at a time.
     gc: tokio::sync::Mutex<()>,
+    jobs: Arc<crate::jobs::Jobs>,
+    /// Whether other processes (hosts) upload to the same store: then collection waits for
+    /// their uploads and spares chunks younger than `SHARED_GRACE`.
+    shared_store: bool,
 }
+
+/// Chunks younger than this are never collected from a store several processes write.
+const SHARED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a capture left in the staging directory, recorded so an upload interrupted by a
 /// platform restart can be finished from it.
@@ -58,6 +68,8 @@ impl Snapshots {
         events: Arc<EventBus>,
         materializer: Arc<cache::Materializer>,
         staging: PathBuf,
+        jobs: Arc<crate::jobs::Jobs>,
+        shared_store: bool,
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
             db,
@@ -67,7 +79,20 @@ impl Snapshots {
             materializer,
             staging,
             gc: tokio::sync::Mutex::new(()),
+            jobs,
+            shared_store,
         })
+    }
+
+    /// Queues a collection of the store (the control plane's or embedded platform's job).
+    pub async fn schedule_collection(&self, after: std::time::Duration) {
+        if let Err(e) = self
+            .jobs
+            .enqueue(crate::jobs::COLLECT, "store", None, 1000, after)
+            .await
+        {
+            tracing::warn!(error = %e, "queueing a store collection");
+        }
     }
 
     pub fn events(&self) -> &Arc<EventBus> {
@@ -156,9 +181,15 @@ impl Snapshots {
         e.step = Some("queued".into());
         e.progress = Some(0.0);
         self.events.emit(e).await;
-        let this = self.clone();
-        let id = snapshot.id;
-        tokio::spawn(async move { this.run(id).await });
+        self.jobs
+            .enqueue(
+                crate::jobs::SNAPSHOT,
+                &snapshot.id.to_string(),
+                self.computers.host_id(),
+                SNAPSHOT_ATTEMPTS,
+                std::time::Duration::ZERO,
+            )
+            .await?;
         Ok(snapshot)
     }
 
@@ -192,8 +223,7 @@ impl Snapshots {
             ));
         }
         self.events.emit(events::data(id, SnapshotStatus::Deleted)).await;
-        let this = self.clone();
-        tokio::spawn(async move { this.collect_garbage().await });
+        self.schedule_collection(std::time::Duration::ZERO).await;
         let mut s = record.snapshot;
         s.status = SnapshotStatus::Deleted;
         s.updated_at = Utc::now().trunc_subsecs(3);
@@ -289,22 +319,50 @@ impl Snapshots {
         self.staging.join(id.to_string())
     }
 
-    /// The snapshot job: capture, then upload, then `ready` (or `failed` with the reason).
-    async fn run(self: Arc<Self>, id: SnapshotId) {
+    /// The snapshot job: capture (unless done already), upload, then `ready`. A failed upload
+    /// is tried again (the capture is kept for it); on the `last` attempt, or if the capture
+    /// itself failed, the snapshot ends `failed` with the reason.
+    pub async fn snapshot_job(self: &Arc<Self>, target: &str, last: bool) -> crate::jobs::Outcome {
+        use crate::jobs::Outcome;
+        let Ok(id) = target.parse::<SnapshotId>() else {
+            return Outcome::Failed(format!("{target:?} is not a snapshot id"));
+        };
+        match self.db.get_snapshot(id).await {
+            Ok(Some(r)) if matches!(r.snapshot.status, SnapshotStatus::Creating | SnapshotStatus::Uploading) => {}
+            Ok(_) => return Outcome::Done, // ended meanwhile (or its host was lost)
+            Err(e) => return Outcome::Retry(e.to_string()),
+        }
         let staging = self.staging_dir(id);
         let result = self.capture_and_upload(id, &staging).await;
-        let _ = std::fs::remove_dir_all(&staging);
-        let _ = std::fs::remove_file(self.staging_memory(id));
-        if let Err(reason) = result {
-            tracing::warn!(%id, reason, "snapshot failed");
-            let from = [SnapshotStatus::Creating, SnapshotStatus::Uploading];
-            let _ = self
-                .db
-                .transition_snapshot(id, &from, SnapshotStatus::Failed, Some(&reason))
-                .await;
-            let mut e = events::data(id, SnapshotStatus::Failed);
-            e.error = Some(reason);
-            self.events.emit(e).await;
+        let captured = staging.join("captured.json").exists();
+        match result {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                let _ = std::fs::remove_file(self.staging_memory(id));
+                Outcome::Done
+            }
+            Err(reason) if captured && !last => {
+                tracing::warn!(%id, reason, "snapshot upload failed; it will be retried");
+                let mut e = events::data(id, SnapshotStatus::Uploading);
+                e.step = Some("retrying".into());
+                e.error = Some(reason.clone());
+                self.events.emit(e).await;
+                Outcome::Retry(reason)
+            }
+            Err(reason) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                let _ = std::fs::remove_file(self.staging_memory(id));
+                tracing::warn!(%id, reason, "snapshot failed");
+                let from = [SnapshotStatus::Creating, SnapshotStatus::Uploading];
+                let _ = self
+                    .db
+                    .transition_snapshot(id, &from, SnapshotStatus::Failed, Some(&reason))
+                    .await;
+                let mut e = events::data(id, SnapshotStatus::Failed);
+                e.error = Some(reason.clone());
+                self.events.emit(e).await;
+                Outcome::Failed(reason)
+            }
         }
     }
 
@@ -492,10 +550,41 @@ impl Snapshots {
         Ok(())
     }
 
+    /// The collection job. With a store other processes upload to, it waits until no upload
+    /// is in flight and spares young chunks, coming back for them after the grace period.
+    pub async fn collect_job(&self) -> crate::jobs::Outcome {
+        use crate::jobs::Outcome;
+        if self.shared_store {
+            match self
+                .db
+                .snapshots_in_any_scope(&[SnapshotStatus::Creating, SnapshotStatus::Uploading])
+                .await
+            {
+                Ok(0) => {}
+                Ok(_) => return Outcome::Later(std::time::Duration::from_secs(5)),
+                Err(e) => return Outcome::Retry(e.to_string()),
+            }
+        }
+        match self.collect_garbage().await {
+            Ok(deferred) if deferred > 0 => {
+                self.schedule_collection(SHARED_GRACE).await;
+                Outcome::Done
+            }
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+
     /// Deletes what deleted snapshots left in the store: manifests, and chunks no live
-    /// snapshot (or computer restored from one) needs.
-    pub async fn collect_garbage(&self) {
+    /// snapshot (or computer restored from one) needs. Returns how many unneeded chunks were
+    /// spared for being younger than the grace period.
+    async fn collect_garbage(&self) -> Result<u64, String> {
         let _one = self.gc.lock().await;
+        let grace = if self.shared_store {
+            SHARED_GRACE
+        } else {
+            std::time::Duration::ZERO
+        };
         let result = async {
             let live = self.db.live_snapshot_ids().await.map_err(|e| e.to_string())?;
             for id in self.db.deleted_snapshot_ids().await.map_err(|e| e.to_string())? {
@@ -504,15 +593,20 @@ impl Snapshots {
                 }
             }
             self.store
-                .collect_garbage(&live, std::time::Duration::ZERO)
+                .collect_garbage(&live, grace)
                 .await
                 .map_err(|e| e.to_string())
         }
         .await;
-        match result {
-            Ok(n) => tracing::info!(deleted_chunks = n, "snapshot store collected"),
+        match &result {
+            Ok(gc) => tracing::info!(
+                deleted_chunks = gc.deleted,
+                spared_young = gc.young,
+                "snapshot store collected"
+            ),
             Err(e) => tracing::warn!(error = e, "collecting the snapshot store"),
         }
+        result.map(|gc| gc.young)
     }
 
     /// After a platform restart: finish uploads whose capture completed, fail the others.
@@ -527,10 +621,20 @@ impl Snapshots {
         {
             let id = r.snapshot.id;
             let staging = self.staging_dir(id);
+            if self.db.job_pending(crate::jobs::SNAPSHOT, &id.to_string()).await? {
+                continue; // its job carries on (the worker takes back this process's leases)
+            }
             if staging.join("captured.json").exists() {
                 tracing::info!(%id, "resuming an interrupted snapshot upload");
-                let this = self.clone();
-                tokio::spawn(async move { this.run(id).await });
+                self.jobs
+                    .enqueue(
+                        crate::jobs::SNAPSHOT,
+                        &id.to_string(),
+                        self.computers.host_id(),
+                        SNAPSHOT_ATTEMPTS,
+                        std::time::Duration::ZERO,
+                    )
+                    .await?;
             } else {
                 let _ = std::fs::remove_dir_all(&staging);
                 let reason = "the platform stopped before the machine was captured";
