@@ -223,9 +223,9 @@ impl Platform {
             computers.clone(),
             events,
             materializer,
-            config.data_dir.join("staging"),
             jobs.clone(),
-            !matches!(config.role, Role::Embedded),
+            // Staging, and whether other processes upload to the same store.
+            (config.data_dir.join("staging"), !matches!(config.role, Role::Embedded)),
         );
         let clustered = !matches!(config.role, Role::Embedded);
         if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {

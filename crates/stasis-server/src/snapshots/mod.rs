@@ -67,9 +67,8 @@ impl Snapshots {
         computers: Arc<Computers>,
         events: Arc<EventBus>,
         materializer: Arc<cache::Materializer>,
-        staging: PathBuf,
         jobs: Arc<crate::jobs::Jobs>,
-        shared_store: bool,
+        (staging, shared_store): (PathBuf, bool),
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
             db,
