@@ -13,11 +13,14 @@ use crate::snapshots::Snapshots;
 
 /// Capture a snapshot (if not yet) and upload it; bound to the host running the computer.
 pub const SNAPSHOT: &str = "snapshot";
+/// Boot a computer from its snapshot; bound to the host it was placed on.
+pub const RESTORE: &str = "restore";
 /// Collect the store: manifests of deleted snapshots and chunks no snapshot needs.
 pub const COLLECT: &str = "collect";
 
 const LEASE: Duration = Duration::from_secs(30);
-const PARALLEL: usize = 4;
+/// Jobs one process runs at once (restores of a baseline come five or more at a time).
+const PARALLEL: usize = 16;
 
 /// What running a job came to.
 pub enum Outcome {
@@ -117,6 +120,7 @@ impl Jobs {
         let outcome = match job.kind.as_str() {
             SNAPSHOT => snapshots.snapshot_job(&job.target, last).await,
             COLLECT => snapshots.collect_job().await,
+            RESTORE => snapshots.computers().restore_job(&job.target).await,
             other => Outcome::Failed(format!("unknown job kind {other:?}")),
         };
         renewer.abort();

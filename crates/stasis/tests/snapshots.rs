@@ -353,6 +353,20 @@ fn faults_end_in_clear_states() {
         assert_eq!(out(&api, &restored, "echo ok"), "ok");
     }
 
+    // The server dies in the middle of a restore job: after a restart the job runs again and
+    // the computer comes up (no computer is left provisioning, no QEMU left behind).
+    let mut server = server;
+    let good = snapshot(&api, &id, "restore interrupted");
+    api.wait_snapshot(&id, &good, "ready", SNAP);
+    let interrupted = restore(&api, &id, &good);
+    server.kill9(); // the restore job is queued or running: either way it must not be lost
+    let server = Server::start_with(dir.path(), &[("STASIS_S3_RETRY_SECS", "5")]);
+    let api = Client::new(&server.base, Some(&key));
+    api.wait_status(&interrupted, "running", BOOT);
+    assert_eq!(out(&api, &interrupted, "echo resumed"), "resumed");
+    let snap = api.call("GET", &format!("/computers/{id}/snapshots/{good}"), None).body["data"].clone();
+    assert_eq!(snap["status"], "ready", "the snapshot is ready again once read: {snap}");
+
     // A corrupted chunk: the restore fails naming the snapshot; no guest runs on bad memory.
     let good = snapshot(&api, &id, "to-corrupt");
     api.wait_snapshot(&id, &good, "ready", SNAP);

@@ -224,6 +224,29 @@ impl Computers {
         tokio::spawn(async move { this.boot(id).await });
     }
 
+    /// The restore job: boots a computer from its snapshot. The boot records its own outcome
+    /// (`running`, or `error` with the reason); run again after a crash, it starts over.
+    pub async fn restore_job(self: &Arc<Self>, target: &str) -> crate::jobs::Outcome {
+        let Ok(id) = target.parse::<ComputerId>() else {
+            return crate::jobs::Outcome::Failed(format!("{target:?} is not a computer id"));
+        };
+        self.host.kill_stray(&id.to_string());
+        self.clone().boot(id).await;
+        crate::jobs::Outcome::Done
+    }
+
+    /// Queues the restore job of a computer made from a snapshot, on this host.
+    pub async fn enqueue_restore(&self, jobs: &crate::jobs::Jobs, id: ComputerId) -> Result<(), sqlx::Error> {
+        jobs.enqueue(
+            crate::jobs::RESTORE,
+            &id.to_string(),
+            self.host_id(),
+            2,
+            std::time::Duration::ZERO,
+        )
+        .await
+    }
+
     /// Boots a computer that is `provisioning` (new) or `starting` (start/restart).
     async fn boot(self: Arc<Self>, id: ComputerId) {
         let lock = self.lock_for(id);
@@ -540,15 +563,21 @@ impl Computers {
                     if c.status == ComputerStatus::Creating {
                         self.set_status(c.id, ComputerStatus::Provisioning, None).await?;
                     }
-                    if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot)) =
-                        (c.status, c.source_snapshot_id)
+                    let restoring = self.db.job_pending(crate::jobs::RESTORE, &name).await?;
+                    if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot), None) =
+                        (c.status, c.source_snapshot_id, &self.host_id)
                     {
-                        // An interrupted restore starts over and reads its snapshot again.
+                        // An interrupted restore starts over and reads its snapshot again
+                        // (the embedded platform reset the snapshots' restore counts at start;
+                        // a host's are still counted).
                         if !self.db.begin_restore(snapshot).await? {
                             let reason = format!("snapshot {snapshot} is no longer available to restore from");
                             self.set_status(c.id, ComputerStatus::Error, Some(&reason)).await?;
                             continue;
                         }
+                    }
+                    if restoring {
+                        continue; // its restore job runs it again
                     }
                     tracing::info!(id = %c.id, "resuming an interrupted boot");
                     self.spawn_boot(c.id);

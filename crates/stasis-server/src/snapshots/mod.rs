@@ -94,6 +94,10 @@ impl Snapshots {
         }
     }
 
+    pub fn computers(&self) -> &Arc<Computers> {
+        &self.computers
+    }
+
     pub fn events(&self) -> &Arc<EventBus> {
         &self.events
     }
@@ -253,7 +257,7 @@ impl Snapshots {
         };
         e.computer_id = Some(restored.id);
         self.events.emit(e).await;
-        self.computers.spawn_boot(restored.id);
+        self.computers.enqueue_restore(&self.jobs, restored.id).await?;
         Ok(restored)
     }
 
@@ -291,7 +295,9 @@ impl Snapshots {
                 match status {
                     Some(SnapshotStatus::Ready | SnapshotStatus::Restoring) => {
                         if this.db.begin_restore(snapshot.id).await.unwrap_or(false) {
-                            this.computers.spawn_boot(clone_id);
+                            if let Err(e) = this.computers.enqueue_restore(&this.jobs, clone_id).await {
+                                tracing::warn!(%clone_id, error = %e, "queueing a clone's restore");
+                            }
                             return;
                         }
                     }
