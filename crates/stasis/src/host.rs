@@ -86,13 +86,17 @@ pub async fn run(args: HostArgs) -> Result<()> {
             }
         }
     };
-    let accel = stasis_vmm::Accel::choose(&args.accel).map_err(anyhow::Error::msg)?;
+    let accel = stasis_vmm::Accel::choose(&args.machines.accel).map_err(anyhow::Error::msg)?;
     let config = stasis_server::Config {
         listen: args.listen,
         data_dir: data_dir.clone(),
-        cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
+        cache_dir: args
+            .machines
+            .cache_dir
+            .clone()
+            .unwrap_or_else(stasis_image::default_cache_dir),
         accel,
-        qemu_binary: args.qemu.clone(),
+        qemu_binary: args.machines.qemu.clone(),
         database_url: joined.database_url.clone(),
         store_url: Some(joined.store_url.clone()),
         s3: stasis_store::S3Options {

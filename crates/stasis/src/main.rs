@@ -120,9 +120,17 @@ pub struct ServeArgs {
     /// A host silent this long is lost: its computers turn error.
     #[arg(long, default_value_t = 10, env = "STASIS_HOST_TIMEOUT_SECS")]
     host_timeout_secs: u64,
+    #[command(flatten)]
+    machines: Machines,
+}
+
+/// How this process runs machines.
+#[derive(clap::Args)]
+struct Machines {
     /// auto (KVM where the CPU has vmx/svm and /dev/kvm opens, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
     accel: String,
+    /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64", env = "STASIS_QEMU")]
     qemu: PathBuf,
     /// Image cache (default ~/.cache/stasis).
@@ -149,12 +157,9 @@ pub struct HostArgs {
     /// Memory (MiB) this host offers to computers (default: three quarters of its RAM).
     #[arg(long, env = "STASIS_CAPACITY_MIB")]
     capacity_mib: Option<i64>,
-    #[arg(long, default_value = "auto", env = "STASIS_ACCEL")]
-    accel: String,
-    #[arg(long, default_value = "qemu-system-x86_64", env = "STASIS_QEMU")]
-    qemu: PathBuf,
-    #[arg(long, env = "STASIS_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    machines: Machines,
+    /// How long an S3 request is retried, with backoff, before it fails.
     #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
     s3_retry_secs: u64,
 }
@@ -250,13 +255,17 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
-    let accel = stasis_vmm::Accel::choose(&args.accel).map_err(anyhow::Error::msg)?;
+    let accel = stasis_vmm::Accel::choose(&args.machines.accel).map_err(anyhow::Error::msg)?;
     Ok(stasis_server::Config {
         listen: args.listen,
         data_dir: args.data.resolve(),
-        cache_dir: args.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
+        cache_dir: args
+            .machines
+            .cache_dir
+            .clone()
+            .unwrap_or_else(stasis_image::default_cache_dir),
         accel,
-        qemu_binary: args.qemu.clone(),
+        qemu_binary: args.machines.qemu.clone(),
         database_url: args.database.resolve(&args.data.resolve()),
         store_url: args.store_url.clone(),
         s3: stasis_store::S3Options {

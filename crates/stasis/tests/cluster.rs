@@ -79,7 +79,7 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         .port();
     let mut cp = control_plane(cp_dir.path(), port, &db, &s3);
     let mut hosts = [host(a_dir.path(), &cp.base), host(b_dir.path(), &cp.base)];
-    let key = create_key_on(cp_dir.path(), &db);
+    let key = common::create_key_in(cp_dir.path(), "default", Some(&db));
     let api = Client::new(&cp.base, Some(&key));
 
     // A computer on one host ("first"), with a file and a counter in memory.
@@ -197,28 +197,4 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-}
-
-fn create_key_on(dir: &Path, db: &str) -> String {
-    let out = std::process::Command::new(common::BIN)
-        .args([
-            "keys",
-            "create",
-            "--tenant",
-            "default",
-            "--database-url",
-            db,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
 }

@@ -28,11 +28,16 @@ pub fn data_dir() -> tempfile::TempDir {
 }
 
 pub fn create_key(data_dir: &Path, tenant: &str) -> String {
+    create_key_in(data_dir, tenant, backends::database_url(data_dir).as_deref())
+}
+
+/// A key made with `stasis keys create`, in the given database (None: the data dir's SQLite).
+pub fn create_key_in(data_dir: &Path, tenant: &str, database_url: Option<&str>) -> String {
     let mut cmd = Command::new(BIN);
     cmd.args(["keys", "create", "--tenant", tenant, "--data-dir"])
         .arg(data_dir);
-    if let Some(url) = backends::database_url(data_dir) {
-        cmd.args(["--database-url", &url]);
+    if let Some(url) = database_url {
+        cmd.args(["--database-url", url]);
     }
     let out = cmd.output().unwrap();
     assert!(
