@@ -86,18 +86,10 @@ pub async fn run(args: HostArgs) -> Result<()> {
             }
         }
     };
-    let accel = stasis_vmm::Accel::choose(&args.machines.accel).map_err(anyhow::Error::msg)?;
+    let base = args
+        .machines
+        .config(args.listen, data_dir.clone(), joined.database_url.clone())?;
     let config = stasis_server::Config {
-        listen: args.listen,
-        data_dir: data_dir.clone(),
-        cache_dir: args
-            .machines
-            .cache_dir
-            .clone()
-            .unwrap_or_else(stasis_image::default_cache_dir),
-        accel,
-        qemu_binary: args.machines.qemu.clone(),
-        database_url: joined.database_url.clone(),
         store_url: Some(joined.store_url.clone()),
         s3: stasis_store::S3Options {
             endpoint: joined.s3_endpoint.clone(),
@@ -108,6 +100,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
             id: id.clone(),
             token: args.cluster_token.clone(),
         },
+        ..base
     };
     let platform = stasis_server::Platform::open(&config)
         .await

@@ -254,19 +254,30 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+impl Machines {
+    /// A platform config with these machine settings; the rest as the caller sets it.
+    fn config(&self, listen: SocketAddr, data_dir: PathBuf, database_url: String) -> Result<stasis_server::Config> {
+        Ok(stasis_server::Config {
+            listen,
+            data_dir,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(stasis_image::default_cache_dir),
+            accel: stasis_vmm::Accel::choose(&self.accel).map_err(anyhow::Error::msg)?,
+            qemu_binary: self.qemu.clone(),
+            database_url,
+            store_url: None,
+            s3: Default::default(),
+            role: Default::default(),
+        })
+    }
+}
+
 pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
-    let accel = stasis_vmm::Accel::choose(&args.machines.accel).map_err(anyhow::Error::msg)?;
+    let base = args.machines.config(
+        args.listen,
+        args.data.resolve(),
+        args.database.resolve(&args.data.resolve()),
+    )?;
     Ok(stasis_server::Config {
-        listen: args.listen,
-        data_dir: args.data.resolve(),
-        cache_dir: args
-            .machines
-            .cache_dir
-            .clone()
-            .unwrap_or_else(stasis_image::default_cache_dir),
-        accel,
-        qemu_binary: args.machines.qemu.clone(),
-        database_url: args.database.resolve(&args.data.resolve()),
         store_url: args.store_url.clone(),
         s3: stasis_store::S3Options {
             endpoint: args.s3_endpoint.clone(),
@@ -280,6 +291,7 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
             },
             _ => stasis_server::Role::Embedded,
         },
+        ..base
     })
 }
 
