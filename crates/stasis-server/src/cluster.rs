@@ -198,9 +198,6 @@ impl ControlPlane {
                 );
                 match db.lose_host(&h.id, &reason).await {
                     Ok(true) => {
-                        if let Err(e) = db.fail_jobs_of_host(&h.id, &reason).await {
-                            tracing::warn!(host = h.id, error = %e, "failing a lost host's jobs");
-                        }
                         tracing::warn!(host = h.id, "host lost; its computers are marked error");
                         computers.notify_changed();
                     }
@@ -233,29 +230,26 @@ pub async fn heartbeat(State(state): State<AppState>, headers: HeaderMap, Json(b
     Json(cp.joined.clone()).into_response()
 }
 
-/// What a control plane does with an API request: answer it here, or send it to a host.
+/// Where a control plane sends an API request it does not answer itself.
 enum Route {
-    Here,
     /// Create or restore: to the host with the most room.
     Place,
     /// To the host running this computer (here if it runs on none, or its host is lost).
     Owner(ComputerId),
 }
 
-fn route(method: &Method, path: &str) -> Route {
-    let parts: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+/// None: the control plane answers it itself.
+fn route(method: &Method, path: &str) -> Option<Route> {
+    let parts: Vec<&str> = path.strip_prefix("/api/v1/")?.split('/').collect();
     match (method, parts.as_slice()) {
-        (&Method::POST, ["computers"]) => Route::Place,
-        (&Method::POST, ["computers", _, "restore", _]) => Route::Place,
+        (&Method::POST, ["computers"]) => Some(Route::Place),
+        (&Method::POST, ["computers", _, "restore", _]) => Some(Route::Place),
         // Reads come from the shared database; deleting a snapshot is metadata (the control
         // plane collects the store).
-        (&Method::GET, ["computers", ..]) if !path.ends_with("/events") => Route::Here,
-        (&Method::DELETE, ["computers", _, "snapshots", _]) => Route::Here,
-        (_, ["computers", id, ..]) => match id.parse() {
-            Ok(id) => Route::Owner(id),
-            Err(_) => Route::Here,
-        },
-        _ => Route::Here,
+        (&Method::GET, ["computers", ..]) if !path.ends_with("/events") => None,
+        (&Method::DELETE, ["computers", _, "snapshots", _]) => None,
+        (_, ["computers", id, ..]) => id.parse().ok().map(Route::Owner),
+        _ => None,
     }
 }
 
@@ -264,10 +258,9 @@ pub async fn dispatch(State(state): State<AppState>, req: Request, next: Next) -
     let Some(cp) = state.control_plane.clone() else {
         return next.run(req).await;
     };
-    let route = route(req.method(), req.uri().path());
-    if matches!(route, Route::Here) || !req.uri().path().starts_with("/api/v1/") {
+    let Some(route) = route(req.method(), req.uri().path()) else {
         return next.run(req).await;
-    }
+    };
     // Unauthenticated requests get their 401 from the handlers.
     let tenant = match bearer(req.headers()) {
         Some(key) => match state.db.tenant_by_key_hash(&hash_key(key)).await {
@@ -304,7 +297,6 @@ pub async fn dispatch(State(state): State<AppState>, req: Request, next: Next) -
             Ok(None) => return next.run(Request::from_parts(parts, body)).await,
             Err(e) => return e.into_response(),
         },
-        Route::Here => unreachable!("answered above"),
     };
     tracing::debug!(host = host.id, path = parts.uri.path(), "forwarding to host");
     let mut resp = cp.forward(&host, tenant, &parts, body).await;

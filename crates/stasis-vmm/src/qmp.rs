@@ -154,6 +154,32 @@ impl Qmp {
         self.events.subscribe()
     }
 
+    /// Sets up the next migration, in or out: whether RAM that lives in a file is left out of
+    /// the stream (`x-ignore-shared`) and whether an outgoing one is a background snapshot,
+    /// with migration events on. An outgoing one also loses its bandwidth cap (the default
+    /// 128 MiB/s would make copies crawl); an incoming one is left at one command.
+    pub async fn set_migration(
+        &self,
+        ignore_shared: bool,
+        background_snapshot: bool,
+        outgoing: bool,
+    ) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": ignore_shared},
+                {"capability": "background-snapshot", "state": background_snapshot},
+                {"capability": "events", "state": true},
+            ]}),
+        )
+        .await?;
+        if outgoing {
+            self.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// `query-status`'s `status` field (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", json!({})).await?;

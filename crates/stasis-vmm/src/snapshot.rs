@@ -35,16 +35,6 @@ pub struct Capture {
     pub paused: Duration,
 }
 
-/// Capabilities of a stream a restore reads: RAM is not in it (it is in a file).
-pub(crate) async fn set_migration_caps(qmp: &Qmp) -> Result<(), VmError> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-    )
-    .await?;
-    Ok(())
-}
-
 /// Give up on a copy that has not finished by then.
 const COPY_LIMIT: Duration = Duration::from_secs(300);
 
@@ -90,15 +80,7 @@ impl Vm {
             // The twin's query-migrate still says `completed` (its incoming stream) until the
             // outgoing one starts: wait for the outgoing one's own completion event instead.
             let mut twin_events = twin_qmp.events();
-            twin_qmp
-                .execute(
-                    "migrate-set-capabilities",
-                    json!({"capabilities": [
-                        {"capability": "x-ignore-shared", "state": true},
-                        {"capability": "events", "state": true},
-                    ]}),
-                )
-                .await?;
+            twin_qmp.set_migration(true, false, true).await?;
             let out = format!("exec:cat > {}", shell_quote(&state));
             twin_qmp.execute("migrate", json!({ "uri": out })).await?;
             wait_migration_event(&mut twin_events, "completed", Duration::from_secs(60)).await?;
@@ -130,18 +112,7 @@ impl Vm {
     async fn background_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [
-                {"capability": "x-ignore-shared", "state": false},
-                {"capability": "background-snapshot", "state": true},
-                {"capability": "events", "state": true},
-            ]}),
-        )
-        .await?;
-        // No bandwidth cap: the default 128 MiB/s would make the copy crawl.
-        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
-            .await?;
+        qmp.set_migration(false, true, true).await?;
         qmp.execute("stop", json!({})).await?;
         let started = async {
             // Paused: freeze the disk at this very instant.
@@ -178,17 +149,7 @@ impl Vm {
     async fn paused_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [
-                {"capability": "x-ignore-shared", "state": false},
-                {"capability": "background-snapshot", "state": false},
-                {"capability": "events", "state": true},
-            ]}),
-        )
-        .await?;
-        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
-            .await?;
+        qmp.set_migration(false, false, true).await?;
         qmp.execute("stop", json!({})).await?;
         let copied = async {
             let frozen = self.freeze_disk(qmp).await?;

@@ -315,7 +315,8 @@ impl Vm {
         timings.qemu_start_ms = ms(t.elapsed());
         let incoming = async {
             let t = Instant::now();
-            crate::snapshot::set_migration_caps(&qmp).await?;
+            // RAM is not in the stream: it is in the snapshot's file.
+            qmp.set_migration(true, false, false).await?;
             let uri = format!("exec:cat {}", crate::snapshot::shell_quote(state));
             qmp.execute("migrate-incoming", serde_json::json!({"uri": uri})).await?;
             crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;

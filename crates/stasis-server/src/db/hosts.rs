@@ -79,8 +79,8 @@ impl Db {
         Ok(host.flatten())
     }
 
-    /// Marks a host lost (if it was alive); then its computers turn `error` and its
-    /// unfinished snapshots `failed`. Returns whether the host was alive.
+    /// Marks a host lost (if it was alive); then its computers turn `error`, and its
+    /// unfinished snapshots and jobs `failed`. Returns whether the host was alive.
     pub async fn lose_host(&self, id: &str, reason: &str) -> Result<bool, sqlx::Error> {
         let changed = sqlx::query("UPDATE hosts SET status = 'lost' WHERE id = $1 AND status = 'alive'")
             .bind(id)
@@ -112,6 +112,7 @@ impl Db {
         .bind(id)
         .execute(self.pool())
         .await?;
+        self.fail_jobs_of_host(id, reason).await?;
         Ok(true)
     }
 }

@@ -130,7 +130,7 @@ impl Db {
     }
 
     /// How many snapshots, on any host, are in any of `statuses`.
-    pub async fn snapshots_in_any_scope(&self, statuses: &[SnapshotStatus]) -> Result<i64, sqlx::Error> {
+    pub async fn count_snapshots_in(&self, statuses: &[SnapshotStatus]) -> Result<i64, sqlx::Error> {
         let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT COUNT(*) FROM snapshots WHERE status IN ({})",

@@ -562,7 +562,7 @@ impl Snapshots {
         if self.shared_store {
             match self
                 .db
-                .snapshots_in_any_scope(&[SnapshotStatus::Creating, SnapshotStatus::Uploading])
+                .count_snapshots_in(&[SnapshotStatus::Creating, SnapshotStatus::Uploading])
                 .await
             {
                 Ok(0) => {}

@@ -21,12 +21,7 @@ struct Outcome {
 }
 
 pub async fn run(postgres: &str, clients: usize, secs: u64) -> Result<()> {
-    eprintln!("preparing the guest image (cached after the first build)...");
-    let cache = stasis_image::default_cache_dir();
-    tokio::task::spawn_blocking(move || {
-        stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}"))
-    })
-    .await??;
+    super::prepare_image().await?;
 
     let db_name = format!("stasis_bench_{}", std::process::id());
     let created = tokio::process::Command::new("psql")
@@ -103,26 +98,8 @@ async fn seed(platform: &LocalPlatform) -> Result<Vec<String>> {
             .await?;
         let id = c["id"].as_str().context("create answered without an id")?.to_string();
         api.wait_running(&id, Duration::from_secs(300)).await?;
-        let s = api
-            .call(
-                Method::POST,
-                &format!("/computers/{id}/snapshots"),
-                Some(json!({"comment": "load"})),
-            )
-            .await?;
-        let sid = s["data"]["id"].as_str().context("snapshot without an id")?.to_string();
-        let t = Instant::now();
-        loop {
-            let d = api
-                .call(Method::GET, &format!("/computers/{id}/snapshots/{sid}"), None)
-                .await?;
-            if d["data"]["status"] == "ready" {
-                break;
-            }
-            anyhow::ensure!(d["data"]["status"] != "failed", "seed snapshot failed: {d}");
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "seed snapshot never ready");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let snap = super::snapshot(api, &id).await?;
+        let sid = snap["id"].as_str().context("snapshot without an id")?.to_string();
         paths.push(format!("/computers/{id}"));
         paths.push(format!("/computers/{id}/snapshots"));
         paths.push(format!("/computers/{id}/snapshots/{sid}"));

@@ -157,12 +157,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 }
 
 async fn bench_computers(n: usize, execs: usize, size: &str) -> Result<()> {
-    eprintln!("preparing the guest image (cached after the first build)...");
-    let cache = stasis_image::default_cache_dir();
-    tokio::task::spawn_blocking(move || {
-        stasis_image::ensure(&cache, &Default::default(), &|m: &str| eprintln!("image: {m}"))
-    })
-    .await??;
+    prepare_image().await?;
     LocalPlatform::with(async |platform| {
         let api = &platform.api;
         println!("accelerator: {}", stasis_vmm::Accel::detect().as_str());
@@ -251,6 +246,19 @@ pub(crate) async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_
         .await?;
     anyhow::ensure!(r["exit_code"] == 0, "exec {command:?} failed: {r}");
     Ok(r)
+}
+
+/// Takes a snapshot of `computer` and waits until it is ready.
+pub(crate) async fn snapshot(api: &Api, computer: &str) -> Result<serde_json::Value> {
+    let s = api
+        .call(
+            Method::POST,
+            &format!("/computers/{computer}/snapshots"),
+            Some(json!({})),
+        )
+        .await?;
+    let id = s["data"]["id"].as_str().context("no snapshot id")?.to_string();
+    wait_snapshot(api, computer, &id).await
 }
 
 pub(crate) async fn wait_snapshot(api: &Api, computer: &str, snap: &str) -> Result<serde_json::Value> {

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use stasis_vmm::qmp::Qmp;
 use stasis_vmm::vm::{qemu_args, Launch, RestoreTimings, VmPaths};
 use stasis_vmm::MachineConfig;
 
-use super::{exec_ok, median, prepare_image, wait_snapshot, LocalPlatform};
+use super::{exec_ok, median, prepare_image, snapshot, wait_snapshot, LocalPlatform};
 use crate::client::Api;
 
 struct Row {
@@ -46,18 +46,6 @@ async fn cold_boot(api: &Api, name: &str, size: &str) -> Result<(Duration, Strin
     let id = create(api, name, size).await?;
     exec_ok(api, &id, "true").await?;
     Ok((t.elapsed(), id))
-}
-
-async fn snapshot(api: &Api, computer: &str) -> Result<Value> {
-    let s = api
-        .call(
-            Method::POST,
-            &format!("/computers/{computer}/snapshots"),
-            Some(json!({})),
-        )
-        .await?;
-    let id = s["data"]["id"].as_str().context("no snapshot id")?.to_string();
-    wait_snapshot(api, computer, &id).await
 }
 
 /// Restore API call → first exec answered.
@@ -123,6 +111,21 @@ async fn spawn_incoming(config: &MachineConfig, dir: &Path) -> Result<(tokio::pr
 }
 
 /// Process start → `cont` returned, for a QEMU loading `state` (with or without RAM in it).
+/// The median of three bare restores, each in its own scratch dir `{scratch}/{tag}{i}`.
+async fn bare_restores(
+    config: &MachineConfig,
+    scratch: &Path,
+    tag: &str,
+    state: &Path,
+    ram_in_stream: bool,
+) -> Result<Duration> {
+    let mut took = Vec::new();
+    for i in 0..3 {
+        took.push(bare_restore(config, &scratch.join(format!("{tag}{i}")), state, ram_in_stream).await?);
+    }
+    Ok(median(took))
+}
+
 async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_stream: bool) -> Result<Duration> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -141,11 +144,7 @@ async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_s
     }
     let t = Instant::now();
     let (mut child, qmp) = spawn_incoming(&config, dir).await?;
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": !ram_in_stream}]}),
-    )
-    .await?;
+    qmp.set_migration(!ram_in_stream, false, false).await?;
     qmp.execute(
         "migrate-incoming",
         json!({"uri": format!("exec:cat {}", state.display())}),
@@ -170,17 +169,7 @@ async fn baseline_save(platform: &LocalPlatform, computer: &str, out: &Path) -> 
         .context("the computer is not running")?;
     let qmp = vm.qmp();
     let mut events = qmp.events();
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [
-            {"capability": "x-ignore-shared", "state": false},
-            {"capability": "background-snapshot", "state": false},
-            {"capability": "events", "state": true},
-        ]}),
-    )
-    .await?;
-    qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
-        .await?;
+    qmp.set_migration(false, false, true).await?;
     let t = Instant::now();
     qmp.execute("stop", json!({})).await?;
     qmp.execute("migrate", json!({"uri": format!("exec:cat > {}", out.display())}))
@@ -274,19 +263,7 @@ pub async fn run() -> Result<()> {
     });
     let files = data.join("cache/snapshots").join(&snap1_id);
     let restored_config = machine(&data, &restored[0])?;
-    let mut floors = Vec::new();
-    for i in 0..3 {
-        floors.push(
-            bare_restore(
-                &restored_config,
-                &scratch.join(format!("floor{i}")),
-                &files.join("state"),
-                false,
-            )
-            .await?,
-        );
-    }
-    let floor = median(floors);
+    let floor = bare_restores(&restored_config, &scratch, "floor", &files.join("state"), false).await?;
     rows.push(Row {
         what: "restore overhead: API call -> first exec (vs bare QEMU restore, start -> cont)",
         value: ms(restore_small),
@@ -338,28 +315,12 @@ pub async fn run() -> Result<()> {
     let medium_snap_id = medium_snap["id"].as_str().context("no id")?.to_string();
     let our_pause = Duration::from_millis(medium_snap["pause_ms"].as_u64().unwrap_or(0));
     let medium_config = machine(&data, &medium)?;
-    let mut baseline_loads = Vec::new();
-    for i in 0..3 {
-        baseline_loads.push(bare_restore(&medium_config, &scratch.join(format!("base{i}")), &full_state, true).await?);
-    }
-    let baseline_load = median(baseline_loads);
+    let baseline_load = bare_restores(&medium_config, &scratch, "base", &full_state, true).await?;
     let (_, medium_restored) = restore(api, &medium, &medium_snap_id).await?;
     wait_ready_again(api, &medium, &medium_snap_id).await?;
     let ours_config = machine(&data, &medium_restored)?;
     let medium_files = data.join("cache/snapshots").join(&medium_snap_id);
-    let mut our_loads = Vec::new();
-    for i in 0..3 {
-        our_loads.push(
-            bare_restore(
-                &ours_config,
-                &scratch.join(format!("ours{i}")),
-                &medium_files.join("state"),
-                false,
-            )
-            .await?,
-        );
-    }
-    let our_load = median(our_loads);
+    let our_load = bare_restores(&ours_config, &scratch, "ours", &medium_files.join("state"), false).await?;
     let r = baseline_load.as_secs_f64() / our_load.as_secs_f64();
     rows.push(Row {
         what: "restore, 1 GiB / 512 MiB touched: start -> running (vs QEMU -incoming full file)",
