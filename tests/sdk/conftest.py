@@ -12,11 +12,11 @@ BIN = os.environ.get("STASIS_BIN", os.path.join(os.path.dirname(__file__), "../.
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, *extra_args):
         self.data_dir = tempfile.mkdtemp(prefix="stasis-sdk", dir="/tmp")
         self.key = self.create_key("sdk")
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.data_dir],
+            [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.data_dir, *extra_args],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -121,9 +121,10 @@ impl ControlPlane {
         match best {
             Some((_, h)) => Ok(h),
             None if alive == 0 => Err(ApiError::Unavailable("no host has joined the control plane".into())),
-            None => Err(ApiError::Unavailable(format!(
-                "no host has room for a computer of {need_mib} MiB"
-            ))),
+            None => Err(ApiError::conflict(
+                "insufficient_capacity",
+                format!("no host has room for a computer of {need_mib} MiB"),
+            )),
         }
     }
 

@@ -10,7 +10,9 @@ pub mod error;
 pub mod idempotency;
 pub mod images;
 pub mod jobs;
+pub mod openapi;
 pub mod snapshots;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +75,22 @@ pub struct Config {
     pub store_url: Option<String>,
     pub s3: stasis_store::S3Options,
     pub role: Role,
+    /// Memory (MiB) lent to computers on this machine; None: no limit.
+    pub capacity_mib: Option<u64>,
+}
+
+/// Memory a machine lends to computers by default: three quarters of its RAM.
+pub fn default_capacity_mib() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    total_kib / 1024 * 3 / 4
 }
 
 /// The metadata database: the one given, or SQLite in the data dir.
@@ -112,15 +130,27 @@ pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/health", get(health))
-        .merge(computers::routes::router())
-        .merge(snapshots::routes::router())
+    let api: Router<AppState> = api_router().into();
+    let spec: Arc<str> = openapi_document()
+        .to_json()
+        .expect("the OpenAPI document serializes")
+        .into();
+    let api = api
+        .route(
+            "/openapi.json",
+            get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    spec.to_string(),
+                )
+            }),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/api/v1", api)
         .route("/internal/v1/hosts/heartbeat", axum::routing::post(cluster::heartbeat))
+        .merge(web::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::dispatch))
@@ -128,8 +158,32 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+/// Every public route with its OpenAPI description (`/api/v1` relative).
+fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(health))
+        .merge(computers::routes::router())
+        .merge(snapshots::routes::router())
+}
+
+/// The OpenAPI document of the public API, with paths as served (under `/api/v1`).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut spec = utoipa_axum::router::OpenApiRouter::<AppState>::with_openapi(openapi::ApiDoc::openapi())
+        .nest("/api/v1", api_router())
+        .into_openapi();
+    spec.info.version = env!("CARGO_PKG_VERSION").into();
+    spec
+}
+
+/// Liveness; needs no key.
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "meta", security(()),
+    responses((status = 200, description = "The server is up", body = stasis_types::Health)))]
+async fn health() -> Json<stasis_types::Health> {
+    Json(stasis_types::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -182,6 +236,7 @@ impl Platform {
             accel: config.accel,
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
+            capacity_mib: config.capacity_mib,
         };
         let store = match &config.store_url {
             Some(url) => stasis_store::SnapshotStore::open(url, &config.s3),

@@ -7,9 +7,10 @@ pub use ids::{ComputerId, SnapshotId, TenantId};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Machine sizes: vCPUs and RAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Size {
     Xs,
@@ -64,7 +65,7 @@ impl Size {
 }
 
 /// Lifecycle of a computer. Only the values the official SDK accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputerStatus {
     Creating,
@@ -101,7 +102,7 @@ impl ComputerStatus {
 }
 
 /// A computer as the API returns it (no envelope).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Computer {
     pub id: ComputerId,
     pub name: String,
@@ -113,6 +114,7 @@ pub struct Computer {
     pub tenant_id: TenantId,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// Why the computer is in `error` (or was stopped by the platform); null otherwise.
     pub error: Option<String>,
@@ -121,14 +123,14 @@ pub struct Computer {
 }
 
 /// `GET /computers`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ComputerList {
     pub total: usize,
     pub computers: Vec<Computer>,
 }
 
 /// Answer of start / stop / restart / destroy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ActionResponse {
     pub success: bool,
     pub status: String,
@@ -136,7 +138,7 @@ pub struct ActionResponse {
 }
 
 /// Answer of `POST /computers/{id}/exec` and `/exec/python`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExecResponse {
     pub exit_code: i32,
     pub output: String,
@@ -150,21 +152,27 @@ pub struct ExecResponse {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
+    /// Stable, machine-readable: `computer_not_found`, `snapshot_not_ready`, `validation_failed`, ...
     pub code: String,
+    /// What went wrong, for people.
     pub message: String,
+    /// The same id as the `x-request-id` header.
     pub request_id: String,
+    /// For `validation_failed`: the field at fault.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub field: Option<String>,
 }
 
 /// Lifecycle of a snapshot: `creating → uploading → ready`, `ready ⇄ restoring` while
 /// restores read it, `ready → deleted`, any → `failed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotStatus {
     Creating,
@@ -201,7 +209,7 @@ impl SnapshotStatus {
 }
 
 /// A snapshot as the API returns it (inside `{"data": ...}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     pub id: SnapshotId,
     pub computer_id: ComputerId,
@@ -230,7 +238,7 @@ pub struct Snapshot {
 }
 
 /// The `data` of a snapshot SSE event. Absent fields are omitted, never null.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotEventData {
     pub snapshot_id: SnapshotId,
     pub status: SnapshotStatus,
@@ -247,6 +255,161 @@ pub struct SnapshotEventData {
     pub bytes_done: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bytes_total: Option<u64>,
+}
+
+/// `POST /computers`. Unknown fields are ignored; `size` defaults to `small`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateComputerRequest {
+    /// 1 to 128 characters, no control characters (surrounding blanks are trimmed).
+    #[schema(min_length = 1, max_length = 128)]
+    pub name: String,
+    /// `debian-bookworm` (also accepted: `default`, `debian`, `miosa-desktop`).
+    #[schema(nullable = false)]
+    pub template_type: Option<Template>,
+    #[schema(nullable = false)]
+    pub size: Option<Size>,
+    /// Free-form, at most 16 KiB of JSON.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The templates a computer can be created from (all give the default image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Template {
+    DebianBookworm,
+    Default,
+    Debian,
+    MiosaDesktop,
+}
+
+/// `POST /computers/{id}/exec`: a command run under `bash -c`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    pub command: String,
+    /// Seconds before the command is killed (exit code 124); default 60, at most 3600.
+    #[schema(minimum = 1, maximum = 3600, nullable = false)]
+    pub timeout: Option<u64>,
+}
+
+/// `POST /computers/{id}/exec/python`: code run by `python3 -c`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecPythonRequest {
+    pub code: String,
+    #[schema(minimum = 1, maximum = 3600, nullable = false)]
+    pub timeout: Option<u64>,
+}
+
+/// `POST /computers/{id}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateSnapshotRequest {
+    /// A human-readable label.
+    #[schema(max_length = 500)]
+    pub comment: Option<String>,
+}
+
+/// `POST /computers/{id}/clone`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CloneRequest {
+    /// The clone's name (default: the source's name with `-clone`).
+    #[schema(min_length = 1, max_length = 128, nullable = false)]
+    pub name: Option<String>,
+}
+
+/// `{"data": Snapshot}`: the answer of create, get and delete.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotEnvelope {
+    pub data: Snapshot,
+}
+
+/// `GET /computers/{id}/snapshots`: the computer's snapshots that are not deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub data: Vec<Snapshot>,
+    pub total: usize,
+}
+
+/// `{"data": Computer}`: the answer of clone.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ComputerEnvelope {
+    pub data: Computer,
+}
+
+/// `POST /computers/{id}/restore/{snap_id}`: the new computer and the snapshot being read.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RestoreResponse {
+    pub data: Computer,
+    pub snapshot: RestoringSnapshot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RestoringSnapshot {
+    pub id: SnapshotId,
+    /// `restoring`.
+    pub status: SnapshotStatus,
+}
+
+/// `POST /sse/ticket`: a one-use credential for one event stream, for browsers'
+/// `EventSource` (which cannot send an Authorization header).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SseTicket {
+    pub ticket: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// One server-sent event of a snapshot's progress stream, as it travels: `event:` names it,
+/// `id:` is its sequence number, `data:` is a [`SnapshotEventData`] in JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotEvent {
+    pub event: SnapshotEventName,
+    pub id: String,
+    /// JSON: a `SnapshotEventData`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
+/// The names of snapshot events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotEventName {
+    SnapshotCreating,
+    SnapshotUploading,
+    SnapshotReady,
+    SnapshotRestoring,
+    SnapshotFailed,
+    SnapshotDeleted,
+}
+
+impl SnapshotEventName {
+    /// The event announcing `status`.
+    pub fn for_status(status: SnapshotStatus) -> SnapshotEventName {
+        match status {
+            SnapshotStatus::Creating => SnapshotEventName::SnapshotCreating,
+            SnapshotStatus::Uploading => SnapshotEventName::SnapshotUploading,
+            SnapshotStatus::Ready => SnapshotEventName::SnapshotReady,
+            SnapshotStatus::Restoring => SnapshotEventName::SnapshotRestoring,
+            SnapshotStatus::Failed => SnapshotEventName::SnapshotFailed,
+            SnapshotStatus::Deleted => SnapshotEventName::SnapshotDeleted,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotEventName::SnapshotCreating => "snapshot_creating",
+            SnapshotEventName::SnapshotUploading => "snapshot_uploading",
+            SnapshotEventName::SnapshotReady => "snapshot_ready",
+            SnapshotEventName::SnapshotRestoring => "snapshot_restoring",
+            SnapshotEventName::SnapshotFailed => "snapshot_failed",
+            SnapshotEventName::SnapshotDeleted => "snapshot_deleted",
+        }
+    }
 }
 
 /// Templates this platform knows. `miosa-desktop` is what the official SDK sends by default;

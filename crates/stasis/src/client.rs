@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use clap::{Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use stasis_types::{Computer, ComputerList, ExecResponse};
@@ -12,6 +12,90 @@ use stasis_types::{Computer, ComputerList, ExecResponse};
 /// An error that should end the process with a specific exit code (e.g. exec's own code).
 #[derive(Debug)]
 pub struct ExitCode(pub i32);
+
+/// A failure with its own exit code and message.
+#[derive(Debug)]
+pub struct Fail(pub i32, pub String);
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Fail {}
+
+/// Exit codes scripts can test (`exec` instead ends with the command's own code).
+pub mod exit {
+    /// Anything else: the server could not be reached, a local problem.
+    pub const OTHER: i32 = 1;
+    // 2: bad command-line usage (clap's own).
+    pub const NOT_FOUND: i32 = 3;
+    /// The request conflicts with the current state (not running, not ready, no capacity).
+    pub const CONFLICT: i32 = 4;
+    /// Missing or wrong API key, or another tenant's resource.
+    pub const AUTH: i32 = 5;
+    /// The server refused the input (400, 413, 422).
+    pub const INVALID: i32 = 6;
+    /// The server failed (5xx).
+    pub const SERVER: i32 = 7;
+    /// A snapshot waited for ended `failed`, or a computer waited for ended in `error`.
+    pub const FAILED: i32 = 8;
+    /// `--wait` gave up after `--timeout`.
+    pub const TIMEOUT: i32 = 9;
+}
+
+/// An error answer of the API: the server's message, code and request id.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+    pub what: String,
+}
+
+impl ApiFailure {
+    pub fn exit_code(&self) -> i32 {
+        match self.status {
+            404 => exit::NOT_FOUND,
+            409 => exit::CONFLICT,
+            401 | 403 => exit::AUTH,
+            400 | 413 | 422 => exit::INVALID,
+            500..=599 => exit::SERVER,
+            _ => exit::OTHER,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} {}", self.message, self.status, self.what)?;
+        if !self.code.is_empty() {
+            write!(f, ", {}", self.code)?;
+        }
+        if !self.request_id.is_empty() {
+            write!(f, ", request {}", self.request_id)?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+/// The exit code for an error that ends the process.
+pub fn exit_code_of(e: &anyhow::Error) -> i32 {
+    if let Some(c) = e.downcast_ref::<ExitCode>() {
+        return c.0;
+    }
+    if let Some(f) = e.downcast_ref::<ApiFailure>() {
+        return f.exit_code();
+    }
+    if let Some(f) = e.downcast_ref::<Fail>() {
+        return f.0;
+    }
+    exit::OTHER
+}
 
 impl std::fmt::Display for ExitCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,6 +160,15 @@ pub enum ComputerCommand {
     },
     Stop {
         id: String,
+    },
+    /// A new computer from a fresh snapshot of this one (same as `stasis clone`).
+    Clone {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Wait until the clone is running.
+        #[arg(long)]
+        wait: bool,
     },
     #[command(alias = "destroy")]
     Delete {
@@ -151,11 +244,20 @@ impl Api {
         let text = resp.text().await?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let message = value["error"]["message"]
-                .as_str()
-                .unwrap_or("request failed")
-                .to_string();
-            bail!("{message} ({} {method} {path}, request {request_id})", status.as_u16());
+            return Err(ApiFailure {
+                status: status.as_u16(),
+                code: value["error"]["code"].as_str().unwrap_or("").to_string(),
+                message: value["error"]["message"]
+                    .as_str()
+                    .unwrap_or(status.canonical_reason().unwrap_or("request failed"))
+                    .to_string(),
+                request_id: value["error"]["request_id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or(request_id),
+                what: format!("{method} {path}"),
+            }
+            .into());
         }
         Ok(value)
     }
@@ -174,23 +276,38 @@ impl Api {
             let c = self.get_computer(id).await?;
             match c.status.as_str() {
                 "running" => return Ok(c),
-                "error" => bail!("computer {id} failed: {}", c.error.unwrap_or_default()),
-                "stopped" | "destroyed" => bail!("computer {id} is {}", c.status.as_str()),
-                _ if start.elapsed() > limit => bail!("computer {id} not running after {limit:?}"),
+                "error" | "stopped" | "destroyed" => {
+                    let why = c.error.map(|e| format!(": {e}")).unwrap_or_default();
+                    return Err(Fail(exit::FAILED, format!("computer {id} is {}{why}", c.status.as_str())).into());
+                }
+                _ if start.elapsed() > limit => {
+                    return Err(Fail(
+                        exit::TIMEOUT,
+                        format!("computer {id} is not running after {}s", limit.as_secs()),
+                    )
+                    .into())
+                }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     }
+
+    /// A request builder with the key, for calls `call` does not fit (streams).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
 }
 
-fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
+pub fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
         Output::Text => println!("{}", text()),
     }
 }
 
-fn row(c: &Computer) -> String {
+pub fn row(c: &Computer) -> String {
     format!("{}  {:<12} {:<7} {}", c.id, c.status.as_str(), c.size.as_str(), c.name)
 }
 
@@ -199,6 +316,9 @@ pub async fn run_computer(conn: Connection, command: ComputerCommand) -> Result<
     let out = conn.output;
     use reqwest::Method;
     match command {
+        ComputerCommand::Clone { id, name, wait } => {
+            crate::snapshot::clone(&api, out, &id, name, wait).await?;
+        }
         ComputerCommand::Create { name, size, wait } => {
             let v = api
                 .call(Method::POST, "/computers", Some(json!({"name": name, "size": size})))

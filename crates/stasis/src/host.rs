@@ -22,20 +22,6 @@ fn host_id(data_dir: &std::path::Path) -> Result<String> {
     Ok(id)
 }
 
-/// Memory to offer: three quarters of the machine's.
-fn default_capacity_mib() -> i64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<i64>().ok())
-        })
-        .unwrap_or(4 << 20);
-    total_kib / 1024 * 3 / 4
-}
-
 async fn beat(http: &reqwest::Client, args: &HostArgs, beat: &Heartbeat) -> Result<Joined> {
     let url = format!(
         "{}/internal/v1/hosts/heartbeat",
@@ -70,7 +56,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
     let heartbeat = Heartbeat {
         id: id.clone(),
         url: url.clone(),
-        capacity_mib: args.capacity_mib.unwrap_or_else(default_capacity_mib),
+        capacity_mib: args.machines.capacity_mib() as i64,
         vcpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as i64,
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod host;
+mod snapshot;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,27 @@ enum Command {
         conn: client::Connection,
         #[command(subcommand)]
         command: client::ComputerCommand,
+    },
+    /// Snapshots of computers on a running platform: create (with --wait: a progress bar),
+    /// list, get, delete, restore, events.
+    #[command(alias = "snapshots")]
+    Snapshot {
+        #[command(flatten)]
+        conn: client::Connection,
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
+    /// A new computer from a fresh snapshot of a running one.
+    Clone {
+        #[command(flatten)]
+        conn: client::Connection,
+        id: String,
+        /// The clone's name (default: the original's with -clone).
+        #[arg(long)]
+        name: Option<String>,
+        /// Wait until the clone is running.
+        #[arg(long)]
+        wait: bool,
     },
     /// Benchmarks against a platform started in this process.
     Bench {
@@ -136,6 +158,16 @@ struct Machines {
     /// Image cache (default ~/.cache/stasis).
     #[arg(long, env = "STASIS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Memory (MiB) lent to computers here (default: three quarters of the machine's RAM);
+    /// creates, restores and starts beyond it answer 503.
+    #[arg(long, env = "STASIS_CAPACITY_MIB")]
+    capacity_mib: Option<u64>,
+}
+
+impl Machines {
+    fn capacity_mib(&self) -> u64 {
+        self.capacity_mib.unwrap_or_else(stasis_server::default_capacity_mib)
+    }
 }
 
 #[derive(clap::Args)]
@@ -154,9 +186,6 @@ pub struct HostArgs {
     advertise_url: Option<String>,
     #[command(flatten)]
     data: DataDir,
-    /// Memory (MiB) this host offers to computers (default: three quarters of its RAM).
-    #[arg(long, env = "STASIS_CAPACITY_MIB")]
-    capacity_mib: Option<i64>,
     #[command(flatten)]
     machines: Machines,
     /// How long an S3 request is retried, with backoff, before it fails.
@@ -204,7 +233,7 @@ fn main() {
     let result = runtime.block_on(run(cli));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        let code = e.downcast_ref::<client::ExitCode>().map_or(1, |c| c.0);
+        let code = client::exit_code_of(&e);
         std::process::exit(code);
     }
 }
@@ -250,6 +279,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Computer { conn, command } => client::run_computer(conn, command).await,
+        Command::Snapshot { conn, command } => snapshot::run(conn, command).await,
+        Command::Clone { conn, id, name, wait } => {
+            let api = client::Api::new(&conn)?;
+            snapshot::clone(&api, conn.output, &id, name, wait).await
+        }
         Command::Bench { command } => bench::run(command).await,
     }
 }
@@ -267,6 +301,7 @@ impl Machines {
             store_url: None,
             s3: Default::default(),
             role: Default::default(),
+            capacity_mib: Some(self.capacity_mib()),
         })
     }
 }

@@ -175,13 +175,19 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     );
     assert_eq!(error_of(&r), (404, "snapshot not found".into()));
 
-    // A snapshot being made is not ready to restore nor deletable.
+    // A snapshot being made is not deletable; a restore of it is accepted and starts once it
+    // is ready (the seed's baseline recipe restores right after creating).
     let s2 = snapshot(&api, &id, "second");
-    let r = api.call("POST", &format!("/computers/{id}/restore/{s2}"), None);
-    assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
+    let early = api.call("POST", &format!("/computers/{id}/restore/{s2}"), None);
+    assert_eq!(early.status, 201, "{:?}", early.body);
+    assert_eq!(early.body["data"]["status"], "provisioning");
     let r = api.call("DELETE", &format!("{snaps}/{s2}"), None);
     assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
     let s2_data = api.wait_snapshot(&id, &s2, "ready", SNAP);
+    let early_id = early.body["data"]["id"].as_str().unwrap().to_string();
+    api.wait_status(&early_id, "running", BOOT);
+    assert_eq!(out(&api, &early_id, "echo early"), "early");
+    api.call("DELETE", &format!("/computers/{early_id}"), None);
     assert_eq!(
         s2_data["parent_snapshot_id"],
         s1.as_str(),
@@ -312,7 +318,11 @@ fn faults_end_in_clear_states() {
     let store = common::backends::Store::of(dir.path());
     store.set_unwritable(true);
     let s = snapshot(&api, &id, "doomed");
+    let waiting = api.call("POST", &format!("/computers/{id}/restore/{s}"), None);
+    assert_eq!(waiting.status, 201, "{:?}", waiting.body);
     let failed = api.wait_snapshot(&id, &s, "failed", SNAP);
+    let waiting = api.wait_status(waiting.body["data"]["id"].as_str().unwrap(), "error", SNAP);
+    assert!(waiting["error"].as_str().unwrap().contains("failed"), "{waiting}");
     assert!(failed["error"].as_str().unwrap().contains("snapshot store"), "{failed}");
     assert_eq!(api.status(&id).0, "running");
     assert_eq!(out(&api, &id, "echo still-fine"), "still-fine");

@@ -33,6 +33,9 @@ pub struct RuntimeSettings {
     pub accel: Accel,
     pub qemu_binary: PathBuf,
     pub tsc_khz: Option<u64>,
+    /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
+    /// are refused (503). None: no limit.
+    pub capacity_mib: Option<u64>,
 }
 
 /// A validated create request.
@@ -58,6 +61,9 @@ pub struct Computers {
     /// This host's id when it is one of a control plane's hosts; None for the embedded
     /// platform. Computers are recorded under it, and only its own are reconciled.
     host_id: Option<String>,
+    /// Held while a computer is admitted (memory checked, then recorded), so two requests
+    /// cannot both take the last free memory.
+    admission: tokio::sync::Mutex<()>,
 }
 
 const LIVE: &[ComputerStatus] = &[
@@ -90,6 +96,7 @@ impl Computers {
             changes: tokio::sync::watch::channel(0).0,
             locks: Mutex::new(HashMap::new()),
             host_id,
+            admission: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -100,6 +107,26 @@ impl Computers {
     /// Wakes callers waiting for a status change (after one made elsewhere).
     pub fn notify_changed(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Refuses a computer of `size` that would take more memory than the platform lends.
+    async fn check_capacity(&self, size: Size) -> ApiResult<()> {
+        let Some(capacity) = self.settings.capacity_mib else {
+            return Ok(());
+        };
+        let held = self.db.memory_held_mib(self.host_id.as_deref()).await?;
+        let need = size.memory_mib();
+        if held + need > capacity {
+            return Err(ApiError::conflict(
+                "insufficient_capacity",
+                format!(
+                    "not enough memory for a {} computer ({need} MiB): {held} of {capacity} MiB are in use; \
+                     stop or delete a computer first",
+                    size.as_str()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// This host's id among a control plane's hosts (None: the embedded platform).
@@ -200,6 +227,8 @@ impl Computers {
     pub async fn insert(&self, tenant: TenantId, new: NewComputer, source: Option<SnapshotId>) -> ApiResult<Computer> {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
+        let _admitted = self.admission.lock().await;
+        self.check_capacity(new.size).await?;
         let computer = Computer {
             id: ComputerId::new(),
             slug: slugify(&new.name),
@@ -438,9 +467,12 @@ impl Computers {
                 Ok(action(c.status, "computer is already running or starting"))
             }
             ComputerStatus::Stopped | ComputerStatus::Error => {
+                let admitted = self.admission.lock().await;
+                self.check_capacity(c.size).await?;
                 // An errored computer may still have a QEMU around (say, a hung one).
                 self.host.stop(&id.to_string()).await;
                 self.set_status(id, ComputerStatus::Starting, None).await?;
+                drop(admitted);
                 drop(guard);
                 self.spawn_boot(id);
                 Ok(action(ComputerStatus::Starting, "computer is starting"))

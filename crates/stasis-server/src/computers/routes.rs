@@ -3,25 +3,31 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use stasis_types::{ActionResponse, Computer, ComputerId, ComputerList, ExecResponse};
+use axum::Json;
+use stasis_types::{
+    ActionResponse, Computer, ComputerId, ComputerList, CreateComputerRequest, ExecPythonRequest, ExecRequest,
+    ExecResponse,
+};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{Computers, DEFAULT_EXEC_TIMEOUT_SECS, MAX_EXEC_TIMEOUT_SECS};
 use crate::auth::Tenant;
 use crate::body::JsonObject;
 use crate::error::{ApiError, ApiResult};
+use crate::openapi::{Errors, WriteErrors};
 use crate::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/computers", post(create).get(list))
-        .route("/computers/{id}", get(get_one).delete(destroy))
-        .route("/computers/{id}/start", post(start))
-        .route("/computers/{id}/stop", post(stop))
-        .route("/computers/{id}/restart", post(restart))
-        .route("/computers/{id}/exec", post(exec_bash))
-        .route("/computers/{id}/exec/python", post(exec_python))
+/// The routes, each registered with its OpenAPI description.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one, destroy))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(exec_bash))
+        .routes(routes!(exec_python))
 }
 
 /// A computer id from the path; a malformed one cannot name any computer.
@@ -33,6 +39,9 @@ fn service(state: &AppState) -> &std::sync::Arc<Computers> {
     &state.computers
 }
 
+/// Create a computer; it boots in the background (`provisioning` → `running`).
+#[utoipa::path(post, path = "/computers", operation_id = "createComputer", tag = "computers", request_body = CreateComputerRequest,
+    responses((status = 201, description = "The new computer", body = Computer), WriteErrors))]
 async fn create(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -43,6 +52,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(computer)))
 }
 
+/// The tenant's computers (not the destroyed ones).
+#[utoipa::path(get, path = "/computers", operation_id = "listComputers", tag = "computers",
+    responses((status = 200, description = "The computers", body = ComputerList), Errors))]
 async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<ComputerList>> {
     let computers = service(&state).list(tenant).await?;
     Ok(Json(ComputerList {
@@ -51,6 +63,9 @@ async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResul
     }))
 }
 
+/// One computer.
+#[utoipa::path(get, path = "/computers/{id}", operation_id = "getComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "The computer", body = Computer), Errors))]
 async fn get_one(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -59,6 +74,9 @@ async fn get_one(
     Ok(Json(service(&state).get(tenant, computer_id(&id)?).await?))
 }
 
+/// Destroy a computer: its VM and disk go; its snapshots stay restorable.
+#[utoipa::path(delete, path = "/computers/{id}", operation_id = "deleteComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Destroyed", body = ActionResponse), WriteErrors))]
 async fn destroy(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -67,6 +85,9 @@ async fn destroy(
     Ok(Json(service(&state).destroy(tenant, computer_id(&id)?).await?))
 }
 
+/// Start a stopped (or errored) computer.
+#[utoipa::path(post, path = "/computers/{id}/start", operation_id = "startComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Starting", body = ActionResponse), WriteErrors))]
 async fn start(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -76,6 +97,9 @@ async fn start(
     Ok(Json(service(&state).start(tenant, computer_id(&id)?).await?))
 }
 
+/// Stop a computer (its disk is kept).
+#[utoipa::path(post, path = "/computers/{id}/stop", operation_id = "stopComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Stopped", body = ActionResponse), WriteErrors))]
 async fn stop(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -84,6 +108,9 @@ async fn stop(
     Ok(Json(service(&state).stop(tenant, computer_id(&id)?).await?))
 }
 
+/// Stop and start a computer.
+#[utoipa::path(post, path = "/computers/{id}/restart", operation_id = "restartComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Restarting", body = ActionResponse), WriteErrors))]
 async fn restart(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -98,6 +125,9 @@ fn timeout(body: &JsonObject) -> ApiResult<u64> {
         .unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS))
 }
 
+/// Run a command under `bash -c` in the computer and answer with its output and exit code.
+#[utoipa::path(post, path = "/computers/{id}/exec", operation_id = "execCommand", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = ExecRequest,
+    responses((status = 200, description = "The command ran (see exit_code)", body = ExecResponse), WriteErrors))]
 async fn exec_bash(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -113,6 +143,9 @@ async fn exec_bash(
     ))
 }
 
+/// Run Python code with `python3 -c` in the computer.
+#[utoipa::path(post, path = "/computers/{id}/exec/python", operation_id = "execPython", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = ExecPythonRequest,
+    responses((status = 200, description = "The code ran (see exit_code)", body = ExecResponse), WriteErrors))]
 async fn exec_python(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

@@ -1,7 +1,7 @@
 //! Hosts that joined a control plane, and which computers each runs.
 
 use sqlx::Row;
-use stasis_types::{ComputerId, ComputerStatus, SnapshotStatus};
+use stasis_types::{ComputerId, ComputerStatus, Size, SnapshotStatus};
 
 use super::{now, parse_time, Db};
 
@@ -69,6 +69,23 @@ impl Db {
             .iter()
             .filter_map(|r| Some((r.try_get("host_id").ok()?, r.try_get("size").ok()?)))
             .collect())
+    }
+
+    /// Memory (MiB) held by the computers of one host (None: the embedded platform's).
+    pub async fn memory_held_mib(&self, host: Option<&str>) -> Result<u64, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT size FROM computers WHERE status IN {HOLDING} AND \
+             (host_id = $1 OR ($1 IS NULL AND host_id IS NULL))"
+        ))
+        .bind(host)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>("size").ok())
+            .filter_map(|s| Size::parse(&s))
+            .map(Size::memory_mib)
+            .sum())
     }
 
     pub async fn host_of(&self, computer: ComputerId) -> Result<Option<String>, sqlx::Error> {

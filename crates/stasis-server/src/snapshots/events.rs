@@ -20,14 +20,7 @@ pub struct StoredEvent {
 
 /// The SSE event name for a status.
 pub fn event_name(status: SnapshotStatus) -> &'static str {
-    match status {
-        SnapshotStatus::Creating => "snapshot_creating",
-        SnapshotStatus::Uploading => "snapshot_uploading",
-        SnapshotStatus::Ready => "snapshot_ready",
-        SnapshotStatus::Restoring => "snapshot_restoring",
-        SnapshotStatus::Failed => "snapshot_failed",
-        SnapshotStatus::Deleted => "snapshot_deleted",
-    }
+    stasis_types::SnapshotEventName::for_status(status).as_str()
 }
 
 /// Progress events closer together than this (and less than 5% apart) are not recorded.

@@ -234,20 +234,36 @@ impl Snapshots {
     }
 
     /// Starts restoring `id` into a new computer; answers at once with it `provisioning`.
-    pub async fn restore(&self, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> ApiResult<Computer> {
+    pub async fn restore(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        computer: ComputerId,
+        id: SnapshotId,
+    ) -> ApiResult<Computer> {
         let record = self.find(tenant, computer, id).await?;
-        if !self.db.begin_restore(id).await? {
-            return Err(ApiError::conflict("snapshot_not_ready", "snapshot is not ready"));
-        }
-        let mut e = events::data(id, SnapshotStatus::Restoring);
-        e.step = Some("queued".into());
-        e.progress = Some(0.0);
         let new = NewComputer {
             name: format!("{}-restored", record.computer_name),
             size: record.size,
             template_type: stasis_types::DEFAULT_TEMPLATE.into(),
             metadata: Default::default(),
         };
+        if !self.db.begin_restore(id).await? {
+            // A snapshot still being taken is restored as soon as it is ready (the seed's
+            // "clone a baseline" recipe restores right after creating); failed and deleted
+            // snapshots cannot be.
+            if matches!(
+                record.snapshot.status,
+                SnapshotStatus::Creating | SnapshotStatus::Uploading
+            ) {
+                let restored = self.computers.insert(tenant, new, Some(id)).await?;
+                self.restore_when_ready(id, restored.id, "restore");
+                return Ok(restored);
+            }
+            return Err(ApiError::conflict("snapshot_not_ready", "snapshot is not ready"));
+        }
+        let mut e = events::data(id, SnapshotStatus::Restoring);
+        e.step = Some("queued".into());
+        e.progress = Some(0.0);
         let restored = match self.computers.insert(tenant, new, Some(id)).await {
             Ok(c) => c,
             Err(err) => {
@@ -279,39 +295,43 @@ impl Snapshots {
             metadata: original.metadata.clone(),
         };
         let clone = self.computers.insert(tenant, new, Some(snapshot.id)).await?;
+        self.restore_when_ready(snapshot.id, clone.id, "clone");
+        Ok(clone)
+    }
+
+    /// Starts the restore of `computer` from `snapshot` once the snapshot is ready (it is being
+    /// taken now); if the snapshot fails, the computer turns `error` saying so.
+    fn restore_when_ready(self: &Arc<Self>, snapshot: SnapshotId, computer: ComputerId, what: &'static str) {
         let this = self.clone();
-        let clone_id = clone.id;
         tokio::spawn(async move {
-            // The restore starts when the snapshot is ready.
-            let mut rx = this.events.subscribe(snapshot.id);
+            let mut rx = this.events.subscribe(snapshot);
             loop {
                 let status = this
                     .db
-                    .get_snapshot(snapshot.id)
+                    .get_snapshot(snapshot)
                     .await
                     .ok()
                     .flatten()
                     .map(|r| r.snapshot.status);
                 match status {
                     Some(SnapshotStatus::Ready | SnapshotStatus::Restoring) => {
-                        if this.db.begin_restore(snapshot.id).await.unwrap_or(false) {
-                            if let Err(e) = this.computers.enqueue_restore(&this.jobs, clone_id).await {
-                                tracing::warn!(%clone_id, error = %e, "queueing a clone's restore");
+                        if this.db.begin_restore(snapshot).await.unwrap_or(false) {
+                            if let Err(e) = this.computers.enqueue_restore(&this.jobs, computer).await {
+                                tracing::warn!(%computer, error = %e, "queueing the restore of a {what}");
                             }
                             return;
                         }
                     }
                     Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => {}
                     _ => {
-                        let reason = format!("the snapshot for this clone ({}) failed", snapshot.id);
-                        let _ = this.db.set_status(clone_id, ComputerStatus::Error, Some(&reason)).await;
+                        let reason = format!("the snapshot for this {what} ({snapshot}) failed");
+                        let _ = this.db.set_status(computer, ComputerStatus::Error, Some(&reason)).await;
                         return;
                     }
                 }
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
             }
         });
-        Ok(clone)
     }
 
     /// Where the capture's RAM goes (beside the materialized RAM files, so a finished

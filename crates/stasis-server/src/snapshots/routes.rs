@@ -8,11 +8,15 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
-use stasis_types::{SnapshotId, SnapshotStatus, TenantId};
+use stasis_types::{
+    CloneRequest, ComputerEnvelope, CreateSnapshotRequest, RestoreResponse, SnapshotEnvelope, SnapshotId, SnapshotList,
+    SnapshotStatus, SseTicket, TenantId,
+};
 use tokio::sync::broadcast::error::RecvError;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::events::{self, StoredEvent};
 use super::Snapshots;
@@ -20,6 +24,7 @@ use crate::auth::{hash_key, Tenant};
 use crate::body::JsonObject;
 use crate::computers::routes::computer_id;
 use crate::error::{ApiError, ApiResult};
+use crate::openapi::{Errors, WriteErrors};
 use crate::{idempotency, AppState};
 
 /// How long an SSE ticket is good for (`STASIS_SSE_TICKET_TTL_SECS` overrides, for tests).
@@ -30,14 +35,15 @@ fn ticket_ttl() -> Duration {
         .map_or(Duration::from_secs(60), Duration::from_secs)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/computers/{id}/snapshots", post(create).get(list))
-        .route("/computers/{id}/snapshots/{snap_id}", get(get_one).delete(delete))
-        .route("/computers/{id}/snapshots/{snap_id}/events", get(stream))
-        .route("/computers/{id}/restore/{snap_id}", post(restore))
-        .route("/computers/{id}/clone", post(clone))
-        .route("/sse/ticket", post(ticket))
+/// The routes, each registered with its OpenAPI description.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one, delete))
+        .routes(routes!(stream))
+        .routes(routes!(restore))
+        .routes(routes!(clone))
+        .routes(routes!(ticket))
 }
 
 fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
@@ -48,6 +54,11 @@ fn service(state: &AppState) -> &std::sync::Arc<Snapshots> {
     &state.snapshots
 }
 
+/// Take a snapshot of a running computer: the guest pauses for milliseconds, then the
+/// snapshot uploads in the background (`creating` → `uploading` → `ready`).
+#[utoipa::path(post, path = "/computers/{id}/snapshots", operation_id = "createSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")),
+    request_body(content = Option<CreateSnapshotRequest>, description = "Optional; may be empty"),
+    responses((status = 201, description = "The snapshot, `creating`", body = SnapshotEnvelope), WriteErrors))]
 async fn create(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -68,6 +79,9 @@ async fn create(
     .await
 }
 
+/// The computer's snapshots (not the deleted ones).
+#[utoipa::path(get, path = "/computers/{id}/snapshots", operation_id = "listSnapshots", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "The snapshots", body = SnapshotList), Errors))]
 async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -77,6 +91,10 @@ async fn list(
     Ok(Json(json!({ "data": snapshots, "total": snapshots.len() })))
 }
 
+/// One snapshot.
+#[utoipa::path(get, path = "/computers/{id}/snapshots/{snap_id}", operation_id = "getSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id")),
+    responses((status = 200, description = "The snapshot", body = SnapshotEnvelope),
+        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), Errors))]
 async fn get_one(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -88,6 +106,10 @@ async fn get_one(
     Ok(Json(json!({ "data": r.snapshot })))
 }
 
+/// Delete a snapshot: it turns `deleted` at once, its stored objects are collected later.
+#[utoipa::path(delete, path = "/computers/{id}/snapshots/{snap_id}", operation_id = "deleteSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id")),
+    responses((status = 200, description = "The snapshot, `deleted`", body = SnapshotEnvelope),
+        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), WriteErrors))]
 async fn delete(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -99,6 +121,10 @@ async fn delete(
     Ok(Json(json!({ "data": s })))
 }
 
+/// Restore a ready snapshot into a new running computer (the original is unchanged).
+#[utoipa::path(post, path = "/computers/{id}/restore/{snap_id}", operation_id = "restoreSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")),
+    responses((status = 201, description = "The new computer, `provisioning`", body = RestoreResponse),
+        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), WriteErrors))]
 async fn restore(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -118,6 +144,10 @@ async fn restore(
     .await
 }
 
+/// Clone a running computer: a fresh snapshot of it, restored into a new computer.
+#[utoipa::path(post, path = "/computers/{id}/clone", operation_id = "cloneComputer", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")),
+    request_body(content = Option<CloneRequest>, description = "Optional; may be empty"),
+    responses((status = 201, description = "The new computer", body = ComputerEnvelope), WriteErrors))]
 async fn clone(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -135,6 +165,10 @@ async fn clone(
     .await
 }
 
+/// A one-use ticket for one event stream, good for 60 s (browsers' `EventSource` cannot send
+/// an Authorization header).
+#[utoipa::path(post, path = "/sse/ticket", operation_id = "createSseTicket", tag = "snapshots",
+    responses((status = 201, description = "The ticket", body = SseTicket), Errors))]
 async fn ticket(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -198,6 +232,17 @@ fn ends_stream(data: &str) -> bool {
 
 /// `GET .../snapshots/{snap_id}/events`: the current state first (or, with `Last-Event-ID`,
 /// every event after it), then live events until a final one (`ready`, `failed`, `deleted`).
+/// Server-sent events of a snapshot's progress: `snapshot_creating`, `snapshot_uploading`
+/// (with `progress`, `bytes_done`, `bytes_total`), then `snapshot_ready` or `snapshot_failed`,
+/// after which the stream ends. `data:` is a `SnapshotEventData`; `id:` a sequence number
+/// (send `Last-Event-ID` to resume). Keep-alive comments while idle.
+#[utoipa::path(get, path = "/computers/{id}/snapshots/{snap_id}/events", operation_id = "snapshotEvents", tag = "snapshots",
+    params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"),
+        ("ticket" = Option<String>, Query, description = "A ticket from POST /sse/ticket, instead of the Authorization header"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    security((), ("bearer" = [])),
+    responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = stasis_types::SnapshotEvent),
+        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), Errors))]
 async fn stream(
     State(state): State<AppState>,
     StreamTenant(tenant): StreamTenant,

@@ -79,6 +79,7 @@ impl LocalPlatform {
             store_url: None,
             s3: Default::default(),
             role: Default::default(),
+            capacity_mib: None,
         };
         let platform = stasis_server::Platform::open(&config)
             .await

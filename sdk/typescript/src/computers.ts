@@ -1,0 +1,154 @@
+import { randomUUID } from 'node:crypto';
+
+import { ComputerFailedError, TimeoutError } from './errors.js';
+import { sleep, type Transport } from './http.js';
+import type {
+  ActionResult,
+  Computer,
+  ComputerList,
+  CreateComputerParams,
+  ExecResult,
+} from './types.js';
+
+export interface ExecOptions {
+  /** Seconds the command may run (server default 60, max 3600); then it is killed (exit 124). */
+  timeout?: number;
+  signal?: AbortSignal;
+}
+
+export interface WaitUntilRunningOptions {
+  /** Give up after this long (default 120 000 ms) with a `TimeoutError`. */
+  timeoutMs?: number;
+  /** How often to look (default 500 ms). */
+  intervalMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface CloneOptions {
+  /** The new computer's name (default `<name>-clone`). */
+  name?: string;
+  /** Sent as `Idempotency-Key`; generated when absent. */
+  idempotencyKey?: string;
+}
+
+const enc = encodeURIComponent;
+
+/** How long the HTTP request of an exec may take: the command's own timeout plus a margin. */
+function execRequestTimeoutMs(clientTimeoutMs: number, timeoutSeconds: number | undefined): number {
+  return Math.max(clientTimeoutMs, ((timeoutSeconds ?? 60) + 30) * 1000);
+}
+
+/** `client.computers`: the computers API. */
+export class Computers {
+  constructor(private readonly http: Transport) {}
+
+  /**
+   * Creates a computer; it starts at once (status `provisioning`, then `running`). Not retried:
+   * `POST /computers` ignores `Idempotency-Key`, so a retry could make a second computer.
+   */
+  create(params: CreateComputerParams, opts: { signal?: AbortSignal } = {}): Promise<Computer> {
+    return this.http.request<Computer>('POST', '/computers', { body: params, signal: opts.signal });
+  }
+
+  /** Every computer of the tenant. */
+  async list(opts: { signal?: AbortSignal } = {}): Promise<Computer[]> {
+    return (await this.listPage(opts)).computers;
+  }
+
+  /** The list as the server sends it: `{ total, computers }`. */
+  listPage(opts: { signal?: AbortSignal } = {}): Promise<ComputerList> {
+    return this.http.request<ComputerList>('GET', '/computers', { retry: true, signal: opts.signal });
+  }
+
+  get(id: string, opts: { signal?: AbortSignal } = {}): Promise<Computer> {
+    return this.http.request<Computer>('GET', `/computers/${enc(id)}`, { retry: true, signal: opts.signal });
+  }
+
+  /** Destroys the computer (its VM and disks). */
+  async delete(id: string, opts: { signal?: AbortSignal } = {}): Promise<ActionResult> {
+    const r = await this.http.request<ActionResult | undefined>('DELETE', `/computers/${enc(id)}`, {
+      retry: true,
+      signal: opts.signal,
+    });
+    return r ?? { success: true, status: 'destroyed', message: 'computer deleted' };
+  }
+
+  /** Boots a stopped computer; answers at once with `starting` (see `waitUntilRunning`). */
+  start(id: string, opts: { signal?: AbortSignal } = {}): Promise<ActionResult> {
+    return this.http.request<ActionResult>('POST', `/computers/${enc(id)}/start`, { body: {}, signal: opts.signal });
+  }
+
+  /** Stops the computer (synchronously: its file systems are synced, the VM quits; the disk stays). */
+  stop(id: string, opts: { signal?: AbortSignal } = {}): Promise<ActionResult> {
+    return this.http.request<ActionResult>('POST', `/computers/${enc(id)}/stop`, { body: {}, signal: opts.signal });
+  }
+
+  restart(id: string, opts: { signal?: AbortSignal } = {}): Promise<ActionResult> {
+    return this.http.request<ActionResult>('POST', `/computers/${enc(id)}/restart`, {
+      body: {},
+      signal: opts.signal,
+    });
+  }
+
+  /** Runs `command` under bash in the guest (as root, in /root). */
+  exec(id: string, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
+    const body: Record<string, unknown> = { command };
+    if (opts.timeout !== undefined) body.timeout = opts.timeout;
+    return this.http.request<ExecResult>('POST', `/computers/${enc(id)}/exec`, {
+      body,
+      timeoutMs: execRequestTimeoutMs(this.http.timeoutMs, opts.timeout),
+      signal: opts.signal,
+    });
+  }
+
+  /** Runs `code` with python3 in the guest. */
+  execPython(id: string, code: string, opts: ExecOptions = {}): Promise<ExecResult> {
+    const body: Record<string, unknown> = { code };
+    if (opts.timeout !== undefined) body.timeout = opts.timeout;
+    return this.http.request<ExecResult>('POST', `/computers/${enc(id)}/exec/python`, {
+      body,
+      timeoutMs: execRequestTimeoutMs(this.http.timeoutMs, opts.timeout),
+      signal: opts.signal,
+    });
+  }
+
+  /**
+   * A new computer from a fresh snapshot of this (running) one. The answer comes at once; the
+   * clone runs once its snapshot is ready (see `waitUntilRunning`).
+   */
+  async clone(id: string, opts: CloneOptions = {}): Promise<Computer> {
+    const body: Record<string, unknown> = {};
+    if (opts.name !== undefined) body.name = opts.name;
+    const r = await this.http.request<{ data: Computer }>('POST', `/computers/${enc(id)}/clone`, {
+      body,
+      headers: { 'Idempotency-Key': opts.idempotencyKey ?? randomUUID() },
+      retry: true,
+    });
+    return r.data;
+  }
+
+  /**
+   * Polls until the computer is `running` and resolves with it. Rejects with
+   * `ComputerFailedError` if it ends in `error`, `stopped` or `destroyed` instead, and with
+   * `TimeoutError` after `timeoutMs`.
+   */
+  async waitUntilRunning(id: string, opts: WaitUntilRunningOptions = {}): Promise<Computer> {
+    const timeoutMs = opts.timeoutMs ?? 120_000;
+    const intervalMs = opts.intervalMs ?? 500;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const c = await this.get(id, { signal: opts.signal });
+      if (c.status === 'running') return c;
+      if (c.status === 'error' || c.status === 'stopped' || c.status === 'destroyed') {
+        throw new ComputerFailedError(c);
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new TimeoutError(`computer ${id} was not running after ${timeoutMs} ms (status ${c.status})`, {
+          code: 'wait_timeout',
+        });
+      }
+      await sleep(Math.min(intervalMs, left), opts.signal);
+    }
+  }
+}
