@@ -341,6 +341,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let base = format!("http://{}/api/v1", listener.local_addr()?);
     println!("stasis {} serving {base}", env!("CARGO_PKG_VERSION"));
+    println!("  dashboard:   http://{}/", listener.local_addr()?);
     println!("  accelerator: {}", config.accel.as_str());
     println!("  data dir:    {}", config.data_dir.display());
     println!("  image cache: {}", config.cache_dir.display());
