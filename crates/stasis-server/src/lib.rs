@@ -81,16 +81,7 @@ pub struct Config {
 
 /// Memory a machine lends to computers by default: three quarters of its RAM.
 pub fn default_capacity_mib() -> u64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(4 << 20);
-    total_kib / 1024 * 3 / 4
+    snapshots::cache::host_memory_bytes() / (1 << 20) * 3 / 4
 }
 
 /// The metadata database: the one given, or SQLite in the data dir.

@@ -199,7 +199,8 @@ impl Materializer {
     }
 }
 
-fn host_memory_bytes() -> u64 {
+/// The machine's RAM (4 GiB when /proc/meminfo cannot tell).
+pub(crate) fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
