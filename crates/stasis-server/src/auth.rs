@@ -40,24 +40,57 @@ pub async fn create_key(db: &Db, tenant: &str) -> Result<String, sqlx::Error> {
 #[derive(Debug, Clone, Copy)]
 pub struct Tenant(pub TenantId);
 
+/// Set by [`authenticate`] on a request whose key was good and within its tenant's rate.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated(pub TenantId);
+
+/// The key of a request's `Authorization: Bearer` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let h = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    h.strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 256)
+}
+
+/// Middleware on the API: looks the key up once, applies the tenant's request rate (429 with
+/// `Retry-After` beyond it), and leaves the tenant for the handlers. A bad or missing key is
+/// left to the handlers' 401 (routes that need none, like /health, stay open). Requests a
+/// control plane forwards to its host were counted there.
+pub async fn authenticate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if req.uri().path().starts_with("/api/") && crate::cluster::host_tenant(&state, req.headers()).is_none() {
+        if let Some(key) = bearer(req.headers()) {
+            match state.db.tenant_by_key_hash(&hash_key(key)).await {
+                Ok(Some(t)) => {
+                    if let Err(e) = state.limits.admit_request(t).await {
+                        return e.into_response();
+                    }
+                    req.extensions_mut().insert(Authenticated(t));
+                }
+                Ok(None) => {}
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
+    }
+    next.run(req).await
+}
+
 impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(Authenticated(t)) = parts.extensions.get::<Authenticated>() {
+            return Ok(Tenant(*t));
+        }
         if let Some(t) = crate::cluster::host_tenant(state, &parts.headers) {
             return Ok(t);
         }
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized)?;
-        let key = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty() && k.len() <= 256)
-            .ok_or(ApiError::Unauthorized)?;
+        let key = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match state.db.tenant_by_key_hash(&hash_key(key)).await? {
             Some(t) => Ok(Tenant(t)),
             None => Err(ApiError::Unauthorized),

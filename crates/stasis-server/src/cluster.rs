@@ -20,7 +20,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use stasis_types::{ComputerId, Size, TenantId};
 
-use crate::auth::{hash_key, Tenant};
+use crate::auth::{bearer, Tenant};
 use crate::db::{Db, HostRecord};
 use crate::error::{ApiError, REQUEST_ID};
 use crate::AppState;
@@ -46,6 +46,9 @@ pub struct Joined {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub heartbeat_secs: u64,
+    /// The tenants' default limits, which hosts apply too.
+    #[serde(default)]
+    pub limits: crate::limits::TenantLimits,
 }
 
 /// The part of a platform that is a control plane of hosts.
@@ -62,13 +65,6 @@ pub fn token_matches(token: &str, given: &str) -> bool {
     let a = sha2::Sha256::digest(token.as_bytes());
     let b = sha2::Sha256::digest(given.as_bytes());
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let h = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    h.strip_prefix("Bearer ")
-        .or_else(|| h.strip_prefix("bearer "))
-        .map(str::trim)
 }
 
 /// On a host: a request from its control plane, acting for a tenant.
@@ -263,12 +259,8 @@ pub async fn dispatch(State(state): State<AppState>, req: Request, next: Next) -
         return next.run(req).await;
     };
     // Unauthenticated requests get their 401 from the handlers.
-    let tenant = match bearer(req.headers()) {
-        Some(key) => match state.db.tenant_by_key_hash(&hash_key(key)).await {
-            Ok(Some(t)) => t,
-            _ => return next.run(req).await,
-        },
-        None => return next.run(req).await,
+    let Some(crate::auth::Authenticated(tenant)) = req.extensions().get().copied() else {
+        return next.run(req).await;
     };
     let (parts, mut body) = req.into_parts();
     let host = match route {

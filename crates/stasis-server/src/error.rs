@@ -33,6 +33,12 @@ pub enum ApiError {
     Unauthorized,
     #[error("forbidden")]
     Forbidden,
+    /// 403 `quota_exceeded`: the message names the quota and the usage.
+    #[error("{0}")]
+    Quota(String),
+    /// 429 with `Retry-After`.
+    #[error("too many requests: this tenant may make {limit} per second; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64, limit: u64 },
     #[error("{0}")]
     RouteNotFound(String),
     #[error("method not allowed")]
@@ -72,6 +78,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into()),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden".into()),
+            ApiError::Quota(_) => (StatusCode::FORBIDDEN, "quota_exceeded".into()),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited".into()),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found".into()),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into()),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into()),
@@ -101,7 +109,12 @@ impl IntoResponse for ApiError {
         if let ApiError::Invalid { field, .. } = &self {
             error["field"] = json!(field);
         }
-        (status, axum::Json(json!({ "error": error }))).into_response()
+        let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
+        if let ApiError::RateLimited { retry_after_secs, .. } = &self {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_secs).into());
+        }
+        resp
     }
 }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod idempotency;
 pub mod images;
 pub mod jobs;
+pub mod limits;
 pub mod openapi;
 pub mod snapshots;
 pub mod web;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub control_plane: Option<Arc<cluster::ControlPlane>>,
     /// Set when this platform is a host: its control plane's token.
     pub host_token: Option<String>,
+    pub limits: Arc<limits::Limits>,
 }
 
 /// What part this process plays.
@@ -77,6 +79,9 @@ pub struct Config {
     pub role: Role,
     /// Memory (MiB) lent to computers on this machine; None: no limit.
     pub capacity_mib: Option<u64>,
+    /// Every tenant's limits unless the operator set its own (a host takes its control
+    /// plane's).
+    pub limits: limits::TenantLimits,
 }
 
 /// Memory a machine lends to computers by default: three quarters of its RAM.
@@ -145,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::dispatch))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -228,6 +234,10 @@ impl Platform {
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
             capacity_mib: config.capacity_mib,
+            host_id: match &config.role {
+                Role::Host { id, .. } => Some(id.clone()),
+                _ => None,
+            },
         };
         let store = match &config.store_url {
             Some(url) => stasis_store::SnapshotStore::open(url, &config.s3),
@@ -240,10 +250,7 @@ impl Platform {
             config.data_dir.join("cache/snapshots"),
             memory_dir(&config.data_dir),
         ));
-        let host_id = match &config.role {
-            Role::Host { id, .. } => Some(id.clone()),
-            _ => None,
-        };
+        let limits = Arc::new(limits::Limits::new(db.clone(), config.limits));
         let computers = Computers::new(
             db.clone(),
             host,
@@ -251,7 +258,7 @@ impl Platform {
             settings,
             materializer.clone(),
             events.clone(),
-            host_id,
+            limits.clone(),
         );
         let identity = {
             let role = match &config.role {
@@ -313,6 +320,7 @@ impl Platform {
                         s3_endpoint: config.s3.endpoint.clone(),
                         s3_region: config.s3.region.clone(),
                         heartbeat_secs: (host_timeout.as_secs() / 4).max(1),
+                        limits: config.limits,
                     },
                 ));
                 tokio::spawn(cp.clone().watch_hosts(db.clone(), computers.clone()));
@@ -331,6 +339,7 @@ impl Platform {
                 snapshots,
                 control_plane,
                 host_token,
+                limits,
             },
             host_events,
             images,

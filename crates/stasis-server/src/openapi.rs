@@ -68,6 +68,10 @@ impl IntoResponses for Errors {
         ResponsesBuilder::new()
             .response("401", error("Missing or invalid API key"))
             .response("404", error("Not found (`computer not found`, `snapshot not found`)"))
+            .response(
+                "429",
+                error("Too many requests for this tenant; `Retry-After` says when to try again"),
+            )
             .build()
             .into()
     }
@@ -83,6 +87,10 @@ impl IntoResponses for WriteErrors {
         r.insert(
             "409".into(),
             error("Not possible in the current state (the message says why)"),
+        );
+        r.insert(
+            "403".into(),
+            error("A quota is exceeded (`quota_exceeded`, the message names it), or another tenant's snapshot"),
         );
         r.insert("413".into(), error("The body is larger than 1 MiB"));
         r.insert(

@@ -77,6 +77,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
         .config(args.listen, data_dir.clone(), joined.database_url.clone())?;
     let config = stasis_server::Config {
         store_url: Some(joined.store_url.clone()),
+        limits: joined.limits,
         s3: stasis_store::S3Options {
             endpoint: joined.s3_endpoint.clone(),
             region: joined.s3_region.clone(),

@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Tenants' own limits (over the serve defaults).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// The guest image.
     Image {
         #[command(subcommand)]
@@ -144,6 +149,41 @@ pub struct ServeArgs {
     host_timeout_secs: u64,
     #[command(flatten)]
     machines: Machines,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Every tenant's limits, unless `stasis tenant limits` set the tenant's own.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// API requests per second per tenant (bursts of twice as many pass); beyond it: 429 with
+    /// Retry-After. 0: no limit.
+    #[arg(long, default_value_t = 100, env = "STASIS_RATE_LIMIT")]
+    rate_limit: u64,
+    /// Computers a tenant may have running (or starting); beyond it: 403 quota_exceeded.
+    #[arg(long, env = "STASIS_MAX_COMPUTERS")]
+    max_computers: Option<u64>,
+    /// Snapshots a tenant may keep (not deleted, not failed).
+    #[arg(long, env = "STASIS_MAX_SNAPSHOTS")]
+    max_snapshots: Option<u64>,
+    /// Bytes of snapshots a tenant may keep in the store, in GiB.
+    #[arg(long, env = "STASIS_MAX_STORED_GIB")]
+    max_stored_gib: Option<f64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> stasis_server::limits::TenantLimits {
+        stasis_server::limits::TenantLimits {
+            max_computers: self.max_computers,
+            max_snapshots: self.max_snapshots,
+            max_stored_bytes: self.max_stored_gib.map(gib_to_bytes),
+            rate_per_sec: Some(self.rate_limit),
+        }
+    }
+}
+
+fn gib_to_bytes(gib: f64) -> u64 {
+    (gib.max(0.0) * (1u64 << 30) as f64) as u64
 }
 
 /// How this process runs machines.
@@ -199,6 +239,31 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         tenant: String,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Set a tenant's quotas and request rate (what is not given is left as it is); prints them.
+    Limits {
+        #[arg(long)]
+        tenant: String,
+        /// Computers it may have running.
+        #[arg(long)]
+        computers: Option<u64>,
+        /// Snapshots it may keep.
+        #[arg(long)]
+        snapshots: Option<u64>,
+        /// Snapshot bytes it may keep in the store, in GiB.
+        #[arg(long)]
+        stored_gib: Option<f64>,
+        /// API requests per second (0: no limit).
+        #[arg(long)]
+        rate: Option<u64>,
         #[command(flatten)]
         data: DataDir,
         #[command(flatten)]
@@ -266,6 +331,43 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{key}");
             Ok(())
         }
+        Command::Tenant {
+            command:
+                TenantCommand::Limits {
+                    tenant,
+                    computers,
+                    snapshots,
+                    stored_gib,
+                    rate,
+                    data,
+                    database,
+                },
+        } => {
+            let data_dir = data.resolve();
+            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
+            let url = database.resolve(&data_dir);
+            let db = stasis_server::db::Db::open(&url)
+                .await
+                .with_context(|| format!("opening the database {}", stasis_server::db::redact(&url)))?;
+            let wanted = stasis_server::limits::TenantLimits {
+                max_computers: computers,
+                max_snapshots: snapshots,
+                max_stored_bytes: stored_gib.map(gib_to_bytes),
+                rate_per_sec: rate,
+            };
+            if !db.set_tenant_limits(tenant.trim(), &wanted).await? {
+                bail!("no tenant {tenant:?} (create one with `stasis keys create --tenant {tenant}`)");
+            }
+            let id = db.tenant_by_name(tenant.trim()).await?.context("the tenant vanished")?;
+            let own = db.tenant_limits(id).await?;
+            let show = |v: Option<u64>| v.map_or("the platform default".to_string(), |n| n.to_string());
+            println!("tenant {tenant:?}:");
+            println!("  computers running: {}", show(own.max_computers));
+            println!("  snapshots kept:    {}", show(own.max_snapshots));
+            println!("  bytes stored:      {}", show(own.max_stored_bytes));
+            println!("  requests/second:   {}", show(own.rate_per_sec));
+            Ok(())
+        }
         Command::Image {
             command: ImageCommand::Build { cache_dir },
         } => {
@@ -302,6 +404,7 @@ impl Machines {
             s3: Default::default(),
             role: Default::default(),
             capacity_mib: Some(self.capacity_mib()),
+            limits: Default::default(),
         })
     }
 }
@@ -319,6 +422,7 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
             region: args.s3_region.clone(),
             retry_timeout: Some(std::time::Duration::from_secs(args.s3_retry_secs)),
         },
+        limits: args.limits.limits(),
         role: match &args.cluster_token {
             Some(token) if !token.trim().is_empty() => stasis_server::Role::ControlPlane {
                 token: token.trim().to_string(),

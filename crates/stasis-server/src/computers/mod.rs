@@ -34,8 +34,10 @@ pub struct RuntimeSettings {
     pub qemu_binary: PathBuf,
     pub tsc_khz: Option<u64>,
     /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
-    /// are refused (503). None: no limit.
+    /// are refused (409 `insufficient_capacity`). None: no limit.
     pub capacity_mib: Option<u64>,
+    /// This host's id when it is one of a control plane's hosts; None for the embedded platform.
+    pub host_id: Option<String>,
 }
 
 /// A validated create request.
@@ -64,6 +66,7 @@ pub struct Computers {
     /// Held while a computer is admitted (memory checked, then recorded), so two requests
     /// cannot both take the last free memory.
     admission: tokio::sync::Mutex<()>,
+    limits: Arc<crate::limits::Limits>,
 }
 
 const LIVE: &[ComputerStatus] = &[
@@ -84,8 +87,9 @@ impl Computers {
         settings: RuntimeSettings,
         materializer: Arc<Materializer>,
         events: Arc<EventBus>,
-        host_id: Option<String>,
+        limits: Arc<crate::limits::Limits>,
     ) -> Arc<Computers> {
+        let host_id = settings.host_id.clone();
         Arc::new(Computers {
             db,
             host,
@@ -97,7 +101,12 @@ impl Computers {
             locks: Mutex::new(HashMap::new()),
             host_id,
             admission: tokio::sync::Mutex::new(()),
+            limits,
         })
+    }
+
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.limits
     }
 
     pub fn host(&self) -> &Arc<Host> {
@@ -228,6 +237,7 @@ impl Computers {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
         let _admitted = self.admission.lock().await;
+        self.limits.check(tenant, crate::limits::Want::Computer).await?;
         self.check_capacity(new.size).await?;
         let computer = Computer {
             id: ComputerId::new(),
@@ -468,6 +478,7 @@ impl Computers {
             }
             ComputerStatus::Stopped | ComputerStatus::Error => {
                 let admitted = self.admission.lock().await;
+                self.limits.check(tenant, crate::limits::Want::Computer).await?;
                 self.check_capacity(c.size).await?;
                 // An errored computer may still have a QEMU around (say, a hung one).
                 self.host.stop(&id.to_string()).await;

@@ -3,6 +3,7 @@
 
 mod hosts;
 mod jobs;
+pub mod limits;
 mod snapshots;
 
 pub use hosts::HostRecord;
@@ -21,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/0002_snapshots.sql")),
     (3, include_str!("../../migrations/0003_hosts.sql")),
     (4, include_str!("../../migrations/0004_jobs.sql")),
+    (5, include_str!("../../migrations/0005_limits.sql")),
 ];
 
 /// Which database a URL names.

@@ -159,6 +159,10 @@ impl Snapshots {
         if c.status != ComputerStatus::Running || self.computers.host().get(&c.id.to_string()).is_none() {
             return Err(ApiError::conflict("computer_not_running", "computer is not running"));
         }
+        self.computers
+            .limits()
+            .check(tenant, crate::limits::Want::Snapshot)
+            .await?;
         let now = Utc::now().trunc_subsecs(3);
         let snapshot = Snapshot {
             id: SnapshotId::new(),
@@ -285,6 +289,11 @@ impl Snapshots {
         name: Option<String>,
     ) -> ApiResult<Computer> {
         let original = self.computers.get(tenant, source).await?;
+        // The clone will need a computer of the quota: refuse before taking the snapshot.
+        self.computers
+            .limits()
+            .check(tenant, crate::limits::Want::Computer)
+            .await?;
         let snapshot = self
             .create(tenant, source, Some(format!("clone of {}", original.name)))
             .await?;

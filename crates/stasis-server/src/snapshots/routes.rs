@@ -108,8 +108,7 @@ async fn get_one(
 
 /// Delete a snapshot: it turns `deleted` at once, its stored objects are collected later.
 #[utoipa::path(delete, path = "/computers/{id}/snapshots/{snap_id}", operation_id = "deleteSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id")),
-    responses((status = 200, description = "The snapshot, `deleted`", body = SnapshotEnvelope),
-        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), WriteErrors))]
+    responses((status = 200, description = "The snapshot, `deleted`", body = SnapshotEnvelope), WriteErrors))]
 async fn delete(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -123,8 +122,7 @@ async fn delete(
 
 /// Restore a ready snapshot into a new running computer (the original is unchanged).
 #[utoipa::path(post, path = "/computers/{id}/restore/{snap_id}", operation_id = "restoreSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")),
-    responses((status = 201, description = "The new computer, `provisioning`", body = RestoreResponse),
-        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), WriteErrors))]
+    responses((status = 201, description = "The new computer, `provisioning`", body = RestoreResponse), WriteErrors))]
 async fn restore(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

@@ -80,6 +80,7 @@ impl LocalPlatform {
             s3: Default::default(),
             role: Default::default(),
             capacity_mib: None,
+            limits: Default::default(),
         };
         let platform = stasis_server::Platform::open(&config)
             .await

@@ -144,6 +144,7 @@ pub struct Resp {
     pub status: u16,
     pub body: Value,
     pub request_id: Option<String>,
+    pub retry_after: Option<String>,
 }
 
 pub struct Client {
@@ -202,12 +203,17 @@ impl Client {
                 .headers()
                 .get("x-request-id")
                 .map(|v| v.to_str().unwrap().to_string());
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
             let text = resp.text().await.unwrap();
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
             Resp {
                 status,
                 body,
                 request_id,
+                retry_after,
             }
         })
     }

@@ -1,0 +1,175 @@
+//! Tenant limits: a request rate per tenant (a token bucket, answered with 429 and
+//! `Retry-After`), and quotas on what a tenant holds — computers running, snapshots kept, bytes
+//! stored — answered with 403 `quota_exceeded` naming the quota. The platform's defaults come
+//! from `stasis serve` flags (a control plane passes them to its hosts); the operator can set
+//! a tenant's own with `stasis tenant limits`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use stasis_types::TenantId;
+
+use crate::db::Db;
+use crate::error::{ApiError, ApiResult};
+
+/// Limits of one tenant; None means no limit (or, as an override, the platform default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLimits {
+    pub max_computers: Option<u64>,
+    pub max_snapshots: Option<u64>,
+    pub max_stored_bytes: Option<u64>,
+    /// Requests per second, sustained; bursts of twice as many are let through.
+    pub rate_per_sec: Option<u64>,
+}
+
+impl TenantLimits {
+    /// These overrides over `defaults`.
+    pub fn over(self, defaults: TenantLimits) -> TenantLimits {
+        TenantLimits {
+            max_computers: self.max_computers.or(defaults.max_computers),
+            max_snapshots: self.max_snapshots.or(defaults.max_snapshots),
+            max_stored_bytes: self.max_stored_bytes.or(defaults.max_stored_bytes),
+            rate_per_sec: self.rate_per_sec.or(defaults.rate_per_sec),
+        }
+    }
+}
+
+/// What a tenant is about to add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// One more computer holding memory (create, restore, clone, start).
+    Computer,
+    /// One more snapshot (snapshot create, clone).
+    Snapshot,
+}
+
+pub struct Limits {
+    db: Db,
+    defaults: TenantLimits,
+    /// tokens, last refill.
+    buckets: Mutex<HashMap<TenantId, (f64, Instant)>>,
+    /// Overrides read from the database, kept briefly so the rate check costs no query.
+    overrides: Mutex<HashMap<TenantId, (TenantLimits, Instant)>>,
+}
+
+const OVERRIDES_FOR: Duration = Duration::from_secs(5);
+
+impl Limits {
+    pub fn new(db: Db, defaults: TenantLimits) -> Limits {
+        Limits {
+            db,
+            defaults,
+            buckets: Mutex::new(HashMap::new()),
+            overrides: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn defaults(&self) -> TenantLimits {
+        self.defaults
+    }
+
+    /// The limits that apply to `tenant` now.
+    pub async fn of(&self, tenant: TenantId) -> ApiResult<TenantLimits> {
+        if let Some((l, at)) = self.overrides.lock().unwrap_or_else(|p| p.into_inner()).get(&tenant) {
+            if at.elapsed() < OVERRIDES_FOR {
+                return Ok(l.over(self.defaults));
+            }
+        }
+        let own = self.db.tenant_limits(tenant).await?;
+        self.overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant, (own, Instant::now()));
+        Ok(own.over(self.defaults))
+    }
+
+    /// Takes one request from the tenant's bucket, or says how long to wait.
+    pub async fn admit_request(&self, tenant: TenantId) -> ApiResult<()> {
+        let Some(rate) = self.of(tenant).await?.rate_per_sec.filter(|r| *r > 0) else {
+            return Ok(());
+        };
+        let rate = rate as f64;
+        let burst = rate * 2.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = buckets.entry(tenant).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - *tokens) / rate).ceil().max(1.0) as u64;
+        Err(ApiError::RateLimited {
+            retry_after_secs: wait,
+            limit: rate as u64,
+        })
+    }
+
+    /// Refuses what would take the tenant past a quota.
+    pub async fn check(&self, tenant: TenantId, want: Want) -> ApiResult<()> {
+        let limits = self.of(tenant).await?;
+        if limits.max_computers.is_none() && limits.max_snapshots.is_none() && limits.max_stored_bytes.is_none() {
+            return Ok(());
+        }
+        let usage = self.db.tenant_usage(tenant).await?;
+        match want {
+            Want::Computer => {
+                if let Some(max) = limits.max_computers {
+                    if usage.computers >= max {
+                        return Err(ApiError::Quota(format!(
+                            "quota exceeded: computers running ({} of {max}); stop or delete one first",
+                            usage.computers
+                        )));
+                    }
+                }
+            }
+            Want::Snapshot => {
+                if let Some(max) = limits.max_snapshots {
+                    if usage.snapshots >= max {
+                        return Err(ApiError::Quota(format!(
+                            "quota exceeded: snapshots kept ({} of {max}); delete one first",
+                            usage.snapshots
+                        )));
+                    }
+                }
+                if let Some(max) = limits.max_stored_bytes {
+                    if usage.stored_bytes >= max {
+                        return Err(ApiError::Quota(format!(
+                            "quota exceeded: bytes stored ({} of {max}); delete snapshots first",
+                            usage.stored_bytes
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_over_defaults_field_by_field() {
+        let defaults = TenantLimits {
+            max_computers: Some(10),
+            max_snapshots: Some(100),
+            max_stored_bytes: None,
+            rate_per_sec: Some(50),
+        };
+        let own = TenantLimits {
+            max_computers: Some(2),
+            rate_per_sec: Some(0),
+            ..Default::default()
+        };
+        let l = own.over(defaults);
+        assert_eq!(l.max_computers, Some(2));
+        assert_eq!(l.max_snapshots, Some(100));
+        assert_eq!(l.max_stored_bytes, None);
+        assert_eq!(l.rate_per_sec, Some(0), "0 turns the rate limit off for this tenant");
+    }
+}

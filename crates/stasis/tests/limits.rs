@@ -1,0 +1,145 @@
+//! End to end: tenant limits on a real server — quotas on computers running, snapshots kept
+//! and bytes stored (403 `quota_exceeded` naming the quota), an operator's per-tenant override
+//! (`stasis tenant limits`), and the request rate (429 with `Retry-After`).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{create_key, data_dir, running_computer, snapshot, Client, Server, BIN, SNAP};
+use serde_json::json;
+
+fn set_limits(dir: &std::path::Path, tenant: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["tenant", "limits", "--tenant", tenant, "--data-dir"])
+        .arg(dir)
+        .args(args);
+    if let Some(url) = common::backends::database_url(dir) {
+        cmd.args(["--database-url", &url]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Calls until the answer is not the quota refusal (overrides are re-read within 5 s).
+fn until_allowed(api: &Client, method: &str, path: &str) -> common::Resp {
+    let t = Instant::now();
+    loop {
+        let r = api.call(method, path, None);
+        if r.status != 403 || t.elapsed() > Duration::from_secs(15) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
+    let dir = data_dir();
+    let quota_key = create_key(dir.path(), "quota");
+    let rate_key = create_key(dir.path(), "rate");
+    // The platform's defaults: one computer, one snapshot, 5 requests a second.
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            ("STASIS_MAX_COMPUTERS", "1"),
+            ("STASIS_MAX_SNAPSHOTS", "1"),
+            ("STASIS_RATE_LIMIT", "5"),
+        ],
+    );
+    // The quota tenant polls freely: its own rate is off.
+    let shown = set_limits(dir.path(), "quota", &["--rate", "0"]);
+    assert!(shown.contains("requests/second:   0"), "{shown}");
+    assert!(shown.contains("computers running: the platform default"), "{shown}");
+    let api = Client::new(&server.base, Some(&quota_key));
+    std::thread::sleep(Duration::from_millis(5500));
+
+    // Computers running.
+    let id = running_computer(&api, "q1");
+    let r = api.call("POST", "/computers", Some(json!({"name": "q2", "size": "xs"})));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "quota_exceeded");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("computers running (1 of 1)"), "{msg}");
+    // A clone needs a computer too: refused before any snapshot is taken.
+    let r = api.call("POST", &format!("/computers/{id}/clone"), None);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let listed = api.call("GET", &format!("/computers/{id}/snapshots"), None);
+    assert_eq!(listed.body["total"], 0, "{}", listed.body);
+
+    // Snapshots kept.
+    let s1 = snapshot(&api, &id, "one");
+    let r = api.call(
+        "POST",
+        &format!("/computers/{id}/snapshots"),
+        Some(json!({"comment": "two"})),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("snapshots kept (1 of 1)"),
+        "{}",
+        r.body
+    );
+    api.wait_snapshot(&id, &s1, "ready", SNAP);
+    // A restore needs a computer: refused while one runs.
+    let r = api.call("POST", &format!("/computers/{id}/restore/{s1}"), None);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("computers running"));
+
+    // The operator raises this tenant's quotas; bytes stored now binds (10 KiB).
+    let shown = set_limits(
+        dir.path(),
+        "quota",
+        &["--computers", "2", "--snapshots", "5", "--stored-gib", "0.00001"],
+    );
+    assert!(shown.contains("computers running: 2"), "{shown}");
+    let r = until_allowed(&api, "POST", &format!("/computers/{id}/restore/{s1}"));
+    assert_eq!(r.status, 201, "{}", r.body);
+    api.wait_status(r.body["data"]["id"].as_str().unwrap(), "running", common::BOOT);
+    let r = api.call(
+        "POST",
+        &format!("/computers/{id}/snapshots"),
+        Some(json!({"comment": "two"})),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("bytes stored") && msg.contains("of 10737"), "{msg}");
+    // Deleting frees it.
+    let d = api.call("DELETE", &format!("/computers/{id}/snapshots/{s1}"), None);
+    assert_eq!(d.status, 200, "{}", d.body);
+    let r = api.call(
+        "POST",
+        &format!("/computers/{id}/snapshots"),
+        Some(json!({"comment": "three"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The request rate of the other tenant: 5/s, bursts of 10.
+    let rate = Client::new(&server.base, Some(&rate_key));
+    let answers: Vec<_> = (0..30).map(|_| rate.call("GET", "/computers", None)).collect();
+    let limited: Vec<_> = answers.iter().filter(|r| r.status == 429).collect();
+    assert!(!limited.is_empty(), "30 requests at once exceed 5/s");
+    assert!(answers[..10].iter().all(|r| r.status == 200), "the burst passes");
+    let first = limited[0];
+    assert_eq!(first.body["error"]["code"], "rate_limited");
+    assert!(first.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("5 per second"));
+    let wait: u64 = first.retry_after.as_deref().expect("Retry-After").parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    std::thread::sleep(Duration::from_secs(wait));
+    assert_eq!(rate.call("GET", "/computers", None).status, 200, "after Retry-After");
+    // One tenant's limit is not another's: the quota tenant (rate off) is not limited.
+    assert!((0..30).all(|_| api.call("GET", "/computers", None).status == 200));
+    // Unauthenticated requests are not counted against anyone, and health needs no key.
+    assert_eq!(Client::new(&server.base, None).call("GET", "/health", None).status, 200);
+}
