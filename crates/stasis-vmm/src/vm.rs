@@ -199,6 +199,11 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(s);
     }
+    // seccomp: no obsolete system calls, no setuid/setgid, no scheduler or affinity changes;
+    // a QEMU that tries is killed. Spawning stays allowed: QEMU 7.2 (Debian 12) migrates to
+    // and from files only through `exec:cat`.
+    push("-sandbox");
+    push("on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny");
     push("-serial");
     push(&format!("file:{}", p(paths.console())));
     match launch.null_disk_bytes {

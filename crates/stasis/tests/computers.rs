@@ -180,6 +180,9 @@ fn a_computer_runs_commands_times_them_out_and_keeps_its_disk() {
     assert_eq!(list.body["computers"][0]["id"], id.as_str());
 
     let pid = qemu_pid(dir.path(), &id).expect("a running computer has a QEMU");
+    // Its QEMU runs under a seccomp filter (-sandbox on): mode 2 in /proc.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
     let r = api.call("DELETE", &format!("/computers/{id}"), None);
     assert_eq!(r.body["status"], "destroyed");
     assert!(!alive(pid), "destroy ends the QEMU");
