@@ -290,6 +290,12 @@ fn init_logging() {
 }
 
 fn main() {
+    // Everything this process and its QEMUs create (disks, RAM files, sockets, logs, the
+    // database) is owner-only.
+    // SAFETY: umask only sets the process's file-creation mask; no memory is involved.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -144,6 +144,11 @@ impl Materializer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(&self.memory_root)?;
+        // Guest RAM: owner-only, also when the directory was made by an older version.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.memory_root, std::fs::Permissions::from_mode(0o700))?;
+        }
         let files = self.files(id, &tmp, manifest.clone());
         std::fs::rename(state, &files.state)?;
         std::fs::rename(memory, &files.memory)?;
