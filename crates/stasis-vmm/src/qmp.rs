@@ -149,6 +149,71 @@ impl Qmp {
         }
     }
 
+    /// Hands QEMU an open file as `name` (`getfd`: the descriptor travels with the command as
+    /// SCM_RIGHTS), for `fd:name` migration URIs. QEMU keeps its own copy.
+    pub async fn send_fd(&self, name: &str, file: &std::fs::File) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let mut line = serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": name}, "id": id}))
+            .expect("a JSON value serializes");
+        line.push(b'\n');
+        {
+            let w = self.writer.lock().await;
+            let socket: &UnixStream = w.as_ref();
+            loop {
+                socket.writable().await?;
+                match send_with_fd(socket.as_raw_fd(), &line, file.as_raw_fd()) {
+                    Ok(n) if n == line.len() => break,
+                    Ok(_) => {
+                        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        return Err(QmpError::Io(std::io::Error::other("getfd was sent in part")));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        return Err(QmpError::Io(e));
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
+                command: "getfd".into(),
+                class,
+                desc,
+            }),
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Err(_) => Err(QmpError::Timeout {
+                command: "getfd".into(),
+            }),
+        }
+    }
+
+    /// Loads an incoming migration from a file (QEMU reads it through a passed descriptor, so
+    /// it never needs to spawn a helper).
+    pub async fn migrate_in_from_file(&self, path: &Path) -> Result<(), QmpError> {
+        let file = std::fs::File::open(path)?;
+        self.send_fd("stasis-migration", &file).await?;
+        self.execute("migrate-incoming", json!({"uri": "fd:stasis-migration"}))
+            .await?;
+        Ok(())
+    }
+
+    /// Starts an outgoing migration into a new file (through a passed descriptor).
+    pub async fn migrate_out_to_file(&self, path: &Path) -> Result<(), QmpError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        self.send_fd("stasis-migration", &file).await?;
+        self.execute("migrate", json!({"uri": "fd:stasis-migration"})).await?;
+        Ok(())
+    }
+
     /// Asynchronous events (`STOP`, `RESUME`, `MIGRATION`, `SHUTDOWN`, ...).
     pub fn events(&self) -> broadcast::Receiver<Value> {
         self.events.subscribe()
@@ -184,5 +249,43 @@ impl Qmp {
     pub async fn status(&self) -> Result<String, QmpError> {
         let v = self.execute("query-status", json!({})).await?;
         Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+    }
+}
+
+/// One `sendmsg` of `data` carrying `fd` as SCM_RIGHTS.
+fn send_with_fd(socket: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    let fd_len = std::mem::size_of::<std::os::fd::RawFd>() as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid empty one; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, room for one header and one descriptor, so
+    // CMSG_FIRSTHDR is non-null and CMSG_DATA lies inside the buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as _;
+        std::ptr::copy_nonoverlapping(
+            &fd as *const std::os::fd::RawFd as *const u8,
+            libc::CMSG_DATA(cmsg),
+            fd_len as usize,
+        );
+    }
+    // SAFETY: socket is an open descriptor and msg is fully initialised above.
+    let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }

@@ -81,8 +81,7 @@ impl Vm {
             // outgoing one starts: wait for the outgoing one's own completion event instead.
             let mut twin_events = twin_qmp.events();
             twin_qmp.set_migration(true, false, true).await?;
-            let out = format!("exec:cat > {}", shell_quote(&state));
-            twin_qmp.execute("migrate", json!({ "uri": out })).await?;
+            twin_qmp.migrate_out_to_file(&state).await?;
             wait_migration_event(&mut twin_events, "completed", Duration::from_secs(60)).await?;
             let _ = twin_qmp
                 .execute_timeout("quit", json!({}), Duration::from_secs(2))
@@ -316,10 +315,6 @@ pub async fn wait_migration(qmp: &Qmp, limit: Duration) -> Result<(), VmError> {
     }
 }
 
-pub(crate) fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
-}
-
 /// Copies a file keeping holes (and skipping all-zero blocks) so sparse RAM stays sparse.
 pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -398,10 +393,5 @@ mod tests {
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
         assert!(blocks < 4 << 20, "the copy stays sparse ({blocks} bytes allocated)");
-    }
-
-    #[test]
-    fn shell_quoting_survives_quotes() {
-        assert_eq!(shell_quote(Path::new("/a b/it's")), "'/a b/it'\\''s'");
     }
 }

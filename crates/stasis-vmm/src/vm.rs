@@ -199,11 +199,11 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     for s in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(s);
     }
-    // seccomp: no obsolete system calls, no setuid/setgid, no scheduler or affinity changes;
-    // a QEMU that tries is killed. Spawning stays allowed: QEMU 7.2 (Debian 12) migrates to
-    // and from files only through `exec:cat`.
+    // seccomp: no obsolete system calls, no setuid/setgid, no fork/exec, no scheduler or
+    // affinity changes; a QEMU that tries is killed. (Migration files are passed to it as
+    // descriptors over QMP, so it never needs a helper process.)
     push("-sandbox");
-    push("on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny");
+    push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
     push("-serial");
     push(&format!("file:{}", p(paths.console())));
     match launch.null_disk_bytes {
@@ -322,8 +322,7 @@ impl Vm {
             let t = Instant::now();
             // RAM is not in the stream: it is in the snapshot's file.
             qmp.set_migration(true, false, false).await?;
-            let uri = format!("exec:cat {}", crate::snapshot::shell_quote(state));
-            qmp.execute("migrate-incoming", serde_json::json!({"uri": uri})).await?;
+            qmp.migrate_in_from_file(state).await?;
             crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;
             timings.state_load_ms = ms(t.elapsed());
             let t = Instant::now();

@@ -145,11 +145,7 @@ async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_s
     let t = Instant::now();
     let (mut child, qmp) = spawn_incoming(&config, dir).await?;
     qmp.set_migration(!ram_in_stream, false, false).await?;
-    qmp.execute(
-        "migrate-incoming",
-        json!({"uri": format!("exec:cat {}", state.display())}),
-    )
-    .await?;
+    qmp.migrate_in_from_file(state).await?;
     stasis_vmm::snapshot::wait_migration(&qmp, Duration::from_secs(300)).await?;
     qmp.execute("cont", json!({})).await?;
     let took = t.elapsed();
@@ -172,8 +168,7 @@ async fn baseline_save(platform: &LocalPlatform, computer: &str, out: &Path) -> 
     qmp.set_migration(false, false, true).await?;
     let t = Instant::now();
     qmp.execute("stop", json!({})).await?;
-    qmp.execute("migrate", json!({"uri": format!("exec:cat > {}", out.display())}))
-        .await?;
+    qmp.migrate_out_to_file(out).await?;
     loop {
         let m = qmp.execute("query-migrate", json!({})).await?;
         match m["status"].as_str() {
