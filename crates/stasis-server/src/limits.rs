@@ -115,37 +115,34 @@ impl Limits {
             return Ok(());
         }
         let usage = self.db.tenant_usage(tenant).await?;
+        let within = |used: u64, max: Option<u64>, what: &str, fix: &str| match max {
+            Some(max) if used >= max => Err(ApiError::Quota(format!(
+                "quota exceeded: {what} ({used} of {max}); {fix}"
+            ))),
+            _ => Ok(()),
+        };
         match want {
-            Want::Computer => {
-                if let Some(max) = limits.max_computers {
-                    if usage.computers >= max {
-                        return Err(ApiError::Quota(format!(
-                            "quota exceeded: computers running ({} of {max}); stop or delete one first",
-                            usage.computers
-                        )));
-                    }
-                }
-            }
+            Want::Computer => within(
+                usage.computers,
+                limits.max_computers,
+                "computers running",
+                "stop or delete one first",
+            ),
             Want::Snapshot => {
-                if let Some(max) = limits.max_snapshots {
-                    if usage.snapshots >= max {
-                        return Err(ApiError::Quota(format!(
-                            "quota exceeded: snapshots kept ({} of {max}); delete one first",
-                            usage.snapshots
-                        )));
-                    }
-                }
-                if let Some(max) = limits.max_stored_bytes {
-                    if usage.stored_bytes >= max {
-                        return Err(ApiError::Quota(format!(
-                            "quota exceeded: bytes stored ({} of {max}); delete snapshots first",
-                            usage.stored_bytes
-                        )));
-                    }
-                }
+                within(
+                    usage.snapshots,
+                    limits.max_snapshots,
+                    "snapshots kept",
+                    "delete one first",
+                )?;
+                within(
+                    usage.stored_bytes,
+                    limits.max_stored_bytes,
+                    "bytes stored",
+                    "delete snapshots first",
+                )
             }
         }
-        Ok(())
     }
 }
 

@@ -326,12 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             if tenant.is_empty() {
                 bail!("--tenant must not be empty");
             }
-            let data_dir = data.resolve();
-            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
-            let url = database.resolve(&data_dir);
-            let db = stasis_server::db::Db::open(&url)
-                .await
-                .with_context(|| format!("opening the database {}", stasis_server::db::redact(&url)))?;
+            let db = open_db(&data, &database).await?;
             let key = stasis_server::auth::create_key(&db, tenant).await?;
             println!("created a key for tenant {tenant:?}");
             println!("{key}");
@@ -349,12 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
                     database,
                 },
         } => {
-            let data_dir = data.resolve();
-            stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
-            let url = database.resolve(&data_dir);
-            let db = stasis_server::db::Db::open(&url)
-                .await
-                .with_context(|| format!("opening the database {}", stasis_server::db::redact(&url)))?;
+            let db = open_db(&data, &database).await?;
             let wanted = stasis_server::limits::TenantLimits {
                 max_computers: computers,
                 max_snapshots: snapshots,
@@ -394,6 +384,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { command } => bench::run(command).await,
     }
+}
+
+/// The metadata database of an admin command (keys, tenant limits).
+async fn open_db(data: &DataDir, database: &Database) -> Result<stasis_server::db::Db> {
+    let data_dir = data.resolve();
+    stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
+    let url = database.resolve(&data_dir);
+    stasis_server::db::Db::open(&url)
+        .await
+        .with_context(|| format!("opening the database {}", stasis_server::db::redact(&url)))
 }
 
 impl Machines {
