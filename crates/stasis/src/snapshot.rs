@@ -255,16 +255,7 @@ async fn wait_ready(api: &Api, out: Output, computer: &str, snapshot: &str, foll
         Some(status) if status.is_final() => get(api, computer, snapshot).await?,
         _ => {
             poll(api, computer, snapshot, limit, &mut |s| {
-                let mut d = stasis_types::SnapshotEventData {
-                    snapshot_id: s.id,
-                    status: s.status,
-                    step: None,
-                    progress: None,
-                    error: s.error.clone(),
-                    computer_id: None,
-                    bytes_done: None,
-                    bytes_total: None,
-                };
+                let mut d = event_of(s);
                 if s.status == SnapshotStatus::Ready {
                     d.progress = Some(1.0);
                 }
@@ -277,6 +268,13 @@ async fn wait_ready(api: &Api, out: Output, computer: &str, snapshot: &str, foll
     Ok(snap)
 }
 
+/// What the server's event for the snapshot's current state says (status and error).
+fn event_of(s: &Snapshot) -> SnapshotEventData {
+    let mut d = stasis_server::snapshots::events::data(s.id, s.status);
+    d.error = s.error.clone();
+    d
+}
+
 /// One server-sent event.
 pub struct Event {
     pub name: String,
@@ -286,16 +284,12 @@ pub struct Event {
 
 impl Event {
     fn from_snapshot(s: &Snapshot) -> Event {
-        let mut data = json!({"snapshot_id": s.id, "status": s.status});
-        if let Some(e) = &s.error {
-            data["error"] = json!(e);
-        }
         Event {
             name: stasis_types::SnapshotEventName::for_status(s.status)
                 .as_str()
                 .to_string(),
             id: None,
-            data: data.to_string(),
+            data: serde_json::to_string(&event_of(s)).expect("event data serializes"),
         }
     }
 }
