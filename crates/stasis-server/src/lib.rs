@@ -82,6 +82,68 @@ pub struct Config {
     /// Every tenant's limits unless the operator set its own (a host takes its control
     /// plane's).
     pub limits: limits::TenantLimits,
+    /// Whether computers' QEMUs run confined (own user, namespaces, cgroups).
+    pub confine: Confine,
+}
+
+/// `--confine`: auto confines when the platform runs as root (it must, to make namespaces
+/// and change users) and says so when it cannot; on refuses to start without it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Confine {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Confine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Confine, String> {
+        match s {
+            "auto" => Ok(Confine::Auto),
+            "on" => Ok(Confine::On),
+            "off" => Ok(Confine::Off),
+            other => Err(format!("--confine must be auto, on or off, not {other:?}")),
+        }
+    }
+}
+
+/// The confinement of this platform's QEMUs, as `--confine` asks and the host allows.
+fn jail_settings(mode: Confine, data_dir: &Path) -> Result<Option<stasis_vmm::jail::JailSettings>, String> {
+    use stasis_vmm::jail;
+    if mode == Confine::Off {
+        tracing::warn!("QEMUs run unconfined (--confine off): as this platform's user, seeing its files");
+        return Ok(None);
+    }
+    if !jail::can_confine() {
+        if mode == Confine::On {
+            return Err("--confine on needs the platform to run as root (to make namespaces and change users)".into());
+        }
+        tracing::warn!("not running as root: QEMUs run unconfined, as this platform's user");
+        return Ok(None);
+    }
+    let settings = jail::JailSettings::detect(&data_dir_tag(data_dir))
+        .map_err(|e| format!("preparing the confinement of QEMUs: {e}"))?;
+    match jail::allow_unprivileged_userfaultfd() {
+        Ok(true) => tracing::info!(
+            "set vm.unprivileged_userfaultfd=1: confined QEMUs need userfaultfd to snapshot without pausing the guest"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!("confined QEMUs cannot use userfaultfd ({e}): snapshots pause the guest while RAM is copied")
+        }
+    }
+    tracing::info!(
+        shared_gid = settings.shared_gid,
+        "QEMUs run confined: own user, own mount/network/IPC/UTS namespaces, seccomp, {}",
+        settings.cgroups.describe()
+    );
+    Ok(Some(settings))
+}
+
+/// A short tag naming a data directory (two platforms on one host do not meet).
+fn data_dir_tag(data_dir: &Path) -> String {
+    hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..8])
 }
 
 /// Memory a machine lends to computers by default: three quarters of its RAM.
@@ -112,8 +174,7 @@ pub fn default_key_path(data_dir: &Path) -> PathBuf {
 pub fn memory_dir(data_dir: &Path) -> PathBuf {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        let tag = hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..8]);
-        return shm.join(format!("stasis-{tag}"));
+        return shm.join(format!("stasis-{}", data_dir_tag(data_dir)));
     }
     data_dir.join("cache/memory")
 }
@@ -233,6 +294,7 @@ impl Platform {
             accel: config.accel,
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
+            jail: jail_settings(config.confine, &config.data_dir)?,
             capacity_mib: config.capacity_mib,
             host_id: match &config.role {
                 Role::Host { id, .. } => Some(id.clone()),

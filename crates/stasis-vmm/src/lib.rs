@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod agent;
 pub mod host;
+pub mod jail;
 pub mod process;
 pub mod qmp;
 pub mod snapshot;

@@ -45,7 +45,15 @@ pub struct Process {
 
 impl Process {
     /// Spawns `cmd` and waits on it in the background.
-    pub fn spawn(mut cmd: tokio::process::Command) -> std::io::Result<Process> {
+    pub fn spawn(cmd: tokio::process::Command) -> std::io::Result<Process> {
+        Self::spawn_then(cmd, None)
+    }
+
+    /// Like [`Process::spawn`], and runs `cleanup` once the process is gone.
+    pub fn spawn_then(
+        mut cmd: tokio::process::Command,
+        cleanup: Option<Box<dyn FnOnce() + Send>>,
+    ) -> std::io::Result<Process> {
         let mut child = cmd.kill_on_drop(false).spawn()?;
         let pid = child.id().unwrap_or(0);
         let (tx, exit) = watch::channel(None);
@@ -60,6 +68,9 @@ impl Process {
                 },
                 Err(_) => Exit::Unknown,
             };
+            if let Some(cleanup) = cleanup {
+                cleanup();
+            }
             let _ = tx.send(Some(exit));
         });
         Ok(Process { pid, exit })

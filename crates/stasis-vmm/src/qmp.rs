@@ -151,7 +151,7 @@ impl Qmp {
 
     /// Hands QEMU an open file as `name` (`getfd`: the descriptor travels with the command as
     /// SCM_RIGHTS), for `fd:name` migration URIs. QEMU keeps its own copy.
-    pub async fn send_fd(&self, name: &str, file: &std::fs::File) -> Result<(), QmpError> {
+    pub async fn send_fd(&self, name: &str, file: &impl std::os::fd::AsRawFd) -> Result<(), QmpError> {
         use std::os::fd::AsRawFd;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();

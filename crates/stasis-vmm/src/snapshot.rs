@@ -65,16 +65,36 @@ impl Vm {
         let twin = spawn_qemu(&twin_config, &twin_paths, launch)?;
         let result = async {
             let twin_qmp = connect_qmp(&twin, &twin_paths, Duration::from_secs(30)).await?;
-            let stream = twin_paths.dir.join("migrate.sock");
-            let uri = format!("unix:{}", stream.display());
-            twin_qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
+            // The stream runs through a socket pair handed to both QEMUs as descriptors: a
+            // confined QEMU sees no path of the other's.
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|source| VmError::Io {
+                context: "creating the migration socket pair".into(),
+                source,
+            })?;
+            twin_qmp.send_fd("stasis-incoming", &theirs).await?;
+            twin_qmp
+                .execute("migrate-incoming", json!({ "uri": "fd:stasis-incoming" }))
+                .await?;
+            drop(theirs);
             // A restored machine's RAM is a private mapping of its snapshot's file, which
             // userfaultfd cannot write-protect: it is copied with the guest paused instead.
-            let background = config.ram_path.as_os_str().is_empty() || config.ram_shared;
+            // So is everyone's when QEMU may not use userfaultfd at all (a confined QEMU on a
+            // host with vm.unprivileged_userfaultfd=0).
+            let background = (config.ram_path.as_os_str().is_empty() || config.ram_shared)
+                && match qmp.set_migration(false, true, true).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no background snapshot here; copying RAM with the guest paused");
+                        false
+                    }
+                };
+            qmp.send_fd("stasis-outgoing", &ours).await?;
+            drop(ours);
+            let uri = "fd:stasis-outgoing";
             let (frozen, paused) = if background {
-                self.background_copy(&qmp, &uri).await?
+                self.background_copy(&qmp, uri).await?
             } else {
-                self.paused_copy(&qmp, &uri).await?
+                self.paused_copy(&qmp, uri).await?
             };
             wait_migration(&twin_qmp, Duration::from_secs(60)).await?;
             // The twin's query-migrate still says `completed` (its incoming stream) until the
@@ -111,7 +131,6 @@ impl Vm {
     async fn background_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
-        qmp.set_migration(false, true, true).await?;
         qmp.execute("stop", json!({})).await?;
         let started = async {
             // Paused: freeze the disk at this very instant.

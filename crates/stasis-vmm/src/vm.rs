@@ -14,6 +14,7 @@ use stasis_agent_proto::{ExecRequest, ExecResult, Op, Reply};
 
 use crate::accel::Accel;
 use crate::agent::{AgentClient, AgentError};
+use crate::jail::{JailPlan, JailSettings, Limits, Visible};
 use crate::process::{cmdline_contains, Exit, Process};
 use crate::qmp::{Qmp, QmpError};
 
@@ -98,6 +99,10 @@ pub struct MachineConfig {
     #[serde(default = "shared_by_default")]
     pub ram_shared: bool,
     pub tsc_khz: Option<u64>,
+    /// Confinement of its QEMU (its own user, namespaces, cgroups); None: QEMU runs as the
+    /// platform's user, as before confinement existed.
+    #[serde(default)]
+    pub jail: Option<JailSettings>,
 }
 
 fn shared_by_default() -> bool {
@@ -610,12 +615,69 @@ pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch
         // Its own process group: a Ctrl-C at the platform's terminal must not kill the guests
         // behind the platform's back; the platform stops them itself.
         .process_group(0);
-    let process = Process::spawn(cmd).map_err(io(format!(
+    let mut cleanup: Option<Box<dyn FnOnce() + Send>> = None;
+    if let Some(settings) = &config.jail {
+        let plan = JailPlan::prepare(
+            settings,
+            &cgroup_name(&paths.dir),
+            &visible_files(config, paths, launch),
+            Limits {
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+            },
+            &paths.dir,
+        )
+        .map_err(io(format!("confining the QEMU of {}", paths.dir.display())))?;
+        let dirs = plan.cgroup_dirs.clone();
+        cleanup = Some(Box::new(move || JailPlan::remove_cgroups(&dirs)));
+        // SAFETY: `apply` only makes system calls on data prepared above (no allocation,
+        // no locks), which is what may run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || plan.apply());
+        }
+    }
+    let process = Process::spawn_then(cmd, cleanup).map_err(io(format!(
         "starting {} (apt-get install qemu-system-x86)",
         config.qemu_binary.display()
     )))?;
     std::fs::write(paths.pidfile(), process.pid().to_string()).map_err(io("writing qemu.pid"))?;
     Ok(process)
+}
+
+/// What a confined QEMU of this machine sees: its directory, the kernel and initrd, the base
+/// disk under its overlays (not for a capture's twin, whose disk reads as zeros), its RAM file.
+fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Visible {
+    let mut v = Visible {
+        rw_dirs: vec![paths.dir.clone()],
+        ro_files: vec![config.kernel.clone(), config.initrd.clone()],
+        ..Visible::default()
+    };
+    if launch.null_disk_bytes.is_none() {
+        v.ro_files.push(config.base_disk.clone());
+    }
+    if !config.ram_path.as_os_str().is_empty() {
+        if config.ram_shared {
+            v.own_files.push(config.ram_path.clone());
+        } else {
+            v.shared_rw_files.push(config.ram_path.clone());
+        }
+    }
+    if config.accel == Accel::Kvm {
+        v.devices.push("/dev/kvm".into());
+    }
+    v
+}
+
+/// The cgroup of the QEMU running in `dir`: unique per machine directory.
+fn cgroup_name(dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let leaf = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{leaf}-{:016x}", h.finish())
 }
 
 pub(crate) async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Duration) -> Result<Arc<Qmp>, VmError> {
@@ -696,6 +758,7 @@ mod tests {
             ram_path: "/dev/shm/c1.ram".into(),
             ram_shared: true,
             tsc_khz: Some(2_100_000),
+            jail: None,
         }
     }
 

@@ -202,6 +202,10 @@ struct Machines {
     /// creates, restores and starts beyond it answer 503.
     #[arg(long, env = "STASIS_CAPACITY_MIB")]
     capacity_mib: Option<u64>,
+    /// Confine each computer's QEMU (own user, mount/network/IPC/UTS namespaces, cgroups,
+    /// seccomp): auto (when running as root), on (refuse to start without it) or off.
+    #[arg(long, default_value = "auto", env = "STASIS_CONFINE")]
+    confine: stasis_server::Confine,
 }
 
 impl Machines {
@@ -411,6 +415,7 @@ impl Machines {
             role: Default::default(),
             capacity_mib: Some(self.capacity_mib()),
             limits: Default::default(),
+            confine: self.confine,
         })
     }
 }

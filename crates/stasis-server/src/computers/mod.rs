@@ -33,6 +33,8 @@ pub struct RuntimeSettings {
     pub accel: Accel,
     pub qemu_binary: PathBuf,
     pub tsc_khz: Option<u64>,
+    /// How QEMUs are confined (None: not at all).
+    pub jail: Option<stasis_vmm::jail::JailSettings>,
     /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
     /// are refused (409 `insufficient_capacity`). None: no limit.
     pub capacity_mib: Option<u64>,
@@ -356,6 +358,7 @@ impl Computers {
             ram_path: Default::default(),
             ram_shared: true,
             tsc_khz: self.settings.tsc_khz,
+            jail: self.settings.jail.clone(),
         }
     }
 

@@ -66,6 +66,11 @@ pub struct LocalPlatform {
 impl LocalPlatform {
     /// A platform on the given metadata database (None: SQLite in its data dir).
     pub async fn start_on(database_url: Option<String>) -> Result<LocalPlatform> {
+        Self::start_with(database_url, stasis_server::Confine::Auto).await
+    }
+
+    /// A platform on the given database, with its QEMUs confined or not.
+    pub async fn start_with(database_url: Option<String>, confine: stasis_server::Confine) -> Result<LocalPlatform> {
         let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
         let config = stasis_server::Config {
             listen: "127.0.0.1:0".parse()?,
@@ -81,6 +86,7 @@ impl LocalPlatform {
             role: Default::default(),
             capacity_mib: None,
             limits: Default::default(),
+            confine,
         };
         let platform = stasis_server::Platform::open(&config)
             .await

@@ -1,0 +1,659 @@
+//! Confinement of a computer's QEMU, in the spirit of Firecracker's jailer: each QEMU runs
+//!
+//! - as a user of its own (a fresh uid and gid per launch, never root, no capabilities, no
+//!   new privileges), with one shared supplementary group that may read the shared read-only
+//!   files (kernel, initrd, base disks, snapshot RAM files);
+//! - in new mount, network, IPC and UTS namespaces, with a root that is an empty read-only
+//!   tmpfs holding only `/usr` (read-only: QEMU, its libraries and firmware), a few device
+//!   nodes, and the files of its own machine bound at their host paths (its directory
+//!   read-write; the kernel, initrd, base disk and RAM file). No `/proc`, no `/sys`, no other
+//!   computer's directory, no data directory, no home directory;
+//! - inside cgroups sized from the computer (CPU quota = its vCPUs, memory = its RAM plus
+//!   QEMU's own overhead), cgroup v2 where the host has it and v1 where it has not;
+//! - with QEMU's own seccomp filter (`-sandbox on,...`, see [`crate::vm::qemu_args`]).
+//!
+//! The namespaces, mounts and identity change are made in the forked child just before it
+//! executes QEMU, from a plan computed in the parent ([`JailPlan`]): the child only makes
+//! system calls on prepared strings, nothing that allocates or locks.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Confinement settings of the host, decided once when the platform starts and carried in
+/// each machine's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSettings {
+    /// The group allowed to read the shared read-only files.
+    pub shared_gid: u32,
+    pub cgroups: Cgroups,
+    /// Where the jail's root is assembled (an empty directory; each jail mounts its own tmpfs
+    /// over it in its own mount namespace, so one directory serves them all).
+    pub root_dir: PathBuf,
+}
+
+/// Which cgroup hierarchy limits QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Cgroups {
+    /// The unified hierarchy with the `cpu` and `memory` controllers: `<parent>/<machine>`.
+    V2 { parent: PathBuf },
+    /// The legacy hierarchies: `<cpu>/<machine>` and `<memory>/<machine>`.
+    V1 { cpu: PathBuf, memory: PathBuf },
+    /// No usable controllers: no limits (said once at start-up).
+    None,
+}
+
+/// Users of confined QEMUs are drawn at random from this range (no names, no home): two
+/// QEMUs sharing a uid would need a 1-in-100-million draw, and even then each sees only its
+/// own files.
+pub const UID_RANGE: std::ops::Range<u32> = 2_000_000_000..2_100_000_000;
+/// The default shared group of confined QEMUs.
+pub const SHARED_GID: u32 = 1_999_999_999;
+
+/// QEMU's own memory beyond the guest's RAM (TCG's translation cache, device buffers, the
+/// migration stream); the memory limit is the guest's RAM plus this.
+pub const QEMU_OVERHEAD_MIB: u64 = 512;
+
+impl JailSettings {
+    /// The settings for this host: the cgroup hierarchy found under `/sys/fs/cgroup`, with
+    /// the platform's cgroups named after `tag` (one per data directory).
+    pub fn detect(tag: &str) -> std::io::Result<JailSettings> {
+        let root_dir = PathBuf::from("/run/stasis/jail-root");
+        std::fs::create_dir_all(&root_dir)?;
+        Ok(JailSettings {
+            shared_gid: SHARED_GID,
+            cgroups: Cgroups::detect(Path::new("/sys/fs/cgroup"), tag),
+            root_dir,
+        })
+    }
+}
+
+/// Lets unprivileged processes use userfaultfd (`vm.unprivileged_userfaultfd=1`), which a
+/// confined QEMU needs for background snapshots (the guest runs on while its RAM is copied).
+/// Returns whether the setting was changed; an error if it is off and cannot be changed.
+pub fn allow_unprivileged_userfaultfd() -> std::io::Result<bool> {
+    let knob = Path::new("/proc/sys/vm/unprivileged_userfaultfd");
+    if std::fs::read_to_string(knob)?.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(knob, "1")?;
+    Ok(true)
+}
+
+/// Whether this process may confine QEMUs (it must be root to make namespaces and change users).
+pub fn can_confine() -> bool {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl Cgroups {
+    pub fn detect(mount: &Path, tag: &str) -> Cgroups {
+        let name = format!("stasis-{tag}");
+        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+        if has("cpu") && has("memory") {
+            let parent = mount.join(&name);
+            let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory");
+            if enable(mount).is_ok() && std::fs::create_dir_all(&parent).is_ok() && enable(&parent).is_ok() {
+                return Cgroups::V2 { parent };
+            }
+        }
+        let (cpu, memory) = (mount.join("cpu"), mount.join("memory"));
+        if cpu.join("cpu.cfs_quota_us").exists() && memory.join("memory.limit_in_bytes").exists() {
+            let (cpu, memory) = (cpu.join(&name), memory.join(&name));
+            if std::fs::create_dir_all(&cpu).is_ok() && std::fs::create_dir_all(&memory).is_ok() {
+                return Cgroups::V1 { cpu, memory };
+            }
+        }
+        Cgroups::None
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Cgroups::V2 { parent } => format!("cgroup v2 under {}", parent.display()),
+            Cgroups::V1 { cpu, memory } => format!("cgroup v1 under {} and {}", cpu.display(), memory.display()),
+            Cgroups::None => "no cgroup controllers (CPU and memory are not limited)".into(),
+        }
+    }
+
+    /// Creates the machine's cgroup(s) with its limits; returns the `cgroup.procs` files QEMU
+    /// joins and the directories to remove when it is gone.
+    pub fn create(&self, machine: &str, limits: Limits) -> std::io::Result<Vec<PathBuf>> {
+        let write = |dir: &Path, file: &str, value: String| {
+            std::fs::write(dir.join(file), &value).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("writing {value} to {}: {e}", dir.join(file).display()),
+                )
+            })
+        };
+        let fresh = |dir: PathBuf| -> std::io::Result<PathBuf> {
+            // A leftover of a QEMU that is gone (removal fails while processes are inside).
+            let _ = std::fs::remove_dir(&dir);
+            std::fs::create_dir_all(&dir)?;
+            Ok(dir)
+        };
+        match self {
+            Cgroups::V2 { parent } => {
+                if !parent.exists() {
+                    // Removed with the last machine: make it again, delegating the controllers.
+                    std::fs::create_dir_all(parent)?;
+                    write(parent, "cgroup.subtree_control", "+cpu +memory".into())?;
+                }
+                let dir = fresh(parent.join(machine))?;
+                write(
+                    &dir,
+                    "cpu.max",
+                    format!("{} {}", limits.cpu_quota_us(), Limits::PERIOD_US),
+                )?;
+                write(&dir, "memory.max", limits.memory_bytes().to_string())?;
+                write(&dir, "memory.swap.max", "0".into()).ok();
+                Ok(vec![dir])
+            }
+            Cgroups::V1 { cpu, memory } => {
+                let c = fresh(cpu.join(machine))?;
+                write(&c, "cpu.cfs_period_us", Limits::PERIOD_US.to_string())?;
+                write(&c, "cpu.cfs_quota_us", limits.cpu_quota_us().to_string())?;
+                let m = fresh(memory.join(machine))?;
+                write(&m, "memory.limit_in_bytes", limits.memory_bytes().to_string())?;
+                Ok(vec![c, m])
+            }
+            Cgroups::None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A machine's resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl Limits {
+    pub const PERIOD_US: u64 = 100_000;
+
+    /// As much CPU time per period as the machine has vCPUs.
+    pub fn cpu_quota_us(&self) -> u64 {
+        Self::PERIOD_US * u64::from(self.vcpus.max(1))
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        (self.memory_mib + QEMU_OVERHEAD_MIB) << 20
+    }
+}
+
+/// What one confined QEMU may see and who it runs as.
+#[derive(Debug, Clone, Default)]
+pub struct Visible {
+    /// Bound read-write (the machine's own directory).
+    pub rw_dirs: Vec<PathBuf>,
+    /// Files bound read-write that belong to this machine alone (created empty if missing,
+    /// owned by its user).
+    pub own_files: Vec<PathBuf>,
+    /// Shared files QEMU opens for writing but never writes (a snapshot's RAM file, mapped
+    /// private: QEMU 7.2 opens it read-write); given to the shared group.
+    pub shared_rw_files: Vec<PathBuf>,
+    /// Shared read-only files (kernel, initrd, base disk), bound read-only and given to the
+    /// shared group.
+    pub ro_files: Vec<PathBuf>,
+    /// Device nodes besides null, zero, random and urandom (`/dev/kvm`).
+    pub devices: Vec<PathBuf>,
+}
+
+/// A confinement ready to be applied in the child.
+pub struct JailPlan {
+    pub uid: u32,
+    pub gid: u32,
+    groups: Vec<libc::gid_t>,
+    root: CString,
+    steps: Vec<Step>,
+    cgroup_procs: Vec<CString>,
+    workdir: CString,
+    /// The cgroup directories to remove once QEMU is gone.
+    pub cgroup_dirs: Vec<PathBuf>,
+}
+
+enum Step {
+    Mkdir(CString),
+    Touch(CString),
+    Symlink { target: CString, link: CString },
+    Bind { src: CString, dst: CString, kind: Mount },
+}
+
+/// What a bind mount holds, which decides its flags (all are nosuid).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mount {
+    /// Programs and libraries: read-only, executable.
+    System,
+    /// A device node: read-write, device access.
+    Device,
+    /// Data: no devices, nothing executable.
+    Data { read_only: bool },
+}
+
+impl Mount {
+    fn remount_flags(self) -> libc::c_ulong {
+        let base = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+        match self {
+            Mount::System => base | libc::MS_RDONLY | libc::MS_NODEV,
+            Mount::Device => base | libc::MS_NOEXEC,
+            Mount::Data { read_only: true } => base | libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOEXEC,
+            Mount::Data { read_only: false } => base | libc::MS_NODEV | libc::MS_NOEXEC,
+        }
+    }
+}
+
+fn cstr(p: impl AsRef<std::ffi::OsStr>) -> std::io::Result<CString> {
+    CString::new(p.as_ref().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path contains a NUL byte"))
+}
+
+fn absolute(p: &Path) -> std::io::Result<PathBuf> {
+    if !p.is_absolute() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not an absolute path; a confined QEMU needs absolute paths",
+                p.display()
+            ),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Gives a shared file to the shared group with group read (and write, if `write`) access,
+/// leaving its owner as it is.
+fn share(path: &Path, gid: u32, write: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path)?;
+    if meta.gid() != gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    let want = meta.mode() & 0o7777 | 0o040 | if write { 0o020 } else { 0 };
+    if meta.mode() & 0o7777 != want {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))?;
+    }
+    Ok(())
+}
+
+/// Hands a directory tree to a user (not following symbolic links).
+fn give_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            give_tree(&entry.path(), uid, gid)?;
+        } else {
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+impl JailPlan {
+    /// Prepares the host side (ownership, group access, cgroups) and the list of steps the
+    /// child takes. `machine` names the cgroup (unique per machine directory).
+    pub fn prepare(
+        settings: &JailSettings,
+        machine: &str,
+        visible: &Visible,
+        limits: Limits,
+        workdir: &Path,
+    ) -> std::io::Result<JailPlan> {
+        use rand::Rng;
+        let uid = rand::thread_rng().gen_range(UID_RANGE);
+        let gid = uid;
+        let mut groups = vec![settings.shared_gid];
+        for dir in &visible.rw_dirs {
+            give_tree(&absolute(dir)?, uid, gid)?;
+        }
+        for f in &visible.own_files {
+            let f = absolute(f)?;
+            if !f.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&f)?;
+            }
+            std::os::unix::fs::lchown(&f, Some(uid), Some(gid))?;
+        }
+        for f in &visible.shared_rw_files {
+            share(&absolute(f)?, settings.shared_gid, true)?;
+        }
+        for f in &visible.ro_files {
+            share(&absolute(f)?, settings.shared_gid, false)?;
+        }
+        for dev in &visible.devices {
+            use std::os::unix::fs::MetadataExt;
+            let g = std::fs::metadata(dev)?.gid();
+            if g != 0 && !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+
+        let root = absolute(&settings.root_dir)?;
+        let inside = |p: &Path| -> std::io::Result<CString> {
+            let rel = p.strip_prefix("/").unwrap_or(p);
+            cstr(root.join(rel))
+        };
+        let mut steps = Vec::new();
+        let mut made = std::collections::BTreeSet::new();
+        let mut mkdirs = |p: &Path, steps: &mut Vec<Step>| -> std::io::Result<()> {
+            let mut acc = PathBuf::from("/");
+            for c in p.strip_prefix("/").unwrap_or(p).components() {
+                acc.push(c);
+                if made.insert(acc.clone()) {
+                    steps.push(Step::Mkdir(inside(&acc)?));
+                }
+            }
+            Ok(())
+        };
+        // The system: /usr read-only, and the top-level links or directories into it.
+        mkdirs(Path::new("/usr"), &mut steps)?;
+        steps.push(Step::Bind {
+            src: cstr("/usr")?,
+            dst: inside(Path::new("/usr"))?,
+            kind: Mount::System,
+        });
+        for top in ["bin", "sbin", "lib", "lib64", "lib32", "libx32"] {
+            let host = Path::new("/").join(top);
+            match std::fs::read_link(&host) {
+                Ok(target) => steps.push(Step::Symlink {
+                    target: cstr(&target)?,
+                    link: inside(&host)?,
+                }),
+                Err(_) if host.is_dir() => {
+                    mkdirs(&host, &mut steps)?;
+                    steps.push(Step::Bind {
+                        src: cstr(&host)?,
+                        dst: inside(&host)?,
+                        kind: Mount::System,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        // The dynamic loader's cache.
+        let mut ro_files: Vec<PathBuf> = vec![PathBuf::from("/etc/ld.so.cache")];
+        ro_files.retain(|p| p.exists());
+        let rw_dirs = visible
+            .rw_dirs
+            .iter()
+            .map(|d| absolute(d))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for d in &rw_dirs {
+            mkdirs(d, &mut steps)?;
+            steps.push(Step::Bind {
+                src: cstr(d)?,
+                dst: inside(d)?,
+                kind: Mount::Data { read_only: false },
+            });
+        }
+        let mut bind_file = |src: &Path, kind: Mount, steps: &mut Vec<Step>| -> std::io::Result<()> {
+            if rw_dirs.iter().any(|d| src.starts_with(d)) {
+                // Already visible through its directory.
+                return Ok(());
+            }
+            if let Some(parent) = src.parent() {
+                mkdirs(parent, steps)?;
+            }
+            let dst = inside(src)?;
+            steps.push(Step::Touch(dst.clone()));
+            steps.push(Step::Bind {
+                src: cstr(src)?,
+                dst,
+                kind,
+            });
+            Ok(())
+        };
+        for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"]
+            .iter()
+            .map(PathBuf::from)
+            .chain(visible.devices.iter().cloned())
+        {
+            bind_file(&dev, Mount::Device, &mut steps)?;
+        }
+        for f in ro_files.iter().chain(&visible.ro_files) {
+            bind_file(&absolute(f)?, Mount::Data { read_only: true }, &mut steps)?;
+        }
+        for f in visible.own_files.iter().chain(&visible.shared_rw_files) {
+            bind_file(&absolute(f)?, Mount::Data { read_only: false }, &mut steps)?;
+        }
+
+        let cgroup_dirs = settings.cgroups.create(machine, limits)?;
+        let cgroup_procs = cgroup_dirs
+            .iter()
+            .map(|d| cstr(d.join("cgroup.procs")))
+            .collect::<std::io::Result<_>>()?;
+        Ok(JailPlan {
+            uid,
+            gid,
+            groups,
+            root: cstr(&root)?,
+            steps,
+            cgroup_procs,
+            workdir: cstr(absolute(workdir)?)?,
+            cgroup_dirs,
+        })
+    }
+
+    /// Removes the machine's cgroups (once its QEMU is gone), and the platform's own when it
+    /// was the last (removing a cgroup that still has children fails, harmlessly).
+    pub fn remove_cgroups(dirs: &[PathBuf]) {
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+
+    /// Applies the confinement to the calling process. Runs in the forked child between fork
+    /// and exec: system calls on prepared data only. On failure, a line naming the step goes
+    /// to standard error (QEMU's log) and the error to the parent, which reports it.
+    pub fn apply(&self) -> std::io::Result<()> {
+        fn check(r: libc::c_int, step: &'static str) -> std::io::Result<()> {
+            if r < 0 {
+                let err = std::io::Error::last_os_error();
+                let msg = b"stasis jail: failed at: ";
+                // SAFETY: write(2) on fd 2 with valid buffers; async-signal-safe.
+                unsafe {
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::write(2, step.as_ptr().cast(), step.len());
+                    libc::write(2, b"\n".as_ptr().cast(), 1);
+                }
+                return Err(err);
+            }
+            Ok(())
+        }
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY (whole block): every call below is a plain system call on NUL-terminated
+        // strings prepared before the fork, or on constants.
+        unsafe {
+            // The platform's umask (077) would make the jail's directories unreadable to
+            // QEMU's user; QEMU gets it back before it starts.
+            libc::umask(0o022);
+            for procs in &self.cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                check(fd, "joining the cgroup")?;
+                // "0" names the writing process itself.
+                let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                check(r as libc::c_int, "joining the cgroup")?;
+            }
+            check(
+                libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS),
+                "unshare",
+            )?;
+            check(
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ),
+                "making mounts private",
+            )?;
+            check(
+                libc::mount(
+                    c"stasis-jail".as_ptr(),
+                    self.root.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    c"mode=0755,size=1m".as_ptr().cast(),
+                ),
+                "mounting the jail's root",
+            )?;
+            for step in &self.steps {
+                match step {
+                    Step::Mkdir(p) => {
+                        let r = libc::mkdir(p.as_ptr(), 0o755);
+                        if r < 0 && *libc::__errno_location() != libc::EEXIST {
+                            check(r, "mkdir")?;
+                        }
+                    }
+                    Step::Touch(p) => {
+                        let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o644);
+                        check(fd, "creating a mount point")?;
+                        libc::close(fd);
+                    }
+                    Step::Symlink { target, link } => check(libc::symlink(target.as_ptr(), link.as_ptr()), "symlink")?,
+                    Step::Bind { src, dst, kind } => {
+                        check(
+                            libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null(),
+                            ),
+                            "bind mount",
+                        )?;
+                        check(
+                            libc::mount(null, dst.as_ptr(), null, kind.remount_flags(), std::ptr::null()),
+                            "remounting a bind mount",
+                        )?;
+                    }
+                }
+            }
+            check(libc::chdir(self.root.as_ptr()), "entering the jail's root")?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+                "pivot_root",
+            )?;
+            check(
+                libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+                "detaching the host's root",
+            )?;
+            check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+            check(
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                    std::ptr::null(),
+                ),
+                "making the jail's root read-only",
+            )?;
+            check(libc::chdir(self.workdir.as_ptr()), "entering the machine's directory")?;
+            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()), "setgroups")?;
+            check(libc::setresgid(self.gid, self.gid, self.gid), "setresgid")?;
+            check(libc::setresuid(self.uid, self.uid, self.uid), "setresuid")?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")?;
+            libc::umask(0o077);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_machine_size() {
+        let l = Limits {
+            vcpus: 2,
+            memory_mib: 1024,
+        };
+        assert_eq!(l.cpu_quota_us(), 200_000);
+        assert_eq!(l.memory_bytes(), (1024 + QEMU_OVERHEAD_MIB) << 20);
+    }
+
+    #[test]
+    fn cgroup_v2_is_chosen_when_it_has_the_controllers_and_limits_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu io memory pids").unwrap();
+        let cg = Cgroups::detect(dir.path(), "t1");
+        let parent = dir.path().join("stasis-t1");
+        assert_eq!(cg, Cgroups::V2 { parent: parent.clone() });
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory"
+        );
+        let dirs = cg
+            .create(
+                "m1",
+                Limits {
+                    vcpus: 1,
+                    memory_mib: 256,
+                },
+            )
+            .unwrap();
+        assert_eq!(dirs, vec![parent.join("m1")]);
+        assert_eq!(
+            std::fs::read_to_string(parent.join("m1/cpu.max")).unwrap(),
+            "100000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(parent.join("m1/memory.max")).unwrap(),
+            ((256 + QEMU_OVERHEAD_MIB) << 20).to_string()
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_is_the_fallback_and_none_is_said_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "").unwrap();
+        assert_eq!(Cgroups::detect(dir.path(), "t"), Cgroups::None);
+        assert!(Cgroups::None.describe().contains("not limited"));
+        std::fs::create_dir_all(dir.path().join("cpu")).unwrap();
+        std::fs::create_dir_all(dir.path().join("memory")).unwrap();
+        std::fs::write(dir.path().join("cpu/cpu.cfs_quota_us"), "-1").unwrap();
+        std::fs::write(dir.path().join("memory/memory.limit_in_bytes"), "0").unwrap();
+        let cg = Cgroups::detect(dir.path(), "t");
+        assert!(matches!(cg, Cgroups::V1 { .. }), "{cg:?}");
+        let dirs = cg
+            .create(
+                "m",
+                Limits {
+                    vcpus: 4,
+                    memory_mib: 2048,
+                },
+            )
+            .unwrap();
+        assert_eq!(dirs.len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(dirs[0].join("cpu.cfs_quota_us")).unwrap(),
+            "400000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dirs[1].join("memory.limit_in_bytes")).unwrap(),
+            ((2048 + QEMU_OVERHEAD_MIB) << 20).to_string()
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_refused_by_name() {
+        let err = absolute(Path::new("data/c1")).unwrap_err();
+        assert!(err.to_string().contains("data/c1 is not an absolute path"), "{err}");
+    }
+}

@@ -1,0 +1,304 @@
+//! Confined QEMUs on a real server (the tests run as root, so `--confine auto` confines):
+//! from inside one computer's confinement — its QEMU's own mount, network, IPC and UTS
+//! namespaces and root, its user and groups, no capabilities, no new privileges — another
+//! computer's disk, console, sockets and RAM file, the snapshot files it was not restored
+//! from, and the platform's data cannot be opened, while its own files can. The QEMU itself
+//! runs as that user under seccomp, in cgroups sized from the computer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, Client, Server, SNAP};
+
+/// Tries each `MODE:PATH` (r: open for reading, w: open for writing, c: connect to a unix
+/// socket, l: list a directory) and prints `PATH<TAB>ok` (`ok NAME,NAME` for a listing) or
+/// `PATH<TAB>ERRNO-NAME`.
+const PROBE: &str = r#"
+import errno, os, socket, sys
+for arg in sys.argv[1:]:
+    mode, path = arg.split(":", 1)
+    try:
+        if mode == "c":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            s.connect(path)
+            s.close()
+        elif mode == "l":
+            print(path + "\tok " + ",".join(sorted(os.listdir(path))))
+            continue
+        else:
+            os.close(os.open(path, os.O_RDONLY if mode == "r" else os.O_RDWR))
+        print(path + "\tok")
+    except OSError as e:
+        print(path + "\t" + errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
+fn status_field(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn uid_of(pid: i32) -> u32 {
+    status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Runs the probe as the confined user of `pid`, inside that process's namespaces and root.
+fn probe_inside(pid: i32, tries: &[String]) -> Vec<(String, String)> {
+    let uid = uid_of(pid).to_string();
+    let groups = status_field(pid, "Groups")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "-n", "-i", "-u", "-r", "-w", "--"])
+        .args(["setpriv", "--reuid", &uid, "--regid", &uid, "--groups", &groups])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
+        .args(["/usr/bin/python3", "-I", "-c", PROBE])
+        .args(tries)
+        .output()
+        .expect("nsenter runs (util-linux)");
+    assert!(
+        out.status.success(),
+        "the probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&out.stdout)
+}
+
+/// The same probe as the same user and groups, but in the host's namespaces.
+fn probe_on_host(pid: i32, tries: &[String]) -> Vec<(String, String)> {
+    let uid = uid_of(pid).to_string();
+    let groups = status_field(pid, "Groups")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("setpriv")
+        .args(["--reuid", &uid, "--regid", &uid, "--groups", &groups])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
+        .args(["/usr/bin/python3", "-I", "-c", PROBE])
+        .args(tries)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    parse(&out.stdout)
+}
+
+fn parse(stdout: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(p, r)| (p.to_string(), r.to_string()))
+        .collect()
+}
+
+fn tries(mode: &str, paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| format!("{mode}:{}", p.display())).collect()
+}
+
+/// The cgroup directories (v1: cpu and memory; v2: one) a process is in.
+fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mut dirs = Vec::new();
+    for line in cgroups.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        let path = path.trim_start_matches('/');
+        for c in ["cpu", "memory"] {
+            if controllers.split(',').any(|x| x == c) && path.contains("stasis-") {
+                dirs.push(Path::new("/sys/fs/cgroup").join(c).join(path));
+            }
+        }
+        if controllers.is_empty() && path.contains("stasis-") {
+            dirs.push(Path::new("/sys/fs/cgroup").join(path));
+        }
+    }
+    dirs
+}
+
+#[test]
+fn a_confined_qemu_sees_only_its_own_files() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "jail");
+    let server = Server::start(dir.path());
+    let api = Client::new(&server.base, Some(&key));
+    let data = dir.path();
+
+    let a = running_computer(&api, "jail-a");
+    let b = running_computer(&api, "jail-b");
+    // B's snapshot, and a computer restored from it: it shares the snapshot's files.
+    assert_eq!(
+        out(&api, &b, "echo secret-of-b > /root/b.txt && sync && cat /root/b.txt"),
+        "secret-of-b"
+    );
+    let snap = snapshot(&api, &b, "b");
+    api.wait_snapshot(&b, &snap, "ready", SNAP);
+    let r = restore(&api, &b, &snap);
+    api.wait_status(&r, "running", common::BOOT);
+    assert_eq!(out(&api, &r, "cat /root/b.txt"), "secret-of-b");
+
+    let (pa, pb, pr) = (
+        qemu_pid(data, &a).unwrap(),
+        qemu_pid(data, &b).unwrap(),
+        qemu_pid(data, &r).unwrap(),
+    );
+
+    // The QEMU processes themselves: unprivileged, each its own user, seccomp on.
+    for pid in [pa, pb, pr] {
+        assert_ne!(uid_of(pid), 0, "QEMU {pid} runs as root");
+        assert_eq!(
+            status_field(pid, "CapEff"),
+            "0000000000000000",
+            "QEMU {pid} has capabilities"
+        );
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "QEMU {pid} has no seccomp filter");
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+            std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+            "QEMU {pid} shares the host's mount namespace"
+        );
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+            std::fs::read_link("/proc/self/ns/net").unwrap()
+        );
+    }
+    let uids = [uid_of(pa), uid_of(pb), uid_of(pr)];
+    assert!(
+        uids[0] != uids[1] && uids[1] != uids[2] && uids[0] != uids[2],
+        "{uids:?}"
+    );
+
+    // Its cgroups are sized from the computer (xs: 1 vCPU, 256 MiB, plus 512 MiB for QEMU).
+    let cgroups = cgroup_dirs(pa);
+    assert!(
+        !cgroups.is_empty(),
+        "QEMU is in no stasis cgroup: {}",
+        std::fs::read_to_string(format!("/proc/{pa}/cgroup")).unwrap()
+    );
+    let (vcpus, memory_mib) = (1u64, 256u64);
+    let memory_limit = ((memory_mib + 512) << 20).to_string();
+    for d in &cgroups {
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).ok().map(|s| s.trim().to_string());
+        if let Some(quota) = read("cpu.cfs_quota_us") {
+            assert_eq!(quota, (vcpus * 100_000).to_string(), "{}", d.display());
+        }
+        if let Some(limit) = read("memory.limit_in_bytes") {
+            assert_eq!(limit, memory_limit, "{}", d.display());
+        }
+        if let Some(max) = read("cpu.max") {
+            assert_eq!(max, format!("{} 100000", vcpus * 100_000));
+        }
+        if let Some(max) = read("memory.max") {
+            assert_eq!(max, memory_limit);
+        }
+    }
+
+    let machine = |id: &str| data.join("computers").join(id);
+    let own = |id: &str| [machine(id).join("disk.qcow2"), machine(id).join("console.log")];
+    let sockets = |id: &str| [machine(id).join("qmp.sock"), machine(id).join("agent.sock")];
+    let memory_dir = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.join(format!("{snap}.memory")).exists())
+        .expect("the snapshot's RAM file is in /dev/shm");
+    let snapshot_files = [
+        memory_dir.join(format!("{snap}.memory")),
+        data.join("cache/snapshots").join(&snap).join("disk.raw"),
+    ];
+    let platform_files = [
+        data.join("stasis.db"),
+        data.join("default-api-key"),
+        data.join("objects"),
+        data.join("cache"),
+        PathBuf::from(format!("/proc/{pb}/root")),
+        PathBuf::from("/proc/self/status"),
+        PathBuf::from("/etc/shadow"),
+    ];
+
+    // From inside A: none of B's, R's, the snapshot's or the platform's files or sockets.
+    let mut forbidden: Vec<String> = Vec::new();
+    for id in [&b, &r] {
+        forbidden.extend(tries("r", &own(id)));
+        forbidden.extend(tries("c", &sockets(id)));
+    }
+    forbidden.extend(tries("r", &snapshot_files));
+    forbidden.extend(tries("r", &platform_files));
+    // Its own files: the check can tell access from none.
+    let allowed: Vec<String> = tries("w", &own(&a));
+    let mut all = allowed.clone();
+    all.extend(forbidden.iter().cloned());
+    let results = probe_inside(pa, &all);
+    assert_eq!(results.len(), all.len(), "{results:?}");
+    for (path, result) in &results[..allowed.len()] {
+        assert_eq!(result, "ok", "A cannot open its own {path}");
+    }
+    for (path, result) in &results[allowed.len()..] {
+        assert_ne!(result, "ok", "from inside A's confinement, {path} opened");
+    }
+    // What is left of the data directory inside: the path to A's own directory, no more.
+    let listed = probe_inside(
+        pa,
+        &tries("l", &[data.to_path_buf(), data.join("computers"), "/".into()]),
+    );
+    assert_eq!(listed[0].1, "ok computers", "{listed:?}");
+    assert_eq!(listed[1].1, format!("ok {a}"), "{listed:?}");
+    // At the top: /usr and its links, a few devices, the loader's cache, and the skeleton
+    // of directories leading to the machine's files (here /tmp and /root, home of the cache).
+    let top: Vec<&str> = listed[2].1.trim_start_matches("ok ").split(',').collect();
+    for name in &top {
+        assert!(
+            ["bin", "dev", "etc", "lib", "lib64", "root", "sbin", "tmp", "usr"].contains(name),
+            "unexpected /{name} inside the jail: {top:?}"
+        );
+    }
+    // A's base disk is readable but not writable (group read only, on a read-only mount).
+    let base_disk = read_base_disk(&machine(&a));
+    let base = probe_inside(
+        pa,
+        &[tries("r", &[base_disk.clone()]), tries("w", &[base_disk])].concat(),
+    );
+    assert_eq!(base[0].1, "ok", "{base:?}");
+    assert!(["EACCES", "EROFS"].contains(&base[1].1.as_str()), "{base:?}");
+
+    // R, restored from B's snapshot, sees that snapshot's files (so the probe can see files
+    // that are there) but not B's own.
+    let r_results = probe_inside(pr, &[tries("r", &snapshot_files), tries("r", &own(&b))].concat());
+    assert!(r_results[..2].iter().all(|(_, res)| res == "ok"), "{r_results:?}");
+    assert!(r_results[2..].iter().all(|(_, res)| res != "ok"), "{r_results:?}");
+
+    // Even outside the namespaces, A's user cannot open B's files.
+    let host = probe_on_host(pa, &[tries("r", &own(&b)), tries("c", &sockets(&b))].concat());
+    assert!(host.iter().all(|(_, res)| res == "EACCES"), "{host:?}");
+
+    // Deleting A removes its cgroups.
+    let deleted = api.call("DELETE", &format!("/computers/{a}"), None);
+    assert!(deleted.status < 300, "{}", deleted.body);
+    let t = std::time::Instant::now();
+    while cgroups.iter().any(|d| d.exists()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "cgroups left behind: {cgroups:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The raw base disk under a machine's overlay, from its machine.json.
+fn read_base_disk(machine: &Path) -> PathBuf {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(machine.join("machine.json")).unwrap()).unwrap();
+    PathBuf::from(config["base_disk"].as_str().unwrap())
+}
