@@ -473,8 +473,8 @@ impl JailPlan {
             Ok(())
         }
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (whole block): every call below is a plain system call on NUL-terminated
-        // strings prepared before the fork, or on constants.
+        // SAFETY: every call below is a plain system call on NUL-terminated strings prepared
+        // before the fork, or on constants.
         unsafe {
             // The platform's umask (077) would make the jail's directories unreadable to
             // QEMU's user; QEMU gets it back before it starts.

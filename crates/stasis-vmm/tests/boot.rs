@@ -23,6 +23,7 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         ram_path: dir.join("ram"),
         ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
+        jail: None,
     }
 }
 

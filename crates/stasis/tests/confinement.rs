@@ -268,7 +268,7 @@ fn a_confined_qemu_sees_only_its_own_files() {
     let base_disk = read_base_disk(&machine(&a));
     let base = probe_inside(
         pa,
-        &[tries("r", &[base_disk.clone()]), tries("w", &[base_disk])].concat(),
+        &[tries("r", std::slice::from_ref(&base_disk)), tries("w", &[base_disk])].concat(),
     );
     assert_eq!(base[0].1, "ok", "{base:?}");
     assert!(["EACCES", "EROFS"].contains(&base[1].1.as_str()), "{base:?}");
