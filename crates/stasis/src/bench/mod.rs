@@ -81,6 +81,7 @@ impl LocalPlatform {
             role: Default::default(),
             capacity_mib: None,
             limits: Default::default(),
+            master_key_file: None,
         };
         let platform = stasis_server::Platform::open(&config)
             .await
