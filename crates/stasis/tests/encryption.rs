@@ -135,13 +135,29 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let alice = Client::new(&server.base, Some(&alice_key));
     let bob = Client::new(&server.base, Some(&bob_key));
 
-    // Two tenants, the same image, no changes: their snapshots share no chunk.
+    // Two tenants, the same image, no changes; then alice writes the marker, on disk and in
+    // RAM, and snapshots again.
     let a = running_computer(&alice, "a");
     let b = running_computer(&bob, "b");
     let sa = snapshot(&alice, &a, "clean");
     let sb = snapshot(&bob, &b, "clean");
     alice.wait_snapshot(&a, &sa, "ready", SNAP);
     bob.wait_snapshot(&b, &sb, "ready", SNAP);
+    let (sha, needles) = write_marker(&alice, &a);
+    let sm = snapshot(&alice, &a, "marked");
+    alice.wait_snapshot(&a, &sm, "ready", SNAP);
+
+    // A good encrypted snapshot restores, marker and all (downloaded, not from the cache).
+    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
+    let restored = restore(&alice, &a, &sm);
+    alice.wait_status(&restored, "running", BOOT);
+    assert_eq!(out(&alice, &restored, "sha256sum /root/marker | cut -d' ' -f1"), sha);
+    // (The manifests are read with the server's keys from its database: stopped meanwhile.)
+    server.terminate();
+
+    // No object in the store holds any of the marker.
+    assert_eq!(found_in_store(&dir.path().join("objects"), &needles), 0);
+    // The two tenants' identical guests share no chunk.
     let (ma, mb) = (
         manifest(dir.path(), Some(&master), &sa),
         manifest(dir.path(), Some(&master), &sb),
@@ -149,18 +165,6 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let (na, nb) = (chunk_names(&ma), chunk_names(&mb));
     assert!(!na.is_empty() && !nb.is_empty());
     assert!(na.is_disjoint(&nb), "{} chunks shared", na.intersection(&nb).count());
-
-    // The marker, on disk and in RAM: no object in the store holds any of it.
-    let (sha, needles) = write_marker(&alice, &a);
-    let sm = snapshot(&alice, &a, "marked");
-    alice.wait_snapshot(&a, &sm, "ready", SNAP);
-    assert_eq!(found_in_store(&dir.path().join("objects"), &needles), 0);
-
-    // A good encrypted snapshot restores, marker and all (downloaded, not from the cache).
-    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    let restored = restore(&alice, &a, &sm);
-    alice.wait_status(&restored, "running", BOOT);
-    assert_eq!(out(&alice, &restored, "sha256sum /root/marker | cut -d' ' -f1"), sha);
 
     // One flipped byte in the first chunk of the marked snapshot's device state: the restore
     // fails naming the failed authentication, the snapshot is marked damaged, no guest runs.
@@ -172,9 +176,14 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     bytes[mid] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
     let _ = std::fs::remove_dir_all(dir.path().join("cache"));
+    let mut server = serve(dir.path(), Some(&master));
+    let alice = Client::new(&server.base, Some(&alice_key));
     let reason = restore_error(&alice, &a, &sm);
     assert!(
-        reason.contains(&sm) && reason.contains("failed authentication") && reason.contains("modified in the store"),
+        reason.contains(&sm)
+            && reason.contains(&first.to_hex())
+            && reason.contains("failed authentication")
+            && reason.contains("modified in the store"),
         "{reason}"
     );
     let snap = alice.wait_snapshot(&a, &sm, "failed", SNAP);
