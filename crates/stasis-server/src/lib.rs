@@ -6,6 +6,7 @@ pub mod body;
 pub mod cluster;
 pub mod computers;
 pub mod db;
+pub mod encryption;
 pub mod error;
 pub mod idempotency;
 pub mod images;
@@ -84,6 +85,9 @@ pub struct Config {
     pub limits: limits::TenantLimits,
     /// Whether computers' QEMUs run confined (own user, namespaces, cgroups).
     pub confine: Confine,
+    /// Encryption at rest: a file holding the master key (64 hex digits); None: snapshots are
+    /// stored unencrypted.
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// `--confine`: auto confines when the platform runs as root (it must, to make namespaces
@@ -306,6 +310,22 @@ impl Platform {
             None => stasis_store::SnapshotStore::local(&config.data_dir.join("objects")),
         }
         .map_err(|e| format!("opening the snapshot store: {e}"))?;
+        let store = match &config.master_key_file {
+            None => store,
+            Some(path) => {
+                let master = encryption::load_master_key(path)?;
+                let foreign = db
+                    .count_foreign_data_keys(&master.id())
+                    .await
+                    .map_err(|e| format!("reading tenants' data keys: {e}"))?;
+                if foreign > 0 {
+                    tracing::warn!(tenants = foreign, master_key = master.id(),
+                        "this master key did not make some tenants' data keys: their encrypted snapshots will not restore");
+                }
+                tracing::info!(master_key = master.id(), "snapshots are encrypted at rest");
+                store.with_keyring(Arc::new(encryption::TenantKeys::new(db.clone(), master)))
+            }
+        };
         let events = Arc::new(EventBus::new(db.clone()));
         let materializer = Arc::new(Materializer::new(
             store.clone(),

@@ -86,10 +86,21 @@ pub enum ChunkError {
     Decompress(String),
     #[error("content hashes to {actual}, not to its name")]
     HashMismatch { actual: String },
+    #[error("it failed authentication: it was modified in the store, or the master key is wrong")]
+    Authentication,
 }
 
 /// Decodes a stored chunk and checks it is exactly the chunk named `expected`.
 pub fn decode(stored: &[u8], expected: ChunkHash) -> Result<Vec<u8>, ChunkError> {
+    decode_with(stored, expected, ChunkHash::of)
+}
+
+/// [`decode`], for chunks named by another function of their content (sealed chunks).
+pub fn decode_with(
+    stored: &[u8],
+    expected: ChunkHash,
+    name: impl Fn(&[u8]) -> ChunkHash,
+) -> Result<Vec<u8>, ChunkError> {
     if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
         return Err(ChunkError::Header);
     }
@@ -104,7 +115,7 @@ pub fn decode(stored: &[u8], expected: ChunkHash) -> Result<Vec<u8>, ChunkError>
     if raw.len() != len {
         return Err(ChunkError::Length(raw.len()));
     }
-    let actual = ChunkHash::of(&raw);
+    let actual = name(&raw);
     if actual != expected {
         return Err(ChunkError::HashMismatch {
             actual: actual.to_hex(),

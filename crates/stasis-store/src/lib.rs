@@ -11,9 +11,15 @@
 //! Uploads hash, compress and upload in parallel and skip chunks the store already has, so a
 //! snapshot that shares most of its bytes with an earlier one uploads only the difference.
 //! Every chunk read back is verified against its name before it is used.
+//!
+//! With a [`Keyring`] (the operator set a master key), chunks and manifests are sealed with
+//! their tenant's key instead (see `seal`): chunks are named by a keyed hash, so deduplication
+//! happens within a tenant only, and a modified object fails to open. Manifests written
+//! without a key stay readable (their chunks too); sealed ones need the key.
 
 pub mod chunk;
 pub mod manifest;
+pub mod seal;
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
@@ -28,6 +34,7 @@ use object_store::{ObjectStore, PutPayload};
 
 pub use chunk::{ChunkError, ChunkHash};
 pub use manifest::{Manifest, ManifestError, Part, MANIFEST_VERSION};
+pub use seal::{Keyring, MasterKey, MemoryKeyring, TenantKey};
 
 /// Chunk sizes by part: RAM changes in small scattered pieces, disks in larger runs.
 pub const MEMORY_CHUNK_SIZE: u32 = 64 * 1024;
@@ -61,6 +68,13 @@ pub enum StoreError {
     Config(String),
     #[error("manifest of snapshot {0} is missing from the store")]
     MissingManifest(String),
+    /// A sealed chunk or manifest did not open with its tenant's key.
+    #[error("{what} failed authentication: it was modified in the store, or sealed with another key")]
+    Tampered { what: String },
+    /// Keys: none given for an encrypted snapshot, a master key that does not open a tenant's
+    /// data key, the database they are kept in.
+    #[error("{0}")]
+    Key(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -134,6 +148,8 @@ pub struct SnapshotStore {
     /// Held shared by uploads, exclusively by garbage collection, so a chunk an upload found
     /// already present cannot be collected before the upload's manifest names it.
     gc_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Set when snapshots are encrypted at rest: tenants' keys.
+    keyring: Option<Arc<dyn Keyring>>,
 }
 
 enum Outcome {
@@ -152,6 +168,7 @@ impl SnapshotStore {
             bucket: bucket.into(),
             prefix: String::new(),
             gc_lock: Arc::default(),
+            keyring: None,
         }
     }
 
@@ -208,7 +225,27 @@ impl SnapshotStore {
             bucket: bucket.to_string(),
             prefix,
             gc_lock: Arc::default(),
+            keyring: None,
         })
+    }
+
+    /// From now on seals what it writes with tenants' keys (and opens sealed objects).
+    pub fn with_keyring(mut self, keyring: Arc<dyn Keyring>) -> SnapshotStore {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// Whether what it writes is sealed.
+    pub fn encrypted(&self) -> bool {
+        self.keyring.is_some()
+    }
+
+    /// The tenant's key: made if the tenant has none yet when `create`.
+    async fn tenant_key(&self, tenant: &str, create: bool) -> Result<Option<Arc<TenantKey>>, StoreError> {
+        match &self.keyring {
+            Some(k) => Ok(Some(k.tenant_key(tenant, create).await?)),
+            None => Ok(None),
+        }
     }
 
     /// The key prefix inside the bucket ("" or ending in '/').
@@ -242,10 +279,12 @@ impl SnapshotStore {
         Pin(self.gc_lock.clone().read_owned().await)
     }
 
-    /// Cuts `path` into chunks and stores the ones the store lacks.
+    /// Cuts `path` into chunks and stores the ones the store lacks; `tenant`'s key seals them
+    /// if the store is encrypted.
     pub async fn upload_file(
         &self,
         _pin: &Pin,
+        tenant: &str,
         path: &Path,
         chunk_size: u32,
         progress: Progress,
@@ -255,6 +294,7 @@ impl SnapshotStore {
         let holes = Arc::new(data_ranges(&file, size));
         let count = size.div_ceil(chunk_size as u64) as usize;
         let done = Arc::new(AtomicU64::new(0));
+        let key = self.tenant_key(tenant, true).await?;
 
         let results: Vec<(usize, Option<ChunkHash>, Outcome, u64)> = futures::stream::iter(0..count)
             .map(|i| {
@@ -263,6 +303,8 @@ impl SnapshotStore {
                 let store = self.store.clone();
                 let done = done.clone();
                 let progress = progress.clone();
+                let key = key.clone();
+                let sealer = key.clone();
                 async move {
                     let start = i as u64 * chunk_size as u64;
                     let len = (size - start).min(chunk_size as u64);
@@ -276,7 +318,11 @@ impl SnapshotStore {
                                 if chunk::is_zero(&buf) {
                                     return Ok(None);
                                 }
-                                Ok(Some((ChunkHash::of(&buf), buf)))
+                                let name = match &key {
+                                    Some(k) => k.chunk_name(&buf),
+                                    None => ChunkHash::of(&buf),
+                                };
+                                Ok(Some((name, buf)))
                             })
                             .await
                             .expect("chunk reader does not panic")
@@ -288,8 +334,9 @@ impl SnapshotStore {
                                 match store.head(&key).await {
                                     Ok(meta) => (Some(hash), Outcome::Reused(meta.size)),
                                     Err(object_store::Error::NotFound { .. }) => {
-                                        let stored = tokio::task::spawn_blocking(move || {
-                                            chunk::encode(&data, COMPRESSION_LEVEL)
+                                        let stored = tokio::task::spawn_blocking(move || match &sealer {
+                                            Some(k) => k.seal_chunk(hash, &data, COMPRESSION_LEVEL),
+                                            None => chunk::encode(&data, COMPRESSION_LEVEL),
                                         })
                                         .await
                                         .expect("compression does not panic");
@@ -349,9 +396,13 @@ impl SnapshotStore {
         ))
     }
 
-    /// Writes the manifest; the snapshot exists in the store from this moment.
+    /// Writes the manifest (sealed with its tenant's key if the store is encrypted); the
+    /// snapshot exists in the store from this moment.
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<u64, StoreError> {
-        let bytes = manifest.encode();
+        let bytes = match self.tenant_key(&manifest.tenant_id, true).await? {
+            Some(key) => key.seal_manifest(manifest),
+            None => manifest.encode(),
+        };
         let n = bytes.len() as u64;
         self.store
             .put(
@@ -376,10 +427,26 @@ impl SnapshotStore {
             });
         }
         let bytes = got.bytes().await?;
-        let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+        let bad = |source| StoreError::Manifest {
             id: snapshot_id.into(),
             source,
-        })?;
+        };
+        let m = match seal::parse_manifest_header(&bytes).map_err(bad)? {
+            None => Manifest::decode(&bytes).map_err(bad)?,
+            Some((tenant, _)) => {
+                let Some(key) = self.tenant_key(tenant, false).await? else {
+                    return Err(StoreError::Key(format!(
+                        "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
+                    )));
+                };
+                key.open_manifest(&bytes, snapshot_id).map_err(|e| match e {
+                    ManifestError::Authentication => StoreError::Tampered {
+                        what: format!("the manifest of snapshot {snapshot_id}"),
+                    },
+                    e => bad(e),
+                })?
+            }
+        };
         if m.snapshot_id != snapshot_id {
             return Err(StoreError::Manifest {
                 id: snapshot_id.into(),
@@ -419,8 +486,15 @@ impl SnapshotStore {
         Ok(())
     }
 
-    /// Rebuilds a part into `dest` (sparse: zero chunks stay holes), verifying every chunk.
-    pub async fn materialize(&self, part: &Part, dest: &Path, progress: Progress) -> Result<(), StoreError> {
+    /// Rebuilds a part of `manifest` into `dest` (sparse: zero chunks stay holes), verifying
+    /// every chunk (and opening sealed ones with the manifest's tenant's key).
+    pub async fn materialize(
+        &self,
+        manifest: &Manifest,
+        part: &Part,
+        dest: &Path,
+        progress: Progress,
+    ) -> Result<(), StoreError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -432,6 +506,11 @@ impl SnapshotStore {
         let done = Arc::new(AtomicU64::new(0));
         let chunk_size = part.chunk_size as u64;
         let size = part.size;
+        // A sealed manifest names sealed chunks (a plaintext chunk under a keyed name fails
+        // its hash check); the key is looked up once, when the first one comes.
+        let key: Arc<tokio::sync::OnceCell<Arc<TenantKey>>> = Arc::default();
+        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
+        let tenant: Arc<str> = manifest.tenant_id.as_str().into();
         // Owned items and handles: futures that borrow from the iterator are not `Send` for
         // every lifetime, which spawned callers need.
         futures::stream::iter(part.chunks.clone().into_iter().enumerate())
@@ -441,6 +520,8 @@ impl SnapshotStore {
                 let progress = progress.clone();
                 let store = self.store.clone();
                 let len = (size - i as u64 * chunk_size).min(chunk_size);
+                let (key, snapshot_id, tenant) = (key.clone(), snapshot_id.clone(), tenant.clone());
+                let keyring = self.keyring.clone();
                 async move {
                     if let Some(hash) = hash {
                         let got = match store.get(&ObjectPath::from(hash.key())).await {
@@ -450,9 +531,31 @@ impl SnapshotStore {
                         };
                         let stored = got.bytes().await?;
                         let offset = i as u64 * chunk_size;
+                        let key = if seal::is_sealed_chunk(&stored) {
+                            let Some(keyring) = keyring else {
+                                return Err(StoreError::Key(format!(
+                                    "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
+                                )));
+                            };
+                            Some(
+                                key.get_or_try_init(|| keyring.tenant_key(&tenant, false))
+                                    .await?
+                                    .clone(),
+                            )
+                        } else {
+                            None
+                        };
                         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                            let raw = chunk::decode(&stored, hash)
-                                .map_err(|source| StoreError::Corrupt { chunk: hash, source })?;
+                            let raw = match key {
+                                Some(key) => key.open_chunk(&stored, hash),
+                                None => chunk::decode(&stored, hash),
+                            }
+                            .map_err(|source| match source {
+                                ChunkError::Authentication => StoreError::Tampered {
+                                    what: format!("chunk {hash} of snapshot {snapshot_id}"),
+                                },
+                                source => StoreError::Corrupt { chunk: hash, source },
+                            })?;
                             if raw.len() as u64 != len {
                                 return Err(StoreError::Corrupt {
                                     chunk: hash,

@@ -46,6 +46,8 @@ pub enum ManifestError {
     Parse(String),
     #[error("manifest version {0} is not supported (this build reads {MANIFEST_VERSION})")]
     Version(u32),
+    #[error("it failed authentication: it was modified in the store, or the master key is wrong")]
+    Authentication,
     #[error("manifest part {part} is inconsistent: {why}")]
     Inconsistent { part: &'static str, why: String },
 }
@@ -106,7 +108,7 @@ impl Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Manifest {

@@ -56,6 +56,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     let (part, stats) = store
         .upload_file(
             &store.pin().await,
+            "t",
             &src,
             1 << 20,
             Arc::new(move |n| {
@@ -75,12 +76,15 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     assert_eq!(stats.zero_bytes, 5 << 20);
 
     let out = dir.path().join("restored");
-    store.materialize(&part, &out, noop()).await.unwrap();
+    store
+        .materialize(&manifest("s", part.clone()), &part, &out, noop())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 
     // The same content again uploads nothing new.
     let (again, stats) = store
-        .upload_file(&store.pin().await, &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
         .await
         .unwrap();
     assert_eq!(again, part);
@@ -94,7 +98,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     let store = SnapshotStore::local(&root).unwrap();
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"precious data")]);
     let (part, _) = store
-        .upload_file(&store.pin().await, &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
         .await
         .unwrap();
     let hash = part.chunks[0].unwrap();
@@ -106,7 +110,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     std::fs::write(&on_disk, bytes).unwrap();
 
     let err = store
-        .materialize(&part, &dir.path().join("out"), noop())
+        .materialize(&manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
     assert!(
@@ -117,7 +121,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
 
     std::fs::remove_file(&on_disk).unwrap();
     let err = store
-        .materialize(&part, &dir.path().join("out"), noop())
+        .materialize(&manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::MissingChunk(h) if h == hash));
@@ -130,8 +134,14 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     let shared = vec![1u8; 4096];
     let a = sparse_file(dir.path(), "a", 8192, &[(0, &shared), (4096, &[2u8; 4096])]);
     let b = sparse_file(dir.path(), "b", 8192, &[(0, &shared), (4096, &[3u8; 4096])]);
-    let (pa, _) = store.upload_file(&store.pin().await, &a, 4096, noop()).await.unwrap();
-    let (pb, sb) = store.upload_file(&store.pin().await, &b, 4096, noop()).await.unwrap();
+    let (pa, _) = store
+        .upload_file(&store.pin().await, "t", &a, 4096, noop())
+        .await
+        .unwrap();
+    let (pb, sb) = store
+        .upload_file(&store.pin().await, "t", &b, 4096, noop())
+        .await
+        .unwrap();
     assert_eq!(
         (sb.new_chunks, sb.reused_chunks),
         (1, 1),
@@ -155,7 +165,7 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     let m = store.get_manifest("snap-b").await.unwrap();
     store.verify_present(&m).await.unwrap();
     store
-        .materialize(&m.memory, &dir.path().join("b-out"), noop())
+        .materialize(&m, &m.memory, &dir.path().join("b-out"), noop())
         .await
         .unwrap();
     assert_eq!(
@@ -165,7 +175,10 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
 
     // Young chunks survive a collection even when nothing names them yet.
     let c = sparse_file(dir.path(), "c", 4096, &[(0, &[9u8; 4096])]);
-    store.upload_file(&store.pin().await, &c, 4096, noop()).await.unwrap();
+    store
+        .upload_file(&store.pin().await, "t", &c, 4096, noop())
+        .await
+        .unwrap();
     let deleted = store
         .collect_garbage(&["snap-b".to_string()], Duration::from_secs(600))
         .await
@@ -175,4 +188,282 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
         GcStats { deleted: 0, young: 1 },
         "spared, and counted for a later pass"
     );
+}
+
+fn encrypted_store(root: &Path) -> (SnapshotStore, Arc<MemoryKeyring>) {
+    let keys = Arc::new(MemoryKeyring::default());
+    let store = SnapshotStore::local(root).unwrap().with_keyring(keys.clone());
+    (store, keys)
+}
+
+fn tenant_manifest(id: &str, tenant: &str, part: Part) -> Manifest {
+    Manifest {
+        tenant_id: tenant.into(),
+        ..manifest(id, part)
+    }
+}
+
+/// Every object file under `dir`.
+fn objects(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(objects(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_across_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (store, _) = encrypted_store(&root);
+    // Incompressible-ish, so a plaintext chunk would hold it verbatim.
+    let marker: Vec<u8> = b"stasis-marker-0123456789abcdef!!".repeat(2048);
+    let src = sparse_file(dir.path(), "ram", 1 << 20, &[(4096, &marker)]);
+
+    let (pa, sa) = store
+        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    let (pb, sb) = store
+        .upload_file(&store.pin().await, "b", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    assert!(sa.new_chunks > 0);
+    assert_eq!(sb.new_chunks, sa.new_chunks, "tenant b reuses nothing of tenant a's");
+    assert_eq!(sb.reused_chunks, 0);
+    let names = |p: &Part| p.stored_chunks().collect::<HashSet<_>>();
+    assert!(names(&pa).is_disjoint(&names(&pb)), "no chunk shared across tenants");
+    // Within a tenant, deduplication still works.
+    let (again, s) = store
+        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    assert_eq!(again, pa);
+    assert_eq!((s.new_chunks, s.uploaded_bytes), (0, 0));
+
+    store
+        .put_manifest(&tenant_manifest("sa", "a", pa.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("sb", "b", pb.clone()))
+        .await
+        .unwrap();
+    for f in objects(&root) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(!contains(&bytes, &marker[..32]), "plaintext in {}", f.display());
+        assert!(
+            !contains(&bytes, b"\"tenant_id\""),
+            "manifest plaintext in {}",
+            f.display()
+        );
+    }
+    for (id, part) in [("sa", &pa), ("sb", &pb)] {
+        let m = store.get_manifest(id).await.unwrap();
+        assert_eq!(&m.memory, part);
+        store.verify_present(&m).await.unwrap();
+        let out = dir.path().join(format!("{id}-out"));
+        store.materialize(&m, &m.memory, &out, noop()).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_encrypted_chunk_or_manifest_fails_authentication_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (store, _) = encrypted_store(&root);
+    let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"precious data")]);
+    let (part, _) = store
+        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("s1", "t", part.clone()))
+        .await
+        .unwrap();
+    let hash = part.chunks[0].unwrap();
+    let on_disk = root.join(hash.key());
+    let good = std::fs::read(&on_disk).unwrap();
+    let mut bytes = good.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&on_disk, &bytes).unwrap();
+    let m = store.get_manifest("s1").await.unwrap();
+    let err = store
+        .materialize(&m, &m.memory, &dir.path().join("out"), noop())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("failed authentication") && msg.contains(&hash.to_hex()) && msg.contains("s1"),
+        "{msg}"
+    );
+    std::fs::write(&on_disk, &good).unwrap();
+
+    // The manifest: a flipped byte, and a manifest moved to another snapshot's place.
+    let key = root.join(SnapshotStore::manifest_key("s1"));
+    let good = std::fs::read(&key).unwrap();
+    let mut bytes = good.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&key, &bytes).unwrap();
+    let err = store.get_manifest("s1").await.unwrap_err();
+    assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("manifest of snapshot s1 failed authentication"),
+        "{err}"
+    );
+    let moved = root.join(SnapshotStore::manifest_key("s2"));
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::write(&moved, &good).unwrap();
+    assert!(matches!(
+        store.get_manifest("s2").await,
+        Err(StoreError::Tampered { .. })
+    ));
+}
+
+#[tokio::test]
+async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"some data")]);
+    // An old snapshot, taken without a key.
+    let plain = SnapshotStore::local(&root).unwrap();
+    let (pp, _) = plain
+        .upload_file(&plain.pin().await, "t", &src, 1 << 20, noop())
+        .await
+        .unwrap();
+    plain
+        .put_manifest(&tenant_manifest("old", "t", pp.clone()))
+        .await
+        .unwrap();
+    // A new one, with.
+    let (store, _) = encrypted_store(&root);
+    let (pe, _) = store
+        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("new", "t", pe.clone()))
+        .await
+        .unwrap();
+    assert_ne!(pp, pe);
+
+    // The encrypted store reads both.
+    for id in ["old", "new"] {
+        let m = store.get_manifest(id).await.unwrap();
+        let out = dir.path().join(id);
+        store.materialize(&m, &m.memory, &out, noop()).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    }
+    // Without a key: the old one only, and a clear answer for the new one.
+    assert!(plain.get_manifest("old").await.is_ok());
+    let err = plain.get_manifest("new").await.unwrap_err();
+    assert!(matches!(err, StoreError::Key(_)));
+    assert!(
+        err.to_string()
+            .contains("snapshot new is encrypted; start the server with its --master-key-file"),
+        "{err}"
+    );
+    let m = tenant_manifest("new", "t", pe.clone());
+    let err = plain
+        .materialize(&m, &pe, &dir.path().join("x"), noop())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is encrypted"), "{err}");
+    // Another keyring (another master key's data key for the tenant): nothing opens.
+    let (other, keys) = encrypted_store(&root);
+    keys.insert(TenantKey::from_data_key("t", &[9; 32]));
+    assert!(matches!(
+        other.get_manifest("new").await,
+        Err(StoreError::Tampered { .. })
+    ));
+    let err = other
+        .materialize(&m, &pe, &dir.path().join("y"), noop())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
+    // A tenant without a key: the keyring's answer.
+    let (fresh, _) = encrypted_store(&root);
+    assert!(matches!(fresh.get_manifest("new").await, Err(StoreError::Key(_))));
+}
+
+#[tokio::test]
+async fn garbage_collection_keeps_live_encrypted_chunks_of_every_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (store, _) = encrypted_store(&root);
+    let shared = vec![1u8; 4096];
+    let a = sparse_file(dir.path(), "a", 8192, &[(0, &shared), (4096, &[2u8; 4096])]);
+    let b = sparse_file(dir.path(), "b", 8192, &[(0, &shared), (4096, &[3u8; 4096])]);
+    let (pa1, _) = store
+        .upload_file(&store.pin().await, "ta", &a, 4096, noop())
+        .await
+        .unwrap();
+    let (pa2, s) = store
+        .upload_file(&store.pin().await, "ta", &b, 4096, noop())
+        .await
+        .unwrap();
+    assert_eq!((s.new_chunks, s.reused_chunks), (1, 1), "dedup within the tenant");
+    let (pb, _) = store
+        .upload_file(&store.pin().await, "tb", &a, 4096, noop())
+        .await
+        .unwrap();
+    // A plaintext snapshot in the same store (taken before the key was set).
+    let plain = SnapshotStore::local(&root).unwrap();
+    let (pp, _) = plain
+        .upload_file(&plain.pin().await, "ta", &a, 4096, noop())
+        .await
+        .unwrap();
+    plain
+        .put_manifest(&tenant_manifest("p", "ta", pp.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("a1", "ta", pa1.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("a2", "ta", pa2.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest("b1", "tb", pb.clone()))
+        .await
+        .unwrap();
+    assert_eq!(objects(&root.join("chunks")).len(), 2 + 1 + 2 + 2);
+
+    // a1 goes: only its own chunk (the 2s) is deleted.
+    store.delete_manifest("a1").await.unwrap();
+    let live = ["a2", "b1", "p"].map(String::from);
+    let gc = store.collect_garbage(&live, Duration::ZERO).await.unwrap();
+    assert_eq!(gc, GcStats { deleted: 1, young: 0 });
+    assert!(!root.join(pa1.chunks[1].unwrap().key()).exists());
+    for id in &live {
+        let m = store.get_manifest(id).await.unwrap();
+        store.verify_present(&m).await.unwrap();
+        store
+            .materialize(&m, &m.memory, &dir.path().join(id), noop())
+            .await
+            .unwrap();
+    }
+    // A collector that cannot read an encrypted live manifest deletes nothing.
+    let err = plain.collect_garbage(&live, Duration::ZERO).await.unwrap_err();
+    assert!(err.to_string().contains("is encrypted"), "{err}");
+    assert_eq!(objects(&root.join("chunks")).len(), 6);
+    // Everything dead: everything goes.
+    let gc = store.collect_garbage(&[], Duration::ZERO).await.unwrap();
+    assert_eq!(gc.deleted, 6);
 }

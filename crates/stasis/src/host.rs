@@ -78,6 +78,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
     let config = stasis_server::Config {
         store_url: Some(joined.store_url.clone()),
         limits: joined.limits,
+        master_key_file: args.encryption.master_key_file.clone(),
         s3: stasis_store::S3Options {
             endpoint: joined.s3_endpoint.clone(),
             region: joined.s3_region.clone(),

@@ -151,6 +151,18 @@ pub struct ServeArgs {
     machines: Machines,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    encryption: Encryption,
+}
+
+/// Encryption at rest.
+#[derive(clap::Args)]
+struct Encryption {
+    /// Encrypt snapshots at rest: a file holding the master key, 64 hex digits (e.g. from
+    /// `openssl rand -hex 32`). Every host of a cluster needs the same one. Without it,
+    /// snapshots are stored unencrypted (and encrypted ones cannot be restored).
+    #[arg(long, env = "STASIS_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
 }
 
 /// Every tenant's limits, unless `stasis tenant limits` set the tenant's own.
@@ -235,6 +247,8 @@ pub struct HostArgs {
     /// How long an S3 request is retried, with backoff, before it fails.
     #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
     s3_retry_secs: u64,
+    #[command(flatten)]
+    encryption: Encryption,
 }
 
 #[derive(Subcommand)]
@@ -416,6 +430,7 @@ impl Machines {
             capacity_mib: Some(self.capacity_mib()),
             limits: Default::default(),
             confine: self.confine,
+            master_key_file: None,
         })
     }
 }
@@ -434,6 +449,7 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
             retry_timeout: Some(std::time::Duration::from_secs(args.s3_retry_secs)),
         },
         limits: args.limits.limits(),
+        master_key_file: args.encryption.master_key_file.clone(),
         role: match &args.cluster_token {
             Some(token) if !token.trim().is_empty() => stasis_server::Role::ControlPlane {
                 token: token.trim().to_string(),

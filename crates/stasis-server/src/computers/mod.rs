@@ -398,6 +398,7 @@ impl Computers {
                         | stasis_store::StoreError::MissingChunk(_)
                         | stasis_store::StoreError::Manifest { .. }
                         | stasis_store::StoreError::MissingManifest(_)
+                        | stasis_store::StoreError::Tampered { .. }
                 );
                 let reason = if damaged {
                     format!("snapshot {snapshot} is damaged and cannot be restored: {e}")

@@ -3,11 +3,13 @@
 
 mod hosts;
 mod jobs;
+mod keys;
 pub mod limits;
 mod snapshots;
 
 pub use hosts::HostRecord;
 pub use jobs::JobRecord;
+pub use keys::WrappedKey;
 pub use snapshots::{Idempotency, SnapshotRecord};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -23,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/0003_hosts.sql")),
     (4, include_str!("../../migrations/0004_jobs.sql")),
     (5, include_str!("../../migrations/0005_limits.sql")),
+    (6, include_str!("../../migrations/0006_tenant_keys.sql")),
 ];
 
 /// Which database a URL names.

@@ -106,7 +106,7 @@ impl Materializer {
         ] {
             let p = progress.clone();
             let tracker: Progress = Arc::new(move |done| p(base + done, total));
-            if let Err(e) = self.store.materialize(part, path, tracker).await {
+            if let Err(e) = self.store.materialize(&manifest, part, path, tracker).await {
                 let _ = std::fs::remove_dir_all(&tmp);
                 let _ = std::fs::remove_file(&memory_tmp);
                 return Err(e);

@@ -486,6 +486,7 @@ impl Snapshots {
             }
         });
         let started = Instant::now();
+        let tenant = record.snapshot.tenant_id.to_string();
         let mut stats = UploadStats::default();
         let mut parts = Vec::new();
         let mut base = 0u64;
@@ -501,7 +502,7 @@ impl Snapshots {
             });
             let (part, s) = self
                 .store
-                .upload_file(&pin, path, chunk_size, progress)
+                .upload_file(&pin, &tenant, path, chunk_size, progress)
                 .await
                 .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
             base += part.size;

@@ -58,8 +58,9 @@ pub async fn run(rounds: usize, touch_mib: u64) -> Result<()> {
     let keys = tempfile::tempdir()?;
     let key_file = keys.path().join("master.key");
     let mut key = [0u8; 32];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut key[..]);
-    std::fs::write(&key_file, hex::encode(key))?;
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&key_file, hex)?;
 
     let mut platforms = Vec::new();
     for v in &VARIANTS {
@@ -165,9 +166,7 @@ async fn restore(p: &LocalPlatform, computer: &str, snap: &str) -> Result<Durati
     p.api.wait_running(&new, Duration::from_secs(300)).await?;
     exec_ok(&p.api, &new, "test -s /root/data").await?;
     let took = t.elapsed();
-    p.api
-        .call(Method::DELETE, &format!("/computers/{new}"), None)
-        .await?;
+    p.api.call(Method::DELETE, &format!("/computers/{new}"), None).await?;
     Ok(took)
 }
 

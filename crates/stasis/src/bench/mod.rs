@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::client::Api;
 
+mod hardening;
 mod load;
 mod targets;
 
@@ -42,6 +43,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
+    /// What isolation costs: snapshot and restore times on a plain platform (the baseline),
+    /// one with confined QEMUs, one with encryption at rest, and one with both, side by side.
+    Hardening {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// MiB of fresh random data the guest writes before each snapshot.
+        #[arg(long, default_value_t = 32)]
+        touch_mib: u64,
+    },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
     Snapshots {
         #[arg(long, default_value = "small")]
@@ -66,11 +76,16 @@ pub struct LocalPlatform {
 impl LocalPlatform {
     /// A platform on the given metadata database (None: SQLite in its data dir).
     pub async fn start_on(database_url: Option<String>) -> Result<LocalPlatform> {
-        Self::start_with(database_url, stasis_server::Confine::Auto).await
+        Self::start_with(database_url, stasis_server::Confine::Auto, None).await
     }
 
-    /// A platform on the given database, with its QEMUs confined or not.
-    pub async fn start_with(database_url: Option<String>, confine: stasis_server::Confine) -> Result<LocalPlatform> {
+    /// A platform on the given database, with its QEMUs confined or not, and snapshots
+    /// encrypted with the master key in `master_key_file` or not.
+    pub async fn start_with(
+        database_url: Option<String>,
+        confine: stasis_server::Confine,
+        master_key_file: Option<PathBuf>,
+    ) -> Result<LocalPlatform> {
         let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
         let config = stasis_server::Config {
             listen: "127.0.0.1:0".parse()?,
@@ -87,6 +102,7 @@ impl LocalPlatform {
             capacity_mib: None,
             limits: Default::default(),
             confine,
+            master_key_file,
         };
         let platform = stasis_server::Platform::open(&config)
             .await
@@ -156,6 +172,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
         BenchCommand::Targets => targets::run().await,
+        BenchCommand::Hardening { rounds, touch_mib } => hardening::run(rounds.max(1), touch_mib).await,
         BenchCommand::Load {
             postgres,
             clients,

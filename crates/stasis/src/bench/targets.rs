@@ -454,7 +454,7 @@ pub async fn run() -> Result<()> {
         stasis_store::MEMORY_CHUNK_SIZE,
         stasis_store::DISK_CHUNK_SIZE,
     ]) {
-        store.upload_file(&pin, f, chunk, std::sync::Arc::new(|_| {})).await?;
+        store.upload_file(&pin, "bench", f, chunk, std::sync::Arc::new(|_| {})).await?;
     }
     let ours = t.elapsed();
     drop(pin);
