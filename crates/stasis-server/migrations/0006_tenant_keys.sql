@@ -6,3 +6,8 @@ CREATE TABLE tenant_keys (
     master_key_id TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+
+-- Whether a snapshot was stored encrypted: a server with a master key then refuses an
+-- unencrypted manifest in its place (someone with write access to the store cannot swap in
+-- a plaintext snapshot).
+ALTER TABLE snapshots ADD COLUMN sealed BIGINT NOT NULL DEFAULT 0;

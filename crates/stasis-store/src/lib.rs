@@ -414,6 +414,13 @@ impl SnapshotStore {
     }
 
     pub async fn get_manifest(&self, snapshot_id: &str) -> Result<Manifest, StoreError> {
+        self.get_manifest_of(snapshot_id, None).await
+    }
+
+    /// Reads a manifest; with `sealed_for`, one the platform stored encrypted for that tenant,
+    /// so an unencrypted manifest, or one sealed for another tenant, in its place is refused
+    /// as tampering (someone who can write to the store cannot downgrade a snapshot).
+    pub async fn get_manifest_of(&self, snapshot_id: &str, sealed_for: Option<&str>) -> Result<Manifest, StoreError> {
         let key = ObjectPath::from(Self::manifest_key(snapshot_id));
         let got = match self.store.get(&key).await {
             Ok(g) => g,
@@ -431,7 +438,21 @@ impl SnapshotStore {
             id: snapshot_id.into(),
             source,
         };
-        let m = match seal::parse_manifest_header(&bytes).map_err(bad)? {
+        let header = seal::parse_manifest_header(&bytes).map_err(bad)?;
+        if let Some(expected) = sealed_for {
+            let found = header.as_ref().map(|(tenant, _)| *tenant);
+            if found != Some(expected) {
+                return Err(StoreError::Tampered {
+                    what: match found {
+                        None => format!("the manifest of snapshot {snapshot_id} (stored encrypted, found unencrypted)"),
+                        Some(other) => format!(
+                            "the manifest of snapshot {snapshot_id} (stored encrypted for tenant {expected}, found sealed for {other})"
+                        ),
+                    },
+                });
+            }
+        }
+        let m = match header {
             None => Manifest::decode(&bytes).map_err(bad)?,
             Some((tenant, _)) => {
                 let Some(key) = self.tenant_key(tenant, false).await? else {

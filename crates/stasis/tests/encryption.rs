@@ -189,6 +189,25 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let snap = alice.wait_snapshot(&a, &sm, "failed", SNAP);
     assert!(snap["error"].as_str().unwrap().contains("damaged"), "{snap}");
 
+    // Someone who can write to the store puts a plaintext manifest in place of bob's sealed
+    // one: refused, because the platform stored that snapshot encrypted.
+    server.terminate();
+    let keyless = SnapshotStore::local(&dir.path().join("objects")).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(keyless.put_manifest(&mb))
+        .unwrap();
+    let mut server = serve(dir.path(), Some(&master));
+    let bob = Client::new(&server.base, Some(&bob_key));
+    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
+    let reason = restore_error(&bob, &b, &sb);
+    assert!(
+        reason.contains(&format!(
+            "the manifest of snapshot {sb} (stored encrypted, found unencrypted)"
+        )),
+        "{reason}"
+    );
+
     // Another master key: the server starts, but opens no tenant's data key.
     server.terminate();
     let wrong = key_file(keys.path(), "wrong.key", 0x77);

@@ -316,7 +316,8 @@ impl Computers {
         let mut config = self.machine_config(&computer, &image);
         if let Some(snapshot) = computer.source_snapshot_id {
             // A restored computer's disk chain rests on its snapshot's disk.
-            match self.materializer.ensure(snapshot, |_, _| {}).await {
+            let sealed_for = self.sealed_for(snapshot, &computer).await;
+            match self.materializer.ensure(snapshot, sealed_for, |_, _| {}).await {
                 Ok(m) => config.base_disk = m.disk,
                 Err(e) => {
                     let reason = format!("boot failed: the disk of snapshot {snapshot} is not available: {e}");
@@ -340,6 +341,20 @@ impl Computers {
                     .await;
             }
         }
+    }
+
+    /// The tenant a snapshot was stored encrypted for, if it was: its manifest must then be
+    /// sealed for that tenant (a computer restores only its own tenant's snapshots). A failed
+    /// lookup reads as "encrypted" when this platform encrypts, so it fails closed.
+    async fn sealed_for(&self, snapshot: SnapshotId, computer: &Computer) -> Option<String> {
+        let sealed = match self.db.snapshot_sealed(snapshot).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%snapshot, error = %e, "reading whether the snapshot is encrypted");
+                self.materializer.encrypts()
+            }
+        };
+        sealed.then(|| computer.tenant_id.to_string())
     }
 
     fn machine_config(&self, computer: &Computer, image: &stasis_image::Image) -> MachineConfig {
@@ -382,9 +397,10 @@ impl Computers {
                 bus.progress(e).await;
             }
         });
+        let sealed_for = self.sealed_for(snapshot, computer).await;
         let fetched = self
             .materializer
-            .ensure(snapshot, move |done, total| {
+            .ensure(snapshot, sealed_for, move |done, total| {
                 let _ = tx.send((done, total));
             })
             .await;

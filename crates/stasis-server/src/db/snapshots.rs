@@ -224,11 +224,12 @@ impl Db {
         pause_ms: u64,
         bucket: &str,
         prefix: &str,
+        sealed: bool,
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE snapshots SET status = 'ready', state_size_bytes = $1, memory_size_bytes = $2, \
              rootfs_size_bytes = $3, compressed_size_bytes = $4, uploaded_bytes = $5, pause_ms = $6, \
-             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9 \
+             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9, sealed = $11 \
              WHERE id = $10 AND status IN ('creating', 'uploading')",
         )
         .bind(state as i64)
@@ -241,9 +242,19 @@ impl Db {
         .bind(prefix)
         .bind(now())
         .bind(id.to_string())
+        .bind(i64::from(sealed))
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Whether the snapshot was stored encrypted (false for an unknown one).
+    pub async fn snapshot_sealed(&self, id: SnapshotId) -> Result<bool, sqlx::Error> {
+        let sealed: Option<i64> = sqlx::query_scalar("SELECT sealed FROM snapshots WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(sealed.unwrap_or(0) != 0)
     }
 
     /// A restore starts reading the snapshot: `ready`/`restoring` → `restoring`, one more reader.
@@ -512,7 +523,11 @@ mod tests {
             .transition_snapshot(s.id, &[SnapshotStatus::Creating], SnapshotStatus::Uploading, None)
             .await
             .unwrap());
-        assert!(db.complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p").await.unwrap());
+        assert!(db
+            .complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p", true)
+            .await
+            .unwrap());
+        assert!(db.snapshot_sealed(s.id).await.unwrap());
         let r = db.get_snapshot(s.id).await.unwrap().unwrap();
         assert_eq!(
             (r.snapshot.status, r.snapshot.compressed_size_bytes),

@@ -39,6 +39,11 @@ impl Materializer {
         }
     }
 
+    /// Whether the store encrypts what it writes.
+    pub fn encrypts(&self) -> bool {
+        self.store.encrypted()
+    }
+
     pub fn memory_root(&self) -> &Path {
         &self.memory_root
     }
@@ -61,10 +66,12 @@ impl Materializer {
     }
 
     /// The snapshot's files, fetched and verified if this host does not have them yet.
-    /// `progress(done, total)` follows the download.
+    /// `progress(done, total)` follows the download. `sealed_for`: the tenant the snapshot was
+    /// stored encrypted for, if it was (see [`SnapshotStore::get_manifest_of`]).
     pub async fn ensure(
         &self,
         id: SnapshotId,
+        sealed_for: Option<String>,
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<Materialized, StoreError> {
         let lock = self
@@ -84,7 +91,10 @@ impl Materializer {
                 }
             }
         }
-        let manifest = self.store.get_manifest(&id.to_string()).await?;
+        let manifest = self
+            .store
+            .get_manifest_of(&id.to_string(), sealed_for.as_deref())
+            .await?;
         let tmp = self.root.join(format!(".{id}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         for d in [&tmp, &self.memory_root] {

@@ -566,6 +566,7 @@ impl Snapshots {
                 captured.pause_ms,
                 self.store.bucket(),
                 &format!("{}snapshots/{id}/", self.store.prefix()),
+                self.store.encrypted(),
             )
             .await
             .map_err(|e| e.to_string())?;
