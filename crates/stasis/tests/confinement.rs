@@ -55,21 +55,39 @@ fn uid_of(pid: i32) -> u32 {
         .unwrap()
 }
 
-/// Runs the probe as the confined user of `pid`, inside that process's namespaces and root.
-fn probe_inside(pid: i32, tries: &[String]) -> Vec<(String, String)> {
+/// Runs the probe as the confined user of `pid` with its groups, no capabilities and no new
+/// privileges: inside that process's namespaces and root, or (`inside` false) on the host.
+fn probe(pid: i32, inside: bool, tries: &[String]) -> Vec<(String, String)> {
     let uid = uid_of(pid).to_string();
     let groups = status_field(pid, "Groups")
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(",");
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-m", "-n", "-i", "-u", "-r", "-w", "--"])
-        .args(["setpriv", "--reuid", &uid, "--regid", &uid, "--groups", &groups])
+    let mut cmd = if inside {
+        let mut c = Command::new("nsenter");
+        c.args([
+            "-t",
+            &pid.to_string(),
+            "-m",
+            "-n",
+            "-i",
+            "-u",
+            "-r",
+            "-w",
+            "--",
+            "setpriv",
+        ]);
+        c
+    } else {
+        Command::new("setpriv")
+    };
+    let out = cmd
+        .args(["--reuid", &uid, "--regid", &uid, "--groups", &groups])
         .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
         .args(["/usr/bin/python3", "-I", "-c", PROBE])
         .args(tries)
         .output()
-        .expect("nsenter runs (util-linux)");
+        .expect("nsenter and setpriv run (util-linux)");
     assert!(
         out.status.success(),
         "the probe failed: {}",
@@ -78,22 +96,8 @@ fn probe_inside(pid: i32, tries: &[String]) -> Vec<(String, String)> {
     parse(&out.stdout)
 }
 
-/// The same probe as the same user and groups, but in the host's namespaces.
-fn probe_on_host(pid: i32, tries: &[String]) -> Vec<(String, String)> {
-    let uid = uid_of(pid).to_string();
-    let groups = status_field(pid, "Groups")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(",");
-    let out = Command::new("setpriv")
-        .args(["--reuid", &uid, "--regid", &uid, "--groups", &groups])
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
-        .args(["/usr/bin/python3", "-I", "-c", PROBE])
-        .args(tries)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    parse(&out.stdout)
+fn probe_inside(pid: i32, tries: &[String]) -> Vec<(String, String)> {
+    probe(pid, true, tries)
 }
 
 fn parse(stdout: &[u8]) -> Vec<(String, String)> {
@@ -280,7 +284,7 @@ fn a_confined_qemu_sees_only_its_own_files() {
     assert!(r_results[2..].iter().all(|(_, res)| res != "ok"), "{r_results:?}");
 
     // Even outside the namespaces, A's user cannot open B's files.
-    let host = probe_on_host(pa, &[tries("r", &own(&b)), tries("c", &sockets(&b))].concat());
+    let host = probe(pa, false, &[tries("r", &own(&b)), tries("c", &sockets(&b))].concat());
     assert!(host.iter().all(|(_, res)| res == "EACCES"), "{host:?}");
 
     // Deleting A removes its cgroups.

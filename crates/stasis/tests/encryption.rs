@@ -118,6 +118,41 @@ fn found_in_store(root: &Path, needles: &[Vec<u8>]) -> usize {
     found.iter().filter(|f| **f).count()
 }
 
+/// A server (with the master key, if any) where tenants alice and bob each run a fresh
+/// computer of the same image (`a`, `b`) and have snapshotted it unchanged (`sa`, `sb`).
+struct TwoTenants {
+    server: Server,
+    alice_key: String,
+    bob_key: String,
+    a: String,
+    b: String,
+    sa: String,
+    sb: String,
+}
+
+fn two_clean_snapshots(dir: &Path, key: Option<&Path>) -> TwoTenants {
+    let alice_key = create_key_in(dir, "alice", None);
+    let bob_key = create_key_in(dir, "bob", None);
+    let server = serve(dir, key);
+    let alice = Client::new(&server.base, Some(&alice_key));
+    let bob = Client::new(&server.base, Some(&bob_key));
+    let a = running_computer(&alice, "a");
+    let b = running_computer(&bob, "b");
+    let sa = snapshot(&alice, &a, "clean");
+    let sb = snapshot(&bob, &b, "clean");
+    alice.wait_snapshot(&a, &sa, "ready", SNAP);
+    bob.wait_snapshot(&b, &sb, "ready", SNAP);
+    TwoTenants {
+        server,
+        alice_key,
+        bob_key,
+        a,
+        b,
+        sa,
+        sb,
+    }
+}
+
 fn restore_error(api: &Client, computer: &str, snap: &str) -> String {
     let restored = restore(api, computer, snap);
     let body = api.wait_status(&restored, "error", SNAP);
@@ -129,20 +164,18 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let dir = common::data_dir();
     let keys = tempfile::tempdir().unwrap();
     let master = key_file(keys.path(), "master.key", 0x5c);
-    let alice_key = create_key_in(dir.path(), "alice", None);
-    let bob_key = create_key_in(dir.path(), "bob", None);
-    let mut server = serve(dir.path(), Some(&master));
-    let alice = Client::new(&server.base, Some(&alice_key));
-    let bob = Client::new(&server.base, Some(&bob_key));
-
     // Two tenants, the same image, no changes; then alice writes the marker, on disk and in
     // RAM, and snapshots again.
-    let a = running_computer(&alice, "a");
-    let b = running_computer(&bob, "b");
-    let sa = snapshot(&alice, &a, "clean");
-    let sb = snapshot(&bob, &b, "clean");
-    alice.wait_snapshot(&a, &sa, "ready", SNAP);
-    bob.wait_snapshot(&b, &sb, "ready", SNAP);
+    let TwoTenants {
+        mut server,
+        alice_key,
+        bob_key,
+        a,
+        b,
+        sa,
+        sb,
+    } = two_clean_snapshots(dir.path(), Some(&master));
+    let alice = Client::new(&server.base, Some(&alice_key));
     let (sha, needles) = write_marker(&alice, &a);
     let sm = snapshot(&alice, &a, "marked");
     alice.wait_snapshot(&a, &sm, "ready", SNAP);
@@ -242,18 +275,15 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
 #[test]
 fn without_a_master_key_the_same_checks_find_plaintext_and_shared_chunks() {
     let dir = common::data_dir();
-    let alice_key = create_key_in(dir.path(), "alice", None);
-    let bob_key = create_key_in(dir.path(), "bob", None);
-    let server = serve(dir.path(), None);
+    let TwoTenants {
+        server,
+        alice_key,
+        a,
+        sa,
+        sb,
+        ..
+    } = two_clean_snapshots(dir.path(), None);
     let alice = Client::new(&server.base, Some(&alice_key));
-    let bob = Client::new(&server.base, Some(&bob_key));
-
-    let a = running_computer(&alice, "a");
-    let b = running_computer(&bob, "b");
-    let sa = snapshot(&alice, &a, "clean");
-    let sb = snapshot(&bob, &b, "clean");
-    alice.wait_snapshot(&a, &sa, "ready", SNAP);
-    bob.wait_snapshot(&b, &sb, "ready", SNAP);
     let (na, nb) = (
         chunk_names(&manifest(dir.path(), None, &sa)),
         chunk_names(&manifest(dir.path(), None, &sb)),
