@@ -63,9 +63,11 @@ impl JailSettings {
     pub fn detect(tag: &str) -> std::io::Result<JailSettings> {
         let root_dir = PathBuf::from("/run/stasis/jail-root");
         std::fs::create_dir_all(&root_dir)?;
+        let cgroups = Cgroups::detect(Path::new("/sys/fs/cgroup"), tag);
+        cgroups.sweep();
         Ok(JailSettings {
             shared_gid: SHARED_GID,
-            cgroups: Cgroups::detect(Path::new("/sys/fs/cgroup"), tag),
+            cgroups,
             root_dir,
         })
     }
@@ -163,6 +165,35 @@ impl Cgroups {
             }
             Cgroups::None => Ok(Vec::new()),
         }
+    }
+
+    /// The parents the platform's machine cgroups live in.
+    fn parents(&self) -> Vec<&Path> {
+        match self {
+            Cgroups::V2 { parent } => vec![parent],
+            Cgroups::V1 { cpu, memory } => vec![cpu, memory],
+            Cgroups::None => Vec::new(),
+        }
+    }
+
+    /// The cgroup directories of a machine (whether they exist or not).
+    pub fn dirs(&self, machine: &str) -> Vec<PathBuf> {
+        self.parents().into_iter().map(|p| p.join(machine)).collect()
+    }
+
+    /// Removes the cgroups of machines whose QEMU is gone (left by a platform that was killed,
+    /// or by a QEMU that ended unobserved); removing one with processes inside fails, so live
+    /// QEMUs keep theirs. Returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let mut removed = 0;
+        for parent in self.parents() {
+            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 }
 
@@ -641,6 +672,13 @@ mod tests {
             )
             .unwrap();
         assert_eq!(dirs.len(), 2);
+        assert_eq!(cg.dirs("m"), dirs);
+        // An empty leftover goes; a cgroup with something inside (here a file, on a real
+        // cgroupfs its processes) stays.
+        std::fs::create_dir_all(dir.path().join("cpu/stasis-t/gone")).unwrap();
+        assert_eq!(cg.sweep(), 1);
+        assert!(!dir.path().join("cpu/stasis-t/gone").exists());
+        assert!(dirs[0].exists());
         assert_eq!(
             std::fs::read_to_string(dirs[0].join("cpu.cfs_quota_us")).unwrap(),
             "400000"

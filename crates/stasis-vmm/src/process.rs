@@ -78,6 +78,11 @@ impl Process {
 
     /// Watches a process that is not our child (left running by an earlier platform process).
     pub fn attach(pid: u32) -> std::io::Result<Process> {
+        Self::attach_then(pid, None)
+    }
+
+    /// Like [`Process::attach`], and runs `cleanup` once the process is gone.
+    pub fn attach_then(pid: u32, cleanup: Option<Box<dyn FnOnce() + Send>>) -> std::io::Result<Process> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
@@ -92,6 +97,9 @@ impl Process {
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = fd.readable().await;
+            if let Some(cleanup) = cleanup {
+                cleanup();
+            }
             let _ = tx.send(Some(Exit::Unknown));
         });
         Ok(Process { pid, exit })

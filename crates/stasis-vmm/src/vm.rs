@@ -387,7 +387,12 @@ impl Vm {
         if !cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
             return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
         }
-        let process = Process::attach(pid).map_err(io(format!("watching QEMU pid {pid}")))?;
+        // A confined QEMU's cgroups go when it does, as if this process had started it.
+        let cleanup = config.jail.as_ref().map(|j| {
+            let dirs = j.cgroups.dirs(&cgroup_name(&paths.dir));
+            Box::new(move || JailPlan::remove_cgroups(&dirs)) as Box<dyn FnOnce() + Send>
+        });
+        let process = Process::attach_then(pid, cleanup).map_err(io(format!("watching QEMU pid {pid}")))?;
         let vm = match Self::connect(config, paths, process, Duration::from_secs(5)).await {
             Ok(vm) => vm,
             Err(e) => {

@@ -136,7 +136,7 @@ fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
 fn a_confined_qemu_sees_only_its_own_files() {
     let dir = data_dir();
     let key = create_key(dir.path(), "jail");
-    let server = Server::start(dir.path());
+    let mut server = Server::start(dir.path());
     let api = Client::new(&server.base, Some(&key));
     let data = dir.path();
 
@@ -287,7 +287,14 @@ fn a_confined_qemu_sees_only_its_own_files() {
     let host = probe(pa, false, &[tries("r", &own(&b)), tries("c", &sockets(&b))].concat());
     assert!(host.iter().all(|(_, res)| res == "EACCES"), "{host:?}");
 
-    // Deleting A removes its cgroups.
+    // The platform dies; the next one re-attaches A's QEMU, still confined, and deleting A
+    // then removes its cgroups all the same.
+    server.kill9();
+    let server = Server::start(dir.path());
+    let api = Client::new(&server.base, Some(&key));
+    api.wait_status(&a, "running", common::BOOT);
+    assert_eq!(qemu_pid(data, &a), Some(pa), "A's QEMU was not re-attached");
+    assert_eq!(out(&api, &a, "echo still-here"), "still-here");
     let deleted = api.call("DELETE", &format!("/computers/{a}"), None);
     assert!(deleted.status < 300, "{}", deleted.body);
     let t = std::time::Instant::now();
