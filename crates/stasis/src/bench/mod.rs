@@ -76,7 +76,12 @@ pub struct LocalPlatform {
 impl LocalPlatform {
     /// A platform on the given metadata database (None: SQLite in its data dir).
     pub async fn start_on(database_url: Option<String>) -> Result<LocalPlatform> {
-        Self::start_with(database_url, stasis_server::Confine::Auto, None).await
+        // STASIS_CONFINE=off measures without confinement, as `serve` would run.
+        let confine = match std::env::var("STASIS_CONFINE") {
+            Ok(v) => v.parse().map_err(anyhow::Error::msg)?,
+            Err(_) => stasis_server::Confine::Auto,
+        };
+        Self::start_with(database_url, confine, None).await
     }
 
     /// A platform on the given database, with its QEMUs confined or not, and snapshots
