@@ -673,16 +673,18 @@ fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vis
     v
 }
 
-/// The cgroup of the QEMU running in `dir`: unique per machine directory.
+/// The cgroup of the QEMU running in `dir`, named after the directory's last two components
+/// (`computers-<id>`, `<snapshot>-twin`): unique within a data directory, whose platform has
+/// its own parent cgroup, and the same for the platform that re-attaches the QEMU later.
 fn cgroup_name(dir: &Path) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    dir.hash(&mut h);
-    let leaf = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    format!("{leaf}-{:016x}", h.finish())
+    let mut parts: Vec<String> = dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.reverse();
+    parts.join("-")
 }
 
 pub(crate) async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Duration) -> Result<Arc<Qmp>, VmError> {

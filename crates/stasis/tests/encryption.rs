@@ -153,6 +153,21 @@ fn two_clean_snapshots(dir: &Path, key: Option<&Path>) -> TwoTenants {
     }
 }
 
+/// Starts the server again (with `key`, if any) with no snapshot kept on the host, so the
+/// restore reads the store, and returns it with the reason the restore failed.
+fn restart_and_restore_error(
+    dir: &Path,
+    key: Option<&Path>,
+    api_key: &str,
+    computer: &str,
+    snap: &str,
+) -> (Server, String) {
+    let _ = std::fs::remove_dir_all(dir.join("cache"));
+    let server = serve(dir, key);
+    let reason = restore_error(&Client::new(&server.base, Some(api_key)), computer, snap);
+    (server, reason)
+}
+
 fn restore_error(api: &Client, computer: &str, snap: &str) -> String {
     let restored = restore(api, computer, snap);
     let body = api.wait_status(&restored, "error", SNAP);
@@ -208,10 +223,8 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
-    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    let mut server = serve(dir.path(), Some(&master));
+    let (mut server, reason) = restart_and_restore_error(dir.path(), Some(&master), &alice_key, &a, &sm);
     let alice = Client::new(&server.base, Some(&alice_key));
-    let reason = restore_error(&alice, &a, &sm);
     assert!(
         reason.contains(&sm)
             && reason.contains(&first.to_hex())
@@ -230,10 +243,7 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
         .unwrap()
         .block_on(keyless.put_manifest(&mb))
         .unwrap();
-    let mut server = serve(dir.path(), Some(&master));
-    let bob = Client::new(&server.base, Some(&bob_key));
-    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    let reason = restore_error(&bob, &b, &sb);
+    let (mut server, reason) = restart_and_restore_error(dir.path(), Some(&master), &bob_key, &b, &sb);
     assert!(
         reason.contains(&format!(
             "the manifest of snapshot {sb} (stored encrypted, found unencrypted)"
@@ -244,10 +254,8 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     // Another master key: the server starts, but opens no tenant's data key.
     server.terminate();
     let wrong = key_file(keys.path(), "wrong.key", 0x77);
-    let server = serve(dir.path(), Some(&wrong));
+    let (server, reason) = restart_and_restore_error(dir.path(), Some(&wrong), &alice_key, &a, &sa);
     let alice = Client::new(&server.base, Some(&alice_key));
-    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    let reason = restore_error(&alice, &a, &sa);
     assert!(
         reason.contains("the master key does not open tenant") && reason.contains("wrong --master-key-file?"),
         "{reason}"
@@ -260,10 +268,7 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     drop(server);
 
     // No key at all: a clear answer too.
-    let server = serve(dir.path(), None);
-    let alice = Client::new(&server.base, Some(&alice_key));
-    let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-    let reason = restore_error(&alice, &a, &sa);
+    let (_server, reason) = restart_and_restore_error(dir.path(), None, &alice_key, &a, &sa);
     assert!(
         reason.contains(&format!(
             "snapshot {sa} is encrypted; start the server with its --master-key-file"

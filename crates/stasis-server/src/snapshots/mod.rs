@@ -349,6 +349,11 @@ impl Snapshots {
         self.materializer.memory_root().join(format!(".{id}.staging"))
     }
 
+    /// Forgets this host's materialized copy of a snapshot: the next restore reads the store.
+    pub fn evict_local_copy(&self, id: SnapshotId) {
+        self.materializer.evict(id);
+    }
+
     fn staging_dir(&self, id: SnapshotId) -> PathBuf {
         self.staging.join(id.to_string())
     }

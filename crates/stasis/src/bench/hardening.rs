@@ -2,7 +2,6 @@
 //! run side by side in this process — plain (the baseline), confined QEMUs, encryption at
 //! rest, and both — taking turns round by round so the machine's noise falls on all alike.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -147,7 +146,9 @@ async fn measure(platforms: &[LocalPlatform], rounds: usize, touch_mib: u64) -> 
             // Restored from the files this host kept from the capture...
             samples[i].restore_cached.push(restore(p, id, &snap).await?);
             // ... and from the store, as on a host that never had it (downloads, decrypts).
-            forget(&p.data_dir, &snap);
+            p.state
+                .snapshots
+                .evict_local_copy(snap.parse().context("a snapshot id")?);
             samples[i].restore_store.push(restore(p, id, &snap).await?);
         }
     }
@@ -168,11 +169,4 @@ async fn restore(p: &LocalPlatform, computer: &str, snap: &str) -> Result<Durati
     let took = t.elapsed();
     p.api.call(Method::DELETE, &format!("/computers/{new}"), None).await?;
     Ok(took)
-}
-
-/// Removes this host's materialized copy of a snapshot, so the next restore reads the store.
-fn forget(data_dir: &Path, snap: &str) {
-    let _ = std::fs::remove_dir_all(data_dir.join("cache/snapshots").join(snap));
-    let memory: PathBuf = stasis_server::memory_dir(data_dir).join(format!("{snap}.memory"));
-    let _ = std::fs::remove_file(memory);
 }
