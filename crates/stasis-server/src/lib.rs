@@ -113,7 +113,11 @@ impl std::str::FromStr for Confine {
 }
 
 /// The confinement of this platform's QEMUs, as `--confine` asks and the host allows.
-fn jail_settings(mode: Confine, data_dir: &Path) -> Result<Option<stasis_vmm::jail::JailSettings>, String> {
+fn jail_settings(
+    mode: Confine,
+    data_dir: &Path,
+    qemu_binary: &Path,
+) -> Result<Option<stasis_vmm::jail::JailSettings>, String> {
     use stasis_vmm::jail;
     if mode == Confine::Off {
         tracing::warn!("QEMUs run unconfined (--confine off): as this platform's user, seeing its files");
@@ -126,15 +130,25 @@ fn jail_settings(mode: Confine, data_dir: &Path) -> Result<Option<stasis_vmm::ja
         tracing::warn!("not running as root: QEMUs run unconfined, as this platform's user");
         return Ok(None);
     }
-    let settings = jail::JailSettings::detect(&data_dir_tag(data_dir))
+    // QEMU 8.1 and later open /dev/userfaultfd, which each jail gets a node of for the shared
+    // group; older ones can only call userfaultfd(2), which unprivileged processes may only
+    // where the host-wide vm.unprivileged_userfaultfd is 1.
+    let version = stasis_vmm::accel::qemu_version(qemu_binary);
+    let device = version.is_some_and(|v| v >= (8, 1));
+    let settings = jail::JailSettings::detect(&data_dir_tag(data_dir), device)
         .map_err(|e| format!("preparing the confinement of QEMUs: {e}"))?;
-    match jail::allow_unprivileged_userfaultfd() {
-        Ok(true) => tracing::info!(
-            "set vm.unprivileged_userfaultfd=1: confined QEMUs need userfaultfd to snapshot without pausing the guest"
-        ),
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!("confined QEMUs cannot use userfaultfd ({e}): snapshots pause the guest while RAM is copied")
+    if settings.userfaultfd.is_some() {
+        tracing::info!("confined QEMUs use userfaultfd through a /dev/userfaultfd of their own");
+    } else {
+        match jail::allow_unprivileged_userfaultfd() {
+            Ok(changed) => tracing::warn!(
+                ?version,
+                changed,
+                "this QEMU (older than 8.1) can use userfaultfd confined only through vm.unprivileged_userfaultfd=1, which holds for every user of this host; QEMU 8.1 or later needs no host-wide setting"
+            ),
+            Err(e) => tracing::warn!(
+                "confined QEMUs cannot use userfaultfd ({e}): snapshots pause the guest while RAM is copied"
+            ),
         }
     }
     tracing::info!(
@@ -292,13 +306,13 @@ impl Platform {
         let db = Db::open(&config.database_url)
             .await
             .map_err(|e| format!("opening the database {}: {e}", db::redact(&config.database_url)))?;
-        let (host, host_events) = Host::new(config.data_dir.join("computers"));
+        let (host, host_events) = Host::new(config.data_dir.join("computers"), config.data_dir.join("machines"));
         let images = Images::new(config.cache_dir.clone());
         let settings = RuntimeSettings {
             accel: config.accel,
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
-            jail: jail_settings(config.confine, &config.data_dir)?,
+            jail: jail_settings(config.confine, &config.data_dir, &config.qemu_binary)?,
             capacity_mib: config.capacity_mib,
             host_id: match &config.role {
                 Role::Host { id, .. } => Some(id.clone()),
@@ -332,6 +346,9 @@ impl Platform {
             config.data_dir.join("cache/snapshots"),
             memory_dir(&config.data_dir),
         ));
+        materializer
+            .ensure_memory_root()
+            .map_err(|e| format!("preparing the RAM directory: {e}"))?;
         let limits = Arc::new(limits::Limits::new(db.clone(), config.limits));
         let computers = Computers::new(
             db.clone(),

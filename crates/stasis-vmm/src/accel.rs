@@ -66,9 +66,34 @@ pub fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
+/// The version (major, minor) of a QEMU binary, from `--version`.
+pub fn qemu_version(binary: &std::path::Path) -> Option<(u32, u32)> {
+    let out = std::process::Command::new(binary).arg("--version").output().ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_qemu_version_is_read_from_its_banner() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2 (Debian)"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("something else"), None);
+    }
 
     #[test]
     fn hardware_virtualization_is_read_from_the_flags() {

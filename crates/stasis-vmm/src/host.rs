@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::process::cmdline_contains;
-use crate::vm::{MachineConfig, Vm, VmError, VmPaths};
+use crate::vm::{is_machine_qemu, MachineConfig, Vm, VmError, VmPaths};
 
 /// Something that happened to a machine without being asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,18 +24,26 @@ struct Entry {
 }
 
 pub struct Host {
+    /// Machines' disks directories (each its QEMU's to write): `root/<name>/`.
     root: PathBuf,
+    /// Machines' control directories (the platform's own): `control_root/<name>/`.
+    control_root: PathBuf,
     machines: Mutex<HashMap<String, Arc<Entry>>>,
     events: mpsc::UnboundedSender<HostEvent>,
 }
 
 impl Host {
-    /// Machines live in `root/<name>/`.
-    pub fn new(root: impl Into<PathBuf>) -> (Arc<Host>, mpsc::UnboundedReceiver<HostEvent>) {
+    /// Machines' disks live in `root/<name>/`, what the platform keeps of them in
+    /// `control_root/<name>/` (see [`VmPaths`]).
+    pub fn new(
+        root: impl Into<PathBuf>,
+        control_root: impl Into<PathBuf>,
+    ) -> (Arc<Host>, mpsc::UnboundedReceiver<HostEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let root = root.into();
         let host = Arc::new(Host {
             root,
+            control_root: control_root.into(),
             machines: Mutex::new(HashMap::new()),
             events,
         });
@@ -45,6 +52,21 @@ impl Host {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    pub fn paths(&self, name: &str) -> VmPaths {
+        VmPaths::new(self.control_root.join(name), self.root.join(name))
+    }
+
+    /// Names of every machine with a directory on this host (for reconciliation).
+    pub fn machine_names(&self) -> Vec<String> {
+        let mut names = machine_dirs(&self.root);
+        for n in machine_dirs(&self.control_root) {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        names
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Vm>> {
@@ -62,24 +84,24 @@ impl Host {
     /// Fills in where a machine's RAM and top disk overlay are: the overlay a previous run
     /// left on top of the chain (after snapshots) if there is one, else a fresh one.
     pub fn place(&self, name: &str, mut config: MachineConfig) -> MachineConfig {
-        let paths = VmPaths::new(self.dir(name));
+        let paths = self.paths(name);
         // Anonymous RAM: a snapshot streams it out (see `snapshot`), and unlike shared file
         // memory, pages the guest never touched cost nothing, before a snapshot or after.
         config.ram_path = PathBuf::new();
         config.ram_shared = false;
-        config.disk = std::fs::read(paths.config())
+        let previous = std::fs::read(paths.config())
             .ok()
             .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
             .map(|previous| previous.disk)
-            .filter(|d| d.exists())
-            .unwrap_or_else(|| paths.disk());
+            .or_else(|| legacy_top_disk(&paths));
+        config.disk = previous.filter(|d| paths.holds_disk(d)).unwrap_or_else(|| paths.disk());
         config
     }
 
     /// Cold-boots `name` (the disk chain is kept if it exists).
     pub async fn boot(self: &Arc<Self>, name: &str, config: MachineConfig) -> Result<Arc<Vm>, VmError> {
         let config = self.place(name, config);
-        let vm = Vm::boot(config, &self.dir(name)).await?;
+        let vm = Vm::boot(config, self.paths(name)).await?;
         Ok(self.adopt(name, vm))
     }
 
@@ -91,13 +113,13 @@ impl Host {
         state: &Path,
         memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::restore(config, &self.dir(name), state, memory).await?;
+        let vm = Vm::restore(config, self.paths(name), state, memory).await?;
         Ok(self.adopt(name, vm))
     }
 
     /// Re-attaches to a QEMU left running by an earlier platform process.
     pub async fn attach(self: &Arc<Self>, name: &str) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::attach(&self.dir(name)).await?;
+        let vm = Vm::attach(self.paths(name)).await?;
         Ok(self.adopt(name, vm))
     }
 
@@ -113,12 +135,16 @@ impl Host {
         let name = name.to_string();
         let mut exit = vm.exit_watch();
         tokio::spawn(async move {
+            let mut rotate = tokio::time::interval(LOG_CHECK);
             let how = loop {
                 if let Some(e) = *exit.borrow_and_update() {
                     break e;
                 }
-                if exit.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = exit.changed() => if changed.is_err() {
+                        return;
+                    },
+                    _ = rotate.tick() => entry.vm.rotate_logs(),
                 }
             };
             let Some(host) = host.upgrade() else { return };
@@ -161,10 +187,19 @@ impl Host {
     /// Stops `name` and deletes everything it had on this host.
     pub async fn destroy(&self, name: &str) -> std::io::Result<()> {
         self.stop(name).await;
-        match std::fs::remove_dir_all(self.dir(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        let paths = self.paths(name);
+        tokio::task::spawn_blocking(move || {
+            // remove_dir_all follows no link inside.
+            for d in [paths.disks, paths.control] {
+                match std::fs::remove_dir_all(d) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Stops every machine (platform shutdown).
@@ -175,25 +210,36 @@ impl Host {
 
     /// Kills a QEMU of `name` that is running without being tracked (left by a crashed
     /// platform process for a computer that should not be running).
+    /// Returns once that QEMU is gone, so nothing of it can touch the machine's files after.
     pub fn kill_stray(&self, name: &str) {
-        let paths = VmPaths::new(self.dir(name));
-        kill_stray_at(&paths);
+        kill_stray_at(&self.paths(name), name);
     }
 }
 
-fn kill_stray_at(paths: &VmPaths) {
-    let Ok(pid) = std::fs::read_to_string(paths.pidfile()) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<u32>() else {
-        return;
-    };
-    if cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
-        tracing::warn!(pid, dir = %paths.dir.display(), "killing a QEMU nobody tracks");
-        // SAFETY: kill takes no pointers; the pid's command line names this machine's socket.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+/// How often a running machine's logs are checked against their cap.
+const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a killed QEMU may take to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn kill_stray_at(paths: &VmPaths, name: &str) {
+    // Everything read here is the platform's own (the control directory); a QEMU of an older
+    // version kept its pid file among its disks, and is killed only if that pid is its QEMU.
+    for pidfile in [paths.pidfile(), paths.disks.join("qemu.pid")] {
+        let Some(pid) = read_small(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
+            continue;
+        };
+        let legacy_qmp = paths.disks.join("qmp.sock");
+        if is_machine_qemu(pid, name) || crate::process::cmdline_contains(pid, &legacy_qmp.to_string_lossy()) {
+            tracing::warn!(pid, dir = %paths.control.display(), "killing a QEMU nobody tracks");
+            if !crate::process::kill_and_wait(pid, KILL_WAIT) {
+                tracing::error!(pid, "a killed QEMU is still there after {KILL_WAIT:?}");
+            }
+        }
+        if pidfile == paths.pidfile() {
+            let _ = std::fs::remove_file(&pidfile);
+        }
     }
-    let _ = std::fs::remove_file(paths.pidfile());
     if let Some(config) = std::fs::read(paths.config())
         .ok()
         .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
@@ -203,6 +249,45 @@ fn kill_stray_at(paths: &VmPaths) {
             let _ = std::fs::remove_file(config.ram_path);
         }
     }
+}
+
+/// A small file (a pid), read without following a link, blocking on a FIFO or reading more
+/// than a few bytes, whoever could have put it there.
+fn read_small(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    let mut s = String::new();
+    f.take(64).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// The top overlay of a machine last run by a version that kept its `machine.json` among its
+/// disks. That file was its QEMU's to write, so only the name of a disk is taken from it,
+/// and only if it names a plain file in the disks directory ([`VmPaths::holds_disk`]).
+fn legacy_top_disk(paths: &VmPaths) -> Option<PathBuf> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(paths.disks.join("machine.json"))
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(64 * 1024).read_to_end(&mut bytes).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let disk = PathBuf::from(v.get("disk")?.as_str()?);
+    paths.holds_disk(&disk).then_some(disk)
 }
 
 /// Names of the machine directories under `root` (for reconciliation).

@@ -32,6 +32,10 @@ pub struct JailSettings {
     /// Where the jail's root is assembled (an empty directory; each jail mounts its own tmpfs
     /// over it in its own mount namespace, so one directory serves them all).
     pub root_dir: PathBuf,
+    /// The host's `/dev/userfaultfd` (major, minor), when QEMU can use it: each jail gets a
+    /// node of its own for the shared group, so no host-wide setting has to change.
+    #[serde(default)]
+    pub userfaultfd: Option<(u32, u32)>,
 }
 
 /// Which cgroup hierarchy limits QEMU.
@@ -40,8 +44,14 @@ pub struct JailSettings {
 pub enum Cgroups {
     /// The unified hierarchy with the `cpu` and `memory` controllers: `<parent>/<machine>`.
     V2 { parent: PathBuf },
-    /// The legacy hierarchies: `<cpu>/<machine>` and `<memory>/<machine>`.
-    V1 { cpu: PathBuf, memory: PathBuf },
+    /// The legacy hierarchies: `<cpu>/<machine>` and `<memory>/<machine>` (and
+    /// `<pids>/<machine>` where the pids controller is mounted).
+    V1 {
+        cpu: PathBuf,
+        memory: PathBuf,
+        #[serde(default)]
+        pids: Option<PathBuf>,
+    },
     /// No usable controllers: no limits (said once at start-up).
     None,
 }
@@ -53,6 +63,10 @@ pub const UID_RANGE: std::ops::Range<u32> = 2_000_000_000..2_100_000_000;
 /// The default shared group of confined QEMUs.
 pub const SHARED_GID: u32 = 1_999_999_999;
 
+/// Threads a confined QEMU may have (vCPUs, I/O workers, migration): far above what it uses,
+/// low enough that a runaway one cannot exhaust the host's process table.
+pub const PIDS_MAX: u32 = 512;
+
 /// QEMU's own memory beyond the guest's RAM (TCG's translation cache, device buffers, the
 /// migration stream); the memory limit is the guest's RAM plus this.
 pub const QEMU_OVERHEAD_MIB: u64 = 512;
@@ -60,21 +74,41 @@ pub const QEMU_OVERHEAD_MIB: u64 = 512;
 impl JailSettings {
     /// The settings for this host: the cgroup hierarchy found under `/sys/fs/cgroup`, with
     /// the platform's cgroups named after `tag` (one per data directory).
-    pub fn detect(tag: &str) -> std::io::Result<JailSettings> {
+    /// `qemu_opens_userfaultfd_device`: whether this host's QEMU opens `/dev/userfaultfd`
+    /// (8.1 and later) rather than calling `userfaultfd(2)`.
+    pub fn detect(tag: &str, qemu_opens_userfaultfd_device: bool) -> std::io::Result<JailSettings> {
         let root_dir = PathBuf::from("/run/stasis/jail-root");
         std::fs::create_dir_all(&root_dir)?;
         let cgroups = Cgroups::detect(Path::new("/sys/fs/cgroup"), tag);
         cgroups.sweep();
+        let userfaultfd = if qemu_opens_userfaultfd_device {
+            char_device_numbers(Path::new("/dev/userfaultfd"))
+        } else {
+            None
+        };
         Ok(JailSettings {
             shared_gid: SHARED_GID,
             cgroups,
             root_dir,
+            userfaultfd,
         })
     }
 }
 
-/// Lets unprivileged processes use userfaultfd (`vm.unprivileged_userfaultfd=1`), which a
-/// confined QEMU needs for background snapshots (the guest runs on while its RAM is copied).
+/// The (major, minor) of a character device node.
+fn char_device_numbers(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_char_device() {
+        return None;
+    }
+    let dev = meta.rdev();
+    Some((libc::major(dev), libc::minor(dev)))
+}
+
+/// Lets unprivileged processes call `userfaultfd(2)` (`vm.unprivileged_userfaultfd=1`, for
+/// every user of the host), which a confined QEMU older than 8.1 needs for background
+/// snapshots; a newer one opens the jail's own `/dev/userfaultfd` and needs no such setting.
 /// Returns whether the setting was changed; an error if it is off and cannot be changed.
 pub fn allow_unprivileged_userfaultfd() -> std::io::Result<bool> {
     let knob = Path::new("/proc/sys/vm/unprivileged_userfaultfd");
@@ -98,7 +132,12 @@ impl Cgroups {
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         if has("cpu") && has("memory") {
             let parent = mount.join(&name);
-            let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory");
+            let wanted = if has("pids") {
+                "+cpu +memory +pids"
+            } else {
+                "+cpu +memory"
+            };
+            let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), wanted);
             if enable(mount).is_ok() && std::fs::create_dir_all(&parent).is_ok() && enable(&parent).is_ok() {
                 return Cgroups::V2 { parent };
             }
@@ -106,8 +145,12 @@ impl Cgroups {
         let (cpu, memory) = (mount.join("cpu"), mount.join("memory"));
         if cpu.join("cpu.cfs_quota_us").exists() && memory.join("memory.limit_in_bytes").exists() {
             let (cpu, memory) = (cpu.join(&name), memory.join(&name));
+            let pids = Some(mount.join("pids"))
+                .filter(|p| p.join("pids.max").exists() || p.join("cgroup.procs").exists())
+                .map(|p| p.join(&name))
+                .filter(|p| std::fs::create_dir_all(p).is_ok());
             if std::fs::create_dir_all(&cpu).is_ok() && std::fs::create_dir_all(&memory).is_ok() {
-                return Cgroups::V1 { cpu, memory };
+                return Cgroups::V1 { cpu, memory, pids };
             }
         }
         Cgroups::None
@@ -116,7 +159,7 @@ impl Cgroups {
     pub fn describe(&self) -> String {
         match self {
             Cgroups::V2 { parent } => format!("cgroup v2 under {}", parent.display()),
-            Cgroups::V1 { cpu, memory } => format!("cgroup v1 under {} and {}", cpu.display(), memory.display()),
+            Cgroups::V1 { cpu, memory, .. } => format!("cgroup v1 under {} and {}", cpu.display(), memory.display()),
             Cgroups::None => "no cgroup controllers (CPU and memory are not limited)".into(),
         }
     }
@@ -143,9 +186,14 @@ impl Cgroups {
                 if !parent.exists() {
                     // Removed with the last machine: make it again, delegating the controllers.
                     std::fs::create_dir_all(parent)?;
-                    write(parent, "cgroup.subtree_control", "+cpu +memory".into())?;
+                    if write(parent, "cgroup.subtree_control", "+cpu +memory +pids".into()).is_err() {
+                        write(parent, "cgroup.subtree_control", "+cpu +memory".into())?;
+                    }
                 }
                 let dir = fresh(parent.join(machine))?;
+                if dir.join("pids.max").exists() {
+                    write(&dir, "pids.max", PIDS_MAX.to_string())?;
+                }
                 write(
                     &dir,
                     "cpu.max",
@@ -155,13 +203,23 @@ impl Cgroups {
                 write(&dir, "memory.swap.max", "0".into()).ok();
                 Ok(vec![dir])
             }
-            Cgroups::V1 { cpu, memory } => {
+            Cgroups::V1 { cpu, memory, pids } => {
                 let c = fresh(cpu.join(machine))?;
                 write(&c, "cpu.cfs_period_us", Limits::PERIOD_US.to_string())?;
                 write(&c, "cpu.cfs_quota_us", limits.cpu_quota_us().to_string())?;
                 let m = fresh(memory.join(machine))?;
                 write(&m, "memory.limit_in_bytes", limits.memory_bytes().to_string())?;
-                Ok(vec![c, m])
+                // No swap beyond the memory limit, where the kernel accounts swap at all.
+                if m.join("memory.memsw.limit_in_bytes").exists() {
+                    write(&m, "memory.memsw.limit_in_bytes", limits.memory_bytes().to_string())?;
+                }
+                let mut dirs = vec![c, m];
+                if let Some(pids) = pids {
+                    let p = fresh(pids.join(machine))?;
+                    write(&p, "pids.max", PIDS_MAX.to_string())?;
+                    dirs.push(p);
+                }
+                Ok(dirs)
             }
             Cgroups::None => Ok(Vec::new()),
         }
@@ -171,7 +229,11 @@ impl Cgroups {
     fn parents(&self) -> Vec<&Path> {
         match self {
             Cgroups::V2 { parent } => vec![parent],
-            Cgroups::V1 { cpu, memory } => vec![cpu, memory],
+            Cgroups::V1 { cpu, memory, pids } => {
+                let mut v: Vec<&Path> = vec![cpu, memory];
+                v.extend(pids.as_deref());
+                v
+            }
             Cgroups::None => Vec::new(),
         }
     }
@@ -220,8 +282,10 @@ impl Limits {
 /// What one confined QEMU may see and who it runs as.
 #[derive(Debug, Clone, Default)]
 pub struct Visible {
-    /// Bound read-write (the machine's own directory).
+    /// Bound read-write (the machine's own directory of disks), and handed to its user.
     pub rw_dirs: Vec<PathBuf>,
+    /// Bound read-only and left as they are (a capture's disks, for the flattener).
+    pub ro_dirs: Vec<PathBuf>,
     /// Files bound read-write that belong to this machine alone (created empty if missing,
     /// owned by its user).
     pub own_files: Vec<PathBuf>,
@@ -244,6 +308,8 @@ pub struct JailPlan {
     steps: Vec<Step>,
     cgroup_procs: Vec<CString>,
     workdir: CString,
+    /// Whether the jail's root holds a device node of its own (then it cannot be `nodev`).
+    has_nodes: bool,
     /// The cgroup directories to remove once QEMU is gone.
     pub cgroup_dirs: Vec<PathBuf>,
 }
@@ -251,8 +317,21 @@ pub struct JailPlan {
 enum Step {
     Mkdir(CString),
     Touch(CString),
-    Symlink { target: CString, link: CString },
-    Bind { src: CString, dst: CString, kind: Mount },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// A character device node for the shared group (`/dev/userfaultfd`).
+    CharDevice {
+        path: CString,
+        dev: libc::dev_t,
+        gid: u32,
+    },
+    Bind {
+        src: CString,
+        dst: CString,
+        kind: Mount,
+    },
 }
 
 /// What a bind mount holds, which decides its flags (all are nosuid).
@@ -311,37 +390,62 @@ fn share(path: &Path, gid: u32, write: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Hands a directory tree to a user (not following symbolic links).
-fn give_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+/// Hands a machine's directory to a new user. Whatever an earlier QEMU left there that is not
+/// a plain file (a symbolic link, a directory, a socket, a FIFO, a device node) goes: only
+/// disk images belong there, and nothing the platform does later may meet anything else.
+/// Nothing follows a link: entries are looked at with `lstat` and removed with `unlink`, and
+/// the QEMU that could have raced this is gone (the caller waited for it).
+pub fn take_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            give_tree(&entry.path(), uid, gid)?;
+        let path = entry.path();
+        let kind = std::fs::symlink_metadata(&path)?.file_type();
+        if kind.is_file() {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        } else if kind.is_dir() {
+            // remove_dir_all does not follow links inside either.
+            std::fs::remove_dir_all(&path)?;
         } else {
-            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+            std::fs::remove_file(&path)?;
         }
     }
-    Ok(())
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 impl JailPlan {
     /// Prepares the host side (ownership, group access, cgroups) and the list of steps the
-    /// child takes. `machine` names the cgroup (unique per machine directory).
+    /// child takes. `machine` names the cgroup (unique per machine directory). `uid`: the user
+    /// to run as (a fresh one is drawn when None); `workdir`: where the child starts (`/`
+    /// when None).
     pub fn prepare(
         settings: &JailSettings,
         machine: &str,
         visible: &Visible,
         limits: Limits,
-        workdir: &Path,
+        workdir: Option<&Path>,
+        uid: Option<u32>,
     ) -> std::io::Result<JailPlan> {
         use rand::Rng;
-        let uid = rand::thread_rng().gen_range(UID_RANGE);
+        let uid = uid.unwrap_or_else(|| rand::thread_rng().gen_range(UID_RANGE));
+        if !UID_RANGE.contains(&uid) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("uid {uid} is not a confined user's"),
+            ));
+        }
         let gid = uid;
         let mut groups = vec![settings.shared_gid];
         for dir in &visible.rw_dirs {
-            give_tree(&absolute(dir)?, uid, gid)?;
+            take_tree(&absolute(dir)?, uid, gid)?;
         }
         for f in &visible.own_files {
             let f = absolute(f)?;
@@ -426,6 +530,15 @@ impl JailPlan {
                 kind: Mount::Data { read_only: false },
             });
         }
+        for d in &visible.ro_dirs {
+            let d = absolute(d)?;
+            mkdirs(&d, &mut steps)?;
+            steps.push(Step::Bind {
+                src: cstr(&d)?,
+                dst: inside(&d)?,
+                kind: Mount::Data { read_only: true },
+            });
+        }
         let mut bind_file = |src: &Path, kind: Mount, steps: &mut Vec<Step>| -> std::io::Result<()> {
             if rw_dirs.iter().any(|d| src.starts_with(d)) {
                 // Already visible through its directory.
@@ -456,6 +569,14 @@ impl JailPlan {
         for f in visible.own_files.iter().chain(&visible.shared_rw_files) {
             bind_file(&absolute(f)?, Mount::Data { read_only: false }, &mut steps)?;
         }
+        let has_nodes = settings.userfaultfd.is_some();
+        if let Some((major, minor)) = settings.userfaultfd {
+            steps.push(Step::CharDevice {
+                path: inside(Path::new("/dev/userfaultfd"))?,
+                dev: libc::makedev(major, minor),
+                gid: settings.shared_gid,
+            });
+        }
 
         let cgroup_dirs = settings.cgroups.create(machine, limits)?;
         let cgroup_procs = cgroup_dirs
@@ -469,7 +590,8 @@ impl JailPlan {
             root: cstr(&root)?,
             steps,
             cgroup_procs,
-            workdir: cstr(absolute(workdir)?)?,
+            workdir: cstr(absolute(workdir.unwrap_or(Path::new("/")))?)?,
+            has_nodes,
             cgroup_dirs,
         })
     }
@@ -537,7 +659,13 @@ impl JailPlan {
                     c"stasis-jail".as_ptr(),
                     self.root.as_ptr(),
                     c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
+                    // A device node of its own needs a root without nodev; it is read-only
+                    // before QEMU runs, and QEMU's user could not make nodes anyway.
+                    if self.has_nodes {
+                        libc::MS_NOSUID
+                    } else {
+                        libc::MS_NOSUID | libc::MS_NODEV
+                    },
                     c"mode=0755,size=1m".as_ptr().cast(),
                 ),
                 "mounting the jail's root",
@@ -556,6 +684,12 @@ impl JailPlan {
                         libc::close(fd);
                     }
                     Step::Symlink { target, link } => check(libc::symlink(target.as_ptr(), link.as_ptr()), "symlink")?,
+                    Step::CharDevice { path, dev, gid } => {
+                        check(libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o660, *dev), "mknod")?;
+                        check(libc::chown(path.as_ptr(), 0, *gid), "chown of a device node")?;
+                        // mknod's mode went through the umask (022 here).
+                        check(libc::chmod(path.as_ptr(), 0o660), "chmod of a device node")?;
+                    }
                     Step::Bind { src, dst, kind } => {
                         check(
                             libc::mount(
@@ -589,7 +723,11 @@ impl JailPlan {
                     null,
                     c"/".as_ptr(),
                     null,
-                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                    if self.has_nodes {
+                        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID
+                    } else {
+                        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV
+                    },
                     std::ptr::null(),
                 ),
                 "making the jail's root read-only",
@@ -628,7 +766,7 @@ mod tests {
         assert_eq!(cg, Cgroups::V2 { parent: parent.clone() });
         assert_eq!(
             std::fs::read_to_string(dir.path().join("cgroup.subtree_control")).unwrap(),
-            "+cpu +memory"
+            "+cpu +memory +pids"
         );
         let dirs = cg
             .create(
@@ -687,6 +825,33 @@ mod tests {
             std::fs::read_to_string(dirs[1].join("memory.limit_in_bytes")).unwrap(),
             ((2048 + QEMU_OVERHEAD_MIB) << 20).to_string()
         );
+    }
+
+    #[test]
+    fn taking_a_directory_back_removes_all_but_plain_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "untouched").unwrap();
+        let disks = dir.path().join("disks");
+        std::fs::create_dir(&disks).unwrap();
+        std::fs::write(disks.join("disk.qcow2"), "qcow").unwrap();
+        std::os::unix::fs::symlink(&outside, disks.join("qemu.log")).unwrap();
+        std::fs::create_dir(disks.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, disks.join("sub/link")).unwrap();
+        // SAFETY: geteuid/getegid take nothing.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        take_tree(&disks, uid, gid).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&disks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["disk.qcow2"]);
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched");
+        // A link in place of the directory itself is refused, not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&disks, &link).unwrap();
+        assert!(take_tree(&link, uid, gid).is_err());
     }
 
     #[test]

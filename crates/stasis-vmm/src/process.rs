@@ -138,6 +138,97 @@ impl Process {
     }
 }
 
+/// Descriptors a child inherits at fixed numbers (QEMU's `fd=N` options name them).
+///
+/// Each is first duplicated above every target number, so the `dup2`s in the child cannot
+/// overwrite one another; the duplicates are close-on-exec, the targets are not.
+pub struct FdMap {
+    moves: Vec<(OwnedFd, libc::c_int)>,
+}
+
+/// Duplicates are placed at or above this number, clear of the targets.
+const FD_MAP_FLOOR: libc::c_int = 64;
+
+impl FdMap {
+    pub fn new() -> FdMap {
+        FdMap { moves: Vec::new() }
+    }
+
+    /// The child gets `fd` as descriptor `target` (3 or more, below 64).
+    pub fn add(&mut self, fd: &impl std::os::fd::AsRawFd, target: libc::c_int) -> std::io::Result<()> {
+        assert!((3..FD_MAP_FLOOR).contains(&target), "fd target {target} out of range");
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor the caller holds open returns a new
+        // descriptor or -1; no pointers.
+        let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FD_MAP_FLOOR) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        self.moves.push((unsafe { OwnedFd::from_raw_fd(dup) }, target));
+        Ok(())
+    }
+
+    /// Installs the descriptors in `cmd`'s child, before anything else runs there.
+    pub fn install(self, cmd: &mut tokio::process::Command) {
+        let moves: Vec<(libc::c_int, libc::c_int)> = self
+            .moves
+            .iter()
+            .map(|(fd, t)| (std::os::fd::AsRawFd::as_raw_fd(fd), *t))
+            .collect();
+        // SAFETY: only dup2 on descriptors held open by `self` (moved into the closure, so
+        // alive until the command is dropped), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep = &self.moves;
+                for &(from, to) in &moves {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Default for FdMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Kills a process that is not our child and waits (up to `limit`) until it is gone, so
+/// nothing of it can still touch its files when we do. Returns whether it is gone.
+pub fn kill_and_wait(pid: u32, limit: std::time::Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // ESRCH: already gone.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // SAFETY: fd is a freshly opened descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: pidfd_send_signal on the pidfd we hold, no siginfo, no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            raw,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let mut pfd = libc::pollfd {
+        fd: raw,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd; a pidfd turns readable when its process has exited.
+    let ready = unsafe { libc::poll(&mut pfd, 1, limit.as_millis().min(i32::MAX as u128) as i32) };
+    ready > 0
+}
+
 /// Whether a live process with this pid has a command line containing `needle`.
 pub fn cmdline_contains(pid: u32, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -166,6 +257,31 @@ mod tests {
         let exit = p.wait().await;
         assert_eq!(exit, Exit::Signal(libc::SIGKILL));
         assert_eq!(exit.to_string(), "killed by signal 9 (SIGKILL)");
+    }
+
+    #[tokio::test]
+    async fn mapped_descriptors_reach_the_child_at_their_numbers() {
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut fds = FdMap::new();
+        fds.add(&theirs, 7).unwrap();
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "echo through-7 >&7"]);
+        fds.install(&mut cmd);
+        let p = Process::spawn(cmd).unwrap();
+        drop(theirs);
+        assert_eq!(p.wait().await, Exit::Code(0));
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut ours, &mut got).unwrap();
+        assert_eq!(got, "through-7\n");
+    }
+
+    #[test]
+    fn a_killed_stranger_is_waited_for() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let reaper = std::thread::spawn(move || child.wait().unwrap());
+        assert!(kill_and_wait(pid, std::time::Duration::from_secs(5)));
+        assert!(!reaper.join().unwrap().success());
     }
 
     #[tokio::test]

@@ -27,8 +27,12 @@ pub struct Capture {
     pub state: PathBuf,
     /// Guest RAM (sparse).
     pub memory: PathBuf,
-    /// Top of the frozen disk chain; nothing writes to it any more.
+    /// The guest-visible disk as it was at the pause: one raw file (sparse), read from the
+    /// frozen chain inside the machine's confinement.
     pub disk: PathBuf,
+    /// Top of the frozen disk chain (in the machine's disks directory); nothing writes to it
+    /// any more.
+    pub frozen: PathBuf,
     /// The machine as it was captured (what a restore must rebuild).
     pub machine: MachineConfig,
     /// How long the guest was paused (QEMU's own STOP → RESUME timestamps).
@@ -48,8 +52,10 @@ impl Vm {
         let config = self.config();
         let disk_bytes = disk_size(&qmp).await?;
 
-        let twin_paths = VmPaths::new(staging.join("twin"));
-        std::fs::create_dir_all(&twin_paths.dir).map_err(|source| VmError::Io {
+        // The twin writes no file of its own (its RAM file is bound in, its disk reads as
+        // zeros): it gets a control directory and no disks directory at all.
+        let twin_paths = VmPaths::new(staging.join("twin"), staging.join("twin").join("no-disks"));
+        std::fs::create_dir_all(&twin_paths.control).map_err(|source| VmError::Io {
             context: "creating the twin's directory".into(),
             source,
         })?;
@@ -110,14 +116,17 @@ impl Vm {
         }
         .await;
         stop_twin(&twin).await;
-        let _ = std::fs::remove_dir_all(&twin_paths.dir);
+        let _ = std::fs::remove_dir_all(&twin_paths.control);
         let (frozen, paused) = result?;
         let mut machine = self.config();
         machine.disk = frozen.clone();
+        let disk = staging.join("disk.raw");
+        flatten_disk(&machine, &self.paths.disks, &frozen, &disk, disk_bytes).await?;
         Ok(Capture {
             state,
             memory,
-            disk: frozen,
+            disk,
+            frozen,
             machine,
             paused,
         })
@@ -207,7 +216,7 @@ impl Vm {
                 .unwrap_or_default()
                 .as_nanos()
         );
-        let next = self.paths.dir.join(format!("disk-{suffix}.qcow2"));
+        let next = self.paths.disks.join(format!("disk-{suffix}.qcow2"));
         qmp.execute(
             "blockdev-snapshot-sync",
             json!({
@@ -372,22 +381,120 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The guest-visible disk of a frozen chain as one raw file (sparse).
-pub async fn flatten_disk(top: &Path, out: &Path) -> Result<(), VmError> {
-    let result = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-        .arg(top)
+/// How long flattening a disk may take before it is given up.
+const FLATTEN_LIMIT: Duration = Duration::from_secs(600);
+
+/// The guest-visible disk of a frozen chain (`frozen`, in the machine's `disks` directory) as
+/// one raw file `out` of `size` bytes (sparse).
+///
+/// The chain's qcow2 headers are the machine's QEMU's to write, and may name any file as a
+/// backing file (or an NBD server). So the platform never parses them: for a confined
+/// machine, `qemu-img` runs confined as the machine's own user, seeing only its disks
+/// (read-only), its base disk and the output file, with no network; whatever a header names,
+/// it can reach nothing the machine could not already read. The result must be exactly the
+/// size the running machine reported for its disk.
+pub async fn flatten_disk(
+    machine: &MachineConfig,
+    disks: &Path,
+    frozen: &Path,
+    out: &Path,
+    size: u64,
+) -> Result<(), VmError> {
+    use std::os::unix::fs::MetadataExt;
+    let invalid = |what: String| VmError::Invalid(format!("the frozen disk {}: {what}", frozen.display()));
+    if frozen.parent() != Some(disks) {
+        return Err(invalid(format!("not in {}", disks.display())));
+    }
+    let meta = std::fs::symlink_metadata(frozen).map_err(|e| invalid(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let _ = std::fs::remove_file(out);
+    {
+        let f = std::fs::File::create(out).map_err(|source| VmError::Io {
+            context: format!("creating {}", out.display()),
+            source,
+        })?;
+        f.set_len(size).map_err(|source| VmError::Io {
+            context: format!("sizing {}", out.display()),
+            source,
+        })?;
+    }
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    // -n: into the file made above (its name and size are the platform's); it reads as zeros.
+    cmd.args(["convert", "-U", "-n", "--target-is-zero", "-f", "qcow2", "-O", "raw"])
+        .arg(frozen)
         .arg(out)
-        .output()
-        .await
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut cgroups = Vec::new();
+    if let Some(settings) = &machine.jail {
+        let uid = meta.uid();
+        if !crate::jail::UID_RANGE.contains(&uid) {
+            return Err(invalid(format!("owned by uid {uid}, not by a confined machine's user")));
+        }
+        let control = out.parent().unwrap_or(Path::new("/"));
+        let plan = crate::jail::JailPlan::prepare(
+            settings,
+            &format!("{}-flatten", crate::vm::cgroup_name(control)),
+            &crate::jail::Visible {
+                ro_dirs: vec![disks.to_path_buf()],
+                ro_files: vec![machine.base_disk.clone()],
+                own_files: vec![out.to_path_buf()],
+                ..Default::default()
+            },
+            crate::jail::Limits {
+                vcpus: 1,
+                memory_mib: 0,
+            },
+            None,
+            Some(uid),
+        )
         .map_err(|source| VmError::Io {
+            context: "confining qemu-img".into(),
+            source,
+        })?;
+        cgroups = plan.cgroup_dirs.clone();
+        // SAFETY: `apply` only makes system calls on data prepared above (no allocation,
+        // no locks), which is what may run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || plan.apply());
+        }
+    }
+    let result = tokio::time::timeout(FLATTEN_LIMIT, cmd.output()).await;
+    crate::jail::JailPlan::remove_cgroups(&cgroups);
+    let result = match result {
+        Err(_) => {
+            return Err(invalid(format!(
+                "qemu-img convert did not finish within {FLATTEN_LIMIT:?}"
+            )))
+        }
+        Ok(r) => r.map_err(|source| VmError::Io {
             context: "running qemu-img convert".into(),
+            source,
+        })?,
+    };
+    // Back to the platform, whatever the confined qemu-img did with it.
+    std::os::unix::fs::lchown(out, Some(0), Some(0))
+        .or_else(|e| if machine.jail.is_none() { Ok(()) } else { Err(e) })
+        .map_err(|source| VmError::Io {
+            context: format!("taking back {}", out.display()),
             source,
         })?;
     if !result.status.success() {
-        return Err(VmError::Invalid(format!(
+        return Err(invalid(format!(
             "qemu-img convert failed: {}",
             String::from_utf8_lossy(&result.stderr).trim()
+        )));
+    }
+    let meta = std::fs::symlink_metadata(out).map_err(|source| VmError::Io {
+        context: format!("reading {}", out.display()),
+        source,
+    })?;
+    if !meta.file_type().is_file() || meta.len() != size {
+        return Err(invalid(format!(
+            "flattened to {} bytes, not the disk's {size}",
+            meta.len()
         )));
     }
     Ok(())

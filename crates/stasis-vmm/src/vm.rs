@@ -15,7 +15,7 @@ use stasis_agent_proto::{ExecRequest, ExecResult, Op, Reply};
 use crate::accel::Accel;
 use crate::agent::{AgentClient, AgentError};
 use crate::jail::{JailPlan, JailSettings, Limits, Visible};
-use crate::process::{cmdline_contains, Exit, Process};
+use crate::process::{Exit, Process};
 use crate::qmp::{Qmp, QmpError};
 
 /// How long a cold boot may take before it is declared failed. TCG boots take ~4 s alone and
@@ -119,45 +119,132 @@ pub struct Launch {
     pub null_disk_bytes: Option<u64>,
 }
 
-/// Files of one machine, all inside its directory.
+/// Files of one machine, in two directories that never meet:
+///
+/// - `disks`: the only directory its (confined) QEMU may write, holding nothing but the qcow2
+///   overlays of its disk. Everything in it is the QEMU's to change, so the platform never
+///   reads, parses or follows anything there (see [`crate::jail::take_tree`]).
+/// - `control`: the platform's own, which the QEMU never sees: the machine's config, pid file,
+///   QMP and agent sockets (bound here by the platform and handed to QEMU as descriptors),
+///   console and QEMU logs (opened here by the platform, QEMU gets only a descriptor to
+///   write to), timings.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
-    pub dir: PathBuf,
+    pub control: PathBuf,
+    pub disks: PathBuf,
 }
 
+/// A log the platform keeps is cut back once it passes this size (the older part is kept in a
+/// `.1` file of the same size at most), whatever the guest prints.
+pub const LOG_CAP_BYTES: u64 = 2 << 20;
+
+/// Files versions before the control directory kept in a machine's (QEMU-writable) directory.
+const LEGACY_FILES: [&str; 9] = [
+    "machine.json",
+    "machine.json.tmp",
+    "qemu.pid",
+    "qemu.log",
+    "console.log",
+    "restore-timings.json",
+    "qmp.sock",
+    "agent.sock",
+    "overlay.tmp.qcow2",
+];
+
 impl VmPaths {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        VmPaths { dir: dir.into() }
+    pub fn new(control: impl Into<PathBuf>, disks: impl Into<PathBuf>) -> Self {
+        VmPaths {
+            control: control.into(),
+            disks: disks.into(),
+        }
     }
     /// The first overlay of a machine's disk chain.
     pub fn disk(&self) -> PathBuf {
-        self.dir.join("disk.qcow2")
+        self.disks.join("disk.qcow2")
     }
     pub fn qmp(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.control.join("qmp.sock")
     }
     pub fn agent(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        self.control.join("agent.sock")
     }
     pub fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.control.join("console.log")
     }
     pub fn qemu_log(&self) -> PathBuf {
-        self.dir.join("qemu.log")
+        self.control.join("qemu.log")
     }
     pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.control.join("qemu.pid")
     }
     pub fn config(&self) -> PathBuf {
-        self.dir.join("machine.json")
+        self.control.join("machine.json")
+    }
+    pub fn timings(&self) -> PathBuf {
+        self.control.join("restore-timings.json")
+    }
+
+    /// Makes the control directory (root's, owner-only) and the disks directory.
+    fn create(&self) -> Result<(), VmError> {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&self.control, &self.disks] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        std::fs::set_permissions(&self.control, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("securing {}", self.control.display())))?;
+        // What older versions kept among the disks, where the QEMU could change it: the
+        // platform's own copies live in the control directory now. (unlink follows no link.)
+        for legacy in LEGACY_FILES {
+            let _ = std::fs::remove_file(self.disks.join(legacy));
+        }
+        Ok(())
+    }
+
+    /// Whether `disk` is a plain file directly inside the disks directory, as every overlay
+    /// the platform or QEMU makes is.
+    pub fn holds_disk(&self, disk: &Path) -> bool {
+        disk.parent() == Some(self.disks.as_path())
+            && disk
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("disk") && n.ends_with(".qcow2"))
+            && std::fs::symlink_metadata(disk).is_ok_and(|m| m.file_type().is_file())
     }
 }
 
 /// Longest unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Descriptors QEMU inherits: its monitor's and the agent's listening sockets, and its console.
+const QMP_FD: i32 = 3;
+const AGENT_FD: i32 = 4;
+const CONSOLE_FD: i32 = 5;
+const CONSOLE_FD_SET: i32 = 1;
+
+/// What `-name` says: the machine's, and which process of it (a capture's twin has its own),
+/// so a pid can be checked to be this machine's QEMU.
+fn process_name(cfg: &MachineConfig, launch: Launch) -> String {
+    if launch.null_disk_bytes.is_some() {
+        format!("stasis-{}-twin", cfg.name)
+    } else {
+        format!("stasis-{}", cfg.name)
+    }
+}
+
+/// Whether `pid` is a live QEMU of the machine `name` (not its twin, not a process that took
+/// over a recycled pid).
+pub fn is_machine_qemu(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = format!("stasis-{name}");
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2).any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
+}
+
 /// The QEMU command line for `cfg`. `incoming` prepares a restore (`-S -incoming defer`).
-pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<OsString> {
+/// The QMP and agent sockets and the console are descriptors [`spawn_qemu`] hands over.
+pub fn qemu_args(cfg: &MachineConfig, _paths: &VmPaths, launch: Launch) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     let p = |path: PathBuf| path.to_string_lossy().into_owned();
@@ -169,7 +256,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     cmdline.push_str(&format!(" stasis.hostname={}", cfg.name));
 
     push("-name");
-    push(&format!("stasis-{}", cfg.name));
+    push(&process_name(cfg, launch));
     push("-M");
     push("microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend=mem");
     push("-bios");
@@ -209,8 +296,14 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     // descriptors over QMP, so it never needs a helper process.)
     push("-sandbox");
     push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+    // The console goes to a file the platform opened in its own directory: QEMU holds only
+    // a descriptor to write to (through an fd set), never the name.
+    push("-add-fd");
+    push(&format!("fd={CONSOLE_FD},set={CONSOLE_FD_SET}"));
+    push("-chardev");
+    push(&format!("file,id=console,path=/dev/fdset/{CONSOLE_FD_SET},append=on"));
     push("-serial");
-    push(&format!("file:{}", p(paths.console())));
+    push("chardev:console");
     match launch.null_disk_bytes {
         Some(size) => {
             push("-blockdev");
@@ -231,8 +324,9 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     push("virtio-blk-device,drive=disk,id=rootdisk");
     push("-device");
     push("virtio-serial-device,id=serial0");
+    // Both sockets are bound by the platform in its own directory and handed over listening.
     push("-chardev");
-    push(&format!("socket,id=agent,path={},server=on,wait=off", p(paths.agent())));
+    push(&format!("socket,id=agent,fd={AGENT_FD},server=on,wait=off"));
     push("-device");
     push(&format!(
         "virtserialport,chardev=agent,name={}",
@@ -240,8 +334,10 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     ));
     push("-device");
     push("virtio-rng-device");
-    push("-qmp");
-    push(&format!("unix:{},server=on,wait=off", p(paths.qmp())));
+    push("-chardev");
+    push(&format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"));
+    push("-mon");
+    push("chardev=qmp,mode=control");
     if launch.incoming {
         push("-S");
         push("-incoming");
@@ -263,15 +359,17 @@ pub struct Vm {
 impl Vm {
     /// The boot path: a new QEMU from the image, on the machine's overlay (created if missing,
     /// so a stopped computer boots again with its disk as it left it).
-    pub async fn boot(config: MachineConfig, dir: &Path) -> Result<Vm, VmError> {
-        let paths = VmPaths::new(dir);
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    pub async fn boot(config: MachineConfig, paths: VmPaths) -> Result<Vm, VmError> {
+        paths.create()?;
         check_socket_paths(&paths)?;
-        for stale in [paths.qmp(), paths.agent(), paths.console(), config.ram_path.clone()] {
-            let _ = std::fs::remove_file(stale);
+        if !config.ram_path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&config.ram_path);
         }
-        if !config.disk.exists() {
-            create_overlay(&config.base_disk, &config.disk).await?;
+        if !paths.holds_disk(&config.disk) {
+            let tmp = paths.control.join("overlay.tmp.qcow2");
+            let _ = std::fs::remove_file(&tmp);
+            create_overlay(&config.base_disk, &tmp).await?;
+            place_disk(&tmp, &paths, &config.disk)?;
         }
         write_config(&paths, &config)?;
 
@@ -292,13 +390,9 @@ impl Vm {
     /// The restore path: a new QEMU started paused on captured device state, with a copy of
     /// the captured RAM and a new overlay over the snapshot's disk (`config.base_disk`), then
     /// resumed and given its own identity (clock, RNG seed, hostname).
-    pub async fn restore(config: MachineConfig, dir: &Path, state: &Path, memory: &Path) -> Result<Vm, VmError> {
-        let paths = VmPaths::new(dir);
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    pub async fn restore(config: MachineConfig, paths: VmPaths, state: &Path, memory: &Path) -> Result<Vm, VmError> {
+        paths.create()?;
         check_socket_paths(&paths)?;
-        for stale in [paths.qmp(), paths.agent(), paths.console()] {
-            let _ = std::fs::remove_file(stale);
-        }
         let t0 = Instant::now();
         let mut timings = RestoreTimings::default();
         let mut config = config;
@@ -308,7 +402,7 @@ impl Vm {
         config.ram_path = memory.to_path_buf();
         config.ram_shared = false;
         config.disk = paths.disk();
-        new_overlay_from_template(&config.base_disk, &config.disk).await?;
+        new_overlay_from_template(&config.base_disk, &paths).await?;
         write_config(&paths, &config)?;
         timings.prepare_ms = ms(t0.elapsed());
 
@@ -347,10 +441,7 @@ impl Vm {
         timings.agent_ms = ms(t.elapsed());
         timings.total_ms = ms(t0.elapsed());
         tracing::info!(?timings, "restored");
-        let _ = std::fs::write(
-            vm.paths.dir.join("restore-timings.json"),
-            serde_json::to_vec(&timings).unwrap_or_default(),
-        );
+        let _ = std::fs::write(vm.paths.timings(), serde_json::to_vec(&timings).unwrap_or_default());
         Ok(vm)
     }
 
@@ -374,8 +465,8 @@ impl Vm {
     }
 
     /// Takes over a QEMU started by an earlier platform process, if it is still ours and alive.
-    pub async fn attach(dir: &Path) -> Result<Vm, VmError> {
-        let paths = VmPaths::new(dir);
+    pub async fn attach(paths: VmPaths) -> Result<Vm, VmError> {
+        // The platform's own file, in a directory no QEMU can write.
         let config: MachineConfig =
             serde_json::from_slice(&std::fs::read(paths.config()).map_err(io("reading machine.json"))?)
                 .map_err(|e| VmError::Invalid(format!("machine.json: {e}")))?;
@@ -384,12 +475,12 @@ impl Vm {
             .trim()
             .parse()
             .map_err(|_| VmError::Invalid("qemu.pid does not hold a pid".into()))?;
-        if !cmdline_contains(pid, &paths.qmp().to_string_lossy()) {
+        if !is_machine_qemu(pid, &config.name) {
             return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
         }
         // A confined QEMU's cgroups go when it does, as if this process had started it.
         let cleanup = config.jail.as_ref().map(|j| {
-            let dirs = j.cgroups.dirs(&cgroup_name(&paths.dir));
+            let dirs = j.cgroups.dirs(&cgroup_name(&paths.control));
             Box::new(move || JailPlan::remove_cgroups(&dirs)) as Box<dyn FnOnce() + Send>
         });
         let process = Process::attach_then(pid, cleanup).map_err(io(format!("watching QEMU pid {pid}")))?;
@@ -541,6 +632,15 @@ impl Vm {
         }
     }
 
+    /// Cuts the machine's logs back to [`LOG_CAP_BYTES`] (called now and then while it runs).
+    pub fn rotate_logs(&self) {
+        for log in [self.paths.console(), self.paths.qemu_log()] {
+            if let Err(e) = rotate_log(&log, LOG_CAP_BYTES) {
+                tracing::debug!(log = %log.display(), error = %e, "rotating a log");
+            }
+        }
+    }
+
     /// Kills QEMU at once.
     pub fn kill(&self) {
         self.process.signal(libc::SIGKILL);
@@ -548,7 +648,7 @@ impl Vm {
 
     /// The last lines the guest printed on its console, for error reports.
     pub fn console_tail(&self, lines: usize) -> String {
-        tail_lines(&self.paths.console(), lines)
+        log_tail(&self.paths.console(), lines)
     }
 
     fn console_tail_suffix(&self) -> String {
@@ -569,15 +669,31 @@ fn check_socket_paths(paths: &VmPaths) -> Result<(), VmError> {
 }
 
 pub(crate) fn write_config(paths: &VmPaths, config: &MachineConfig) -> Result<(), VmError> {
-    let tmp = paths.dir.join("machine.json.tmp");
+    // The control directory is the platform's alone: nothing there can be a planted link.
+    let tmp = paths.control.join("machine.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(config).expect("config serializes"))
         .map_err(io("writing machine.json"))?;
     std::fs::rename(&tmp, paths.config()).map_err(io("writing machine.json"))
 }
 
-/// A new empty overlay over `base`, copied from a template kept beside the base (creating a
-/// qcow2 file costs a `qemu-img` run; copying a small one costs nothing).
-pub(crate) async fn new_overlay_from_template(base: &Path, disk: &Path) -> Result<(), VmError> {
+/// Moves a new overlay made in the control directory to `disk`, in the disks directory. A
+/// rename replaces whatever entry is there (a link an earlier QEMU left, say) without
+/// following it.
+fn place_disk(tmp: &Path, paths: &VmPaths, disk: &Path) -> Result<(), VmError> {
+    if disk.parent() != Some(paths.disks.as_path()) {
+        return Err(VmError::Invalid(format!(
+            "disk {} is not in {}",
+            disk.display(),
+            paths.disks.display()
+        )));
+    }
+    std::fs::rename(tmp, disk).map_err(io(format!("placing {}", disk.display())))
+}
+
+/// A new empty overlay over `base` as the machine's first disk, copied from a template kept
+/// beside the base (creating a qcow2 file costs a `qemu-img` run; copying a small one costs
+/// nothing).
+pub(crate) async fn new_overlay_from_template(base: &Path, paths: &VmPaths) -> Result<(), VmError> {
     let template = base.with_extension("overlay-template.qcow2");
     if !template.exists() {
         // Concurrent restores may race to make it: each writes its own, the last rename wins.
@@ -585,9 +701,16 @@ pub(crate) async fn new_overlay_from_template(base: &Path, disk: &Path) -> Resul
         create_overlay(base, &tmp).await?;
         std::fs::rename(&tmp, &template).map_err(io("publishing the overlay template"))?;
     }
-    let _ = std::fs::remove_file(disk);
-    std::fs::copy(&template, disk).map_err(io("copying the overlay template"))?;
-    Ok(())
+    let tmp = paths.control.join("overlay.tmp.qcow2");
+    let (from, to) = (template.clone(), tmp.clone());
+    tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_file(&to);
+        std::fs::copy(&from, &to)
+    })
+    .await
+    .map_err(|e| VmError::Invalid(format!("copying the overlay template: {e}")))?
+    .map_err(io("copying the overlay template"))?;
+    place_disk(&tmp, paths, &paths.disk())
 }
 
 /// A new qcow2 overlay over a raw base.
@@ -608,31 +731,66 @@ pub(crate) async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmErr
     Ok(())
 }
 
-pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Result<Process, VmError> {
-    let log = std::fs::File::create(paths.qemu_log()).map_err(io("creating qemu.log"))?;
+/// Opens (creating, emptied) a log in the control directory for QEMU to append to.
+fn open_log(path: &Path) -> Result<std::fs::File, VmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .append(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|f| f.set_len(0).map(|_| f))
+        .map_err(io(format!("opening {}", path.display())))
+}
+
+/// Binds a listening socket in the control directory for QEMU to accept on.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, VmError> {
+    let _ = std::fs::remove_file(path);
+    std::os::unix::net::UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))
+}
+
+/// Starts QEMU for `config`. It gets its monitor and agent sockets and its console as
+/// descriptors the platform opened in its control directory; confined, it sees only its
+/// disks directory (none for a capture's twin) and the files it needs.
+pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Result<Process, VmError> {
+    let twin = launch.null_disk_bytes.is_some();
+    let log = open_log(&paths.qemu_log())?;
     let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
+    let console = open_log(&paths.console())?;
+    let qmp = bind_socket(&paths.qmp())?;
+    let agent = bind_socket(&paths.agent())?;
+    let mut fds = crate::process::FdMap::new();
+    fds.add(&qmp, QMP_FD)
+        .and_then(|_| fds.add(&agent, AGENT_FD))
+        .and_then(|_| fds.add(&console, CONSOLE_FD))
+        .map_err(io("passing descriptors to QEMU"))?;
     let mut cmd = tokio::process::Command::new(&config.qemu_binary);
     cmd.args(qemu_args(config, paths, launch))
-        .current_dir(&paths.dir)
+        .current_dir(&paths.control)
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
         // Its own process group: a Ctrl-C at the platform's terminal must not kill the guests
         // behind the platform's back; the platform stops them itself.
         .process_group(0);
+    fds.install(&mut cmd);
     let mut cleanup: Option<Box<dyn FnOnce() + Send>> = None;
     if let Some(settings) = &config.jail {
         let plan = JailPlan::prepare(
             settings,
-            &cgroup_name(&paths.dir),
+            &cgroup_name(&paths.control),
             &visible_files(config, paths, launch),
             Limits {
                 vcpus: config.vcpus,
                 memory_mib: config.memory_mib,
             },
-            &paths.dir,
+            (!twin).then_some(paths.disks.as_path()),
+            None,
         )
-        .map_err(io(format!("confining the QEMU of {}", paths.dir.display())))?;
+        .map_err(io(format!("confining the QEMU of {}", paths.control.display())))?;
         let dirs = plan.cgroup_dirs.clone();
         cleanup = Some(Box::new(move || JailPlan::remove_cgroups(&dirs)));
         // SAFETY: `apply` only makes system calls on data prepared above (no allocation,
@@ -645,6 +803,8 @@ pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch
         "starting {} (apt-get install qemu-system-x86)",
         config.qemu_binary.display()
     )))?;
+    // QEMU has its own copies now; the sockets stay bound at their paths.
+    drop((qmp, agent, console));
     std::fs::write(paths.pidfile(), process.pid().to_string()).map_err(io("writing qemu.pid"))?;
     Ok(process)
 }
@@ -653,11 +813,11 @@ pub(crate) fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch
 /// disk under its overlays (not for a capture's twin, whose disk reads as zeros), its RAM file.
 fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Visible {
     let mut v = Visible {
-        rw_dirs: vec![paths.dir.clone()],
         ro_files: vec![config.kernel.clone(), config.initrd.clone()],
         ..Visible::default()
     };
     if launch.null_disk_bytes.is_none() {
+        v.rw_dirs.push(paths.disks.clone());
         v.ro_files.push(config.base_disk.clone());
     }
     if !config.ram_path.as_os_str().is_empty() {
@@ -673,10 +833,11 @@ fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vis
     v
 }
 
-/// The cgroup of the QEMU running in `dir`, named after the directory's last two components
-/// (`computers-<id>`, `<snapshot>-twin`): unique within a data directory, whose platform has
-/// its own parent cgroup, and the same for the platform that re-attaches the QEMU later.
-fn cgroup_name(dir: &Path) -> String {
+/// The cgroup of the QEMU of the control directory `dir`, named after the directory's last two
+/// components (`machines-<id>`, `<snapshot>-twin`): unique within a data directory, whose
+/// platform has its own parent cgroup, and the same for the platform that re-attaches the
+/// QEMU later.
+pub(crate) fn cgroup_name(dir: &Path) -> String {
     let mut parts: Vec<String> = dir
         .components()
         .rev()
@@ -726,8 +887,8 @@ pub(crate) async fn race_exit<T, E: Into<VmError>>(
 }
 
 fn log_suffix(paths: &VmPaths) -> String {
-    let qemu = tail_lines(&paths.qemu_log(), 5);
-    let console = tail_lines(&paths.console(), 5);
+    let qemu = log_tail(&paths.qemu_log(), 5);
+    let console = log_tail(&paths.console(), 5);
     let mut s = String::new();
     if !qemu.trim().is_empty() {
         s.push_str(&format!("; qemu: {}", qemu.trim().replace('\n', " | ")));
@@ -738,12 +899,75 @@ fn log_suffix(paths: &VmPaths) -> String {
     s
 }
 
-fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(64 * 1024);
-    let text = String::from_utf8_lossy(&text[start..]);
+/// How much of a log's end is read for its last lines.
+const TAIL_BYTES: u64 = 64 * 1024;
+
+/// Opens a log for reading without following a link or blocking on a FIFO, and only if it is
+/// a regular file (the logs are the platform's own, in its control directory; this is the
+/// second line of defence).
+fn open_regular(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// The last `TAIL_BYTES` of a file (nothing if it cannot be read safely).
+fn read_tail(path: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = open_regular(path, false) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut buf = vec![0u8; (len - start) as usize];
+    match f.read_at(&mut buf, start) {
+        Ok(n) => buf.truncate(n),
+        Err(_) => buf.clear(),
+    }
+    buf
+}
+
+/// The last `n` lines of a log, across its rotation (`<log>.1`, then `<log>`).
+fn log_tail(path: &Path, n: usize) -> String {
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let mut bytes = read_tail(Path::new(&rotated));
+    bytes.extend(read_tail(path));
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Once `path` passes `cap` bytes: its last `cap / 2` go to `<path>.1` and it starts again
+/// empty. QEMU appends (`O_APPEND`), so it goes on writing at the new end.
+fn rotate_log(path: &Path, cap: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = open_regular(path, true)?;
+    let len = f.metadata()?.len();
+    if len <= cap {
+        return Ok(());
+    }
+    let keep = cap / 2;
+    let mut tail = vec![0u8; keep as usize];
+    let n = f.read_at(&mut tail, len - keep)?;
+    tail.truncate(n);
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let mut tmp = rotated.clone();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &tail)?;
+    std::fs::rename(&tmp, &rotated)?;
+    f.set_len(0)
 }
 
 #[cfg(test)]
@@ -775,8 +999,15 @@ mod tests {
 
     #[test]
     fn the_command_line_has_shared_file_ram_and_an_overlay() {
-        let paths = VmPaths::new("/data/c1");
+        let paths = VmPaths::new("/data/machines/c1", "/data/c1");
         let line = joined(&qemu_args(&config(), &paths, Launch::default()));
+        // Sockets and console are descriptors: no path of the platform's is on the line.
+        assert!(line.contains("socket,id=qmp,fd=3,server=on,wait=off"), "{line}");
+        assert!(line.contains("socket,id=agent,fd=4,server=on,wait=off"), "{line}");
+        assert!(line.contains("-add-fd fd=5,set=1"), "{line}");
+        assert!(line.contains("file,id=console,path=/dev/fdset/1,append=on"), "{line}");
+        assert!(!line.contains("/data/machines"), "{line}");
+        assert!(line.contains("-name stasis-c1 "), "{line}");
         assert!(line.contains("-smp 2 -m 1024M"), "{line}");
         assert!(line.contains("memory-backend-file,id=mem,size=1024M,mem-path=/dev/shm/c1.ram,share=on"));
         assert!(line.contains("memory-backend=mem"));
@@ -810,6 +1041,7 @@ mod tests {
             },
         ));
         assert!(twin.contains("driver=null-co,node-name=disk,size=1073741824"), "{twin}");
+        assert!(twin.contains("-name stasis-c1-twin "), "{twin}");
         assert!(!twin.contains("disk.qcow2"));
         assert!(restore.ends_with("-S -incoming defer"), "{restore}");
     }
@@ -817,8 +1049,68 @@ mod tests {
     #[test]
     fn overlong_socket_paths_are_refused_with_a_clear_error() {
         let long = format!("/{}", "d".repeat(120));
-        let err = check_socket_paths(&VmPaths::new(long)).unwrap_err();
+        let err = check_socket_paths(&VmPaths::new(long, "/d")).unwrap_err();
         assert!(err.to_string().contains("shorter data directory"), "{err}");
-        assert!(check_socket_paths(&VmPaths::new("/data/c1")).is_ok());
+        assert!(check_socket_paths(&VmPaths::new("/data/machines/c1", "/data/c1")).is_ok());
+    }
+
+    #[test]
+    fn log_tails_refuse_links_and_fifos_and_read_only_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "the master key").unwrap();
+        let log = dir.path().join("console.log");
+        std::os::unix::fs::symlink(&secret, &log).unwrap();
+        assert_eq!(log_tail(&log, 3), "", "a link is not followed");
+        std::fs::remove_file(&log).unwrap();
+        let fifo = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert_eq!(log_tail(&log, 3), "", "a FIFO neither blocks nor is read");
+        std::fs::remove_file(&log).unwrap();
+        // A big log: only its end is read.
+        let mut text = "x".repeat(10 << 20);
+        text.push_str("\nlast-but-one\nlast\n");
+        std::fs::write(&log, &text).unwrap();
+        assert_eq!(log_tail(&log, 2), "last-but-one\nlast");
+    }
+
+    #[test]
+    fn logs_are_cut_back_at_their_cap_keeping_the_end() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("qemu.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        f.write_all(&vec![b'a'; 3000]).unwrap();
+        f.write_all(b"\nthe end\n").unwrap();
+        rotate_log(&log, 1024).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        let rotated = dir.path().join("qemu.log.1");
+        assert_eq!(std::fs::metadata(&rotated).unwrap().len(), 512);
+        // The writer appends at the new end.
+        f.write_all(b"after\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"after\n");
+        assert_eq!(log_tail(&log, 2), "the end\nafter");
+        // Under the cap nothing happens.
+        rotate_log(&log, 1024).unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"after\n");
+    }
+
+    #[test]
+    fn only_plain_overlay_files_in_the_disks_directory_count_as_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = VmPaths::new(dir.path().join("control"), dir.path().join("disks"));
+        paths.create().unwrap();
+        std::fs::write(paths.disks.join("disk-1.qcow2"), "").unwrap();
+        assert!(paths.holds_disk(&paths.disks.join("disk-1.qcow2")));
+        std::os::unix::fs::symlink("/etc/passwd", paths.disks.join("disk-2.qcow2")).unwrap();
+        assert!(!paths.holds_disk(&paths.disks.join("disk-2.qcow2")));
+        assert!(!paths.holds_disk(Path::new("/etc/passwd")));
+        std::fs::write(paths.control.join("disk.qcow2"), "").unwrap();
+        assert!(!paths.holds_disk(&paths.control.join("disk.qcow2")));
     }
 }

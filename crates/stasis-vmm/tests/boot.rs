@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use stasis_agent_proto::ExecRequest;
-use stasis_vmm::{Accel, MachineConfig, Vm};
+use stasis_vmm::{Accel, MachineConfig, Vm, VmPaths};
 
 fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
@@ -19,12 +19,16 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         kernel: image.kernel,
         initrd: image.initrd,
         base_disk: image.rootfs,
-        disk: dir.join("disk.qcow2"),
+        disk: dir.join("disks/disk.qcow2"),
         ram_path: dir.join("ram"),
         ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         jail: None,
     }
+}
+
+fn paths(dir: &std::path::Path) -> VmPaths {
+    VmPaths::new(dir.join("control"), dir.join("disks"))
 }
 
 fn bash(cmd: &str, timeout_ms: u64) -> ExecRequest {
@@ -43,7 +47,9 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = machine(dir.path(), "boot-test", 256);
     let t = Instant::now();
-    let vm = Vm::boot(config.clone(), dir.path()).await.expect("the guest boots");
+    let vm = Vm::boot(config.clone(), paths(dir.path()))
+        .await
+        .expect("the guest boots");
     eprintln!("boot to agent ready: {:?}", t.elapsed());
 
     let r = vm
@@ -78,7 +84,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
     assert!(vm.exited().is_some());
     assert!(!vm.config().ram_path.exists(), "the RAM file goes with the machine");
 
-    let vm = Vm::boot(config, dir.path())
+    let vm = Vm::boot(config, paths(dir.path()))
         .await
         .expect("boots again on the same disk");
     let r = vm.exec(bash("cat /root/mark", 5_000)).await.unwrap();
@@ -89,7 +95,7 @@ async fn boots_runs_commands_and_keeps_its_disk_across_a_restart() {
 #[tokio::test]
 async fn a_killed_qemu_is_reported_with_its_signal() {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::boot(machine(dir.path(), "kill-test", 256), dir.path())
+    let vm = Vm::boot(machine(dir.path(), "kill-test", 256), paths(dir.path()))
         .await
         .expect("the guest boots");
     // SAFETY: kill takes no pointers; the pid is our live QEMU child.

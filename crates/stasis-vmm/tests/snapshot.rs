@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use stasis_agent_proto::ExecRequest;
-use stasis_vmm::snapshot::flatten_disk;
 use stasis_vmm::{Accel, Host, MachineConfig};
 
 fn bash(cmd: &str) -> ExecRequest {
@@ -35,7 +34,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         .unwrap();
     let root = Keep(root.keep());
     eprintln!("KEPT {}", root.path().display());
-    let (host, _events) = Host::new(root.path().join("machines"));
+    let (host, _events) = Host::new(root.path().join("computers"), root.path().join("machines"));
     let config = MachineConfig {
         name: "origin".into(),
         vcpus: 1,
@@ -63,8 +62,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let at_snapshot: u64 = out(&origin, "cat /tmp/n").await.parse().unwrap();
     out(&origin, "echo later > /root/after").await;
 
-    let flat = staging.join("disk.raw");
-    flatten_disk(&capture.disk, &flat).await.unwrap();
+    let flat = capture.disk.clone();
     let mut clone_config = capture.machine.clone();
     clone_config.base_disk = flat.clone();
     clone_config.name = "clone-a".into();
@@ -111,16 +109,14 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let staging2 = root.path().join("staging2");
     std::fs::create_dir_all(&staging2).unwrap();
     let second = origin.capture(&staging2, &staging2.join("memory")).await.unwrap();
-    assert_ne!(second.disk, capture.disk);
+    assert_ne!(second.frozen, capture.frozen);
     out(&a, "echo gen2 > /root/gen2").await;
     let staging3 = root.path().join("staging3");
     std::fs::create_dir_all(&staging3).unwrap();
     let from_clone = a.capture(&staging3, &staging3.join("memory")).await.unwrap();
     eprintln!("clone paused {:?}", from_clone.paused);
-    let flat = staging3.join("disk.raw");
-    flatten_disk(&from_clone.disk, &flat).await.unwrap();
     let mut gen2 = from_clone.machine.clone();
-    gen2.base_disk = flat;
+    gen2.base_disk = from_clone.disk.clone();
     gen2.name = "gen2".into();
     let g = host
         .restore("gen2", gen2, &from_clone.state, &from_clone.memory)

@@ -187,7 +187,7 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
     assert!(counter(&api, &again) > 0);
 
     // The dead host's machines are nobody's now: stop them as its next start would.
-    for entry in std::fs::read_dir(doomed_dir.join("computers"))
+    for entry in std::fs::read_dir(doomed_dir.join("machines"))
         .into_iter()
         .flatten()
         .flatten()

@@ -211,8 +211,18 @@ fn a_confined_qemu_sees_only_its_own_files() {
     }
 
     let machine = |id: &str| data.join("computers").join(id);
-    let own = |id: &str| [machine(id).join("disk.qcow2"), machine(id).join("console.log")];
-    let sockets = |id: &str| [machine(id).join("qmp.sock"), machine(id).join("agent.sock")];
+    let control = |id: &str| data.join("machines").join(id);
+    let own = |id: &str| [machine(id).join("disk.qcow2")];
+    let sockets = |id: &str| [control(id).join("qmp.sock"), control(id).join("agent.sock")];
+    // What the platform keeps of each machine, its own included: never in sight of a QEMU.
+    let controls = |id: &str| {
+        [
+            control(id).join("console.log"),
+            control(id).join("qemu.log"),
+            control(id).join("machine.json"),
+            control(id).join("qemu.pid"),
+        ]
+    };
     let memory_dir = std::fs::read_dir("/dev/shm")
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -238,6 +248,10 @@ fn a_confined_qemu_sees_only_its_own_files() {
         forbidden.extend(tries("r", &own(id)));
         forbidden.extend(tries("c", &sockets(id)));
     }
+    for id in [&a, &b, &r] {
+        forbidden.extend(tries("r", &controls(id)));
+    }
+    forbidden.extend(tries("c", &sockets(&a)));
     forbidden.extend(tries("r", &snapshot_files));
     forbidden.extend(tries("r", &platform_files));
     // Its own files: the check can tell access from none.
@@ -269,7 +283,7 @@ fn a_confined_qemu_sees_only_its_own_files() {
         );
     }
     // A's base disk is readable but not writable (group read only, on a read-only mount).
-    let base_disk = read_base_disk(&machine(&a));
+    let base_disk = read_base_disk(&control(&a));
     let base = probe_inside(
         pa,
         &[tries("r", std::slice::from_ref(&base_disk)), tries("w", &[base_disk])].concat(),
@@ -283,8 +297,18 @@ fn a_confined_qemu_sees_only_its_own_files() {
     assert!(r_results[..2].iter().all(|(_, res)| res == "ok"), "{r_results:?}");
     assert!(r_results[2..].iter().all(|(_, res)| res != "ok"), "{r_results:?}");
 
-    // Even outside the namespaces, A's user cannot open B's files.
-    let host = probe(pa, false, &[tries("r", &own(&b)), tries("c", &sockets(&b))].concat());
+    // Even outside the namespaces, A's user cannot open B's files, nor its own control files.
+    let host = probe(
+        pa,
+        false,
+        &[
+            tries("r", &own(&b)),
+            tries("c", &sockets(&b)),
+            tries("r", &controls(&a)),
+            tries("c", &sockets(&a)),
+        ]
+        .concat(),
+    );
     assert!(host.iter().all(|(_, res)| res == "EACCES"), "{host:?}");
 
     // The platform dies; the next one re-attaches A's QEMU, still confined, and deleting A

@@ -59,15 +59,17 @@ fn keys_and_tickets_stay_out_of_logs_and_files_are_owner_only() {
         401
     );
 
-    // Owner-only files: the data dir, the saved default key, each computer's directory (its
-    // QMP and agent sockets are inside).
+    // Owner-only files: the data dir, the saved default key, each computer's control
+    // directory (its QMP and agent sockets are inside) and its disks directory.
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(dir.path()), 0o700, "data dir");
     assert_eq!(mode(&dir.path().join("default-api-key")), 0o600, "saved key");
     let computer_dir = dir.path().join("computers").join(&id);
     assert_eq!(mode(&computer_dir) & 0o077, 0, "computer dir {:o}", mode(&computer_dir));
+    let control_dir = dir.path().join("machines").join(&id);
+    assert_eq!(mode(&control_dir) & 0o077, 0, "control dir {:o}", mode(&control_dir));
     for sock in ["qmp.sock", "agent.sock"] {
-        let p = computer_dir.join(sock);
+        let p = control_dir.join(sock);
         assert!(p.exists(), "{sock}");
     }
 

@@ -663,7 +663,7 @@ impl Computers {
                 }
             }
         }
-        for dir in stasis_vmm::host::machine_dirs(&self.host.dir("")) {
+        for dir in self.host.machine_names() {
             if !owned.contains(&dir) {
                 self.host.kill_stray(&dir);
             }

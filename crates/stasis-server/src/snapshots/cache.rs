@@ -48,6 +48,13 @@ impl Materializer {
         &self.memory_root
     }
 
+    /// Makes the RAM directory, owner-only, or checks that the one there is this platform's
+    /// own: it sits in a world-writable tmpfs under a name anyone can work out, and whoever
+    /// owned it could swap the RAM files computers are restored from.
+    pub fn ensure_memory_root(&self) -> std::io::Result<()> {
+        secure_dir(&self.memory_root)
+    }
+
     pub fn dir(&self, id: SnapshotId) -> PathBuf {
         self.root.join(id.to_string())
     }
@@ -97,12 +104,12 @@ impl Materializer {
             .await?;
         let tmp = self.root.join(format!(".{id}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        for d in [&tmp, &self.memory_root] {
-            std::fs::create_dir_all(d).map_err(|source| StoreError::Io {
-                context: format!("creating {}", d.display()),
+        std::fs::create_dir_all(&tmp)
+            .and_then(|_| self.ensure_memory_root())
+            .map_err(|source| StoreError::Io {
+                context: format!("creating {} and {}", tmp.display(), self.memory_root.display()),
                 source,
             })?;
-        }
         let total: u64 = manifest.parts().iter().map(|(_, p)| p.size).sum();
         let progress = Arc::new(progress);
         let mut files = self.files(id, &tmp, manifest.clone());
@@ -153,12 +160,7 @@ impl Materializer {
         let tmp = self.root.join(format!(".{id}.adopt"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        std::fs::create_dir_all(&self.memory_root)?;
-        // Guest RAM: owner-only, also when the directory was made by an older version.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&self.memory_root, std::fs::Permissions::from_mode(0o700))?;
-        }
+        self.ensure_memory_root()?;
         let files = self.files(id, &tmp, manifest.clone());
         std::fs::rename(state, &files.state)?;
         std::fs::rename(memory, &files.memory)?;
@@ -212,6 +214,36 @@ impl Materializer {
         let _ = std::fs::remove_file(self.memory_path(id));
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
+}
+
+/// Creates `dir` (its parent must exist) owner-only, or accepts the one there only if it is a
+/// real directory (not a link) owned by this process's user; one made by an older version is
+/// made owner-only. Anything else is refused, naming the owner.
+pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid takes nothing and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() || meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not this platform's: it is {} owned by uid {} (this platform runs as uid {me}); remove it and start again",
+                dir.display(),
+                if meta.file_type().is_dir() { "a directory" } else { "not a directory" },
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// The machine's RAM (4 GiB when /proc/meminfo cannot tell).

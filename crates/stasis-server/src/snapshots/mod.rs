@@ -17,7 +17,6 @@ use stasis_store::{
     STATE_CHUNK_SIZE,
 };
 use stasis_types::{Computer, ComputerId, ComputerStatus, Snapshot, SnapshotId, SnapshotStatus, TenantId};
-use stasis_vmm::snapshot::flatten_disk;
 use stasis_vmm::MachineConfig;
 
 use crate::computers::{Computers, NewComputer};
@@ -436,7 +435,9 @@ impl Snapshots {
                     (Some(ComputerStatus::Running), Some(vm)) => vm,
                     _ => return Err("computer is not running".into()),
                 };
-                let _ = std::fs::create_dir_all(self.materializer.memory_root());
+                self.materializer
+                    .ensure_memory_root()
+                    .map_err(|e| format!("preparing the RAM directory: {e}"))?;
                 let capture = vm
                     .capture(staging, &self.staging_memory(id))
                     .await
@@ -465,11 +466,13 @@ impl Snapshots {
         e.progress = Some(0.0);
         self.events.emit(e).await;
 
-        let flat = staging.join("disk.raw");
-        let _ = std::fs::remove_file(&flat);
-        flatten_disk(&captured.disk, &flat)
-            .await
-            .map_err(|e| format!("reading the frozen disk: {e}"))?;
+        // The capture flattened the disk inside the machine's confinement. (A capture recorded
+        // by a version that left that to the upload names the frozen qcow2 instead: its
+        // headers are the machine's QEMU's to write, so it is not read here.)
+        let flat = captured.disk.clone();
+        if flat.extension().is_some_and(|e| e == "qcow2") {
+            return Err("the capture was recorded by an earlier version of stasis that left the disk unflattened; take the snapshot again".into());
+        }
 
         let size_of = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let total = size_of(&captured.state) + size_of(&captured.memory) + size_of(&flat);

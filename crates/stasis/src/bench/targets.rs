@@ -3,14 +3,14 @@
 //! run mean anything), printed as a table with pass/fail, then where a restore's time goes.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::json;
+use stasis_vmm::process::Process;
 use stasis_vmm::qmp::Qmp;
-use stasis_vmm::vm::{qemu_args, Launch, RestoreTimings, VmPaths};
+use stasis_vmm::vm::{spawn_qemu, Launch, RestoreTimings, VmPaths};
 use stasis_vmm::MachineConfig;
 
 use super::{exec_ok, median, prepare_image, snapshot, wait_snapshot, LocalPlatform};
@@ -77,37 +77,34 @@ async fn restores(api: &Api, computer: &str, snap: &str, n: usize) -> Result<(Du
 }
 
 fn machine(data: &Path, computer: &str) -> Result<MachineConfig> {
-    let path = data.join("computers").join(computer).join("machine.json");
+    let path = data.join("machines").join(computer).join("machine.json");
     Ok(serde_json::from_slice(
         &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
     )?)
 }
 
 fn timings(data: &Path, computer: &str) -> Option<RestoreTimings> {
-    let path = data.join("computers").join(computer).join("restore-timings.json");
+    let path = data.join("machines").join(computer).join("restore-timings.json");
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// A QEMU started on `config` waiting for a stream, and its monitor; returns with it paused.
-async fn spawn_incoming(config: &MachineConfig, dir: &Path) -> Result<(tokio::process::Child, std::sync::Arc<Qmp>)> {
+async fn spawn_incoming(config: &MachineConfig, dir: &Path) -> Result<(Process, std::sync::Arc<Qmp>)> {
     std::fs::create_dir_all(dir)?;
-    let paths = VmPaths::new(dir);
-    let mut cmd = tokio::process::Command::new(&config.qemu_binary);
-    cmd.args(qemu_args(
-        config,
+    let paths = VmPaths::new(dir, dir);
+    let mut config = config.clone();
+    // A bare QEMU, as a user would run one: no confinement.
+    config.jail = None;
+    let process = spawn_qemu(
+        &config,
         &paths,
         Launch {
             incoming: true,
             null_disk_bytes: None,
         },
-    ))
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .kill_on_drop(true);
-    let child = cmd.spawn()?;
+    )?;
     let qmp = Qmp::connect(&paths.qmp(), Duration::from_secs(30)).await?;
-    Ok((child, qmp))
+    Ok((process, qmp))
 }
 
 /// Process start → `cont` returned, for a QEMU loading `state` (with or without RAM in it).
@@ -143,13 +140,14 @@ async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_s
         config.ram_shared = true;
     }
     let t = Instant::now();
-    let (mut child, qmp) = spawn_incoming(&config, dir).await?;
+    let (child, qmp) = spawn_incoming(&config, dir).await?;
     qmp.set_migration(!ram_in_stream, false, false).await?;
     qmp.migrate_in_from_file(state).await?;
     stasis_vmm::snapshot::wait_migration(&qmp, Duration::from_secs(300)).await?;
     qmp.execute("cont", json!({})).await?;
     let took = t.elapsed();
-    let _ = child.kill().await;
+    child.signal(libc::SIGKILL);
+    child.wait().await;
     let _ = std::fs::remove_dir_all(dir);
     Ok(took)
 }
@@ -211,7 +209,7 @@ fn smaps(pid: u32) -> (u64, u64) {
 }
 
 fn qemu_pid(data: &Path, computer: &str) -> Option<u32> {
-    std::fs::read_to_string(data.join("computers").join(computer).join("qemu.pid"))
+    std::fs::read_to_string(data.join("machines").join(computer).join("qemu.pid"))
         .ok()?
         .trim()
         .parse()

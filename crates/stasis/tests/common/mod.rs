@@ -325,7 +325,7 @@ impl Client {
 
 /// QEMU pid of a computer, from its machine directory.
 pub fn qemu_pid(data_dir: &Path, id: &str) -> Option<i32> {
-    std::fs::read_to_string(data_dir.join("computers").join(id).join("qemu.pid"))
+    std::fs::read_to_string(data_dir.join("machines").join(id).join("qemu.pid"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
 }
