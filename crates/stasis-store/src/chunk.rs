@@ -181,7 +181,9 @@ mod tests {
 
     #[test]
     fn the_stored_bound_holds_for_incompressible_chunks() {
-        let raw: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+        let raw: Vec<u8> = (0..65_536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
         assert!(encode(&raw, 19).len() as u64 <= max_stored_len(65_536));
         assert!(max_stored_len(u32::MAX) < 2 * MAX_CHUNK_SIZE as u64);
     }

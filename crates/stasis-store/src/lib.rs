@@ -224,7 +224,7 @@ impl Codec {
 /// Reads an object whose size the store reported with it: one larger than `max` is refused
 /// before its body is read (`Ok(Err(size))`), as is a body that outgrows `max` meanwhile.
 async fn read_bounded(got: object_store::GetResult, max: u64) -> Result<Result<Vec<u8>, u64>, object_store::Error> {
-    let size = got.meta.size as u64;
+    let size = got.meta.size;
     if size > max {
         return Ok(Err(size));
     }
@@ -483,8 +483,8 @@ impl SnapshotStore {
                                     Ok(meta) => (Some(hash), Outcome::Reused(meta.size)),
                                     Err(object_store::Error::NotFound { .. }) => {
                                         let stored = tokio::task::spawn_blocking(move || sealer.encode(hash, &data))
-                                        .await
-                                        .expect("compression does not panic");
+                                            .await
+                                            .expect("compression does not panic");
                                         let n = stored.len() as u64;
                                         store.put(&key, PutPayload::from(stored)).await?;
                                         (Some(hash), Outcome::New(n))
@@ -595,10 +595,8 @@ impl SnapshotStore {
     pub async fn get_manifest_of(&self, recorded: &Recorded) -> Result<Manifest, StoreError> {
         let id = recorded.snapshot_id.as_str();
         let bytes = self.manifest_bytes(id).await?;
-        let header = seal::parse_manifest_header(&bytes).map_err(|source| StoreError::Manifest {
-            id: id.into(),
-            source,
-        })?;
+        let header =
+            seal::parse_manifest_header(&bytes).map_err(|source| StoreError::Manifest { id: id.into(), source })?;
         let found = header.as_ref().map(|(tenant, _)| *tenant);
         let expected = recorded.tenant_id.as_str();
         match found {
@@ -658,14 +656,19 @@ impl SnapshotStore {
                 )));
             };
             key.open_manifest(bytes, snapshot_id).map_err(|e| match e {
-                ManifestError::Authentication => unauthentic(snapshot_id, format!("the manifest of snapshot {snapshot_id}")),
+                ManifestError::Authentication => {
+                    unauthentic(snapshot_id, format!("the manifest of snapshot {snapshot_id}"))
+                }
                 e => bad(e),
             })?
         } else {
             Manifest::decode(bytes).map_err(bad)?
         };
         if m.snapshot_id != snapshot_id {
-            return Err(bad(ManifestError::Parse(format!("it names snapshot {}", m.snapshot_id))));
+            return Err(bad(ManifestError::Parse(format!(
+                "it names snapshot {}",
+                m.snapshot_id
+            ))));
         }
         if m.tenant_id != tenant {
             return Err(modified(
@@ -739,7 +742,10 @@ impl SnapshotStore {
         if manifest.tenant_id != tenant {
             return Err(modified(
                 &snapshot_id,
-                format!("names tenant {}, but the snapshot is tenant {tenant}'s", manifest.tenant_id),
+                format!(
+                    "names tenant {}, but the snapshot is tenant {tenant}'s",
+                    manifest.tenant_id
+                ),
             ));
         }
         let file = std::fs::OpenOptions::new()
@@ -776,10 +782,12 @@ impl SnapshotStore {
                             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
                             Err(e) => return Err(e.into()),
                         };
-                        let stored = read_bounded(got, max_stored).await?.map_err(|size| StoreError::Corrupt {
-                            chunk: hash,
-                            source: ChunkError::TooLarge { size, max: max_stored },
-                        })?;
+                        let stored = read_bounded(got, max_stored)
+                            .await?
+                            .map_err(|size| StoreError::Corrupt {
+                                chunk: hash,
+                                source: ChunkError::TooLarge { size, max: max_stored },
+                            })?;
                         let offset = i as u64 * chunk_size;
                         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
                             let raw = codec.open(&stored, hash).map_err(|source| match source {

@@ -108,7 +108,9 @@ pub enum ManifestError {
     Decompress(String),
     #[error("manifest is not valid: {0}")]
     Parse(String),
-    #[error("manifest version {0} is not supported (this build reads {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not supported (this build reads {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})"
+    )]
     Version(u32),
     #[error("it failed authentication: it was modified in the store, or the master key is wrong")]
     Authentication,
@@ -234,7 +236,10 @@ pub(crate) mod tests {
     fn version_1_manifests_read_with_plain_names_whatever_they_claim() {
         let mut m = sample();
         m.chunk_names = ChunkNames::TenantKeyed;
-        assert_eq!(Manifest::decode(&m.encode()).unwrap().chunk_names, ChunkNames::TenantKeyed);
+        assert_eq!(
+            Manifest::decode(&m.encode()).unwrap().chunk_names,
+            ChunkNames::TenantKeyed
+        );
         m.version = 1;
         let old = Manifest::decode(&m.encode()).unwrap();
         assert_eq!(old.chunk_names, ChunkNames::Blake3);

@@ -77,7 +77,10 @@ mod tests {
         let (a, b) = (NamingKey::from_salt(&[1; 32]), NamingKey::from_salt(&[2; 32]));
         assert_ne!(a.chunk_name(b"data"), b.chunk_name(b"data"));
         assert_ne!(a.chunk_name(b"data"), ChunkHash::of(b"data"));
-        assert_eq!(a.chunk_name(b"data"), NamingKey::from_salt(&[1; 32]).chunk_name(b"data"));
+        assert_eq!(
+            a.chunk_name(b"data"),
+            NamingKey::from_salt(&[1; 32]).chunk_name(b"data")
+        );
         assert_ne!(new_salt(), new_salt());
     }
 }

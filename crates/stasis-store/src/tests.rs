@@ -139,7 +139,13 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     std::fs::write(&on_disk, bytes).unwrap();
 
     let err = store
-        .materialize("t", &manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
+        .materialize(
+            "t",
+            &manifest("s", part.clone()),
+            &part,
+            &dir.path().join("out"),
+            noop(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -150,7 +156,13 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
 
     std::fs::remove_file(&on_disk).unwrap();
     let err = store
-        .materialize("t", &manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
+        .materialize(
+            "t",
+            &manifest("s", part.clone()),
+            &part,
+            &dir.path().join("out"),
+            noop(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::MissingChunk(h) if h == hash));
@@ -302,7 +314,10 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
         assert_eq!(&m.memory, part);
         store.verify_present(&m).await.unwrap();
         let out = dir.path().join(format!("{id}-out"));
-        store.materialize(&m.tenant_id, &m, &m.memory, &out, noop()).await.unwrap();
+        store
+            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
 }
@@ -395,7 +410,10 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
     for id in ["old", "new"] {
         let m = store.get_manifest(id).await.unwrap();
         let out = dir.path().join(id);
-        store.materialize(&m.tenant_id, &m, &m.memory, &out, noop()).await.unwrap();
+        store
+            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
     // Without a key: the old one only, and a clear answer for the new one.
@@ -528,7 +546,10 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
         .await
         .unwrap();
     let recorded = legacy("sa", "a");
-    assert!(store.get_manifest_of(&recorded).await.is_ok(), "the legacy snapshot reads");
+    assert!(
+        store.get_manifest_of(&recorded).await.is_ok(),
+        "the legacy snapshot reads"
+    );
 
     // The swap, as the audit sketches it: a plaintext manifest claiming tenant b.
     let forged = Manifest {
@@ -552,10 +573,7 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     plain.put_manifest(&forged).await.unwrap();
     let m = store.get_manifest_of(&recorded).await.unwrap();
     let out = dir.path().join("out");
-    let err = store
-        .materialize("a", &m, &m.memory, &out, noop())
-        .await
-        .unwrap_err();
+    let err = store.materialize("a", &m, &m.memory, &out, noop()).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     assert!(!contains(&std::fs::read(&out).unwrap(), b"tenant b's secret"));
     // Or saying its chunks are sealed (so a's key would be tried): refused up front.
@@ -565,13 +583,14 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     let bytes = zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 3).unwrap();
     std::fs::write(root.join(SnapshotStore::manifest_key("sa")), bytes).unwrap();
     let err = store.get_manifest_of(&recorded).await.unwrap_err();
-    assert!(err.to_string().contains("is unencrypted but says its chunks are sealed"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is unencrypted but says its chunks are sealed"),
+        "{err}"
+    );
     // And a manifest handed in directly for another tenant than the restoring one.
     let mb = store.get_manifest_of(&rec("sb", "b", true)).await.unwrap();
-    let err = store
-        .materialize("a", &mb, &mb.memory, &out, noop())
-        .await
-        .unwrap_err();
+    let err = store.materialize("a", &mb, &mb.memory, &out, noop()).await.unwrap_err();
     assert_eq!(err.damaged_snapshot(), Some("sb"), "{err:?}");
 }
 
@@ -629,7 +648,10 @@ async fn a_modified_unencrypted_manifest_is_refused_against_its_recorded_hash() 
         // Accepted as found only for a snapshot that has no recorded hash.
         assert!(store.get_manifest_of(&legacy("s", "t")).await.is_ok());
     }
-    assert!(root.join(evil.chunks[0].unwrap().key()).exists(), "a refused collection deletes nothing");
+    assert!(
+        root.join(evil.chunks[0].unwrap().key()).exists(),
+        "a refused collection deletes nothing"
+    );
 }
 
 /// Attack (c), audit 10c: a chunk object far larger than any chunk is refused from its size
@@ -663,7 +685,10 @@ async fn an_oversized_chunk_object_is_refused_from_its_size_unread() {
             if *chunk == hash && *size == huge && *m == max),
         "{err:?}"
     );
-    assert!(err.to_string().contains(&format!("the object is {huge} bytes")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("the object is {huge} bytes")),
+        "{err}"
+    );
 }
 
 /// Attack (d), audit 11: without encryption, two tenants storing identical content share no
@@ -675,7 +700,9 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     let store = keyed_store(&root);
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     let src = sparse_file(dir.path(), "disk", 1 << 20, &[(0, &data), (600_000, &data)]);
     let (pa, sa) = store
         .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
@@ -711,8 +738,14 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
         })
         .await
         .unwrap();
-    let wa = store.put_manifest(&tenant_manifest(&store, "sa", "a", pa.clone())).await.unwrap();
-    store.put_manifest(&tenant_manifest(&store, "sb", "b", pb.clone())).await.unwrap();
+    let wa = store
+        .put_manifest(&tenant_manifest(&store, "sa", "a", pa.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest(&store, "sb", "b", pb.clone()))
+        .await
+        .unwrap();
     let live = [
         Recorded {
             manifest_hash: Some(wa.hash),
