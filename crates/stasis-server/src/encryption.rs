@@ -136,7 +136,8 @@ impl ChunkSalts {
                 .map_err(|e| StoreError::Key(format!("reading whether snapshots are encrypted: {e}")))?;
             if keys > 0 {
                 return Err(StoreError::Key(format!(
-                    "this platform encrypts snapshots ({keys} tenants have data keys), but this server was started                      without --master-key-file: refusing to store tenant {tenant}'s snapshot unencrypted"
+                    "this platform encrypts snapshots ({keys} tenants have data keys), but this server was started \
+                     without --master-key-file: refusing to store tenant {tenant}'s snapshot unencrypted"
                 )));
             }
         }
