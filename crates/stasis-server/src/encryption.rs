@@ -2,13 +2,16 @@
 //! data keys kept in the database wrapped by it. The snapshot store asks this keyring for a
 //! tenant's key whenever it seals or opens that tenant's chunks and manifests (uploads,
 //! restores, garbage collection).
+//!
+//! Without encryption, tenants' chunk salts ([`ChunkSalts`]): chunk names are still keyed per
+//! tenant, so deduplication never crosses tenants.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use stasis_store::{Keyring, MasterKey, StoreError, TenantKey};
+use stasis_store::{Keyring, MasterKey, NamingKey, NamingKeys, StoreError, TenantKey};
 
 use crate::db::{Db, WrappedKey};
 
@@ -106,9 +109,101 @@ impl Keyring for TenantKeys {
     }
 }
 
+/// Tenants' chunk naming keys (unencrypted stores), from salts in the database made on first
+/// need; kept in memory once read.
+pub struct ChunkSalts {
+    db: Db,
+    cache: Mutex<HashMap<String, Arc<NamingKey>>>,
+}
+
+impl ChunkSalts {
+    pub fn new(db: Db) -> ChunkSalts {
+        ChunkSalts {
+            db,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn load(&self, tenant: &str, create: bool) -> Result<Arc<NamingKey>, StoreError> {
+        if create {
+            // Asked for only when writing unencrypted (a server with a master key seals
+            // instead). Where tenants have data keys, this platform encrypts: a host started
+            // without the master key must not quietly store plaintext beside it.
+            let keys = self
+                .db
+                .count_data_keys()
+                .await
+                .map_err(|e| StoreError::Key(format!("reading whether snapshots are encrypted: {e}")))?;
+            if keys > 0 {
+                return Err(StoreError::Key(format!(
+                    "this platform encrypts snapshots ({keys} tenants have data keys), but this server was started \
+                     without --master-key-file: refusing to store tenant {tenant}'s snapshot unencrypted"
+                )));
+            }
+        }
+        if let Some(k) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(tenant) {
+            return Ok(k.clone());
+        }
+        let db_err = |e: sqlx::Error| StoreError::Key(format!("reading tenant {tenant}'s chunk salt: {e}"));
+        let mut salt = self.db.tenant_chunk_salt(tenant).await.map_err(db_err)?;
+        if salt.is_none() && create {
+            self.db
+                .insert_tenant_chunk_salt(tenant, &stasis_store::naming::new_salt())
+                .await
+                .map_err(|e| StoreError::Key(format!("keeping tenant {tenant}'s chunk salt: {e}")))?;
+            // Whichever salt won a race is the tenant's.
+            salt = self.db.tenant_chunk_salt(tenant).await.map_err(db_err)?;
+        }
+        let Some(salt) = salt else {
+            return Err(StoreError::Key(format!(
+                "tenant {tenant} has no chunk salt, so it has no snapshots named with one"
+            )));
+        };
+        let key = Arc::new(NamingKey::from_salt(&salt));
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), key.clone());
+        Ok(key)
+    }
+}
+
+impl NamingKeys for ChunkSalts {
+    fn naming_key<'a>(&'a self, tenant: &'a str, create: bool) -> BoxFuture<'a, Result<Arc<NamingKey>, StoreError>> {
+        Box::pin(self.load(tenant, create))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_chunk_salt_per_tenant_even_when_made_concurrently_and_none_beside_data_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("db")).await.unwrap();
+        let (s1, s2) = (ChunkSalts::new(db.clone()), ChunkSalts::new(db.clone()));
+        let (a, b) = tokio::join!(s1.naming_key("t", true), s2.naming_key("t", true));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.chunk_name(b"x"), b.chunk_name(b"x"), "one salt won");
+        let u = s1.naming_key("u", true).await.unwrap();
+        assert_ne!(u.chunk_name(b"x"), a.chunk_name(b"x"), "per tenant");
+        assert!(matches!(s1.naming_key("v", false).await, Err(StoreError::Key(_))));
+        let again = ChunkSalts::new(db.clone());
+        assert_eq!(
+            again.naming_key("t", false).await.unwrap().chunk_name(b"x"),
+            a.chunk_name(b"x")
+        );
+        // Once a tenant has a data key, a server without the master key stores nothing
+        // unencrypted (reading its older unencrypted snapshots still works).
+        TenantKeys::new(db.clone(), MasterKey::from_bytes([7; 32]))
+            .tenant_key("t", true)
+            .await
+            .unwrap();
+        let err = again.naming_key("w", true).await.unwrap_err().to_string();
+        assert!(err.contains("started without --master-key-file"), "{err}");
+        assert!(again.naming_key("t", false).await.is_ok());
+    }
 
     #[tokio::test]
     async fn one_data_key_per_tenant_even_when_made_concurrently_and_only_the_right_master_opens_it() {

@@ -323,7 +323,8 @@ impl Platform {
             Some(url) => stasis_store::SnapshotStore::open(url, &config.s3),
             None => stasis_store::SnapshotStore::local(&config.data_dir.join("objects")),
         }
-        .map_err(|e| format!("opening the snapshot store: {e}"))?;
+        .map_err(|e| format!("opening the snapshot store: {e}"))?
+        .with_naming(Arc::new(encryption::ChunkSalts::new(db.clone())));
         let store = match &config.master_key_file {
             None => store,
             Some(path) => {

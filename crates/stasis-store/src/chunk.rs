@@ -88,6 +88,16 @@ pub enum ChunkError {
     HashMismatch { actual: String },
     #[error("it failed authentication: it was modified in the store, or the master key is wrong")]
     Authentication,
+    /// Refused from the object's size, before its body is read.
+    #[error("the object is {size} bytes, more than the {max} a chunk of its part can take")]
+    TooLarge { size: u64, max: u64 },
+}
+
+/// The most a stored chunk of a part with chunks of `chunk_size` bytes can take, plaintext or
+/// sealed: an object larger than this is refused unread.
+pub fn max_stored_len(chunk_size: u32) -> u64 {
+    let raw = (chunk_size as usize).min(MAX_CHUNK_SIZE);
+    (zstd::zstd_safe::compress_bound(raw) + HEADER_LEN + crate::seal::CHUNK_OVERHEAD) as u64
 }
 
 /// Decodes a stored chunk and checks it is exactly the chunk named `expected`.
@@ -167,6 +177,15 @@ mod tests {
         let mut lying = encode(&raw, 3);
         lying[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
         assert!(matches!(decode(&lying, h), Err(ChunkError::Length(_))));
+    }
+
+    #[test]
+    fn the_stored_bound_holds_for_incompressible_chunks() {
+        let raw: Vec<u8> = (0..65_536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        assert!(encode(&raw, 19).len() as u64 <= max_stored_len(65_536));
+        assert!(max_stored_len(u32::MAX) < 2 * MAX_CHUNK_SIZE as u64);
     }
 
     #[test]

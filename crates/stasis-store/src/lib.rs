@@ -7,18 +7,25 @@
 //! snapshots/<snapshot id>/manifest.zst     the manifest (see `manifest`)
 //! ```
 //!
-//! A chunk is stored once per store, whoever needs it; all-zero chunks are not stored at all.
-//! Uploads hash, compress and upload in parallel and skip chunks the store already has, so a
-//! snapshot that shares most of its bytes with an earlier one uploads only the difference.
-//! Every chunk read back is verified against its name before it is used.
+//! A chunk is stored once per tenant, however many of its snapshots need it; all-zero chunks
+//! are not stored at all. Uploads hash, compress and upload in parallel and skip chunks the
+//! store already has, so a snapshot that shares most of its bytes with an earlier one uploads
+//! only the difference. Every chunk read back is verified against its name before it is used.
 //!
-//! With a [`Keyring`] (the operator set a master key), chunks and manifests are sealed with
-//! their tenant's key instead (see `seal`): chunks are named by a keyed hash, so deduplication
-//! happens within a tenant only, and a modified object fails to open. Manifests written
-//! without a key stay readable (their chunks too); sealed ones need the key.
+//! Chunk names are keyed per tenant, so deduplication never crosses tenants: with
+//! [`NamingKeys`] (unencrypted, see `naming`) by a keyed BLAKE3, or with a [`Keyring`] (the
+//! operator set a master key) by a subkey of the tenant's data key, and chunks and manifests
+//! are then sealed too (see `seal`). Older snapshots named chunks by plain BLAKE3, shared by
+//! all tenants; the manifest says which ([`ChunkNames`]) and they still restore.
+//!
+//! The store trusts nothing it reads back: the platform passes in what its database recorded
+//! about a snapshot ([`Recorded`]: its tenant, whether it was sealed, the hash of its manifest
+//! object), and a manifest that disagrees is refused as tampering. The key that opens a
+//! snapshot's chunks is always its recorded tenant's, never one the manifest names.
 
 pub mod chunk;
 pub mod manifest;
+pub mod naming;
 pub mod seal;
 
 use std::collections::HashSet;
@@ -33,7 +40,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 
 pub use chunk::{ChunkError, ChunkHash};
-pub use manifest::{Manifest, ManifestError, Part, MANIFEST_VERSION};
+pub use manifest::{ChunkNames, Manifest, ManifestError, ManifestHash, Part, MANIFEST_VERSION};
+pub use naming::{MemoryNamingKeys, NamingKey, NamingKeys};
 pub use seal::{Keyring, MasterKey, MemoryKeyring, TenantKey};
 
 /// Chunk sizes by part: RAM changes in small scattered pieces, disks in larger runs.
@@ -68,9 +76,10 @@ pub enum StoreError {
     Config(String),
     #[error("manifest of snapshot {0} is missing from the store")]
     MissingManifest(String),
-    /// A sealed chunk or manifest did not open with its tenant's key.
-    #[error("{what} failed authentication: it was modified in the store, or sealed with another key")]
-    Tampered { what: String },
+    /// An object of `snapshot` was modified in the store: a sealed one did not open with its
+    /// tenant's key, or a manifest disagrees with what the platform recorded.
+    #[error("{message}")]
+    Tampered { snapshot: String, message: String },
     /// Keys: none given for an encrypted snapshot, a master key that does not open a tenant's
     /// data key, the database they are kept in.
     #[error("{0}")]
@@ -81,6 +90,33 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// The snapshot this error shows to be damaged in the store, if it does.
+    pub fn damaged_snapshot(&self) -> Option<&str> {
+        match self {
+            StoreError::Tampered { snapshot, .. } => Some(snapshot),
+            StoreError::Manifest { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// `what` (of `snapshot`) did not open with its key.
+fn unauthentic(snapshot: &str, what: String) -> StoreError {
+    StoreError::Tampered {
+        snapshot: snapshot.to_string(),
+        message: format!("{what} failed authentication: it was modified in the store, or sealed with another key"),
+    }
+}
+
+/// The manifest of `snapshot` contradicts what the platform recorded: `how`.
+fn modified(snapshot: &str, how: String) -> StoreError {
+    StoreError::Tampered {
+        snapshot: snapshot.to_string(),
+        message: format!("the manifest of snapshot {snapshot} {how}: it was modified in the store"),
+    }
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -127,6 +163,83 @@ pub struct GcStats {
 /// Called with the number of bytes processed so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// What the platform's database says about a stored snapshot (kept where whoever can write
+/// to the store cannot change it). Every manifest read for a restore or a collection must
+/// agree with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub snapshot_id: String,
+    /// The tenant it belongs to: its manifest must name this tenant, and this tenant's key
+    /// opens its chunks.
+    pub tenant_id: String,
+    /// Stored encrypted: an unencrypted manifest in its place is refused.
+    pub sealed: bool,
+    /// BLAKE3 of the manifest object as written. `None` for snapshots taken before it was
+    /// recorded: those are accepted as they are found (there is nothing to check them by).
+    pub manifest_hash: Option<ManifestHash>,
+}
+
+/// A manifest as written: its size and hash (for the platform to record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredManifest {
+    pub bytes: u64,
+    pub hash: ManifestHash,
+}
+
+/// How one tenant's chunks are named, stored and opened.
+#[derive(Clone)]
+enum Codec {
+    Plain,
+    Keyed(Arc<NamingKey>),
+    Sealed(Arc<TenantKey>),
+}
+
+impl Codec {
+    fn name(&self, raw: &[u8]) -> ChunkHash {
+        match self {
+            Codec::Plain => ChunkHash::of(raw),
+            Codec::Keyed(k) => k.chunk_name(raw),
+            Codec::Sealed(k) => k.chunk_name(raw),
+        }
+    }
+
+    fn encode(&self, name: ChunkHash, raw: &[u8]) -> Vec<u8> {
+        match self {
+            Codec::Plain | Codec::Keyed(_) => chunk::encode(raw, COMPRESSION_LEVEL),
+            Codec::Sealed(k) => k.seal_chunk(name, raw, COMPRESSION_LEVEL),
+        }
+    }
+
+    /// A sealed object under a plaintext naming (or the reverse) fails here: the form of
+    /// the chunks follows the manifest, never the bytes of the object.
+    fn open(&self, stored: &[u8], name: ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        match self {
+            Codec::Plain => chunk::decode(stored, name),
+            Codec::Keyed(k) => chunk::decode_with(stored, name, |raw| k.chunk_name(raw)),
+            Codec::Sealed(k) => k.open_chunk(stored, name),
+        }
+    }
+}
+
+/// Reads an object whose size the store reported with it: one larger than `max` is refused
+/// before its body is read (`Ok(Err(size))`), as is a body that outgrows `max` meanwhile.
+async fn read_bounded(got: object_store::GetResult, max: u64) -> Result<Result<Vec<u8>, u64>, object_store::Error> {
+    let size = got.meta.size;
+    if size > max {
+        return Ok(Err(size));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    let mut body = got.into_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece?;
+        if (buf.len() + piece.len()) as u64 > max {
+            return Ok(Err((buf.len() + piece.len()) as u64));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(Ok(buf))
+}
+
 /// How to reach an S3-compatible store beyond what the standard `AWS_*` variables say
 /// (credentials always come from those: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
 #[derive(Debug, Clone, Default)]
@@ -150,6 +263,8 @@ pub struct SnapshotStore {
     gc_lock: Arc<tokio::sync::RwLock<()>>,
     /// Set when snapshots are encrypted at rest: tenants' keys.
     keyring: Option<Arc<dyn Keyring>>,
+    /// Tenants' chunk naming keys, for unencrypted snapshots.
+    naming: Option<Arc<dyn NamingKeys>>,
 }
 
 enum Outcome {
@@ -169,6 +284,7 @@ impl SnapshotStore {
             prefix: String::new(),
             gc_lock: Arc::default(),
             keyring: None,
+            naming: None,
         }
     }
 
@@ -226,6 +342,7 @@ impl SnapshotStore {
             prefix,
             gc_lock: Arc::default(),
             keyring: None,
+            naming: None,
         })
     }
 
@@ -235,9 +352,44 @@ impl SnapshotStore {
         self
     }
 
+    /// Names unencrypted chunks with tenants' naming keys (and reads snapshots so named; a
+    /// store with a keyring still needs these for snapshots taken before it had one).
+    pub fn with_naming(mut self, naming: Arc<dyn NamingKeys>) -> SnapshotStore {
+        self.naming = Some(naming);
+        self
+    }
+
     /// Whether what it writes is sealed.
     pub fn encrypted(&self) -> bool {
         self.keyring.is_some()
+    }
+
+    /// How the chunks it writes are named (what manifests written by it must say).
+    pub fn chunk_names(&self) -> ChunkNames {
+        match (&self.keyring, &self.naming) {
+            (Some(_), _) => ChunkNames::Sealed,
+            (None, Some(_)) => ChunkNames::TenantKeyed,
+            (None, None) => ChunkNames::Blake3,
+        }
+    }
+
+    /// How `tenant`'s chunks named `names` are handled; `snapshot` is for messages.
+    async fn codec(&self, names: ChunkNames, tenant: &str, create: bool, snapshot: &str) -> Result<Codec, StoreError> {
+        match names {
+            ChunkNames::Blake3 => Ok(Codec::Plain),
+            ChunkNames::TenantKeyed => match &self.naming {
+                Some(n) => Ok(Codec::Keyed(n.naming_key(tenant, create).await?)),
+                None => Err(StoreError::Config(format!(
+                    "snapshot {snapshot} names its chunks with its tenant's naming key, and this store has no naming keys"
+                ))),
+            },
+            ChunkNames::Sealed => match self.tenant_key(tenant, create).await? {
+                Some(k) => Ok(Codec::Sealed(k)),
+                None => Err(StoreError::Key(format!(
+                    "snapshot {snapshot} is encrypted; start the server with its --master-key-file"
+                ))),
+            },
+        }
     }
 
     /// The tenant's key: made if the tenant has none yet when `create`.
@@ -294,7 +446,7 @@ impl SnapshotStore {
         let holes = Arc::new(data_ranges(&file, size));
         let count = size.div_ceil(chunk_size as u64) as usize;
         let done = Arc::new(AtomicU64::new(0));
-        let key = self.tenant_key(tenant, true).await?;
+        let codec = self.codec(self.chunk_names(), tenant, true, "being uploaded").await?;
 
         let results: Vec<(usize, Option<ChunkHash>, Outcome, u64)> = futures::stream::iter(0..count)
             .map(|i| {
@@ -303,8 +455,8 @@ impl SnapshotStore {
                 let store = self.store.clone();
                 let done = done.clone();
                 let progress = progress.clone();
-                let key = key.clone();
-                let sealer = key.clone();
+                let codec = codec.clone();
+                let sealer = codec.clone();
                 async move {
                     let start = i as u64 * chunk_size as u64;
                     let len = (size - start).min(chunk_size as u64);
@@ -318,11 +470,7 @@ impl SnapshotStore {
                                 if chunk::is_zero(&buf) {
                                     return Ok(None);
                                 }
-                                let name = match &key {
-                                    Some(k) => k.chunk_name(&buf),
-                                    None => ChunkHash::of(&buf),
-                                };
-                                Ok(Some((name, buf)))
+                                Ok(Some((codec.name(&buf), buf)))
                             })
                             .await
                             .expect("chunk reader does not panic")
@@ -334,12 +482,9 @@ impl SnapshotStore {
                                 match store.head(&key).await {
                                     Ok(meta) => (Some(hash), Outcome::Reused(meta.size)),
                                     Err(object_store::Error::NotFound { .. }) => {
-                                        let stored = tokio::task::spawn_blocking(move || match &sealer {
-                                            Some(k) => k.seal_chunk(hash, &data, COMPRESSION_LEVEL),
-                                            None => chunk::encode(&data, COMPRESSION_LEVEL),
-                                        })
-                                        .await
-                                        .expect("compression does not panic");
+                                        let stored = tokio::task::spawn_blocking(move || sealer.encode(hash, &data))
+                                            .await
+                                            .expect("compression does not panic");
                                         let n = stored.len() as u64;
                                         store.put(&key, PutPayload::from(stored)).await?;
                                         (Some(hash), Outcome::New(n))
@@ -397,82 +542,156 @@ impl SnapshotStore {
     }
 
     /// Writes the manifest (sealed with its tenant's key if the store is encrypted); the
-    /// snapshot exists in the store from this moment.
-    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<u64, StoreError> {
+    /// snapshot exists in the store from this moment. Returns what the platform records to
+    /// check it by later.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<StoredManifest, StoreError> {
+        if manifest.chunk_names != self.chunk_names() {
+            // Readers verify chunks the way the manifest says: a wrong claim would make the
+            // snapshot unreadable.
+            return Err(StoreError::Config(format!(
+                "the manifest of snapshot {} says its chunks are named {}, but this store names them {}",
+                manifest.snapshot_id,
+                manifest.chunk_names.as_str(),
+                self.chunk_names().as_str()
+            )));
+        }
         let bytes = match self.tenant_key(&manifest.tenant_id, true).await? {
             Some(key) => key.seal_manifest(manifest),
             None => manifest.encode(),
         };
-        let n = bytes.len() as u64;
+        let stored = StoredManifest {
+            bytes: bytes.len() as u64,
+            hash: ManifestHash::of(&bytes),
+        };
         self.store
             .put(
                 &ObjectPath::from(Self::manifest_key(&manifest.snapshot_id)),
                 PutPayload::from(bytes),
             )
             .await?;
-        Ok(n)
+        Ok(stored)
     }
 
+    /// Reads a manifest checking only that it is well formed: for tools and tests that
+    /// inspect a store. The platform reads through [`SnapshotStore::get_manifest_of`].
     pub async fn get_manifest(&self, snapshot_id: &str) -> Result<Manifest, StoreError> {
-        self.get_manifest_of(snapshot_id, None).await
+        let bytes = self.manifest_bytes(snapshot_id).await?;
+        let bad = |source| StoreError::Manifest {
+            id: snapshot_id.into(),
+            source,
+        };
+        let tenant = match seal::parse_manifest_header(&bytes).map_err(bad)? {
+            Some((tenant, _)) => tenant.to_string(),
+            None => Manifest::decode(&bytes).map_err(bad)?.tenant_id,
+        };
+        self.open_manifest(snapshot_id, &tenant, &bytes).await
     }
 
-    /// Reads a manifest; with `sealed_for`, one the platform stored encrypted for that tenant,
-    /// so an unencrypted manifest, or one sealed for another tenant, in its place is refused
-    /// as tampering (someone who can write to the store cannot downgrade a snapshot).
-    pub async fn get_manifest_of(&self, snapshot_id: &str, sealed_for: Option<&str>) -> Result<Manifest, StoreError> {
+    /// Reads the manifest of a snapshot the platform recorded as `recorded`, refusing as
+    /// tampering one that is not the object written when it was taken (by its hash), one
+    /// unencrypted in place of a sealed one, or one that names another tenant. Whoever can
+    /// write to the store can then neither change a snapshot nor make a restore open another
+    /// tenant's chunks.
+    pub async fn get_manifest_of(&self, recorded: &Recorded) -> Result<Manifest, StoreError> {
+        let id = recorded.snapshot_id.as_str();
+        let bytes = self.manifest_bytes(id).await?;
+        let header =
+            seal::parse_manifest_header(&bytes).map_err(|source| StoreError::Manifest { id: id.into(), source })?;
+        let found = header.as_ref().map(|(tenant, _)| *tenant);
+        let expected = recorded.tenant_id.as_str();
+        match found {
+            None if recorded.sealed => {
+                return Err(unauthentic(
+                    id,
+                    format!("the manifest of snapshot {id} (stored encrypted, found unencrypted)"),
+                ))
+            }
+            Some(other) if other != expected => {
+                return Err(unauthentic(
+                    id,
+                    format!("the manifest of snapshot {id} (stored for tenant {expected}, found sealed for {other})"),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(hash) = recorded.manifest_hash {
+            if ManifestHash::of(&bytes) != hash {
+                return Err(modified(
+                    id,
+                    "does not match the one recorded when it was taken".to_string(),
+                ));
+            }
+        }
+        self.open_manifest(id, expected, &bytes).await
+    }
+
+    /// The stored manifest object, refused unread when it is too large.
+    async fn manifest_bytes(&self, snapshot_id: &str) -> Result<Vec<u8>, StoreError> {
         let key = ObjectPath::from(Self::manifest_key(snapshot_id));
         let got = match self.store.get(&key).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingManifest(snapshot_id.into())),
             Err(e) => return Err(e.into()),
         };
-        if got.meta.size as usize > manifest::MAX_MANIFEST_BYTES {
-            return Err(StoreError::Manifest {
+        read_bounded(got, manifest::MAX_MANIFEST_BYTES as u64)
+            .await?
+            .map_err(|_| StoreError::Manifest {
                 id: snapshot_id.into(),
                 source: ManifestError::TooLarge,
-            });
-        }
-        let bytes = got.bytes().await?;
+            })
+    }
+
+    /// Decodes (opening with `tenant`'s key, if sealed) a manifest that must be `tenant`'s
+    /// snapshot `snapshot_id`, naming its chunks the way its form allows.
+    async fn open_manifest(&self, snapshot_id: &str, tenant: &str, bytes: &[u8]) -> Result<Manifest, StoreError> {
         let bad = |source| StoreError::Manifest {
             id: snapshot_id.into(),
             source,
         };
-        let header = seal::parse_manifest_header(&bytes).map_err(bad)?;
-        if let Some(expected) = sealed_for {
-            let found = header.as_ref().map(|(tenant, _)| *tenant);
-            if found != Some(expected) {
-                return Err(StoreError::Tampered {
-                    what: match found {
-                        None => format!("the manifest of snapshot {snapshot_id} (stored encrypted, found unencrypted)"),
-                        Some(other) => format!(
-                            "the manifest of snapshot {snapshot_id} (stored encrypted for tenant {expected}, found sealed for {other})"
-                        ),
-                    },
-                });
-            }
-        }
-        let m = match header {
-            None => Manifest::decode(&bytes).map_err(bad)?,
-            Some((tenant, _)) => {
-                let Some(key) = self.tenant_key(tenant, false).await? else {
-                    return Err(StoreError::Key(format!(
-                        "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
-                    )));
-                };
-                key.open_manifest(&bytes, snapshot_id).map_err(|e| match e {
-                    ManifestError::Authentication => StoreError::Tampered {
-                        what: format!("the manifest of snapshot {snapshot_id}"),
-                    },
-                    e => bad(e),
-                })?
-            }
+        let sealed = seal::parse_manifest_header(bytes).map_err(bad)?.is_some();
+        let mut m = if sealed {
+            let Some(key) = self.tenant_key(tenant, false).await? else {
+                return Err(StoreError::Key(format!(
+                    "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
+                )));
+            };
+            key.open_manifest(bytes, snapshot_id).map_err(|e| match e {
+                ManifestError::Authentication => {
+                    unauthentic(snapshot_id, format!("the manifest of snapshot {snapshot_id}"))
+                }
+                e => bad(e),
+            })?
+        } else {
+            Manifest::decode(bytes).map_err(bad)?
         };
         if m.snapshot_id != snapshot_id {
-            return Err(StoreError::Manifest {
-                id: snapshot_id.into(),
-                source: ManifestError::Parse(format!("it names snapshot {}", m.snapshot_id)),
-            });
+            return Err(bad(ManifestError::Parse(format!(
+                "it names snapshot {}",
+                m.snapshot_id
+            ))));
+        }
+        if m.tenant_id != tenant {
+            return Err(modified(
+                snapshot_id,
+                format!("names tenant {}, but the snapshot is tenant {tenant}'s", m.tenant_id),
+            ));
+        }
+        match (sealed, m.chunk_names) {
+            // Version 1 sealed manifests did not say: their chunks are sealed.
+            (true, _) if m.version == 1 => m.chunk_names = ChunkNames::Sealed,
+            (true, ChunkNames::Sealed) | (false, ChunkNames::Blake3 | ChunkNames::TenantKeyed) => {}
+            (true, names) => {
+                return Err(bad(ManifestError::Parse(format!(
+                    "it is sealed but says its chunks are named {}",
+                    names.as_str()
+                ))))
+            }
+            (false, _) => {
+                return Err(modified(
+                    snapshot_id,
+                    "is unencrypted but says its chunks are sealed".to_string(),
+                ))
+            }
         }
         Ok(m)
     }
@@ -508,14 +727,27 @@ impl SnapshotStore {
     }
 
     /// Rebuilds a part of `manifest` into `dest` (sparse: zero chunks stay holes), verifying
-    /// every chunk (and opening sealed ones with the manifest's tenant's key).
+    /// every chunk the way the manifest names them, with `tenant`'s keys: the snapshot's
+    /// tenant as the platform recorded it (a manifest naming another is refused). Each chunk
+    /// object is size-checked before its body is read.
     pub async fn materialize(
         &self,
+        tenant: &str,
         manifest: &Manifest,
         part: &Part,
         dest: &Path,
         progress: Progress,
     ) -> Result<(), StoreError> {
+        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
+        if manifest.tenant_id != tenant {
+            return Err(modified(
+                &snapshot_id,
+                format!(
+                    "names tenant {}, but the snapshot is tenant {tenant}'s",
+                    manifest.tenant_id
+                ),
+            ));
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -527,11 +759,12 @@ impl SnapshotStore {
         let done = Arc::new(AtomicU64::new(0));
         let chunk_size = part.chunk_size as u64;
         let size = part.size;
-        // A sealed manifest names sealed chunks (a plaintext chunk under a keyed name fails
-        // its hash check); the key is looked up once, when the first one comes.
-        let key: Arc<tokio::sync::OnceCell<Arc<TenantKey>>> = Arc::default();
-        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
-        let tenant: Arc<str> = manifest.tenant_id.as_str().into();
+        let max_stored = chunk::max_stored_len(part.chunk_size);
+        let codec = if part.chunks.iter().any(Option::is_some) {
+            Some(self.codec(manifest.chunk_names, tenant, false, &snapshot_id).await?)
+        } else {
+            None
+        };
         // Owned items and handles: futures that borrow from the iterator are not `Send` for
         // every lifetime, which spawned callers need.
         futures::stream::iter(part.chunks.clone().into_iter().enumerate())
@@ -541,40 +774,26 @@ impl SnapshotStore {
                 let progress = progress.clone();
                 let store = self.store.clone();
                 let len = (size - i as u64 * chunk_size).min(chunk_size);
-                let (key, snapshot_id, tenant) = (key.clone(), snapshot_id.clone(), tenant.clone());
-                let keyring = self.keyring.clone();
+                let (codec, snapshot_id) = (codec.clone(), snapshot_id.clone());
                 async move {
-                    if let Some(hash) = hash {
+                    if let (Some(hash), Some(codec)) = (hash, codec) {
                         let got = match store.get(&ObjectPath::from(hash.key())).await {
                             Ok(g) => g,
                             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
                             Err(e) => return Err(e.into()),
                         };
-                        let stored = got.bytes().await?;
+                        let stored = read_bounded(got, max_stored)
+                            .await?
+                            .map_err(|size| StoreError::Corrupt {
+                                chunk: hash,
+                                source: ChunkError::TooLarge { size, max: max_stored },
+                            })?;
                         let offset = i as u64 * chunk_size;
-                        let key = if seal::is_sealed_chunk(&stored) {
-                            let Some(keyring) = keyring else {
-                                return Err(StoreError::Key(format!(
-                                    "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
-                                )));
-                            };
-                            Some(
-                                key.get_or_try_init(|| keyring.tenant_key(&tenant, false))
-                                    .await?
-                                    .clone(),
-                            )
-                        } else {
-                            None
-                        };
                         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                            let raw = match key {
-                                Some(key) => key.open_chunk(&stored, hash),
-                                None => chunk::decode(&stored, hash),
-                            }
-                            .map_err(|source| match source {
-                                ChunkError::Authentication => StoreError::Tampered {
-                                    what: format!("chunk {hash} of snapshot {snapshot_id}"),
-                                },
+                            let raw = codec.open(&stored, hash).map_err(|source| match source {
+                                ChunkError::Authentication => {
+                                    unauthentic(&snapshot_id, format!("chunk {hash} of snapshot {snapshot_id}"))
+                                }
                                 source => StoreError::Corrupt { chunk: hash, source },
                             })?;
                             if raw.len() as u64 != len {
@@ -600,14 +819,15 @@ impl SnapshotStore {
         Ok(())
     }
 
-    /// Deletes chunks no live snapshot needs. `live` are the snapshots whose manifests must
-    /// stay whole; chunks younger than `grace` are kept too (an upload may be about to name
-    /// them).
-    pub async fn collect_garbage(&self, live: &[String], grace: Duration) -> Result<GcStats, StoreError> {
+    /// Deletes chunks no live snapshot needs, whichever way they are named. `live` are the
+    /// snapshots whose manifests must stay whole, as recorded; one that fails its checks stops
+    /// the collection (its real chunks are unknown, so none may go) with an error naming it.
+    /// Chunks younger than `grace` are kept too (an upload may be about to name them).
+    pub async fn collect_garbage(&self, live: &[Recorded], grace: Duration) -> Result<GcStats, StoreError> {
         let _guard = self.gc_lock.write().await;
         let mut needed: HashSet<ChunkHash> = HashSet::new();
-        for id in live {
-            match self.get_manifest(id).await {
+        for recorded in live {
+            match self.get_manifest_of(recorded).await {
                 Ok(m) => needed.extend(m.chunk_set()),
                 // A live snapshot without a manifest is still uploading; the grace period
                 // protects what it has written so far.

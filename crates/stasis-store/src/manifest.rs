@@ -1,12 +1,18 @@
 //! The manifest: everything a restore needs besides the chunks. Versioned, zstd-compressed
 //! JSON, read with a size cap.
+//!
+//! Version 2 added `chunk_names` (how the chunks are named, so a reader verifies them the
+//! way they were written); version 1 manifests named chunks by plain BLAKE3 when plaintext,
+//! by the sealing key's name hash when sealed, and still read.
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkHash, MAX_CHUNK_SIZE};
 
 /// Bumped on any incompatible change; readers refuse versions they do not know.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
+/// The oldest version still read.
+pub const OLDEST_MANIFEST_VERSION: u32 = 1;
 /// Largest manifest accepted (compressed and decompressed).
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
 
@@ -26,6 +32,64 @@ pub struct Manifest {
     pub memory: Part,
     /// The root disk as the guest sees it (flattened raw).
     pub disk: Part,
+    /// How the chunks are named (absent before version 2: see [`ChunkNames::Blake3`]).
+    #[serde(default)]
+    pub chunk_names: ChunkNames,
+}
+
+/// How a manifest's chunks are named: a chunk is only accepted if its content hashes, this
+/// way, to the name it was fetched by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkNames {
+    /// Plain BLAKE3, the same for every tenant (unencrypted stores before version 2): chunks
+    /// are shared across tenants.
+    #[default]
+    Blake3,
+    /// BLAKE3 keyed with the tenant's naming key (unencrypted stores from version 2 on): no
+    /// chunk is shared across tenants, so deduplication reveals nothing about other tenants.
+    TenantKeyed,
+    /// Keyed with the tenant's data key, and the chunks are sealed (encrypted stores).
+    Sealed,
+}
+
+impl ChunkNames {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkNames::Blake3 => "blake3",
+            ChunkNames::TenantKeyed => "tenant_keyed",
+            ChunkNames::Sealed => "sealed",
+        }
+    }
+}
+
+/// BLAKE3 of a manifest object exactly as stored (sealed or not). The platform records it
+/// when the snapshot is taken and checks it on every read: the stored bytes, rather than the
+/// decoded manifest, so a modified object is refused before anything parses it, and no
+/// canonical form has to stay stable across versions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ManifestHash(pub [u8; 32]);
+
+impl ManifestHash {
+    pub fn of(stored: &[u8]) -> ManifestHash {
+        ManifestHash(*blake3::hash(stored).as_bytes())
+    }
+
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<ManifestHash> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(ManifestHash(out))
+    }
+}
+
+impl std::fmt::Debug for ManifestHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ManifestHash({})", self.to_hex())
+    }
 }
 
 /// A file cut into fixed-size chunks; `None` marks an all-zero chunk (not stored).
@@ -44,7 +108,9 @@ pub enum ManifestError {
     Decompress(String),
     #[error("manifest is not valid: {0}")]
     Parse(String),
-    #[error("manifest version {0} is not supported (this build reads {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not supported (this build reads {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})"
+    )]
     Version(u32),
     #[error("it failed authentication: it was modified in the store, or the master key is wrong")]
     Authentication,
@@ -91,10 +157,15 @@ impl Manifest {
             .get("version")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| ManifestError::Parse("no version".into()))?;
-        if version != MANIFEST_VERSION as u64 {
-            return Err(ManifestError::Version(version as u32));
+        if !(OLDEST_MANIFEST_VERSION as u64..=MANIFEST_VERSION as u64).contains(&version) {
+            return Err(ManifestError::Version(version.min(u32::MAX as u64) as u32));
         }
-        let m: Manifest = serde_json::from_slice(&json).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        let mut m: Manifest = serde_json::from_slice(&json).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        if m.version == 1 {
+            // Version 1 had no such field: whatever claims to be one names chunks the old way
+            // (a sealed reader turns this into `Sealed`).
+            m.chunk_names = ChunkNames::Blake3;
+        }
         for (name, part) in m.parts() {
             part.check(name)?;
         }
@@ -136,6 +207,7 @@ pub(crate) mod tests {
                 chunk_size: 4,
                 chunks: vec![None],
             },
+            chunk_names: ChunkNames::Blake3,
         }
     }
 
@@ -158,5 +230,26 @@ pub(crate) mod tests {
             Err(ManifestError::Inconsistent { part: "state", .. })
         ));
         assert!(Manifest::decode(b"garbage").is_err());
+    }
+
+    #[test]
+    fn version_1_manifests_read_with_plain_names_whatever_they_claim() {
+        let mut m = sample();
+        m.chunk_names = ChunkNames::TenantKeyed;
+        assert_eq!(
+            Manifest::decode(&m.encode()).unwrap().chunk_names,
+            ChunkNames::TenantKeyed
+        );
+        m.version = 1;
+        let old = Manifest::decode(&m.encode()).unwrap();
+        assert_eq!(old.chunk_names, ChunkNames::Blake3);
+        // As an older build wrote it: no field at all.
+        let mut json = serde_json::to_value(&m).unwrap();
+        json.as_object_mut().unwrap().remove("chunk_names");
+        let bytes = zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 3).unwrap();
+        assert_eq!(Manifest::decode(&bytes).unwrap().chunk_names, ChunkNames::Blake3);
+        let h = ManifestHash::of(b"x");
+        assert_eq!(ManifestHash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(ManifestHash::from_hex("zz"), None);
     }
 }

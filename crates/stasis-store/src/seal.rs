@@ -37,6 +37,8 @@ const WRAP_MAGIC: &[u8; 4] = b"STWK";
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
+/// What sealing adds to a chunk object: magic, version, nonce, tag.
+pub const CHUNK_OVERHEAD: usize = 4 + 1 + NONCE_LEN + TAG_LEN;
 /// Longest tenant id a sealed manifest header may carry.
 const MAX_TENANT_LEN: usize = 256;
 

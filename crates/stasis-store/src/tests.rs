@@ -1,9 +1,37 @@
+//! The store's tests: round trips, verification, collection, encryption, and the attacks of
+//! someone who can write to the store (swapped, modified and oversized objects) or who
+//! watches deduplication from another tenant.
+
 use std::io::{Seek, SeekFrom, Write};
 
 use super::*;
 
 fn noop() -> Progress {
     Arc::new(|_| {})
+}
+
+/// What the platform records for a snapshot taken before manifest hashes were kept.
+fn legacy(id: &str, tenant: &str) -> Recorded {
+    Recorded {
+        snapshot_id: id.into(),
+        tenant_id: tenant.into(),
+        sealed: false,
+        manifest_hash: None,
+    }
+}
+
+fn rec(id: &str, tenant: &str, sealed: bool) -> Recorded {
+    Recorded {
+        sealed,
+        ..legacy(id, tenant)
+    }
+}
+
+/// An unencrypted store as the platform runs it: chunk names keyed per tenant.
+fn keyed_store(root: &Path) -> SnapshotStore {
+    SnapshotStore::local(root)
+        .unwrap()
+        .with_naming(Arc::new(MemoryNamingKeys::default()))
 }
 
 fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
@@ -34,6 +62,7 @@ fn manifest(id: &str, part: Part) -> Manifest {
         state: empty.clone(),
         memory: part,
         disk: empty,
+        chunk_names: ChunkNames::Blake3,
     }
 }
 
@@ -77,7 +106,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
 
     let out = dir.path().join("restored");
     store
-        .materialize(&manifest("s", part.clone()), &part, &out, noop())
+        .materialize("t", &manifest("s", part.clone()), &part, &out, noop())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
@@ -110,7 +139,13 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     std::fs::write(&on_disk, bytes).unwrap();
 
     let err = store
-        .materialize(&manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
+        .materialize(
+            "t",
+            &manifest("s", part.clone()),
+            &part,
+            &dir.path().join("out"),
+            noop(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -121,7 +156,13 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
 
     std::fs::remove_file(&on_disk).unwrap();
     let err = store
-        .materialize(&manifest("s", part.clone()), &part, &dir.path().join("out"), noop())
+        .materialize(
+            "t",
+            &manifest("s", part.clone()),
+            &part,
+            &dir.path().join("out"),
+            noop(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::MissingChunk(h) if h == hash));
@@ -158,14 +199,14 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     // Delete snapshot a: only its own chunk goes; b still restores whole.
     store.delete_manifest("snap-a").await.unwrap();
     let deleted = store
-        .collect_garbage(&["snap-b".to_string()], Duration::ZERO)
+        .collect_garbage(&[legacy("snap-b", "t")], Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(deleted, GcStats { deleted: 1, young: 0 });
     let m = store.get_manifest("snap-b").await.unwrap();
     store.verify_present(&m).await.unwrap();
     store
-        .materialize(&m, &m.memory, &dir.path().join("b-out"), noop())
+        .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join("b-out"), noop())
         .await
         .unwrap();
     assert_eq!(
@@ -180,7 +221,7 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
         .await
         .unwrap();
     let deleted = store
-        .collect_garbage(&["snap-b".to_string()], Duration::from_secs(600))
+        .collect_garbage(&[legacy("snap-b", "t")], Duration::from_secs(600))
         .await
         .unwrap();
     assert_eq!(
@@ -196,9 +237,10 @@ fn encrypted_store(root: &Path) -> (SnapshotStore, Arc<MemoryKeyring>) {
     (store, keys)
 }
 
-fn tenant_manifest(id: &str, tenant: &str, part: Part) -> Manifest {
+fn tenant_manifest(store: &SnapshotStore, id: &str, tenant: &str, part: Part) -> Manifest {
     Manifest {
         tenant_id: tenant.into(),
+        chunk_names: store.chunk_names(),
         ..manifest(id, part)
     }
 }
@@ -251,11 +293,11 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
     assert_eq!((s.new_chunks, s.uploaded_bytes), (0, 0));
 
     store
-        .put_manifest(&tenant_manifest("sa", "a", pa.clone()))
+        .put_manifest(&tenant_manifest(&store, "sa", "a", pa.clone()))
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("sb", "b", pb.clone()))
+        .put_manifest(&tenant_manifest(&store, "sb", "b", pb.clone()))
         .await
         .unwrap();
     for f in objects(&root) {
@@ -272,7 +314,10 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
         assert_eq!(&m.memory, part);
         store.verify_present(&m).await.unwrap();
         let out = dir.path().join(format!("{id}-out"));
-        store.materialize(&m, &m.memory, &out, noop()).await.unwrap();
+        store
+            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
 }
@@ -288,7 +333,7 @@ async fn a_tampered_encrypted_chunk_or_manifest_fails_authentication_by_name() {
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("s1", "t", part.clone()))
+        .put_manifest(&tenant_manifest(&store, "s1", "t", part.clone()))
         .await
         .unwrap();
     let hash = part.chunks[0].unwrap();
@@ -300,7 +345,7 @@ async fn a_tampered_encrypted_chunk_or_manifest_fails_authentication_by_name() {
     std::fs::write(&on_disk, &bytes).unwrap();
     let m = store.get_manifest("s1").await.unwrap();
     let err = store
-        .materialize(&m, &m.memory, &dir.path().join("out"), noop())
+        .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
@@ -346,7 +391,7 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
         .await
         .unwrap();
     plain
-        .put_manifest(&tenant_manifest("old", "t", pp.clone()))
+        .put_manifest(&tenant_manifest(&plain, "old", "t", pp.clone()))
         .await
         .unwrap();
     // A new one, with.
@@ -356,7 +401,7 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("new", "t", pe.clone()))
+        .put_manifest(&tenant_manifest(&store, "new", "t", pe.clone()))
         .await
         .unwrap();
     assert_ne!(pp, pe);
@@ -365,7 +410,10 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
     for id in ["old", "new"] {
         let m = store.get_manifest(id).await.unwrap();
         let out = dir.path().join(id);
-        store.materialize(&m, &m.memory, &out, noop()).await.unwrap();
+        store
+            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
     // Without a key: the old one only, and a clear answer for the new one.
@@ -377,9 +425,9 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
             .contains("snapshot new is encrypted; start the server with its --master-key-file"),
         "{err}"
     );
-    let m = tenant_manifest("new", "t", pe.clone());
+    let m = tenant_manifest(&store, "new", "t", pe.clone());
     let err = plain
-        .materialize(&m, &pe, &dir.path().join("x"), noop())
+        .materialize(&m.tenant_id, &m, &pe, &dir.path().join("x"), noop())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("is encrypted"), "{err}");
@@ -391,7 +439,7 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
         Err(StoreError::Tampered { .. })
     ));
     let err = other
-        .materialize(&m, &pe, &dir.path().join("y"), noop())
+        .materialize(&m.tenant_id, &m, &pe, &dir.path().join("y"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
@@ -428,34 +476,35 @@ async fn garbage_collection_keeps_live_encrypted_chunks_of_every_tenant() {
         .await
         .unwrap();
     plain
-        .put_manifest(&tenant_manifest("p", "ta", pp.clone()))
+        .put_manifest(&tenant_manifest(&plain, "p", "ta", pp.clone()))
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("a1", "ta", pa1.clone()))
+        .put_manifest(&tenant_manifest(&store, "a1", "ta", pa1.clone()))
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("a2", "ta", pa2.clone()))
+        .put_manifest(&tenant_manifest(&store, "a2", "ta", pa2.clone()))
         .await
         .unwrap();
     store
-        .put_manifest(&tenant_manifest("b1", "tb", pb.clone()))
+        .put_manifest(&tenant_manifest(&store, "b1", "tb", pb.clone()))
         .await
         .unwrap();
     assert_eq!(objects(&root.join("chunks")).len(), 2 + 1 + 2 + 2);
 
     // a1 goes: only its own chunk (the 2s) is deleted.
     store.delete_manifest("a1").await.unwrap();
-    let live = ["a2", "b1", "p"].map(String::from);
+    let live = [rec("a2", "ta", true), rec("b1", "tb", true), legacy("p", "ta")];
     let gc = store.collect_garbage(&live, Duration::ZERO).await.unwrap();
     assert_eq!(gc, GcStats { deleted: 1, young: 0 });
     assert!(!root.join(pa1.chunks[1].unwrap().key()).exists());
-    for id in &live {
-        let m = store.get_manifest(id).await.unwrap();
+    for r in &live {
+        let id = &r.snapshot_id;
+        let m = store.get_manifest_of(r).await.unwrap();
         store.verify_present(&m).await.unwrap();
         store
-            .materialize(&m, &m.memory, &dir.path().join(id), noop())
+            .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join(id), noop())
             .await
             .unwrap();
     }
@@ -466,4 +515,267 @@ async fn garbage_collection_keeps_live_encrypted_chunks_of_every_tenant() {
     // Everything dead: everything goes.
     let gc = store.collect_garbage(&[], Duration::ZERO).await.unwrap();
     assert_eq!(gc.deleted, 6);
+}
+
+/// Attack (a), audit 10a: someone who can write to the store replaces the manifest of tenant
+/// a's legacy (unencrypted, no recorded hash) snapshot with one naming tenant b's sealed
+/// chunks. Before, the restore opened them with b's key (the manifest's tenant) into a's
+/// machine; now the manifest is refused, and chunks are only ever opened with a's keys.
+#[tokio::test]
+async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (store, _) = encrypted_store(&root);
+    let secret = sparse_file(dir.path(), "b-ram", 1 << 20, &[(0, b"tenant b's secret")]);
+    let (pb, _) = store
+        .upload_file(&store.pin().await, "b", &secret, 1 << 20, noop())
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest(&store, "sb", "b", pb.clone()))
+        .await
+        .unwrap();
+    let mine = sparse_file(dir.path(), "a-ram", 1 << 20, &[(0, b"tenant a's own")]);
+    let plain = SnapshotStore::local(&root).unwrap();
+    let (pa, _) = plain
+        .upload_file(&plain.pin().await, "a", &mine, 1 << 20, noop())
+        .await
+        .unwrap();
+    plain
+        .put_manifest(&tenant_manifest(&plain, "sa", "a", pa))
+        .await
+        .unwrap();
+    let recorded = legacy("sa", "a");
+    assert!(
+        store.get_manifest_of(&recorded).await.is_ok(),
+        "the legacy snapshot reads"
+    );
+
+    // The swap, as the audit sketches it: a plaintext manifest claiming tenant b.
+    let forged = Manifest {
+        version: 1,
+        ..tenant_manifest(&plain, "sa", "b", pb.clone())
+    };
+    plain.put_manifest(&forged).await.unwrap();
+    let err = store.get_manifest_of(&recorded).await.unwrap_err();
+    assert_eq!(err.damaged_snapshot(), Some("sa"), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("the manifest of snapshot sa names tenant b, but the snapshot is tenant a's"),
+        "{err}"
+    );
+    // Claiming tenant a instead: it reads, but b's sealed chunks are not plaintext chunks,
+    // and are never opened with b's key (nor a's).
+    let forged = Manifest {
+        version: 1,
+        ..tenant_manifest(&plain, "sa", "a", pb.clone())
+    };
+    plain.put_manifest(&forged).await.unwrap();
+    let m = store.get_manifest_of(&recorded).await.unwrap();
+    let out = dir.path().join("out");
+    let err = store.materialize("a", &m, &m.memory, &out, noop()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(!contains(&std::fs::read(&out).unwrap(), b"tenant b's secret"));
+    // Or saying its chunks are sealed (so a's key would be tried): refused up front.
+    let mut json = serde_json::to_value(&forged).unwrap();
+    json["version"] = 2.into();
+    json["chunk_names"] = "sealed".into();
+    let bytes = zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 3).unwrap();
+    std::fs::write(root.join(SnapshotStore::manifest_key("sa")), bytes).unwrap();
+    let err = store.get_manifest_of(&recorded).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is unencrypted but says its chunks are sealed"),
+        "{err}"
+    );
+    // And a manifest handed in directly for another tenant than the restoring one.
+    let mb = store.get_manifest_of(&rec("sb", "b", true)).await.unwrap();
+    let err = store.materialize("a", &mb, &mb.memory, &out, noop()).await.unwrap_err();
+    assert_eq!(err.damaged_snapshot(), Some("sb"), "{err:?}");
+}
+
+/// Attack (b), audit 10b: any change to an unencrypted manifest in the store (here: its
+/// machine description, and a chunk swapped) is refused against the hash the platform
+/// recorded, by restores and by collections alike, naming the snapshot.
+#[tokio::test]
+async fn a_modified_unencrypted_manifest_is_refused_against_its_recorded_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = keyed_store(&root);
+    let src = sparse_file(dir.path(), "ram", 1 << 20, &[(0, b"the real machine")]);
+    let (part, _) = store
+        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .await
+        .unwrap();
+    let m = tenant_manifest(&store, "s", "t", part);
+    let written = store.put_manifest(&m).await.unwrap();
+    let key = root.join(SnapshotStore::manifest_key("s"));
+    assert_eq!(written.bytes, std::fs::metadata(&key).unwrap().len());
+    assert_eq!(written.hash, ManifestHash::of(&std::fs::read(&key).unwrap()));
+    let recorded = Recorded {
+        manifest_hash: Some(written.hash),
+        ..legacy("s", "t")
+    };
+    assert_eq!(store.get_manifest_of(&recorded).await.unwrap(), m);
+
+    let other = sparse_file(dir.path(), "evil", 1 << 20, &[(0, b"the attacker's")]);
+    let (evil, _) = store
+        .upload_file(&store.pin().await, "t", &other, 1 << 20, noop())
+        .await
+        .unwrap();
+    for changed in [
+        Manifest {
+            machine: serde_json::json!({"vcpus": 64}),
+            ..m.clone()
+        },
+        Manifest {
+            memory: evil.clone(),
+            ..m.clone()
+        },
+    ] {
+        std::fs::write(&key, changed.encode()).unwrap();
+        let err = store.get_manifest_of(&recorded).await.unwrap_err();
+        assert_eq!(err.damaged_snapshot(), Some("s"), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the manifest of snapshot s does not match the one recorded when it was taken: it was modified in the store"
+        );
+        let err = store
+            .collect_garbage(std::slice::from_ref(&recorded), Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err.damaged_snapshot(), Some("s"), "{err:?}");
+        // Accepted as found only for a snapshot that has no recorded hash.
+        assert!(store.get_manifest_of(&legacy("s", "t")).await.is_ok());
+    }
+    assert!(
+        root.join(evil.chunks[0].unwrap().key()).exists(),
+        "a refused collection deletes nothing"
+    );
+}
+
+/// Attack (c), audit 10c: a chunk object far larger than any chunk is refused from its size
+/// before its body is read (a 64 GiB sparse file: reading it whole would exhaust memory).
+#[tokio::test]
+async fn an_oversized_chunk_object_is_refused_from_its_size_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = keyed_store(&root);
+    let src = sparse_file(dir.path(), "ram", 64 << 10, &[(0, b"small")]);
+    let (part, _) = store
+        .upload_file(&store.pin().await, "t", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    let hash = part.chunks[0].unwrap();
+    let huge = 64u64 << 30;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(hash.key()))
+        .unwrap()
+        .set_len(huge)
+        .unwrap();
+    let m = tenant_manifest(&store, "s", "t", part);
+    let err = store
+        .materialize("t", &m, &m.memory, &dir.path().join("out"), noop())
+        .await
+        .unwrap_err();
+    let max = chunk::max_stored_len(64 << 10);
+    assert!(
+        matches!(&err, StoreError::Corrupt { chunk, source: ChunkError::TooLarge { size, max: m } }
+            if *chunk == hash && *size == huge && *m == max),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&format!("the object is {huge} bytes")),
+        "{err}"
+    );
+}
+
+/// Attack (d), audit 11: without encryption, two tenants storing identical content share no
+/// chunk object, and the second upload reports exactly what the first did (no "already
+/// stored" signal); within a tenant deduplication still works, and legacy plainly named
+/// snapshots still restore and keep their chunks through collections.
+#[tokio::test]
+async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = keyed_store(&root);
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let src = sparse_file(dir.path(), "disk", 1 << 20, &[(0, &data), (600_000, &data)]);
+    let (pa, sa) = store
+        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    let (pb, sb) = store
+        .upload_file(&store.pin().await, "b", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    assert!(sa.new_chunks > 0);
+    assert_eq!(sb, sa, "the second tenant's upload reports the same as the first's");
+    assert_eq!(sb.reused_chunks, 0);
+    let names = |p: &Part| p.stored_chunks().collect::<HashSet<_>>();
+    assert!(names(&pa).is_disjoint(&names(&pb)), "no chunk object shared");
+    assert!(names(&pa).iter().all(|h| root.join(h.key()).exists()));
+    let (again, s) = store
+        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    assert_eq!((again, s.new_chunks, s.uploaded_bytes), (pa.clone(), 0, 0));
+
+    // A legacy snapshot (plain BLAKE3 names, version 1) in the same store.
+    let plain = SnapshotStore::local(&root).unwrap();
+    let (pl, _) = plain
+        .upload_file(&plain.pin().await, "a", &src, 64 << 10, noop())
+        .await
+        .unwrap();
+    assert!(pl.stored_chunks().all(|h| h == ChunkHash::of(&chunk_at(&src, &pl, h))));
+    plain
+        .put_manifest(&Manifest {
+            version: 1,
+            ..tenant_manifest(&plain, "old", "a", pl.clone())
+        })
+        .await
+        .unwrap();
+    let wa = store
+        .put_manifest(&tenant_manifest(&store, "sa", "a", pa.clone()))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&tenant_manifest(&store, "sb", "b", pb.clone()))
+        .await
+        .unwrap();
+    let live = [
+        Recorded {
+            manifest_hash: Some(wa.hash),
+            ..legacy("sa", "a")
+        },
+        legacy("old", "a"),
+    ];
+    // sb is gone: its chunks go, both namings of the live ones stay.
+    let gc = store.collect_garbage(&live, Duration::ZERO).await.unwrap();
+    assert_eq!(gc.deleted as usize, names(&pb).len());
+    for r in &live {
+        let m = store.get_manifest_of(r).await.unwrap();
+        store.verify_present(&m).await.unwrap();
+        let out = dir.path().join(&r.snapshot_id);
+        store.materialize("a", &m, &m.memory, &out, noop()).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    }
+    // A keyed snapshot does not read without the naming keys it was written with.
+    let m = store.get_manifest_of(&live[0]).await.unwrap();
+    let err = plain
+        .materialize("a", &m, &m.memory, &dir.path().join("x"), noop())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+}
+
+/// The raw bytes of the chunk named `h` in `part` of the file at `path`.
+fn chunk_at(path: &Path, part: &Part, h: ChunkHash) -> Vec<u8> {
+    let i = part.chunks.iter().position(|c| *c == Some(h)).unwrap();
+    let all = std::fs::read(path).unwrap();
+    let start = i * part.chunk_size as usize;
+    all[start..(start + part.chunk_size as usize).min(all.len())].to_vec()
 }

@@ -2,8 +2,9 @@
 //! local store, real guests). With a master key the store holds no plaintext of what a guest
 //! wrote, two tenants' identical guests share no chunk, a tampered chunk fails its restore
 //! with a clear reason, and another master key restores nothing; a good snapshot restores.
-//! Without a key (the controls) the same checks find the plaintext and the shared chunks, so
-//! they can fail.
+//! Without a key (the control) the same check finds the plaintext, so it can fail; but chunk
+//! names are still keyed per tenant (no chunk shared, no deduplication signal), and a
+//! manifest modified in the store is refused against the hash recorded when it was taken.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{create_key_in, out, restore, running_computer, snapshot, Client, Server, BOOT, SNAP};
 use serde_json::json;
-use stasis_store::{ChunkHash, Manifest, SnapshotStore};
+use stasis_store::{ChunkHash, ChunkNames, Manifest, SnapshotStore};
 
 /// A server on SQLite and `objects/` in its data dir, with the master key in `key` if any.
 fn serve(dir: &Path, key: Option<&Path>) -> Server {
@@ -241,7 +242,10 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     let keyless = SnapshotStore::local(&dir.path().join("objects")).unwrap();
     tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(keyless.put_manifest(&mb))
+        .block_on(keyless.put_manifest(&Manifest {
+            chunk_names: ChunkNames::Blake3,
+            ..mb.clone()
+        }))
         .unwrap();
     let (mut server, reason) = restart_and_restore_error(dir.path(), Some(&master), &bob_key, &b, &sb);
     assert!(
@@ -277,23 +281,46 @@ fn with_a_master_key_nothing_leaks_nothing_is_shared_and_tampering_or_a_wrong_ke
     );
 }
 
+/// Audit 11 and 10b, without a master key. Two tenants' identical fresh guests share no chunk
+/// object, and the second one's snapshot reports every chunk it stores as uploaded (before,
+/// it reused the first tenant's disk chunks, and `uploaded_bytes` said so). Then someone who
+/// can write to the store changes a manifest: the restore is refused naming the snapshot, and
+/// the snapshot is marked damaged.
 #[test]
-fn without_a_master_key_the_same_checks_find_plaintext_and_shared_chunks() {
+fn without_a_master_key_tenants_share_no_chunk_and_a_modified_manifest_is_refused() {
     let dir = common::data_dir();
     let TwoTenants {
         server,
         alice_key,
+        bob_key,
         a,
+        b,
         sa,
         sb,
-        ..
     } = two_clean_snapshots(dir.path(), None);
     let alice = Client::new(&server.base, Some(&alice_key));
-    let (na, nb) = (
-        chunk_names(&manifest(dir.path(), None, &sa)),
-        chunk_names(&manifest(dir.path(), None, &sb)),
+    let bob = Client::new(&server.base, Some(&bob_key));
+    let (ma, mb) = (manifest(dir.path(), None, &sa), manifest(dir.path(), None, &sb));
+    assert_eq!(
+        (ma.chunk_names, mb.chunk_names),
+        (ChunkNames::TenantKeyed, ChunkNames::TenantKeyed)
     );
-    assert!(!na.is_disjoint(&nb), "identical guests share chunks without encryption");
+    let (na, nb) = (chunk_names(&ma), chunk_names(&mb));
+    assert!(!na.is_empty() && !nb.is_empty());
+    assert!(
+        na.is_disjoint(&nb),
+        "{} chunks shared across tenants",
+        na.intersection(&nb).count()
+    );
+    let snap = bob.call("GET", &format!("/computers/{b}/snapshots/{sb}"), None).body["data"].clone();
+    let (uploaded, stored) = (
+        snap["uploaded_bytes"].as_u64().unwrap(),
+        snap["compressed_size_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        uploaded >= stored,
+        "bob's first snapshot reused nothing: uploaded {uploaded} of {stored} stored bytes"
+    );
 
     let (_, needles) = write_marker(&alice, &a);
     let sm = snapshot(&alice, &a, "marked");
@@ -302,4 +329,24 @@ fn without_a_master_key_the_same_checks_find_plaintext_and_shared_chunks() {
         found_in_store(&dir.path().join("objects"), &needles) > 0,
         "the marker is in the unencrypted store"
     );
+
+    // The store writer gives the marked snapshot more vCPUs (any change would do).
+    let mut changed = manifest(dir.path(), None, &sm);
+    changed.machine["vcpus"] = 8.into();
+    std::fs::write(
+        dir.path().join("objects").join(SnapshotStore::manifest_key(&sm)),
+        changed.encode(),
+    )
+    .unwrap();
+    // Not from this host's copy: from the store.
+    std::fs::remove_dir_all(dir.path().join("cache/snapshots").join(&sm)).unwrap();
+    let reason = restore_error(&alice, &a, &sm);
+    assert!(
+        reason.contains(&format!(
+            "the manifest of snapshot {sm} does not match the one recorded when it was taken: it was modified in the store"
+        )),
+        "{reason}"
+    );
+    let snap = alice.wait_snapshot(&a, &sm, "failed", SNAP);
+    assert!(snap["error"].as_str().unwrap().contains("damaged"), "{snap}");
 }

@@ -316,8 +316,11 @@ impl Computers {
         let mut config = self.machine_config(&computer, &image);
         if let Some(snapshot) = computer.source_snapshot_id {
             // A restored computer's disk chain rests on its snapshot's disk.
-            let sealed_for = self.sealed_for(snapshot, &computer).await;
-            match self.materializer.ensure(snapshot, sealed_for, |_, _| {}).await {
+            let fetched = match self.recorded(snapshot, &computer).await {
+                Ok(recorded) => self.materializer.ensure(snapshot, recorded, |_, _| {}).await,
+                Err(e) => Err(e),
+            };
+            match fetched {
                 Ok(m) => config.base_disk = m.disk,
                 Err(e) => {
                     let reason = format!("boot failed: the disk of snapshot {snapshot} is not available: {e}");
@@ -343,18 +346,29 @@ impl Computers {
         }
     }
 
-    /// The tenant a snapshot was stored encrypted for, if it was: its manifest must then be
-    /// sealed for that tenant (a computer restores only its own tenant's snapshots). A failed
-    /// lookup reads as "encrypted" when this platform encrypts, so it fails closed.
-    async fn sealed_for(&self, snapshot: SnapshotId, computer: &Computer) -> Option<String> {
-        let sealed = match self.db.snapshot_sealed(snapshot).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%snapshot, error = %e, "reading whether the snapshot is encrypted");
-                self.materializer.encrypts()
-            }
-        };
-        sealed.then(|| computer.tenant_id.to_string())
+    /// What the database recorded of a snapshot, which its objects in the store must agree
+    /// with: its tenant (whose keys alone open it), whether it was sealed, its manifest's
+    /// hash. A computer restores only its own tenant's snapshots. A failed lookup fails the
+    /// read (closed), without calling the snapshot damaged.
+    async fn recorded(
+        &self,
+        snapshot: SnapshotId,
+        computer: &Computer,
+    ) -> Result<stasis_store::Recorded, stasis_store::StoreError> {
+        let recorded =
+            self.db.snapshot_recorded(snapshot).await.map_err(|e| {
+                stasis_store::StoreError::Config(format!("reading the record of snapshot {snapshot}: {e}"))
+            })?;
+        match recorded {
+            Some(r) if r.tenant_id == computer.tenant_id.to_string() => Ok(r),
+            Some(_) => Err(stasis_store::StoreError::Config(format!(
+                "snapshot {snapshot} is not of computer {}'s tenant",
+                computer.id
+            ))),
+            None => Err(stasis_store::StoreError::Config(format!(
+                "snapshot {snapshot} has no record"
+            ))),
+        }
     }
 
     fn machine_config(&self, computer: &Computer, image: &stasis_image::Image) -> MachineConfig {
@@ -397,13 +411,19 @@ impl Computers {
                 bus.progress(e).await;
             }
         });
-        let sealed_for = self.sealed_for(snapshot, computer).await;
-        let fetched = self
-            .materializer
-            .ensure(snapshot, sealed_for, move |done, total| {
-                let _ = tx.send((done, total));
-            })
-            .await;
+        let fetched = match self.recorded(snapshot, computer).await {
+            Ok(recorded) => {
+                self.materializer
+                    .ensure(snapshot, recorded, move |done, total| {
+                        let _ = tx.send((done, total));
+                    })
+                    .await
+            }
+            Err(e) => {
+                drop(tx); // the reporter ends when the sender goes
+                Err(e)
+            }
+        };
         let _ = reporter.await;
         let fetched_ms = started.elapsed().as_millis() as u64;
         let outcome: Result<(), (String, bool)> = match fetched {

@@ -1,8 +1,10 @@
-//! Snapshot rows, their event log, SSE tickets and idempotency records.
+//! Snapshot rows, their event log, SSE tickets and idempotency records; what the store's
+//! objects are checked against (tenant, sealed, manifest hash), and tenants' chunk salts.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
+use stasis_store::{ManifestHash, Recorded};
 use stasis_types::{ComputerId, Size, Snapshot, SnapshotId, SnapshotStatus, TenantId};
 
 use super::{now, parse_time, Db};
@@ -70,6 +72,27 @@ fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
             .and_then(|s| s.as_str())
             .unwrap_or("computer")
             .to_string(),
+    })
+}
+
+const SELECT_RECORDED: &str = "SELECT id, tenant_id, sealed, manifest_blake3 FROM snapshots";
+
+fn recorded_from_row(row: &AnyRow) -> Result<Recorded, sqlx::Error> {
+    let hash = opt_text(row, "manifest_blake3");
+    let manifest_hash =
+        match hash {
+            None => None,
+            // A hash that does not parse must not read as "none recorded" (that would accept
+            // any manifest): the read fails instead.
+            Some(h) => Some(ManifestHash::from_hex(&h).ok_or_else(|| {
+                sqlx::Error::Decode(format!("snapshot manifest hash {h:?} is not 64 hex digits").into())
+            })?),
+        };
+    Ok(Recorded {
+        snapshot_id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        sealed: row.try_get::<i64, _>("sealed")? != 0,
+        manifest_hash,
     })
 }
 
@@ -211,7 +234,8 @@ impl Db {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Records the result of a finished upload and marks the snapshot ready.
+    /// Records the result of a finished upload and marks the snapshot ready. `manifest_hash`:
+    /// of the manifest object as written, which every later read must match.
     #[allow(clippy::too_many_arguments)]
     pub async fn complete_snapshot(
         &self,
@@ -225,11 +249,12 @@ impl Db {
         bucket: &str,
         prefix: &str,
         sealed: bool,
+        manifest_hash: ManifestHash,
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE snapshots SET status = 'ready', state_size_bytes = $1, memory_size_bytes = $2, \
              rootfs_size_bytes = $3, compressed_size_bytes = $4, uploaded_bytes = $5, pause_ms = $6, \
-             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9, sealed = $11 \
+             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9, sealed = $11, manifest_blake3 = $12 \
              WHERE id = $10 AND status IN ('creating', 'uploading')",
         )
         .bind(state as i64)
@@ -243,18 +268,19 @@ impl Db {
         .bind(now())
         .bind(id.to_string())
         .bind(i64::from(sealed))
+        .bind(manifest_hash.to_hex())
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() > 0)
     }
 
-    /// Whether the snapshot was stored encrypted (false for an unknown one).
-    pub async fn snapshot_sealed(&self, id: SnapshotId) -> Result<bool, sqlx::Error> {
-        let sealed: Option<i64> = sqlx::query_scalar("SELECT sealed FROM snapshots WHERE id = $1")
+    /// What the store's objects of a snapshot are checked against (None: no such snapshot).
+    pub async fn snapshot_recorded(&self, id: SnapshotId) -> Result<Option<Recorded>, sqlx::Error> {
+        let row = sqlx::query(&format!("{SELECT_RECORDED} WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(self.pool())
             .await?;
-        Ok(sealed.unwrap_or(0) != 0)
+        row.as_ref().map(recorded_from_row).transpose()
     }
 
     /// A restore starts reading the snapshot: `ready`/`restoring` → `restoring`, one more reader.
@@ -296,20 +322,53 @@ impl Db {
         Ok(())
     }
 
-    /// Snapshots whose stored objects must be kept: all but the deleted, plus any a live
-    /// computer still boots from (its disk chain rests on the snapshot's disk).
-    pub async fn live_snapshot_ids(&self) -> Result<Vec<String>, sqlx::Error> {
-        let mut ids: Vec<String> = sqlx::query_scalar("SELECT id FROM snapshots WHERE status <> 'deleted'")
-            .fetch_all(self.pool())
+    /// Snapshots whose stored objects must be kept, as recorded: all but the deleted, plus
+    /// any a live computer still boots from (its disk chain rests on the snapshot's disk).
+    pub async fn live_snapshots(&self) -> Result<Vec<Recorded>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_RECORDED} WHERE status <> 'deleted' OR id IN \
+             (SELECT source_snapshot_id FROM computers WHERE status <> 'destroyed') ORDER BY id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(recorded_from_row).collect()
+    }
+
+    /// A tenant's salt for naming its unencrypted chunks.
+    pub async fn tenant_chunk_salt(&self, tenant: &str) -> Result<Option<[u8; 32]>, sqlx::Error> {
+        let salt: Option<String> = sqlx::query_scalar("SELECT salt FROM tenant_chunk_salts WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_optional(self.pool())
             .await?;
-        let sources: Vec<Option<String>> =
-            sqlx::query_scalar("SELECT source_snapshot_id FROM computers WHERE status <> 'destroyed'")
-                .fetch_all(self.pool())
-                .await?;
-        ids.extend(sources.into_iter().flatten());
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+        salt.map(|s| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(&s, &mut out)
+                .map(|_| out)
+                .map_err(|e| sqlx::Error::Decode(format!("tenant {tenant}'s chunk salt: {e}").into()))
+        })
+        .transpose()
+    }
+
+    /// Keeps a tenant's first chunk salt: one that has a salt keeps it (two processes may race
+    /// to make it; both then read back the one that won).
+    pub async fn insert_tenant_chunk_salt(&self, tenant: &str, salt: &[u8; 32]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO tenant_chunk_salts (tenant_id, salt, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(hex::encode(salt))
+        .bind(now())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// How many tenants have a data key (any: snapshots on this platform are encrypted).
+    pub async fn count_data_keys(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM tenant_keys")
+            .fetch_one(self.pool())
+            .await
     }
 
     /// Deleted snapshots (whose manifests may go).
@@ -524,10 +583,21 @@ mod tests {
             .await
             .unwrap());
         assert!(db
-            .complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p", true)
+            .complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p", true, ManifestHash::of(b"m"))
             .await
             .unwrap());
-        assert!(db.snapshot_sealed(s.id).await.unwrap());
+        let recorded = db.snapshot_recorded(s.id).await.unwrap().unwrap();
+        assert_eq!(
+            recorded,
+            Recorded {
+                snapshot_id: s.id.to_string(),
+                tenant_id: t.to_string(),
+                sealed: true,
+                manifest_hash: Some(ManifestHash::of(b"m")),
+            }
+        );
+        assert_eq!(db.live_snapshots().await.unwrap(), vec![recorded]);
+        assert_eq!(db.snapshot_recorded(SnapshotId::new()).await.unwrap(), None);
         let r = db.get_snapshot(s.id).await.unwrap().unwrap();
         assert_eq!(
             (r.snapshot.status, r.snapshot.compressed_size_bytes),
@@ -551,6 +621,32 @@ mod tests {
             .await
             .unwrap());
         assert!(db.list_snapshots(s.computer_id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn snapshots_taken_before_hashes_were_kept_read_as_legacy_and_salts_are_made_once() {
+        let (_d, db, t) = db().await;
+        let s = snapshot(t);
+        db.insert_snapshot(&s, Size::Xs, "box").await.unwrap();
+        let r = db.snapshot_recorded(s.id).await.unwrap().unwrap();
+        assert_eq!((r.sealed, r.manifest_hash), (false, None));
+        // A damaged hash in the database fails the read rather than skipping the check.
+        sqlx::query("UPDATE snapshots SET manifest_blake3 = 'zz' WHERE id = $1")
+            .bind(s.id.to_string())
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert!(db.snapshot_recorded(s.id).await.is_err());
+
+        assert_eq!(db.tenant_chunk_salt("t").await.unwrap(), None);
+        db.insert_tenant_chunk_salt("t", &[1; 32]).await.unwrap();
+        db.insert_tenant_chunk_salt("t", &[2; 32]).await.unwrap();
+        assert_eq!(
+            db.tenant_chunk_salt("t").await.unwrap(),
+            Some([1; 32]),
+            "the first one stays"
+        );
+        assert_eq!(db.count_data_keys().await.unwrap(), 0);
     }
 
     #[tokio::test]

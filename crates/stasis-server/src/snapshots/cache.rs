@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use stasis_store::{Manifest, Progress, SnapshotStore, StoreError};
+use stasis_store::{Manifest, Progress, Recorded, SnapshotStore, StoreError};
 use stasis_types::SnapshotId;
 
 pub struct Materializer {
@@ -73,12 +73,12 @@ impl Materializer {
     }
 
     /// The snapshot's files, fetched and verified if this host does not have them yet.
-    /// `progress(done, total)` follows the download. `sealed_for`: the tenant the snapshot was
-    /// stored encrypted for, if it was (see [`SnapshotStore::get_manifest_of`]).
+    /// `progress(done, total)` follows the download. `recorded`: what the database says of
+    /// the snapshot, which its manifest must agree with (see [`SnapshotStore::get_manifest_of`]).
     pub async fn ensure(
         &self,
         id: SnapshotId,
-        sealed_for: Option<String>,
+        recorded: Recorded,
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<Materialized, StoreError> {
         let lock = self
@@ -98,10 +98,7 @@ impl Materializer {
                 }
             }
         }
-        let manifest = self
-            .store
-            .get_manifest_of(&id.to_string(), sealed_for.as_deref())
-            .await?;
+        let manifest = self.store.get_manifest_of(&recorded).await?;
         let tmp = self.root.join(format!(".{id}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
@@ -123,7 +120,11 @@ impl Materializer {
         ] {
             let p = progress.clone();
             let tracker: Progress = Arc::new(move |done| p(base + done, total));
-            if let Err(e) = self.store.materialize(&manifest, part, path, tracker).await {
+            if let Err(e) = self
+                .store
+                .materialize(&recorded.tenant_id, &manifest, part, path, tracker)
+                .await
+            {
                 let _ = std::fs::remove_dir_all(&tmp);
                 let _ = std::fs::remove_file(&memory_tmp);
                 return Err(e);

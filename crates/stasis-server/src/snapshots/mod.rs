@@ -542,12 +542,14 @@ impl Snapshots {
             state,
             memory,
             disk,
+            chunk_names: self.store.chunk_names(),
         };
-        let manifest_bytes = self
+        let written = self
             .store
             .put_manifest(&manifest)
             .await
             .map_err(|e| format!("writing the manifest: {e}"))?;
+        let manifest_bytes = written.bytes;
         self.store
             .verify_present(&manifest)
             .await
@@ -575,6 +577,7 @@ impl Snapshots {
                 self.store.bucket(),
                 &format!("{}snapshots/{id}/", self.store.prefix()),
                 self.store.encrypted(),
+                written.hash,
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -630,16 +633,23 @@ impl Snapshots {
             std::time::Duration::ZERO
         };
         let result = async {
-            let live = self.db.live_snapshot_ids().await.map_err(|e| e.to_string())?;
+            let live = self.db.live_snapshots().await.map_err(|e| e.to_string())?;
             for id in self.db.deleted_snapshot_ids().await.map_err(|e| e.to_string())? {
-                if !live.contains(&id) {
+                if !live.iter().any(|r| r.snapshot_id == id) {
                     self.store.delete_manifest(&id).await.map_err(|e| e.to_string())?;
                 }
             }
-            self.store
-                .collect_garbage(&live, grace)
-                .await
-                .map_err(|e| e.to_string())
+            match self.store.collect_garbage(&live, grace).await {
+                Ok(gc) => Ok(gc),
+                Err(e) => {
+                    // A live manifest modified in the store: that snapshot is damaged, as a
+                    // restore would find; nothing is collected until it is deleted.
+                    if let Some(id) = e.damaged_snapshot().and_then(|id| id.parse().ok()) {
+                        self.mark_damaged(id, &e).await;
+                    }
+                    Err(e.to_string())
+                }
+            }
         }
         .await;
         match &result {
@@ -651,6 +661,21 @@ impl Snapshots {
             Err(e) => tracing::warn!(error = e, "collecting the snapshot store"),
         }
         result.map(|gc| gc.young)
+    }
+
+    async fn mark_damaged(&self, id: SnapshotId, e: &stasis_store::StoreError) {
+        let reason = format!("snapshot {id} is damaged and cannot be restored: {e}");
+        let from = [SnapshotStatus::Ready, SnapshotStatus::Restoring];
+        if let Ok(true) = self
+            .db
+            .transition_snapshot(id, &from, SnapshotStatus::Failed, Some(&reason))
+            .await
+        {
+            self.materializer.evict(id);
+            let mut e = events::data(id, SnapshotStatus::Failed);
+            e.error = Some(reason);
+            self.events.emit(e).await;
+        }
     }
 
     /// After a platform restart: finish uploads whose capture completed, fail the others.
