@@ -112,6 +112,9 @@ impl std::str::FromStr for Confine {
     }
 }
 
+/// How often a host looks for local copies of snapshots that are gone.
+const LOCAL_COPY_SWEEP: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The confinement of this platform's QEMUs, as `--confine` asks and the host allows.
 fn jail_settings(
     mode: Confine,
@@ -406,6 +409,14 @@ impl Platform {
         // The job worker; collection jobs belong to the control plane (or embedded platform),
         // one collector per store.
         tokio::spawn(jobs.work(snapshots.clone()));
+        let sweeper = snapshots.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(LOCAL_COPY_SWEEP);
+            loop {
+                every.tick().await;
+                sweeper.sweep_local_copies().await;
+            }
+        });
         if !matches!(config.role, Role::Host { .. }) {
             snapshots.schedule_collection(std::time::Duration::ZERO).await;
         }

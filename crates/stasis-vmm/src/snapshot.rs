@@ -234,6 +234,89 @@ impl Vm {
     }
 }
 
+/// How long folding the frozen overlays into the top one may take.
+const COMPACT_LIMIT: Duration = Duration::from_secs(900);
+
+impl Vm {
+    /// Folds the frozen overlays of earlier snapshots into the top one (`block-stream` down to
+    /// the base disk) while the guest runs, then deletes them: each snapshot would otherwise
+    /// leave one more overlay on the host for good. A snapshot no longer needs its frozen
+    /// overlay once captured (the capture flattened it). Returns how many files went.
+    pub async fn compact_disk(&self) -> Result<usize, VmError> {
+        let _one_at_a_time = self.ops().lock().await;
+        let config = self.config();
+        let stale: Vec<PathBuf> = std::fs::read_dir(&self.paths.disks)
+            .map_err(|source| VmError::Io {
+                context: format!("listing {}", self.paths.disks.display()),
+                source,
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| *p != config.disk && self.paths.holds_disk(p))
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let qmp = self.qmp().clone();
+        let top = top_node(&qmp).await?;
+        let base = base_node(&qmp, &config.base_disk).await?;
+        let mut events = qmp.events();
+        let job = "stasis-compact";
+        qmp.execute(
+            "block-stream",
+            json!({ "job-id": job, "device": top, "base-node": base }),
+        )
+        .await?;
+        let done = async {
+            loop {
+                match events.recv().await {
+                    Ok(e)
+                        if e.get("event").and_then(Value::as_str) == Some("BLOCK_JOB_COMPLETED")
+                            && e.pointer("/data/device").and_then(Value::as_str) == Some(job) =>
+                    {
+                        return match e.pointer("/data/error").and_then(Value::as_str) {
+                            Some(err) => Err(VmError::Invalid(format!("folding the disk's overlays failed: {err}"))),
+                            None => Ok(()),
+                        };
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(VmError::Invalid("QMP closed".into())),
+                }
+            }
+        };
+        match tokio::time::timeout(COMPACT_LIMIT, done).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = qmp.execute("block-job-cancel", json!({ "device": job })).await;
+                return Err(VmError::Invalid(format!(
+                    "folding the disk's overlays did not finish within {COMPACT_LIMIT:?}"
+                )));
+            }
+        }
+        // The chain is now the top overlay over the base; the rest is nobody's.
+        for f in &stale {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(stale.len())
+    }
+}
+
+/// The node of the raw base disk at the bottom of the root disk's chain.
+async fn base_node(qmp: &Qmp, base: &Path) -> Result<String, VmError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true })).await?;
+    let base = base.to_string_lossy();
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| {
+            n.get("drv").and_then(Value::as_str) == Some("raw") && n.get("file").and_then(Value::as_str) == Some(&base)
+        })
+        .and_then(|n| n.get("node-name").and_then(Value::as_str))
+        .map(str::to_string)
+        .ok_or_else(|| VmError::Invalid(format!("the base disk {base} is not in the disk chain")))
+}
+
 async fn stop_twin(twin: &Process) {
     if tokio::time::timeout(Duration::from_secs(3), twin.wait()).await.is_err() {
         twin.signal(libc::SIGKILL);

@@ -129,6 +129,28 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         out(&g, "cat /tmp/n").await.parse::<u64>().unwrap() > n1,
         "the counter still runs"
     );
+
+    // The original's chain holds three overlays now (two frozen); folding them into the top
+    // leaves one file, and the guest's disk as it was, also across a restart.
+    let disks = root.path().join("computers/origin");
+    let qcow2s = || {
+        std::fs::read_dir(&disks)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+            .count()
+    };
+    assert_eq!(qcow2s(), 3);
+    assert_eq!(origin.compact_disk().await.unwrap(), 2);
+    assert_eq!(qcow2s(), 1);
+    assert_eq!(out(&origin, "cat /root/before /root/after").await, "on-disk\nlater");
+    out(&origin, "echo after-compaction > /root/third; sync").await;
+    host.stop("origin").await;
+    let origin = host.boot("origin", capture.machine.clone()).await.unwrap();
+    assert_eq!(
+        out(&origin, "cat /root/before /root/after /root/third").await,
+        "on-disk\nlater\nafter-compaction"
+    );
     host.stop_all().await;
 }
 struct Keep(std::path::PathBuf);

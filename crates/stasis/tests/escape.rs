@@ -246,6 +246,48 @@ fn what_an_escaped_qemu_plants_is_never_followed_by_the_platform() {
     assert_eq!(out(&api, &b, "echo b-fine"), "b-fine");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
     assert!(!dangling.exists());
+
+    // 9. Snapshots leave nothing behind on the host for good: the frozen overlay of each is
+    //    folded into the top one, and a deleted snapshot's local copies (RAM, state, disk)
+    //    go, in clear as they are.
+    let qcow2s = || -> Vec<String> {
+        std::fs::read_dir(data.join("computers").join(&c))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".qcow2"))
+            .collect()
+    };
+    let mut snaps = Vec::new();
+    for round in 0..2 {
+        out(&api, &c, &format!("head -c 4M /dev/urandom > /root/round{round}; sync"));
+        let s = snapshot(&api, &c, "round");
+        api.wait_snapshot(&c, &s, "ready", SNAP);
+        let t = Instant::now();
+        while qcow2s().len() != 1 {
+            assert!(t.elapsed() < Duration::from_secs(120), "overlays left: {:?}", qcow2s());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        snaps.push(s);
+    }
+    assert_eq!(out(&api, &c, "ls /root | grep -c round"), "2");
+    let gone = &snaps[0];
+    let local = [
+        data.join("cache/snapshots").join(gone),
+        common::memory_file(gone).expect("the snapshot's RAM file is on this host"),
+    ];
+    let d = api.call("DELETE", &format!("/computers/{c}/snapshots/{gone}"), None);
+    assert!(d.status < 300, "{}", d.body);
+    let t = Instant::now();
+    while local.iter().any(|p| p.exists()) {
+        assert!(t.elapsed() < Duration::from_secs(60), "left behind: {local:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        data.join("cache/snapshots").join(&snaps[1]).exists(),
+        "the other snapshot's copy went too"
+    );
+
     for id in [&a, &b, &c] {
         let d = api.call("DELETE", &format!("/computers/{id}"), None);
         assert!(d.status < 300, "{}", d.body);

@@ -334,6 +334,18 @@ impl Db {
         rows.iter().map(recorded_from_row).collect()
     }
 
+    /// Whether a computer that is not destroyed was restored from `id` (its disk chain rests
+    /// on the snapshot's disk).
+    pub async fn snapshot_booted_from(&self, id: SnapshotId) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM computers WHERE source_snapshot_id = $1 AND status <> 'destroyed'",
+        )
+        .bind(id.to_string())
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
+    }
+
     /// A tenant's salt for naming its unencrypted chunks.
     pub async fn tenant_chunk_salt(&self, tenant: &str) -> Result<Option<[u8; 32]>, sqlx::Error> {
         let salt: Option<String> = sqlx::query_scalar("SELECT salt FROM tenant_chunk_salts WHERE tenant_id = $1")

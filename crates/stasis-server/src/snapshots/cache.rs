@@ -210,6 +210,39 @@ impl Materializer {
         let _ = std::fs::remove_dir_all(&self.memory_root);
     }
 
+    /// Snapshots this host holds files of (materialized copies, RAM files).
+    pub fn cached(&self) -> Vec<SnapshotId> {
+        let mut ids: Vec<SnapshotId> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        for e in std::fs::read_dir(&self.memory_root).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".memory"))
+                .and_then(|n| n.parse().ok())
+            {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// Forgets a snapshot's local files but its disk, which computers restored from it boot
+    /// on (their overlays rest on it).
+    pub fn evict_keeping_disk(&self, id: SnapshotId) {
+        let _ = std::fs::remove_file(self.memory_path(id));
+        let dir = self.dir(id);
+        let _ = std::fs::remove_file(dir.join("state"));
+        // Without its manifest the copy no longer counts as complete for a restore.
+        let _ = std::fs::remove_file(dir.join(COMPLETE));
+    }
+
     /// Forgets a snapshot's local files.
     pub fn evict(&self, id: SnapshotId) {
         let _ = std::fs::remove_file(self.memory_path(id));

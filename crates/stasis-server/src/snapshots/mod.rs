@@ -230,10 +230,38 @@ impl Snapshots {
         }
         self.events.emit(events::data(id, SnapshotStatus::Deleted)).await;
         self.schedule_collection(std::time::Duration::ZERO).await;
+        self.sweep_local_copies().await;
         let mut s = record.snapshot;
         s.status = SnapshotStatus::Deleted;
         s.updated_at = Utc::now().trunc_subsecs(3);
         Ok(s)
+    }
+
+    /// Removes this host's copies of snapshots that are deleted, failed or unknown: their RAM
+    /// and device state at once, their disk once no computer restored from them is left (the
+    /// store's own copy goes with collection; these would otherwise stay for good, in clear).
+    pub async fn sweep_local_copies(&self) {
+        for id in self.materializer.cached() {
+            let gone = match self.db.get_snapshot(id).await {
+                Ok(None) => true,
+                Ok(Some(r)) => matches!(r.snapshot.status, SnapshotStatus::Deleted | SnapshotStatus::Failed),
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "checking a local snapshot copy");
+                    continue;
+                }
+            };
+            if !gone {
+                continue;
+            }
+            match self.db.snapshot_booted_from(id).await {
+                Ok(false) => {
+                    tracing::info!(%id, "removing the local copy of a snapshot that is gone");
+                    self.materializer.evict(id);
+                }
+                Ok(true) => self.materializer.evict_keeping_disk(id),
+                Err(e) => tracing::warn!(%id, error = %e, "checking a local snapshot copy"),
+            }
+        }
     }
 
     /// Starts restoring `id` into a new computer; answers at once with it `provisioning`.
@@ -443,6 +471,14 @@ impl Snapshots {
                     .await
                     .map_err(|e| format!("capturing the machine: {e}"))?;
                 drop(guard);
+                // The frozen overlay served its purpose: fold it away while the upload runs.
+                let machine = vm.clone();
+                tokio::spawn(async move {
+                    match machine.compact_disk().await {
+                        Ok(n) => tracing::debug!(%computer, removed = n, "disk overlays folded"),
+                        Err(e) => tracing::warn!(%computer, error = %e, "folding the disk's overlays"),
+                    }
+                });
                 let captured = Captured {
                     state: capture.state,
                     memory: capture.memory,

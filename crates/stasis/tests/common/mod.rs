@@ -330,6 +330,16 @@ pub fn qemu_pid(data_dir: &Path, id: &str) -> Option<i32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+/// A snapshot's RAM file on this host (in the platform's directory on /dev/shm), if any.
+pub fn memory_file(snapshot: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/dev/shm")
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stasis-"))
+        .map(|e| e.path().join(format!("{snapshot}.memory")))
+        .find(|p| p.exists())
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
