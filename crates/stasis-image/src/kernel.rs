@@ -57,12 +57,25 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
     let tmp = cache.join("kernel").join(format!(".{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the kernel directory"))?;
-    // apt drops privileges to _apt for downloads; let it write here.
+    // apt, run as root, drops privileges to _apt for downloads: the directory is handed to
+    // that user alone (never opened to everyone), or, where there is no such user, apt is
+    // told to stay root.
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777));
-    run(Command::new("apt-get")
+    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700));
+    let mut download = Command::new("apt-get");
+    download
         .args(["download", "-q", &format!("{package}={version}")])
-        .current_dir(&tmp))?;
+        .current_dir(&tmp);
+    if is_root() {
+        match system_user("_apt") {
+            Some(uid) => std::os::unix::fs::chown(&tmp, Some(uid), None)
+                .map_err(io_err("handing the download directory to _apt"))?,
+            None => {
+                download.args(["-o", "APT::Sandbox::User=root"]);
+            }
+        }
+    }
+    run(&mut download)?;
     let deb = std::fs::read_dir(&tmp)
         .map_err(io_err("listing the download"))?
         .flatten()
@@ -123,4 +136,17 @@ fn find_files(root: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The uid of a system user, from /etc/passwd.
+fn system_user(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/passwd").ok()?.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
 }
