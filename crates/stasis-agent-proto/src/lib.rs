@@ -153,7 +153,11 @@ fn cut_to_escaped(s: &mut String, budget: usize) -> bool {
     let mut used = 0;
     let mut end = s.len();
     for (i, c) in s.char_indices() {
-        let len = if c.is_ascii() { escaped_byte_len(c as u8) } else { c.len_utf8() };
+        let len = if c.is_ascii() {
+            escaped_byte_len(c as u8)
+        } else {
+            c.len_utf8()
+        };
         if used + len > budget {
             end = i;
             break;
@@ -366,7 +370,14 @@ mod tests {
         assert!(!r.truncated);
         assert_eq!(r.stdout.len(), MAX_OUTPUT_BYTES);
         assert_eq!(r.stderr.len(), MAX_OUTPUT_BYTES);
-        assert!(encode(&Response { id: u64::MAX, reply: Reply::Exec(r) }).len() <= MAX_FRAME_BYTES);
+        assert!(
+            encode(&Response {
+                id: u64::MAX,
+                reply: Reply::Exec(r)
+            })
+            .len()
+                <= MAX_FRAME_BYTES
+        );
     }
 
     #[test]

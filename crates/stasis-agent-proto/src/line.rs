@@ -271,12 +271,7 @@ mod tests {
         let (got, peak) = all(&data, max, 64 * 1024);
         assert!(peak <= max, "peak {peak}");
         assert_eq!(got.len(), 3, "{:?}", got.iter().map(|(n, _)| n).collect::<Vec<_>>());
-        assert_eq!(
-            got[0].0,
-            Next::Oversized {
-                len: 10 * 1024 * 1024
-            }
-        );
+        assert_eq!(got[0].0, Next::Oversized { len: 10 * 1024 * 1024 });
         assert_eq!(got[0].1.len(), OVERSIZED_HEAD_BYTES);
         assert_eq!(crate::frame_id(&got[0].1), Some(77));
         assert_eq!(got[1], (Next::Line, b"next".to_vec()));

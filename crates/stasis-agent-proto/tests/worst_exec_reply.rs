@@ -33,10 +33,6 @@ fn control_bytes_on_both_streams_are_cut_to_fit_the_frame() {
         reply: Reply::Exec(result),
     };
     let line = encode(&frame);
-    assert!(
-        line.len() <= MAX_FRAME_BYTES,
-        "{} > {MAX_FRAME_BYTES}",
-        line.len()
-    );
+    assert!(line.len() <= MAX_FRAME_BYTES, "{} > {MAX_FRAME_BYTES}", line.len());
     assert_eq!(decode::<Response>(&line[..line.len() - 1]), Some(frame));
 }

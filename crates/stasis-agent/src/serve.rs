@@ -114,7 +114,9 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
         match lines.read_line(&mut reader) {
             Ok(Next::Line) => {}
             Ok(Next::Oversized { len }) => {
-                crate::log(&format!("dropped a {len}-byte line from the host (over {MAX_FRAME_BYTES})"));
+                crate::log(&format!(
+                    "dropped a {len}-byte line from the host (over {MAX_FRAME_BYTES})"
+                ));
                 continue;
             }
             Ok(Next::Eof) => {

@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stasis_agent_proto::{
-    decode, encode, frame_id, LineReader, Next, Op, Reply, Request, Response, MAX_FRAME_BYTES,
-};
+use stasis_agent_proto::{decode, encode, frame_id, LineReader, Next, Op, Reply, Request, Response, MAX_FRAME_BYTES};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -100,7 +98,11 @@ impl AgentClient {
                     }
                     Ok(Next::Oversized { len }) => {
                         let id = frame_id(lines.line());
-                        tracing::warn!(len, ?id, "dropped a line from the guest agent over {MAX_FRAME_BYTES} bytes");
+                        tracing::warn!(
+                            len,
+                            ?id,
+                            "dropped a line from the guest agent over {MAX_FRAME_BYTES} bytes"
+                        );
                         // Without an id (garbage, or a frame torn by a snapshot) no call can be
                         // blamed; the calls still waiting resend or time out as usual.
                         let Some(id) = id else { continue };

@@ -142,10 +142,19 @@ async fn an_answer_too_long_to_read_fails_its_call_instead_of_being_asked_for_ag
         .await
         .unwrap_err();
     assert!(
-        matches!(err, AgentError::AnswerTooLarge { max: MAX_FRAME_BYTES, .. }),
+        matches!(
+            err,
+            AgentError::AnswerTooLarge {
+                max: MAX_FRAME_BYTES,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(err.to_string().contains(&format!("exceeded {MAX_FRAME_BYTES} bytes")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("exceeded {MAX_FRAME_BYTES} bytes")),
+        "{err}"
+    );
     // Before the fix: dropped, asked again every second until the deadline, 30 s here.
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     // The connection goes on serving other calls.

@@ -47,9 +47,15 @@ async fn an_endless_qmp_line_costs_bounded_memory_and_the_reply_after_it_gets_th
             w.write_all(&chunk).await.unwrap();
         }
         w.write_all(b"\n").await.unwrap();
-        w.write_all(format!("{{\"return\": {{\"status\": \"running\"}}, \"id\": {}}}\n", id_of(&status)).as_bytes())
-            .await
-            .unwrap();
+        w.write_all(
+            format!(
+                "{{\"return\": {{\"status\": \"running\"}}, \"id\": {}}}\n",
+                id_of(&status)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
         // Hold the connection open until the client is done.
         let _ = lines.next_line().await;
     });
