@@ -165,7 +165,11 @@ fn cut_to_escaped(s: &mut String, budget: usize) -> bool {
         used += len;
     }
     let cut = end < s.len();
-    s.truncate(end);
+    if cut {
+        s.truncate(end);
+        // The memory of what was cut goes back now, before the reply is encoded next to it.
+        s.shrink_to_fit();
+    }
     cut
 }
 

@@ -16,8 +16,9 @@ const REMEMBERED: usize = 256;
 /// and the guest may have little memory. The newest answer is kept whatever its size.
 const REMEMBERED_BYTES: usize = 64 * 1024 * 1024;
 
-/// An encoded answer, shared rather than copied each time a repeat is answered.
-type Answer = Arc<[u8]>;
+/// An encoded answer, shared rather than copied each time a repeat is answered. (An `Arc<[u8]>`
+/// would copy it once more on the way in: tens of MiB in a guest that may have 256.)
+type Answer = Arc<Vec<u8>>;
 
 #[derive(Default)]
 struct Seen {
@@ -160,7 +161,7 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
                 let seen = seen.clone();
                 std::thread::spawn(move || {
                     let reply = handle(op);
-                    let answer: Answer = encode(&Response { id, reply }).into();
+                    let answer: Answer = Arc::new(encode(&Response { id, reply }));
                     seen.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .finish(id, answer.clone());
@@ -198,7 +199,7 @@ mod tests {
         let mut seen = Seen::default();
         assert!(matches!(seen.admit(1), Admission::New));
         assert!(matches!(seen.admit(1), Admission::Running));
-        seen.finish(1, b"answer".as_slice().into());
+        seen.finish(1, Arc::new(b"answer".to_vec()));
         match seen.admit(1) {
             Admission::Done(line) => assert_eq!(&line[..], b"answer"),
             _ => panic!("a finished id must be answered from memory"),
@@ -211,7 +212,7 @@ mod tests {
         let mut seen = Seen::default();
         for id in 0..(REMEMBERED as u64 + 10) {
             seen.admit(id);
-            seen.finish(id, Vec::new().into());
+            seen.finish(id, Arc::default());
         }
         assert_eq!(seen.done.len(), REMEMBERED);
         assert!(
@@ -223,7 +224,7 @@ mod tests {
     #[test]
     fn remembered_bytes_are_bounded_but_the_newest_answer_stays() {
         let mut seen = Seen::default();
-        let big = || -> Answer { vec![b'x'; REMEMBERED_BYTES / 2 + 1].into() };
+        let big = || -> Answer { Arc::new(vec![b'x'; REMEMBERED_BYTES / 2 + 1]) };
         for id in 1..=3 {
             seen.admit(id);
             seen.finish(id, big());
@@ -232,7 +233,7 @@ mod tests {
         assert!(matches!(seen.admit(3), Admission::Done(_)));
         assert!(matches!(seen.admit(2), Admission::New));
         seen.admit(9);
-        seen.finish(9, vec![b'y'; REMEMBERED_BYTES * 2].into());
+        seen.finish(9, Arc::new(vec![b'y'; REMEMBERED_BYTES * 2]));
         assert!(
             matches!(seen.admit(9), Admission::Done(_)),
             "even an answer over the budget is kept while it is the newest"

@@ -45,6 +45,8 @@ async fn control_byte_output_on_the_smallest_machine_is_truncated_and_the_machin
     let vm = Vm::boot(machine(dir.path(), "flood-test", 256), dir.path())
         .await
         .expect("the guest boots");
+    let free = vm.exec(bash("free -m", 10_000)).await.unwrap();
+    eprintln!("guest memory before:\n{}", free.stdout);
     let t = Instant::now();
     let r = vm
         .exec(bash(
@@ -61,7 +63,19 @@ async fn control_byte_output_on_the_smallest_machine_is_truncated_and_the_machin
     // Still alive and answering afterwards.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(vm.exited().is_none(), "QEMU still runs: {:?}", vm.exited());
-    let r = vm.exec(bash("echo ok", 10_000)).await.unwrap();
-    assert_eq!(r.stdout, "ok\n");
+    let r = vm
+        .exec(bash("echo ok; grep -E 'VmHWM|VmRSS' /proc/1/status", 10_000))
+        .await
+        .unwrap();
+    eprintln!("the agent afterwards:\n{}", r.stdout);
+    assert!(r.stdout.starts_with("ok\n"), "{r:?}");
+    // The agent (PID 1) built a ~33 MiB reply; before the fix it needed more than the guest had.
+    let hwm_kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM of PID 1");
+    assert!(hwm_kib < 128 * 1024, "the agent peaked at {hwm_kib} KiB");
     vm.shutdown().await;
 }
