@@ -12,17 +12,27 @@
 
 use serde::{Deserialize, Serialize};
 
+mod line;
+pub use line::{LineReader, Next, OVERSIZED_HEAD_BYTES};
+
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "stasis.agent";
 
 /// Protocol version, reported by the agent in [`Reply::Hello`] and [`Reply::Pong`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest frame either end accepts; longer lines are discarded.
-pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
+/// Largest frame either end accepts; longer lines are skipped (by [`LineReader`], without
+/// being held in memory). Room for [`EXEC_OUTPUT_BUDGET`] plus the rest of an exec reply.
+pub const MAX_FRAME_BYTES: usize = EXEC_OUTPUT_BUDGET + 1024 * 1024;
 
 /// Cap on captured stdout and on captured stderr of one command, each.
 pub const MAX_OUTPUT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most bytes the JSON-encoded stdout and stderr of one exec reply may take together. JSON
+/// writes text in at most two bytes a byte (`\n`, `\t`, `\"`, `\\`), so two full streams of
+/// text always fit; only control bytes (`\u0001`: six bytes each) can need more, and those are
+/// cut by [`fit_exec_output`].
+pub const EXEC_OUTPUT_BUDGET: usize = 4 * MAX_OUTPUT_BYTES;
 
 /// One request from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,12 +126,89 @@ pub struct ExecResult {
     pub stderr: String,
     /// The command hit its timeout and was killed (exit code 124).
     pub timed_out: bool,
-    /// Output beyond [`MAX_OUTPUT_BYTES`] was dropped.
+    /// Output was dropped: beyond [`MAX_OUTPUT_BYTES`] of a stream, or what did not fit the
+    /// frame once JSON-escaped (see [`fit_exec_output`]).
     pub truncated: bool,
 }
 
 /// Exit code reported for a command killed by its timeout, as coreutils `timeout` does.
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
+
+/// How many bytes `s` takes inside a JSON string as serde_json writes it (quotes excluded).
+pub fn json_escaped_len(s: &str) -> usize {
+    s.bytes().map(escaped_byte_len).sum()
+}
+
+fn escaped_byte_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | b'\n' | b'\t' | b'\r' | 0x08 | 0x0c => 2,
+        0x00..=0x1f => 6,
+        _ => 1,
+    }
+}
+
+/// Cuts the longest prefix of `s` that ends on a char boundary and JSON-escapes to at most
+/// `budget` bytes; returns whether anything was cut.
+fn cut_to_escaped(s: &mut String, budget: usize) -> bool {
+    let mut used = 0;
+    let mut end = s.len();
+    for (i, c) in s.char_indices() {
+        let len = if c.is_ascii() {
+            escaped_byte_len(c as u8)
+        } else {
+            c.len_utf8()
+        };
+        if used + len > budget {
+            end = i;
+            break;
+        }
+        used += len;
+    }
+    let cut = end < s.len();
+    if cut {
+        s.truncate(end);
+        // The memory of what was cut goes back now, before the reply is encoded next to it.
+        s.shrink_to_fit();
+    }
+    cut
+}
+
+/// Makes an exec result's output fit [`EXEC_OUTPUT_BUDGET`] once JSON-escaped, so its reply
+/// always fits [`MAX_FRAME_BYTES`]: when the two streams need more, each keeps half the
+/// budget, or what it needs if that is less, and the other gets the rest. Sets `truncated` if
+/// anything was cut.
+pub fn fit_exec_output(result: &mut ExecResult) {
+    let out = json_escaped_len(&result.stdout);
+    let err = json_escaped_len(&result.stderr);
+    if out + err <= EXEC_OUTPUT_BUDGET {
+        return;
+    }
+    let half = EXEC_OUTPUT_BUDGET / 2;
+    let (out_budget, err_budget) = if out <= half {
+        (out, EXEC_OUTPUT_BUDGET - out)
+    } else if err <= half {
+        (EXEC_OUTPUT_BUDGET - err, err)
+    } else {
+        (half, half)
+    };
+    let cut_out = cut_to_escaped(&mut result.stdout, out_budget);
+    let cut_err = cut_to_escaped(&mut result.stderr, err_budget);
+    result.truncated |= cut_out || cut_err;
+}
+
+/// The id of a frame from its first bytes: every frame [`encode`] writes starts with
+/// `{"id":<digits>` (the id is the first field), which is enough to tell whose answer an
+/// oversized line was without reading the rest.
+pub fn frame_id(head: &[u8]) -> Option<u64> {
+    let rest = trim_ascii(head).strip_prefix(b"{\"id\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    // The digits must be followed by something: at the very end of the head, they may be
+    // the start of a longer number.
+    if digits == 0 || digits == rest.len() {
+        return None;
+    }
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
 
 /// Serializes a frame as one line, `\n` included.
 pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
@@ -256,5 +343,83 @@ mod tests {
     fn oversized_lines_are_dropped() {
         let line = vec![b' '; MAX_FRAME_BYTES + 10];
         assert_eq!(decode::<Request>(&line), None);
+    }
+
+    #[test]
+    fn escaped_length_matches_serde_json() {
+        let samples = [
+            String::new(),
+            "plain text".into(),
+            "tab\tnew\nline\r\"quoted\" back\\slash \u{8}\u{c}".into(),
+            (0u8..=0x7f).map(char::from).collect::<String>(),
+            "héllo wörld ✓ 𝄞".into(),
+        ];
+        for s in samples {
+            let encoded = serde_json::to_vec(&s).unwrap();
+            assert_eq!(json_escaped_len(&s), encoded.len() - 2, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ordinary_text_keeps_both_full_streams() {
+        // Newlines are the worst text there is: two bytes each once escaped.
+        let mut r = ExecResult {
+            exit_code: 0,
+            stdout: "\n".repeat(MAX_OUTPUT_BYTES),
+            stderr: "\"".repeat(MAX_OUTPUT_BYTES),
+            timed_out: false,
+            truncated: false,
+        };
+        fit_exec_output(&mut r);
+        assert!(!r.truncated);
+        assert_eq!(r.stdout.len(), MAX_OUTPUT_BYTES);
+        assert_eq!(r.stderr.len(), MAX_OUTPUT_BYTES);
+        assert!(
+            encode(&Response {
+                id: u64::MAX,
+                reply: Reply::Exec(r)
+            })
+            .len()
+                <= MAX_FRAME_BYTES
+        );
+    }
+
+    #[test]
+    fn a_short_stream_leaves_its_share_to_the_other() {
+        let mut r = ExecResult {
+            exit_code: 0,
+            stdout: "\u{1}".repeat(MAX_OUTPUT_BYTES),
+            stderr: "warning\n".into(),
+            timed_out: false,
+            truncated: false,
+        };
+        fit_exec_output(&mut r);
+        assert!(r.truncated);
+        assert_eq!(r.stderr, "warning\n");
+        assert_eq!(
+            json_escaped_len(&r.stdout),
+            (EXEC_OUTPUT_BUDGET - json_escaped_len("warning\n")) / 6 * 6
+        );
+    }
+
+    #[test]
+    fn cuts_fall_on_char_boundaries() {
+        let mut s = "ab✓".to_string();
+        assert!(cut_to_escaped(&mut s, 4));
+        assert_eq!(s, "ab");
+        let mut s = "ab✓".to_string();
+        assert!(!cut_to_escaped(&mut s, 5));
+        assert_eq!(s, "ab✓");
+    }
+
+    #[test]
+    fn frame_ids_come_from_the_head() {
+        let line = encode(&exec_request(123_456));
+        assert_eq!(frame_id(&line[..OVERSIZED_HEAD_BYTES]), Some(123_456));
+        assert_eq!(frame_id(b"{\"id\":12"), None, "could be the start of 123");
+        assert_eq!(frame_id(b"{\"id\":12,"), Some(12));
+        assert_eq!(frame_id(b"{\"id\":x,"), None);
+        assert_eq!(frame_id(b"aaaa{\"id\":1,"), None);
+        assert_eq!(frame_id(b"{\"id\":99999999999999999999999,"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use stasis_agent_proto::{ExecRequest, ExecResult, MAX_OUTPUT_BYTES, TIMEOUT_EXIT_CODE};
+use stasis_agent_proto::{fit_exec_output, ExecRequest, ExecResult, MAX_OUTPUT_BYTES, TIMEOUT_EXIT_CODE};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// After the command exits, how long to keep reading output that its background children
@@ -16,7 +16,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const DRAIN_GRACE: Duration = Duration::from_millis(50);
 
 pub fn run(req: &ExecRequest) -> ExecResult {
-    match run_inner(req) {
+    let mut result = match run_inner(req) {
         Ok(r) => r,
         Err(e) => ExecResult {
             exit_code: 127,
@@ -25,7 +25,17 @@ pub fn run(req: &ExecRequest) -> ExecResult {
             timed_out: false,
             truncated: false,
         },
-    }
+    };
+    // Control bytes take six bytes each in JSON: without this, 8 MiB of them on both streams
+    // made a 96 MiB reply that no host accepts, sent again for every resent request.
+    fit_exec_output(&mut result);
+    result
+}
+
+/// The captured bytes as text, without a copy when they are valid UTF-8 (the usual case: the
+/// guest may be small, and the reply is built next to the output already).
+fn into_text(buf: Vec<u8>) -> String {
+    String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
@@ -119,8 +129,8 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
         } else {
             exit_code.unwrap_or(-1)
         },
-        stdout: String::from_utf8_lossy(&out.buf).into_owned(),
-        stderr: String::from_utf8_lossy(&err.buf).into_owned(),
+        stdout: into_text(out.buf),
+        stderr: into_text(err.buf),
         timed_out,
         truncated,
     })
@@ -272,6 +282,31 @@ mod tests {
         });
         assert_eq!(r.exit_code, 127);
         assert!(r.stderr.contains("/nonexistent/prog"), "{}", r.stderr);
+    }
+
+    #[test]
+    fn control_byte_floods_are_cut_to_fit_one_frame() {
+        use stasis_agent_proto::{encode, Reply, Response, MAX_FRAME_BYTES};
+        let r = bash(
+            "head -c 8M /dev/zero | tr '\\0' '\\1'; head -c 9M /dev/zero | tr '\\0' '\\1' >&2",
+            30_000,
+        );
+        assert_eq!(r.exit_code, 0);
+        assert!(r.truncated);
+        assert!(!r.stdout.is_empty() && r.stdout.bytes().all(|b| b == 1));
+        let line = encode(&Response {
+            id: u64::MAX,
+            reply: Reply::Exec(r),
+        });
+        assert!(line.len() <= MAX_FRAME_BYTES, "{}", line.len());
+    }
+
+    #[test]
+    fn plain_text_keeps_its_eight_mib() {
+        let r = bash("yes | head -c 9M; yes abc | head -c 9M >&2", 30_000);
+        assert!(r.truncated, "past 8 MiB");
+        assert_eq!(r.stdout.len(), MAX_OUTPUT_BYTES);
+        assert_eq!(r.stderr.len(), MAX_OUTPUT_BYTES);
     }
 
     #[test]

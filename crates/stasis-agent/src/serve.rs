@@ -2,25 +2,35 @@
 //! threads, and remember recent ids so a frame repeated after a restore is not run twice.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stasis_agent_proto::{decode, encode, Op, Reply, Request, Response, PROTOCOL_VERSION};
+use stasis_agent_proto::{
+    decode, encode, LineReader, Next, Op, Reply, Request, Response, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 
 /// How many finished answers are kept for repeated requests.
 const REMEMBERED: usize = 256;
+/// How many bytes of finished answers are kept: a few exec replies can be tens of MiB each,
+/// and the guest may have little memory. The newest answer is kept whatever its size.
+const REMEMBERED_BYTES: usize = 64 * 1024 * 1024;
+
+/// An encoded answer, shared rather than copied each time a repeat is answered. (An `Arc<[u8]>`
+/// would copy it once more on the way in: tens of MiB in a guest that may have 256.)
+type Answer = Arc<Vec<u8>>;
 
 #[derive(Default)]
 struct Seen {
     running: HashSet<u64>,
-    done: VecDeque<(u64, Vec<u8>)>,
+    done: VecDeque<(u64, Answer)>,
+    done_bytes: usize,
 }
 
 enum Admission {
     New,
     Running,
-    Done(Vec<u8>),
+    Done(Answer),
 }
 
 impl Seen {
@@ -35,12 +45,15 @@ impl Seen {
         Admission::New
     }
 
-    fn finish(&mut self, id: u64, line: Vec<u8>) {
+    fn finish(&mut self, id: u64, line: Answer) {
         self.running.remove(&id);
-        if self.done.len() == REMEMBERED {
-            self.done.pop_front();
-        }
+        self.done_bytes += line.len();
         self.done.push_back((id, line));
+        while self.done.len() > REMEMBERED || (self.done_bytes > REMEMBERED_BYTES && self.done.len() > 1) {
+            if let Some((_, old)) = self.done.pop_front() {
+                self.done_bytes -= old.len();
+            }
+        }
     }
 }
 
@@ -95,26 +108,32 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
     send(&writer, &hello);
 
     let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let mut line = Vec::new();
+    // Bounded: whatever writes to the port (the host, or anything that got hold of its other
+    // end) cannot make PID 1 buffer more than one frame.
+    let mut lines = LineReader::new(MAX_FRAME_BYTES);
     loop {
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => {
+        match lines.read_line(&mut reader) {
+            Ok(Next::Line) => {}
+            Ok(Next::Oversized { len }) => {
+                crate::log(&format!(
+                    "dropped a {len}-byte line from the host (over {MAX_FRAME_BYTES})"
+                ));
+                continue;
+            }
+            Ok(Next::Eof) => {
                 if eof_is_final {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            Ok(_) if line.last() != Some(&b'\n') => continue, // partial line; keep reading
-            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
         }
-        let request: Option<Request> = decode(&line);
-        line.clear();
+        let request: Option<Request> = decode(lines.line());
         let Some(Request { id, op }) = request else {
             continue;
         };
@@ -142,7 +161,7 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
                 let seen = seen.clone();
                 std::thread::spawn(move || {
                     let reply = handle(op);
-                    let answer = encode(&Response { id, reply });
+                    let answer: Answer = Arc::new(encode(&Response { id, reply }));
                     seen.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .finish(id, answer.clone());
@@ -180,9 +199,9 @@ mod tests {
         let mut seen = Seen::default();
         assert!(matches!(seen.admit(1), Admission::New));
         assert!(matches!(seen.admit(1), Admission::Running));
-        seen.finish(1, b"answer".to_vec());
+        seen.finish(1, Arc::new(b"answer".to_vec()));
         match seen.admit(1) {
-            Admission::Done(line) => assert_eq!(line, b"answer"),
+            Admission::Done(line) => assert_eq!(&line[..], b"answer"),
             _ => panic!("a finished id must be answered from memory"),
         }
         assert!(matches!(seen.admit(2), Admission::New));
@@ -193,12 +212,32 @@ mod tests {
         let mut seen = Seen::default();
         for id in 0..(REMEMBERED as u64 + 10) {
             seen.admit(id);
-            seen.finish(id, vec![]);
+            seen.finish(id, Arc::default());
         }
         assert_eq!(seen.done.len(), REMEMBERED);
         assert!(
             matches!(seen.admit(0), Admission::New),
             "the oldest answers are forgotten"
         );
+    }
+
+    #[test]
+    fn remembered_bytes_are_bounded_but_the_newest_answer_stays() {
+        let mut seen = Seen::default();
+        let big = || -> Answer { Arc::new(vec![b'x'; REMEMBERED_BYTES / 2 + 1]) };
+        for id in 1..=3 {
+            seen.admit(id);
+            seen.finish(id, big());
+        }
+        assert_eq!(seen.done.len(), 1);
+        assert!(matches!(seen.admit(3), Admission::Done(_)));
+        assert!(matches!(seen.admit(2), Admission::New));
+        seen.admit(9);
+        seen.finish(9, Arc::new(vec![b'y'; REMEMBERED_BYTES * 2]));
+        assert!(
+            matches!(seen.admit(9), Admission::Done(_)),
+            "even an answer over the budget is kept while it is the newest"
+        );
+        assert_eq!(seen.done_bytes, REMEMBERED_BYTES * 2);
     }
 }

@@ -1,4 +1,7 @@
 //! A QMP client on QEMU's monitor socket: commands matched to answers by id, events broadcast.
+//!
+//! QEMU may be under the control of a guest that escaped into it, so its lines are read with
+//! a bounded [`LineReader`]: a line past [`MAX_QMP_LINE_BYTES`] is skipped without being held.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use stasis_agent_proto::{LineReader, Next};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
@@ -34,6 +38,10 @@ pub enum QmpError {
     Io(#[from] std::io::Error),
 }
 
+/// Longest QMP line read. The answers this platform asks for (`query-status`, `query-block`,
+/// `query-migrate`, ...) and events are a few KiB at most; this leaves a wide margin.
+pub const MAX_QMP_LINE_BYTES: usize = 16 * 1024 * 1024;
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>>>;
 
 pub struct Qmp {
@@ -41,6 +49,7 @@ pub struct Qmp {
     pending: Pending,
     events: broadcast::Sender<Value>,
     next_id: AtomicU64,
+    line_buffer_peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Qmp {
@@ -63,11 +72,18 @@ impl Qmp {
             }
         };
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut reader = BufReader::new(read);
+        let mut lines = LineReader::new(MAX_QMP_LINE_BYTES);
         // The greeting comes first.
-        match tokio::time::timeout(wait.max(Duration::from_secs(5)), lines.next_line()).await {
-            Ok(Ok(Some(_greeting))) => {}
-            Ok(Ok(None)) => return Err(QmpError::Closed),
+        match tokio::time::timeout(wait.max(Duration::from_secs(5)), lines.read_line_async(&mut reader)).await {
+            Ok(Ok(Next::Line)) => {}
+            Ok(Ok(Next::Oversized { len })) => {
+                return Err(QmpError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a {len}-byte QMP greeting, over {MAX_QMP_LINE_BYTES}"),
+                )))
+            }
+            Ok(Ok(Next::Eof)) => return Err(QmpError::Closed),
             Ok(Err(e)) => return Err(QmpError::Io(e)),
             Err(_) => {
                 return Err(QmpError::Timeout {
@@ -77,15 +93,29 @@ impl Qmp {
         }
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(1024);
+        let line_buffer_peak = Arc::new(std::sync::atomic::AtomicUsize::new(lines.peak_capacity()));
         let qmp = Arc::new(Qmp {
             writer: tokio::sync::Mutex::new(write),
             pending: pending.clone(),
             events: events.clone(),
             next_id: AtomicU64::new(1),
+            line_buffer_peak: line_buffer_peak.clone(),
         });
         tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            loop {
+                let next = lines.read_line_async(&mut reader).await;
+                line_buffer_peak.store(lines.peak_capacity(), Ordering::Relaxed);
+                match next {
+                    Ok(Next::Line) => {}
+                    Ok(Next::Oversized { len }) => {
+                        // QMP puts the id last, so the command it answered cannot be told; that
+                        // command times out.
+                        tracing::warn!(len, "dropped a QMP line over {MAX_QMP_LINE_BYTES} bytes");
+                        continue;
+                    }
+                    Ok(Next::Eof) | Err(_) => break,
+                }
+                let Ok(msg) = serde_json::from_slice::<Value>(lines.line()) else {
                     continue;
                 };
                 if msg.get("event").is_some() {
@@ -112,6 +142,12 @@ impl Qmp {
         });
         qmp.execute("qmp_capabilities", json!({})).await?;
         Ok(qmp)
+    }
+
+    /// The most memory the reader's line buffer has held: at most [`MAX_QMP_LINE_BYTES`]
+    /// whatever QEMU sends (checked by the regression tests).
+    pub fn line_buffer_peak(&self) -> usize {
+        self.line_buffer_peak.load(Ordering::Relaxed)
     }
 
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
