@@ -59,5 +59,8 @@ fn main() {
 
     let built = target_dir.join(triple).join("release").join("stasis-agent");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("stasis-agent");
+    // A new file, not an overwrite: a build directory shared through hard links must not
+    // change under another checkout's build.
+    let _ = std::fs::remove_file(&out);
     std::fs::copy(&built, &out).expect("copying the guest agent");
 }
