@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/0004_jobs.sql")),
     (5, include_str!("../../migrations/0005_limits.sql")),
     (6, include_str!("../../migrations/0006_tenant_keys.sql")),
+    (7, include_str!("../../migrations/0007_http.sql")),
 ];
 
 /// Which database a URL names.
