@@ -299,6 +299,11 @@ pub struct Platform {
 
 impl Platform {
     pub async fn open(config: &Config) -> Result<Platform, String> {
+        // Before anything opens files: clients, QEMUs, the database and the store share them.
+        match net::raise_nofile_limit() {
+            Some(n) => tracing::debug!(open_files = n, "open-file limit"),
+            None => tracing::warn!("cannot read this process's open-file limit"),
+        }
         prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
         let db = Db::open(&config.database_url)
             .await
