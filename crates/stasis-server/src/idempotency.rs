@@ -71,7 +71,12 @@ where
         .to_string();
     let started = Instant::now();
     loop {
-        match db.claim_idempotency_key(tenant, &key, &fingerprint).await? {
+        let claimed = match db.claim_idempotency_key(tenant, &key, &fingerprint).await {
+            // The claim it collided with was given back between its insert and its read.
+            Err(sqlx::Error::RowNotFound) if started.elapsed() < WAIT_FOR_FIRST => continue,
+            other => other?,
+        };
+        match claimed {
             Idempotency::Proceed => break,
             Idempotency::Replay { status, body } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
