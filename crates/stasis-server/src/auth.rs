@@ -55,8 +55,9 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Middleware on the API: looks the key up once, applies the tenant's request rate (429 with
 /// `Retry-After` beyond it), and leaves the tenant for the handlers. A bad or missing key is
-/// left to the handlers' 401 (routes that need none, like /health, stay open). Requests a
-/// control plane forwards to its host were counted there.
+/// left to the handlers' 401 (routes that need none, like /health, stay open), but failed
+/// lookups count against the client's address: past its budget it gets 429 without a lookup.
+/// Requests a control plane forwards to its host were counted there.
 pub async fn authenticate(
     axum::extract::State(state): axum::extract::State<AppState>,
     mut req: axum::extract::Request,
@@ -65,14 +66,25 @@ pub async fn authenticate(
     use axum::response::IntoResponse;
     if req.uri().path().starts_with("/api/") && crate::cluster::host_tenant(&state, req.headers()).is_none() {
         if let Some(key) = bearer(req.headers()) {
-            match state.db.tenant_by_key_hash(&hash_key(key)).await {
+            let hash = hash_key(key);
+            let peer = peer_of(req.extensions());
+            let failures = &state.guards.auth_failures;
+            if let Some(wait) = peer.and_then(|p| failures.blocked(p, &hash)) {
+                return crate::net::auth_blocked(wait);
+            }
+            match state.db.tenant_by_key_hash(&hash).await {
                 Ok(Some(t)) => {
+                    failures.succeeded(&hash);
                     if let Err(e) = state.limits.admit_request(t).await {
                         return e.into_response();
                     }
                     req.extensions_mut().insert(Authenticated(t));
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Some(p) = peer {
+                        failures.failed(p);
+                    }
+                }
                 Err(e) => return ApiError::from(e).into_response(),
             }
         }
@@ -80,9 +92,17 @@ pub async fn authenticate(
     next.run(req).await
 }
 
+/// The client's address, as the listener recorded it.
+pub fn peer_of(extensions: &axum::http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0)
+}
+
 impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
+    /// The key was looked up once, by [`authenticate`]: what it did not accept is refused.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(Authenticated(t)) = parts.extensions.get::<Authenticated>() {
             return Ok(Tenant(*t));
@@ -90,11 +110,7 @@ impl FromRequestParts<AppState> for Tenant {
         if let Some(t) = crate::cluster::host_tenant(state, &parts.headers) {
             return Ok(t);
         }
-        let key = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        match state.db.tenant_by_key_hash(&hash_key(key)).await? {
-            Some(t) => Ok(Tenant(t)),
-            None => Err(ApiError::Unauthorized),
-        }
+        Err(ApiError::Unauthorized)
     }
 }
 

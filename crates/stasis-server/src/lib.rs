@@ -12,6 +12,7 @@ pub mod idempotency;
 pub mod images;
 pub mod jobs;
 pub mod limits;
+pub mod net;
 pub mod openapi;
 pub mod snapshots;
 pub mod web;
@@ -48,6 +49,8 @@ pub struct AppState {
     /// Set when this platform is a host: its control plane's token.
     pub host_token: Option<String>,
     pub limits: Arc<limits::Limits>,
+    /// Connection-level limits the middleware applies (long requests, failed keys).
+    pub guards: Arc<net::Guards>,
 }
 
 /// What part this process plays.
@@ -232,8 +235,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::dispatch))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), net::limit_streams))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
 
@@ -275,11 +279,17 @@ async fn method_not_allowed() -> ApiError {
 
 /// Gives every request an id, visible to handlers (for error bodies and logs) and returned in
 /// `x-request-id`.
-async fn request_id(req: Request, next: Next) -> Response {
-    // A control plane forwarding a request passes its id on, so both logs and the answer agree.
-    let forwarded = req
-        .headers()
-        .get("x-stasis-request-id")
+async fn request_id(axum::extract::State(state): axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+    // A control plane forwarding a request passes its id on, so both logs and the answer agree;
+    // anyone else's would let them plant ids in our logs and error bodies.
+    let from_control_plane = state
+        .host_token
+        .as_deref()
+        .zip(auth::bearer(req.headers()))
+        .is_some_and(|(token, given)| cluster::token_matches(token, given));
+    let forwarded = from_control_plane
+        .then(|| req.headers().get("x-stasis-request-id"))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() == 36 && v.starts_with("req_") && v[4..].bytes().all(|b| b.is_ascii_hexdigit()))
         .map(str::to_string);
@@ -299,12 +309,18 @@ async fn request_id(req: Request, next: Next) -> Response {
 /// The platform, assembled and reconciled, ready to serve.
 pub struct Platform {
     pub state: AppState,
+    http: net::HttpSettings,
     host_events: tokio::sync::mpsc::UnboundedReceiver<stasis_vmm::HostEvent>,
     images: Arc<Images>,
 }
 
 impl Platform {
     pub async fn open(config: &Config) -> Result<Platform, String> {
+        // Before anything opens files: clients, QEMUs, the database and the store share them.
+        match net::raise_nofile_limit() {
+            Some(n) => tracing::debug!(open_files = n, "open-file limit"),
+            None => tracing::warn!("cannot read this process's open-file limit"),
+        }
         prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
         let db = Db::open(&config.database_url)
             .await
@@ -451,10 +467,19 @@ impl Platform {
                 control_plane,
                 host_token,
                 limits,
+                guards: Arc::new(net::Guards::new(&net::HttpSettings::default())),
             },
+            http: net::HttpSettings::default(),
             host_events,
             images,
         })
+    }
+
+    /// Sets how the listener treats connections (before [`serve`](Self::serve)).
+    pub fn with_http(mut self, http: net::HttpSettings) -> Platform {
+        self.state.guards = Arc::new(net::Guards::new(&http));
+        self.http = http;
+        self
     }
 
     /// Serves until `shutdown` resolves, then stops every machine.
@@ -465,6 +490,7 @@ impl Platform {
     ) -> std::io::Result<()> {
         let Platform {
             state,
+            http,
             mut host_events,
             images,
         } = self;
@@ -480,11 +506,29 @@ impl Platform {
                 computers.on_host_event(event).await;
             }
         });
+        tokio::spawn(prune_periodically(state.db.clone()));
         let computers = state.computers.clone();
         let app = router(state);
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        net::serve(listener, app, &http, shutdown).await?;
         tracing::info!("stopping all computers");
         computers.shutdown().await;
         Ok(())
+    }
+}
+
+/// How often rows that are no use any more are deleted.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Deletes old idempotency records, expired SSE tickets and deleted snapshots' events, now and
+/// then every [`PRUNE_EVERY`] (several processes on one database may all do it: it is idempotent).
+async fn prune_periodically(db: Db) {
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        every.tick().await;
+        match db.prune_expired(chrono::Utc::now()).await {
+            Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned expired rows"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning expired rows"),
+        }
     }
 }

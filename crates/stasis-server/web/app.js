@@ -997,7 +997,7 @@ class Tracker {
     this.setChannel('connecting…', 'connecting');
     let ticket;
     try {
-      ticket = (await api('POST', '/sse/ticket')).ticket;
+      ticket = (await api('POST', '/sse/ticket', { snapshot_id: this.id })).ticket;
     } catch (err) {
       if (err instanceof ApiError && err.status === 401) {
         logout(`Your API key was refused: ${err.message}`);

@@ -153,6 +153,38 @@ pub struct ServeArgs {
     limits: LimitArgs,
     #[command(flatten)]
     encryption: Encryption,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// How the listener treats clients.
+#[derive(clap::Args)]
+struct HttpArgs {
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = 20, env = "STASIS_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: u64,
+    /// Connections open at once (at most half the open-file limit); beyond it new ones are
+    /// closed at once.
+    #[arg(long, default_value_t = 4096, env = "STASIS_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// Exec calls and snapshot event streams one tenant may have open at once (429 beyond).
+    #[arg(long, default_value_t = 64, env = "STASIS_MAX_STREAMS_PER_TENANT")]
+    max_streams_per_tenant: usize,
+    /// Seconds shutdown waits for requests in flight before closing their connections.
+    #[arg(long, default_value_t = 10, env = "STASIS_SHUTDOWN_GRACE_SECS")]
+    shutdown_grace_secs: u64,
+}
+
+impl HttpArgs {
+    fn settings(&self) -> stasis_server::net::HttpSettings {
+        stasis_server::net::HttpSettings {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            max_streams_per_tenant: self.max_streams_per_tenant.max(1),
+            shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
+        }
+    }
 }
 
 /// Encryption at rest.
@@ -262,6 +294,21 @@ enum KeysCommand {
         #[command(flatten)]
         database: Database,
     },
+    /// Revoke keys: every key of --tenant, the one --key (read from the environment or
+    /// stdin with `-`), or those shown as --prefix (`stasis_` and 4 more characters). Revoked
+    /// keys answer 401 at once.
+    Revoke {
+        #[arg(long, required_unless_present_any = ["key", "prefix"])]
+        tenant: Option<String>,
+        #[arg(long, env = "STASIS_REVOKE_KEY", hide_env_values = true, conflicts_with = "prefix")]
+        key: Option<String>,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        database: Database,
+    },
 }
 
 #[derive(Subcommand)]
@@ -350,6 +397,16 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{key}");
             Ok(())
         }
+        Command::Keys {
+            command:
+                KeysCommand::Revoke {
+                    tenant,
+                    key,
+                    prefix,
+                    data,
+                    database,
+                },
+        } => revoke_keys(tenant, key, prefix, &data, &database).await,
         Command::Tenant {
             command:
                 TenantCommand::Limits {
@@ -402,6 +459,65 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { command } => bench::run(command).await,
     }
+}
+
+/// `stasis keys revoke`.
+async fn revoke_keys(
+    tenant: Option<String>,
+    key: Option<String>,
+    prefix: Option<String>,
+    data: &DataDir,
+    database: &Database,
+) -> Result<()> {
+    let db = open_db(data, database).await?;
+    let tenant_id = match tenant.as_deref().map(str::trim) {
+        None => None,
+        Some(name) => Some(
+            db.tenant_by_name(name)
+                .await?
+                .with_context(|| format!("no tenant {name:?}"))?,
+        ),
+    };
+    let revoked = match (key, prefix) {
+        (Some(key), _) => {
+            let key = if key == "-" {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line
+            } else {
+                key
+            };
+            let hash = stasis_server::auth::hash_key(key.trim());
+            if let Some(t) = tenant_id {
+                if db.tenant_by_key_hash(&hash).await?.is_some_and(|owner| owner != t) {
+                    bail!("that key is not tenant {:?}'s", tenant.unwrap_or_default());
+                }
+            }
+            u64::from(db.revoke_key_hash(&hash).await?)
+        }
+        (None, Some(prefix)) => db.revoke_key_prefix(prefix.trim(), tenant_id).await?,
+        (None, None) => match tenant_id {
+            Some(t) => db.revoke_tenant_keys(t).await?,
+            None => bail!("give --tenant, --key or --prefix"),
+        },
+    };
+    if revoked == 0 {
+        bail!("no such key: nothing was revoked");
+    }
+    println!("revoked {revoked} key(s)");
+    // The saved default key is no use once revoked: the next start makes a new one.
+    let saved = stasis_server::default_key_path(&data.resolve());
+    if let Ok(k) = std::fs::read_to_string(&saved) {
+        if db
+            .tenant_by_key_hash(&stasis_server::auth::hash_key(k.trim()))
+            .await?
+            .is_none()
+        {
+            std::fs::remove_file(&saved).with_context(|| format!("removing {}", saved.display()))?;
+            println!("removed {} (it held a revoked key)", saved.display());
+        }
+    }
+    Ok(())
 }
 
 /// The metadata database of an admin command (keys, tenant limits).
@@ -476,23 +592,31 @@ async fn serve(args: ServeArgs) -> Result<()> {
     println!("  accelerator: {}", config.accel.as_str());
     println!("  data dir:    {}", config.data_dir.display());
     println!("  image cache: {}", config.cache_dir.display());
+    // The key is shown the one time it is made: logs of later starts must not carry it.
+    let path = stasis_server::default_key_path(&config.data_dir);
     match &key {
-        DefaultKey::New(k) => println!("API key for tenant \"default\" (shown once, also saved in the data dir):\n{k}"),
-        DefaultKey::Saved(k) => println!("API key for tenant \"default\":\n{k}"),
+        DefaultKey::New(k) => {
+            println!("API key for tenant \"default\" (shown once, also saved in the data dir):\n{k}");
+            println!("  export MIOSA_API_KEY={k} MIOSA_BASE_URL={base}");
+        }
+        DefaultKey::Saved => {
+            println!("API key for tenant \"default\": in {}", path.display());
+            println!("  export MIOSA_API_KEY=$(cat {}) MIOSA_BASE_URL={base}", path.display());
+        }
         DefaultKey::Unknown => {
             println!("tenant \"default\" has keys; create another with `stasis keys create --tenant default`")
         }
     }
-    if let DefaultKey::New(k) | DefaultKey::Saved(k) = &key {
-        println!("  export MIOSA_API_KEY={k} MIOSA_BASE_URL={base}");
-    }
-    platform.serve(listener, shutdown_signal()).await?;
+    platform
+        .with_http(args.http.settings())
+        .serve(listener, shutdown_signal())
+        .await?;
     Ok(())
 }
 
 enum DefaultKey {
     New(String),
-    Saved(String),
+    Saved,
     Unknown,
 }
 
@@ -502,7 +626,7 @@ async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> 
     let tenant = db.ensure_tenant("default").await?;
     if db.count_keys(tenant).await? > 0 {
         return Ok(match std::fs::read_to_string(&path) {
-            Ok(k) if !k.trim().is_empty() => DefaultKey::Saved(k.trim().to_string()),
+            Ok(k) if !k.trim().is_empty() => DefaultKey::Saved,
             _ => DefaultKey::Unknown,
         });
     }

@@ -145,12 +145,16 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
         .unwrap()
         .to_string();
     let r = anon.call("GET", &format!("{snaps}/{s1}/events?ticket={bobs}"), None);
-    assert_eq!(error_of(&r), (403, "forbidden".into()), "another tenant's ticket");
+    assert_eq!(
+        error_of(&r),
+        (404, "snapshot not found".into()),
+        "another tenant's ticket"
+    );
 
-    // Reading: another tenant's snapshot is forbidden; unknown ones are not found.
+    // Reading: another tenant's snapshot answers like an unknown one (no id oracle).
     assert_eq!(
         error_of(&bob.call("GET", &format!("{snaps}/{s1}"), None)),
-        (403, "forbidden".into())
+        (404, "snapshot not found".into())
     );
     let missing = format!("{snaps}/00000000-0000-0000-0000-000000000000");
     assert_eq!(

@@ -12,7 +12,6 @@ import {
   NotFoundError,
   ConflictError,
   ValidationError,
-  PermissionDeniedError,
   ConnectionError,
 } from '@stasis/sdk';
 import { startServer } from '../testlib/server.mjs';
@@ -86,11 +85,11 @@ test('snapshots need a running computer; restores need only the snapshot', { tim
 
   const snap = await client.snapshots.create(c.id, { comment: 'x'.repeat(500) });
   assert.equal(snap.comment.length, 500, 'exactly 500 characters are fine');
-  // Another tenant cannot see it: 403 forbidden for the snapshot, 404 for the computer.
+  // Another tenant cannot see it: 404 for the snapshot (as if it did not exist) and the computer.
   await assert.rejects(other.snapshots.get(c.id, snap.id), (e) => {
-    assert.ok(e instanceof PermissionDeniedError, e.constructor.name);
-    assert.equal(e.status, 403);
-    assert.equal(e.message, 'forbidden');
+    assert.ok(e instanceof NotFoundError, e.constructor.name);
+    assert.equal(e.status, 404);
+    assert.equal(e.message, 'snapshot not found');
     return true;
   });
   await assert.rejects(other.computers.get(c.id), (e) => e instanceof NotFoundError && e.message === 'computer not found');

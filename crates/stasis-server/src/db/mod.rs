@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../../migrations/0005_limits.sql")),
     (6, include_str!("../../migrations/0006_tenant_keys.sql")),
     (7, include_str!("../../migrations/0007_store.sql")),
+    (8, include_str!("../../migrations/0008_http.sql")),
 ];
 
 /// Which database a URL names.

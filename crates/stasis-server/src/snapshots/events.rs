@@ -1,5 +1,7 @@
 //! Snapshot progress events: appended to a per-snapshot log in the database (so a client can
-//! resume with `Last-Event-ID`) and pushed live to subscribers.
+//! resume with `Last-Event-ID`) and pushed live to subscribers. A live channel exists only
+//! while someone listens: one without receivers holds nothing a later subscriber could get
+//! (it reads the log first), so it is dropped, and the map does not grow with every snapshot.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -41,17 +43,32 @@ impl EventBus {
         }
     }
 
-    fn sender(&self, id: SnapshotId) -> broadcast::Sender<StoredEvent> {
-        self.channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    pub fn subscribe(&self, id: SnapshotId) -> broadcast::Receiver<StoredEvent> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        // Streams that ended left their channels without receivers.
+        channels.retain(|other, tx| *other == id || tx.receiver_count() > 0);
+        channels
             .entry(id)
             .or_insert_with(|| broadcast::channel(256).0)
-            .clone()
+            .subscribe()
     }
 
-    pub fn subscribe(&self, id: SnapshotId) -> broadcast::Receiver<StoredEvent> {
-        self.sender(id).subscribe()
+    /// The live channel of a snapshot someone listens to.
+    fn listened(&self, id: SnapshotId) -> Option<broadcast::Sender<StoredEvent>> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        match channels.get(&id) {
+            Some(tx) if tx.receiver_count() > 0 => Some(tx.clone()),
+            Some(_) => {
+                channels.remove(&id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Live channels kept (for tests and metrics).
+    pub fn channel_count(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Records and pushes an event whose name follows its status.
@@ -61,11 +78,13 @@ impl EventBus {
         let json = serde_json::to_string(&data).expect("event data serializes");
         match self.db.append_event(id, event, &json).await {
             Ok(seq) => {
-                let _ = self.sender(id).send(StoredEvent {
-                    seq,
-                    event: event.to_string(),
-                    data: json,
-                });
+                if let Some(tx) = self.listened(id) {
+                    let _ = tx.send(StoredEvent {
+                        seq,
+                        event: event.to_string(),
+                        data: json,
+                    });
+                }
             }
             Err(e) => tracing::warn!(%id, error = %e, "recording a snapshot event"),
         }
@@ -103,5 +122,41 @@ pub fn data(id: SnapshotId, status: SnapshotStatus) -> SnapshotEventData {
         computer_id: None,
         bytes_done: None,
         bytes_total: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many snapshots, each streamed to the end: the live channels go with their listeners.
+    #[tokio::test]
+    async fn channels_are_dropped_when_no_one_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let bus = EventBus::new(db);
+        let mut kept = Vec::new();
+        for i in 0..300 {
+            let id = SnapshotId::new();
+            let mut rx = bus.subscribe(id);
+            bus.emit(data(id, SnapshotStatus::Creating)).await;
+            bus.emit(data(id, SnapshotStatus::Ready)).await;
+            assert_eq!(rx.recv().await.unwrap().event, "snapshot_creating");
+            assert_eq!(rx.recv().await.unwrap().event, "snapshot_ready");
+            if i % 100 == 0 {
+                kept.push(rx);
+            }
+            // Events of snapshots no one listens to make no channel at all.
+            bus.emit(data(SnapshotId::new(), SnapshotStatus::Ready)).await;
+        }
+        bus.subscribe(SnapshotId::new());
+        assert!(
+            bus.channel_count() <= kept.len() + 1,
+            "{} channels",
+            bus.channel_count()
+        );
+        drop(kept);
+        bus.subscribe(SnapshotId::new());
+        assert_eq!(bus.channel_count(), 1);
     }
 }

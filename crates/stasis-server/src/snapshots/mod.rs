@@ -115,15 +115,16 @@ impl Snapshots {
     }
 
     /// A snapshot as a route names it: `404 snapshot not found` unless it exists (not deleted)
-    /// under that computer; `403 forbidden` if it is another tenant's.
+    /// under that computer and is this tenant's (another tenant's answers the same, so ids
+    /// cannot be probed).
     pub async fn find(&self, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> ApiResult<SnapshotRecord> {
         match self.db.get_snapshot(id).await? {
-            Some(r) if r.snapshot.computer_id == computer && r.snapshot.status != SnapshotStatus::Deleted => {
-                if r.snapshot.tenant_id != tenant {
-                    Err(ApiError::Forbidden)
-                } else {
-                    Ok(r)
-                }
+            Some(r)
+                if r.snapshot.computer_id == computer
+                    && r.snapshot.status != SnapshotStatus::Deleted
+                    && r.snapshot.tenant_id == tenant =>
+            {
+                Ok(r)
             }
             _ => Err(ApiError::NotFound { kind: "snapshot" }),
         }

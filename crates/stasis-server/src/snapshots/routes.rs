@@ -94,7 +94,7 @@ async fn list(
 /// One snapshot.
 #[utoipa::path(get, path = "/computers/{id}/snapshots/{snap_id}", operation_id = "getSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id")),
     responses((status = 200, description = "The snapshot", body = SnapshotEnvelope),
-        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), Errors))]
+        Errors))]
 async fn get_one(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -164,16 +164,29 @@ async fn clone(
 }
 
 /// A one-use ticket for one event stream, good for 60 s (browsers' `EventSource` cannot send
-/// an Authorization header).
+/// an Authorization header). With `{"snapshot_id": "..."}` it opens only that snapshot's
+/// stream; without it, whichever of the tenant's snapshots its one stream names.
 #[utoipa::path(post, path = "/sse/ticket", operation_id = "createSseTicket", tag = "snapshots",
+    request_body(content = Option<serde_json::Value>, description = "Optional: `{\"snapshot_id\": \"<uuid>\"}` binds the ticket to that snapshot"),
     responses((status = 201, description = "The ticket", body = SseTicket), Errors))]
 async fn ticket(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    body: JsonObject,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let snapshot = match body.optional_str("snapshot_id")? {
+        None => None,
+        Some(s) => Some(
+            s.parse::<SnapshotId>()
+                .map_err(|_| ApiError::invalid("snapshot_id", "snapshot_id must be a snapshot's id (a UUID)"))?,
+        ),
+    };
     let ticket = format!("sset_{}", &crate::auth::generate_key()["stasis_".len()..]);
     let expires_at = chrono::Utc::now() + chrono::Duration::from_std(ticket_ttl()).expect("a small duration");
-    state.db.insert_ticket(&hash_key(&ticket), tenant, expires_at).await?;
+    state
+        .db
+        .insert_bound_ticket(&hash_key(&ticket), tenant, snapshot, expires_at)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -184,32 +197,61 @@ async fn ticket(
 }
 
 /// Who may open an event stream: a Bearer key, or a one-use ticket in `?ticket=` (browsers'
-/// `EventSource` cannot send headers).
-pub struct StreamTenant(pub TenantId);
+/// `EventSource` cannot send headers), with the snapshot the ticket is bound to, if any.
+pub struct StreamTenant {
+    pub tenant: TenantId,
+    /// Set for a ticket: the snapshot it opens (None: any of its tenant's).
+    pub ticket: Option<Option<SnapshotId>>,
+}
 
 impl FromRequestParts<AppState> for StreamTenant {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
             return Tenant::from_request_parts(parts, state)
                 .await
-                .map(|t| StreamTenant(t.0));
+                .map(|t| StreamTenant {
+                    tenant: t.0,
+                    ticket: None,
+                })
+                .map_err(IntoResponse::into_response);
         }
         #[derive(serde::Deserialize)]
         struct TicketQuery {
             ticket: Option<String>,
         }
+        let unauthorized = || ApiError::Unauthorized.into_response();
         let Query(q) = Query::<TicketQuery>::from_request_parts(parts, state)
             .await
-            .map_err(|_| ApiError::Unauthorized)?;
+            .map_err(|_| unauthorized())?;
         let ticket = q
             .ticket
             .filter(|t| !t.is_empty() && t.len() <= 256)
-            .ok_or(ApiError::Unauthorized)?;
-        match state.db.consume_ticket(&hash_key(&ticket)).await? {
-            Some(t) => Ok(StreamTenant(t)),
-            None => Err(ApiError::Unauthorized),
+            .ok_or_else(unauthorized)?;
+        // Guessing tickets costs a lookup each, like guessing keys: the same budget applies.
+        let hash = hash_key(&ticket);
+        let peer = crate::auth::peer_of(&parts.extensions);
+        let failures = &state.guards.auth_failures;
+        if let Some(wait) = peer.and_then(|p| failures.blocked(p, &hash)) {
+            return Err(crate::net::auth_blocked(wait));
+        }
+        match state
+            .db
+            .consume_bound_ticket(&hash)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?
+        {
+            Some(grant) => Ok(StreamTenant {
+                tenant: grant.tenant,
+                ticket: Some(grant.snapshot),
+            }),
+            None => {
+                if let Some(p) = peer {
+                    failures.failed(p);
+                }
+                Err(unauthorized())
+            }
         }
     }
 }
@@ -240,16 +282,28 @@ fn ends_stream(data: &str) -> bool {
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
     security((), ("bearer" = [])),
     responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = stasis_types::SnapshotEvent),
-        (status = 403, description = "The snapshot belongs to another tenant", body = stasis_types::ErrorBody), Errors))]
+        (status = 429, description = "The tenant has too many exec calls and event streams open", body = stasis_types::ErrorBody), Errors))]
 async fn stream(
     State(state): State<AppState>,
-    StreamTenant(tenant): StreamTenant,
+    StreamTenant { tenant, ticket }: StreamTenant,
     Path((id, snap)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let snapshots = service(&state).clone();
     let record = snapshots.find(tenant, computer_id(&id)?, snapshot_id(&snap)?).await?;
     let id = record.snapshot.id;
+    if ticket.flatten().is_some_and(|bound| bound != id) {
+        // A ticket opens the stream it was asked for, not another snapshot's.
+        return Err(ApiError::Unauthorized);
+    }
+    // Bearer streams were counted by the middleware; a ticket's tenant is known only now.
+    let permit = match ticket {
+        Some(_) => match state.guards.streams.acquire(tenant) {
+            Ok(p) => Some(p),
+            Err(e) => return Ok(e.into_response()),
+        },
+        None => None,
+    };
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -259,6 +313,7 @@ async fn stream(
     let db = snapshots.db().clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut sent = match last_event_id {
             Some(after) => {
                 let mut sent = after;
@@ -295,7 +350,12 @@ async fn stream(
             return;
         }
         loop {
-            let next = match live.recv().await {
+            // A client that went away ends the task now, not at the next event.
+            let received = tokio::select! {
+                r = live.recv() => r,
+                _ = tx.closed() => return,
+            };
+            let next = match received {
                 Ok(e) => vec![e],
                 Err(RecvError::Lagged(_)) => db
                     .events_after(id, sent)

@@ -1,0 +1,477 @@
+//! The HTTP listener and the limits that keep one client from exhausting the platform: a
+//! header (and idle keep-alive) timeout, a cap on open connections, a bounded graceful
+//! shutdown, per-tenant caps on long requests (exec, event streams), and a per-address budget
+//! of failed key lookups.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::json;
+use stasis_types::TenantId;
+
+/// How the listener treats connections (`stasis serve` flags).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Time a client has to send a request's headers. hyper starts this timer whenever a
+    /// connection waits for the next request head, so it is also the idle keep-alive timeout.
+    pub header_timeout: Duration,
+    /// Connections open at once; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// Exec calls and event streams one tenant may have open at once.
+    pub max_streams_per_tenant: usize,
+    /// How long shutdown waits for requests in flight before dropping their connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_timeout: Duration::from_secs(20),
+            max_connections: 4096,
+            max_streams_per_tenant: 64,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Raises this process's open-file soft limit to its hard limit (the default soft limit is
+/// often 1024, which a few hundred clients and QEMUs exhaust); returns the soft limit now.
+pub fn raise_nofile_limit() -> Option<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own and pass by valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass by valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
+/// Accepts connections until `shutdown`, then lets requests in flight finish for at most
+/// `settings.shutdown_grace` and drops what is left (an idle or hung client must not keep the
+/// platform from stopping its machines).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    settings: &HttpSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut max = settings.max_connections.max(1);
+    if let Some(nofile) = raise_nofile_limit() {
+        // Leave half the descriptors to QEMUs, the database and the store.
+        let room = (nofile / 2).max(16) as usize;
+        if max > room {
+            tracing::warn!(
+                max_connections = max,
+                open_files = nofile,
+                "--max-connections lowered to {room}: half of this process's open-file limit"
+            );
+            max = room;
+        }
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let mut last_warning: Option<Instant> = None;
+    let mut warn = |what: &str, detail: String| {
+        // One line per 10 s, whatever a flood does.
+        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            last_warning = Some(Instant::now());
+            tracing::warn!(detail, "{what}");
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    warn("accepting a connection failed", e.to_string());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Over the cap a connection is closed at once, not queued: the client learns quickly,
+        // and held-open connections cannot make new ones wait behind them.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            warn(
+                "too many connections: closing new ones",
+                format!("{max} open; from {peer}"),
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        let header_timeout = settings.header_timeout;
+        conns.spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { tower::Service::call(&mut app, req).await }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = tokio::time::sleep(settings.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            _ = &mut grace => {
+                tracing::warn!(connections = conns.len(), "dropping connections still open after the shutdown grace");
+                conns.abort_all();
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An error answer of the API's shape, for limits that are not the tenant's request rate.
+pub fn too_many(code: &str, message: String, retry_after_secs: u64) -> Response {
+    let body = json!({ "error": {
+        "code": code,
+        "message": message,
+        "request_id": crate::error::current_request_id(),
+    }});
+    let mut resp = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    resp.headers_mut()
+        .insert(axum::http::header::RETRY_AFTER, retry_after_secs.max(1).into());
+    resp
+}
+
+/// What the listener shares with the middleware.
+pub struct Guards {
+    pub streams: Arc<TenantStreams>,
+    pub auth_failures: AuthFailures,
+}
+
+impl Guards {
+    pub fn new(settings: &HttpSettings) -> Guards {
+        Guards {
+            streams: Arc::new(TenantStreams::new(settings.max_streams_per_tenant)),
+            auth_failures: AuthFailures::default(),
+        }
+    }
+}
+
+/// Long requests open per tenant.
+pub struct TenantStreams {
+    max: usize,
+    open: Mutex<HashMap<TenantId, usize>>,
+}
+
+/// A tenant at its cap of long requests (429).
+#[derive(Debug)]
+pub struct TooManyStreams(pub usize);
+
+impl IntoResponse for TooManyStreams {
+    fn into_response(self) -> Response {
+        too_many(
+            "too_many_streams",
+            format!(
+                "this tenant already has {} exec calls and event streams open, the most it may have at once; \
+                 retry when one has finished",
+                self.0
+            ),
+            1,
+        )
+    }
+}
+
+/// One long request's place; given back when dropped.
+pub struct StreamPermit {
+    owner: Arc<TenantStreams>,
+    tenant: TenantId,
+}
+
+impl TenantStreams {
+    pub fn new(max: usize) -> TenantStreams {
+        TenantStreams {
+            max: max.max(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn acquire(self: &Arc<Self>, tenant: TenantId) -> Result<StreamPermit, TooManyStreams> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(tenant).or_insert(0);
+        if *n >= self.max {
+            return Err(TooManyStreams(self.max));
+        }
+        *n += 1;
+        Ok(StreamPermit {
+            owner: self.clone(),
+            tenant,
+        })
+    }
+
+    pub fn open_for(&self, tenant: TenantId) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tenant)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Whether a request is one that may stay open long: exec, or an event stream.
+fn is_long(method: &axum::http::Method, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/api/v1/computers/") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    matches!(
+        (method, parts.as_slice()),
+        (&axum::http::Method::POST, [_, "exec"])
+            | (&axum::http::Method::POST, [_, "exec", "python"])
+            | (&axum::http::Method::GET, [_, "snapshots", _, "events"])
+    )
+}
+
+/// Middleware: caps a tenant's long requests (429 beyond the cap). The place is held until
+/// the answer's body is done or dropped, so a stream counts for as long as it is open.
+pub async fn limit_streams(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !is_long(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    // Ticket-authenticated streams have no tenant yet: their handler counts them.
+    let Some(crate::auth::Authenticated(tenant)) = req.extensions().get().copied() else {
+        return next.run(req).await;
+    };
+    let permit = match state.guards.streams.acquire(tenant) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let resp = next.run(req).await;
+    let (parts, body) = resp.into_parts();
+    let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+/// Failed key lookups per client address: a token bucket each (a burst, then a slow refill),
+/// in a bounded map. Keys that authenticated recently are let through even from an address
+/// that is over its budget, so one bad client behind a shared address does not lock out the
+/// good ones that were already working.
+pub struct AuthFailures {
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    good: Mutex<HashMap<String, Instant>>,
+    burst: f64,
+    per_sec: f64,
+}
+
+const MAX_ADDRESSES: usize = 10_000;
+const MAX_GOOD_KEYS: usize = 4096;
+const GOOD_KEY_TTL: Duration = Duration::from_secs(600);
+
+impl Default for AuthFailures {
+    fn default() -> Self {
+        AuthFailures {
+            buckets: Mutex::new(HashMap::new()),
+            good: Mutex::new(HashMap::new()),
+            burst: 20.0,
+            per_sec: 0.5,
+        }
+    }
+}
+
+/// The address a budget belongs to: IPv6 clients by their /64 (one host has many addresses).
+fn address_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl AuthFailures {
+    fn refill(&self, tokens: &mut f64, last: &mut Instant, now: Instant) {
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_sec).min(self.burst);
+        *last = now;
+    }
+
+    /// Seconds until `peer` may try a key again; None: it may now.
+    pub fn blocked(&self, peer: SocketAddr, key_hash: &str) -> Option<u64> {
+        let addr = address_of(peer);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = buckets.get_mut(&addr)?;
+        self.refill(tokens, last, Instant::now());
+        if *tokens >= 1.0 {
+            return None;
+        }
+        let wait = ((1.0 - *tokens) / self.per_sec).ceil() as u64;
+        drop(buckets);
+        let good = self.good.lock().unwrap_or_else(|p| p.into_inner());
+        if good.get(key_hash).is_some_and(|t| t.elapsed() < GOOD_KEY_TTL) {
+            return None;
+        }
+        Some(wait)
+    }
+
+    /// Counts a failed lookup against `peer`.
+    pub fn failed(&self, peer: SocketAddr) {
+        let addr = address_of(peer);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(&addr) && buckets.len() >= MAX_ADDRESSES {
+            // Forget the addresses that are back to a full budget; if none is, the oldest.
+            let (burst, per_sec) = (self.burst, self.per_sec);
+            buckets.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * per_sec < burst);
+            if buckets.len() >= MAX_ADDRESSES {
+                if let Some(oldest) = buckets.iter().min_by_key(|(_, (_, at))| *at).map(|(a, _)| *a) {
+                    buckets.remove(&oldest);
+                }
+            }
+        }
+        let (tokens, last) = buckets.entry(addr).or_insert((self.burst, now));
+        self.refill(tokens, last, now);
+        *tokens = (*tokens - 1.0).max(0.0);
+    }
+
+    /// Remembers a key hash that authenticated.
+    pub fn succeeded(&self, key_hash: &str) {
+        let mut good = self.good.lock().unwrap_or_else(|p| p.into_inner());
+        if !good.contains_key(key_hash) && good.len() >= MAX_GOOD_KEYS {
+            good.retain(|_, t| t.elapsed() < GOOD_KEY_TTL);
+            if good.len() >= MAX_GOOD_KEYS {
+                if let Some(oldest) = good.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
+                    good.remove(&oldest);
+                }
+            }
+        }
+        good.insert(key_hash.to_string(), Instant::now());
+    }
+
+    pub fn addresses(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The answer to an address over its budget.
+pub fn auth_blocked(retry_after_secs: u64) -> Response {
+    too_many(
+        "too_many_failed_keys",
+        format!("too many requests with a missing or invalid API key from this address; retry in {retry_after_secs} s"),
+        retry_after_secs,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_lookups_run_out_per_address_and_good_keys_pass() {
+        let f = AuthFailures::default();
+        let bad: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let other: SocketAddr = "10.0.0.2:1000".parse().unwrap();
+        f.succeeded("goodhash");
+        let mut blocked_after = None;
+        for i in 0..100 {
+            if f.blocked(bad, "x").is_some() {
+                blocked_after = Some(i);
+                break;
+            }
+            f.failed(bad);
+        }
+        assert_eq!(blocked_after, Some(20), "the burst, then blocked");
+        assert!(f.blocked(bad, "goodhash").is_none(), "a key that worked still passes");
+        assert!(f.blocked(other, "x").is_none(), "other addresses are unaffected");
+    }
+
+    #[test]
+    fn the_address_map_stays_bounded() {
+        let f = AuthFailures::default();
+        for i in 0..(MAX_ADDRESSES as u32 + 500) {
+            let a = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            f.failed(SocketAddr::new(IpAddr::V4(a), 1));
+        }
+        assert!(f.addresses() <= MAX_ADDRESSES);
+    }
+
+    #[test]
+    fn streams_are_capped_per_tenant_and_given_back() {
+        let s = Arc::new(TenantStreams::new(2));
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let p1 = s.acquire(a).unwrap();
+        let _p2 = s.acquire(a).unwrap();
+        assert_eq!(
+            s.acquire(a).err().unwrap().into_response().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert!(s.acquire(b).is_ok(), "another tenant has its own");
+        drop(p1);
+        assert!(s.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn long_requests_are_exec_and_event_streams() {
+        use axum::http::Method;
+        assert!(is_long(&Method::POST, "/api/v1/computers/x/exec"));
+        assert!(is_long(&Method::POST, "/api/v1/computers/x/exec/python"));
+        assert!(is_long(&Method::GET, "/api/v1/computers/x/snapshots/y/events"));
+        assert!(!is_long(&Method::GET, "/api/v1/computers/x"));
+        assert!(!is_long(&Method::POST, "/api/v1/computers"));
+    }
+}
