@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use stasis_agent_proto::ExecRequest;
-use stasis_vmm::{Accel, MachineConfig, Vm};
+use stasis_vmm::{Accel, MachineConfig, Vm, VmPaths};
 
 fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
@@ -20,7 +20,7 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         kernel: image.kernel,
         initrd: image.initrd,
         base_disk: image.rootfs,
-        disk: dir.join("disk.qcow2"),
+        disk: dir.join("disks/disk.qcow2"),
         ram_path: dir.join("ram"),
         ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
@@ -42,9 +42,12 @@ fn bash(cmd: &str, timeout_ms: u64) -> ExecRequest {
 #[tokio::test]
 async fn control_byte_output_on_the_smallest_machine_is_truncated_and_the_machine_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::boot(machine(dir.path(), "flood-test", 256), dir.path())
-        .await
-        .expect("the guest boots");
+    let vm = Vm::boot(
+        machine(dir.path(), "flood-test", 256),
+        VmPaths::new(dir.path().join("control"), dir.path().join("disks")),
+    )
+    .await
+    .expect("the guest boots");
     let free = vm.exec(bash("free -m", 10_000)).await.unwrap();
     eprintln!("guest memory before:\n{}", free.stdout);
     let t = Instant::now();
