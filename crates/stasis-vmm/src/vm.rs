@@ -735,7 +735,6 @@ pub(crate) async fn create_overlay(base: &Path, disk: &Path) -> Result<(), VmErr
 fn open_log(path: &Path) -> Result<std::fs::File, VmError> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
-        .write(true)
         .append(true)
         .create(true)
         .truncate(false)
