@@ -90,7 +90,7 @@ impl IntoResponses for WriteErrors {
         );
         r.insert(
             "403".into(),
-            error("A quota is exceeded (`quota_exceeded`, the message names it), or another tenant's snapshot"),
+            error("A quota is exceeded (`quota_exceeded`, the message names it)"),
         );
         r.insert("413".into(), error("The body is larger than 1 MiB"));
         r.insert(

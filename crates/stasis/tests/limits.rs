@@ -122,6 +122,27 @@ fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
     );
     assert_eq!(r.status, 201, "{}", r.body);
 
+    // Room for exactly one more snapshot, asked for six times at once: one is let in.
+    set_limits(dir.path(), "quota", &["--snapshots", "2", "--stored-gib", "100"]);
+    std::thread::sleep(Duration::from_millis(5500));
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            let (base, key, id) = (server.base.clone(), quota_key.clone(), id.clone());
+            std::thread::spawn(move || {
+                Client::new(&base, Some(&key))
+                    .call(
+                        "POST",
+                        &format!("/computers/{id}/snapshots"),
+                        Some(json!({"comment": format!("race-{i}")})),
+                    )
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 403, 403, 403, 403, 403], "concurrent creates past the quota");
+
     // The request rate of the other tenant: 5/s, bursts of 10.
     let rate = Client::new(&server.base, Some(&rate_key));
     let answers: Vec<_> = (0..30).map(|_| rate.call("GET", "/computers", None)).collect();

@@ -39,6 +39,9 @@ pub struct Snapshots {
     staging: PathBuf,
     /// One collection at a time.
     gc: tokio::sync::Mutex<()>,
+    /// Snapshot creates are admitted one at a time, so the quota check and the insert that
+    /// counts against it cannot interleave.
+    admission: tokio::sync::Mutex<()>,
     jobs: Arc<crate::jobs::Jobs>,
     /// Whether other processes (hosts) upload to the same store: then collection waits for
     /// their uploads and spares chunks younger than `SHARED_GRACE`.
@@ -77,6 +80,7 @@ impl Snapshots {
             materializer,
             staging,
             gc: tokio::sync::Mutex::new(()),
+            admission: tokio::sync::Mutex::new(()),
             jobs,
             shared_store,
         })
@@ -159,6 +163,7 @@ impl Snapshots {
         if c.status != ComputerStatus::Running || self.computers.host().get(&c.id.to_string()).is_none() {
             return Err(ApiError::conflict("computer_not_running", "computer is not running"));
         }
+        let admitted = self.admission.lock().await;
         self.computers
             .limits()
             .check(tenant, crate::limits::Want::Snapshot)
@@ -184,6 +189,7 @@ impl Snapshots {
             updated_at: now,
         };
         self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
+        drop(admitted);
         let mut e = events::data(snapshot.id, SnapshotStatus::Creating);
         e.step = Some("queued".into());
         e.progress = Some(0.0);

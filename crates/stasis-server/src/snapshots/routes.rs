@@ -168,7 +168,7 @@ async fn clone(
 /// stream; without it, whichever of the tenant's snapshots its one stream names.
 #[utoipa::path(post, path = "/sse/ticket", operation_id = "createSseTicket", tag = "snapshots",
     request_body(content = Option<serde_json::Value>, description = "Optional: `{\"snapshot_id\": \"<uuid>\"}` binds the ticket to that snapshot"),
-    responses((status = 201, description = "The ticket", body = SseTicket), Errors))]
+    responses((status = 201, description = "The ticket", body = SseTicket), WriteErrors))]
 async fn ticket(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
