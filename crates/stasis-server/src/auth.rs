@@ -63,7 +63,9 @@ pub async fn authenticate(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if req.uri().path().starts_with("/api/") && crate::cluster::host_tenant(&state, req.headers()).is_none() {
+    // A host takes no API keys at all: it serves only its control plane, which counted the
+    // request against the tenant's rate already.
+    if req.uri().path().starts_with("/api/") && state.host.is_none() {
         if let Some(key) = bearer(req.headers()) {
             match state.db.tenant_by_key_hash(&hash_key(key)).await {
                 Ok(Some(t)) => {
@@ -87,8 +89,8 @@ impl FromRequestParts<AppState> for Tenant {
         if let Some(Authenticated(t)) = parts.extensions.get::<Authenticated>() {
             return Ok(Tenant(*t));
         }
-        if let Some(t) = crate::cluster::host_tenant(state, &parts.headers) {
-            return Ok(t);
+        if state.host.is_some() {
+            return crate::cluster::host_tenant(state, &parts.headers, &parts.extensions).ok_or(ApiError::Unauthorized);
         }
         let key = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match state.db.tenant_by_key_hash(&hash_key(key)).await? {

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod limits;
 pub mod openapi;
 pub mod snapshots;
+pub mod tls;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -45,8 +46,8 @@ pub struct AppState {
     pub snapshots: Arc<Snapshots>,
     /// Set when this platform is a control plane of hosts.
     pub control_plane: Option<Arc<cluster::ControlPlane>>,
-    /// Set when this platform is a host: its control plane's token.
-    pub host_token: Option<String>,
+    /// Set when this platform is a host of a control plane.
+    pub host: Option<Arc<cluster::HostSide>>,
     pub limits: Arc<limits::Limits>,
 }
 
@@ -56,13 +57,13 @@ pub enum Role {
     /// One process does everything (the default).
     #[default]
     Embedded,
-    /// A control plane: hosts join it with `token`; one silent for `host_timeout` is lost.
+    /// A control plane: hosts join it as `auth` says; one silent for `host_timeout` is lost.
     ControlPlane {
-        token: String,
+        auth: cluster::ClusterAuth,
         host_timeout: std::time::Duration,
     },
     /// A host of a control plane, known to it as `id`.
-    Host { id: String, token: String },
+    Host { id: String, auth: cluster::ClusterAuth },
 }
 
 #[derive(Debug, Clone)]
@@ -410,15 +411,11 @@ impl Platform {
             snapshots.schedule_collection(std::time::Duration::ZERO).await;
         }
         let control_plane = match &config.role {
-            Role::ControlPlane { token, host_timeout } => {
+            Role::ControlPlane { auth, host_timeout } => {
                 let cp = Arc::new(cluster::ControlPlane::new(
-                    token.clone(),
+                    auth.clone(),
                     *host_timeout,
                     cluster::Joined {
-                        database_url: config.database_url.clone(),
-                        store_url: config.store_url.clone().unwrap_or_default(),
-                        s3_endpoint: config.s3.endpoint.clone(),
-                        s3_region: config.s3.region.clone(),
                         heartbeat_secs: (host_timeout.as_secs() / 4).max(1),
                         limits: config.limits,
                     },
@@ -428,8 +425,11 @@ impl Platform {
             }
             _ => None,
         };
-        let host_token = match &config.role {
-            Role::Host { token, .. } => Some(token.clone()),
+        let host = match &config.role {
+            Role::Host { id, auth } => Some(Arc::new(cluster::HostSide {
+                id: id.clone(),
+                auth: auth.clone(),
+            })),
             _ => None,
         };
         Ok(Platform {
@@ -438,7 +438,7 @@ impl Platform {
                 computers,
                 snapshots,
                 control_plane,
-                host_token,
+                host,
                 limits,
             },
             host_events,
@@ -452,17 +452,30 @@ impl Platform {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_on(Some(listener), None, shutdown).await
+    }
+
+    /// Serves the public API (if any) and the cluster listener (if any) until `shutdown`.
+    pub async fn serve_on(
+        self,
+        listener: Option<tokio::net::TcpListener>,
+        cluster: Option<tls::ClusterListener>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let Platform {
             state,
             mut host_events,
             images,
         } = self;
-        // Build (or load) the image now so the first computer does not wait for it.
-        tokio::spawn(async move {
-            if let Err(e) = images.get().await {
-                tracing::error!("{e}");
-            }
-        });
+        // Build (or load) the image now so the first computer does not wait for it (a control
+        // plane runs no computer).
+        if state.control_plane.is_none() {
+            tokio::spawn(async move {
+                if let Err(e) = images.get().await {
+                    tracing::error!("{e}");
+                }
+            });
+        }
         let computers = state.computers.clone();
         tokio::spawn(async move {
             while let Some(event) = host_events.recv().await {
@@ -471,7 +484,7 @@ impl Platform {
         });
         let computers = state.computers.clone();
         let app = router(state);
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        tls::serve(listener, cluster, app, shutdown).await?;
         tracing::info!("stopping all computers");
         computers.shutdown().await;
         Ok(())

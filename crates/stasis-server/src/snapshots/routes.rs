@@ -191,7 +191,8 @@ impl FromRequestParts<AppState> for StreamTenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+        // On a host the control plane speaks for the tenant (it took the ticket).
+        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) || state.host.is_some() {
             return Tenant::from_request_parts(parts, state)
                 .await
                 .map(|t| StreamTenant(t.0));
@@ -295,7 +296,13 @@ async fn stream(
             return;
         }
         loop {
-            let next = match live.recv().await {
+            // A client gone while nothing happens must end this task too, not only one gone
+            // when the next event is sent.
+            let received = tokio::select! {
+                _ = tx.closed() => return,
+                r = live.recv() => r,
+            };
+            let next = match received {
                 Ok(e) => vec![e],
                 Err(RecvError::Lagged(_)) => db
                     .events_after(id, sent)
