@@ -15,7 +15,13 @@ use crate::HostArgs;
 fn host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<String> {
     if let ClusterAuth::Tls(creds) = auth {
         let path = creds.dir.join("name");
-        let id = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let id = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: {} holds no host's credentials (make them with `stasis cluster add-host`)",
+                path.display(),
+                creds.dir.display()
+            )
+        })?;
         let id = id.trim().to_string();
         if !stasis_server::tls::valid_host_id(&id) || !creds.names(&stasis_server::tls::host_name(&id)) {
             bail!(
