@@ -516,3 +516,69 @@ pub async fn serve(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_certificate_names_its_own_party_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cluster");
+        let cp = init(&root, &[]).unwrap();
+        assert!(init(&root, &[]).is_err(), "a second CA over the first");
+        let a = add_host(&root, "a", &[]).unwrap();
+        let b = add_host(&root, "b", &["10.0.0.2".into()]).unwrap();
+        assert!(add_host(&root, "a", &[]).is_err(), "credentials are made once");
+        assert!(add_host(&root, "Bad_Name", &[]).is_err());
+        assert!(add_host(&root, "c", &["x.host.stasis.internal".into()]).is_err());
+        assert!(add_host(&root, "d", &[CONTROL_PLANE_NAME.into()]).is_err());
+        let (cp, a, b) = (
+            Credentials::load(&cp).unwrap(),
+            Credentials::load(&a).unwrap(),
+            Credentials::load(&b).unwrap(),
+        );
+        assert!(cp.names(CONTROL_PLANE_NAME) && !cp.names(&host_name("a")));
+        assert!(a.names(&host_name("a")) && !a.names(&host_name("b")) && !a.names(CONTROL_PLANE_NAME));
+        assert!(b.names(&host_name("b")) && b.names("10.0.0.2") && !a.names("10.0.0.2"));
+        assert!(Credentials::load(dir.path()).is_err(), "no credentials there");
+    }
+
+    #[tokio::test]
+    async fn clients_accept_only_the_peer_they_meant() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cluster");
+        let cp = Credentials::load(&init(&root, &[]).unwrap()).unwrap();
+        let a = Credentials::load(&add_host(&root, "a", &[]).unwrap()).unwrap();
+        let listener = ClusterListener::bind("127.0.0.1:0".parse().unwrap(), Some(a.server_config().unwrap()))
+            .await
+            .unwrap();
+        let url = format!("https://127.0.0.1:{}/", listener.local_addr().port());
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(
+                |axum::extract::ConnectInfo(p): axum::extract::ConnectInfo<Peer>| async move {
+                    p.is(CONTROL_PLANE_NAME).to_string()
+                },
+            ),
+        );
+        tokio::spawn(serve(None, Some(listener), app, std::future::pending()));
+        let good = cp.client(&host_name("a"), Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(good.get(&url).send().await.unwrap().text().await.unwrap(), "true");
+        // Host a's certificate is from the same CA, but it is not host b's.
+        let wrong = cp.client(&host_name("b"), Some(Duration::from_secs(10))).unwrap();
+        assert!(wrong.get(&url).send().await.is_err());
+        // A client without a certificate gets no answer.
+        let anonymous = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(root.join("ca.pem")).unwrap()).unwrap())
+            .build()
+            .unwrap();
+        assert!(anonymous.get(&url).send().await.is_err());
+        // Another host connecting is let in by TLS, but is not the control plane.
+        let other = Credentials::load(&add_host(&root, "b", &[]).unwrap()).unwrap();
+        let as_b = other.client(&host_name("a"), Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(as_b.get(&url).send().await.unwrap().text().await.unwrap(), "false");
+    }
+}
