@@ -64,7 +64,9 @@ pub async fn authenticate(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if req.uri().path().starts_with("/api/") && crate::cluster::host_tenant(&state, req.headers()).is_none() {
+    // A host takes no API keys at all: it serves only its control plane, which counted the
+    // request against the tenant's rate already.
+    if req.uri().path().starts_with("/api/") && state.host.is_none() {
         if let Some(key) = bearer(req.headers()) {
             let hash = hash_key(key);
             let peer = peer_of(req.extensions());
@@ -97,6 +99,11 @@ pub fn peer_of(extensions: &axum::http::Extensions) -> Option<std::net::SocketAd
     extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0)
+        .or_else(|| {
+            extensions
+                .get::<axum::extract::ConnectInfo<crate::tls::Peer>>()
+                .map(|c| c.0.remote)
+        })
 }
 
 impl FromRequestParts<AppState> for Tenant {
@@ -107,8 +114,8 @@ impl FromRequestParts<AppState> for Tenant {
         if let Some(Authenticated(t)) = parts.extensions.get::<Authenticated>() {
             return Ok(Tenant(*t));
         }
-        if let Some(t) = crate::cluster::host_tenant(state, &parts.headers) {
-            return Ok(t);
+        if state.host.is_some() {
+            return crate::cluster::host_tenant(state, &parts.headers, &parts.extensions).ok_or(ApiError::Unauthorized);
         }
         Err(ApiError::Unauthorized)
     }

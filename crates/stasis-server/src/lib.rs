@@ -15,6 +15,7 @@ pub mod limits;
 pub mod net;
 pub mod openapi;
 pub mod snapshots;
+pub mod tls;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -46,8 +47,8 @@ pub struct AppState {
     pub snapshots: Arc<Snapshots>,
     /// Set when this platform is a control plane of hosts.
     pub control_plane: Option<Arc<cluster::ControlPlane>>,
-    /// Set when this platform is a host: its control plane's token.
-    pub host_token: Option<String>,
+    /// Set when this platform is a host of a control plane.
+    pub host: Option<Arc<cluster::HostSide>>,
     pub limits: Arc<limits::Limits>,
     /// Connection-level limits the middleware applies (long requests, failed keys).
     pub guards: Arc<net::Guards>,
@@ -59,13 +60,13 @@ pub enum Role {
     /// One process does everything (the default).
     #[default]
     Embedded,
-    /// A control plane: hosts join it with `token`; one silent for `host_timeout` is lost.
+    /// A control plane: hosts join it as `auth` says; one silent for `host_timeout` is lost.
     ControlPlane {
-        token: String,
+        auth: cluster::ClusterAuth,
         host_timeout: std::time::Duration,
     },
     /// A host of a control plane, known to it as `id`.
-    Host { id: String, token: String },
+    Host { id: String, auth: cluster::ClusterAuth },
 }
 
 #[derive(Debug, Clone)]
@@ -283,10 +284,9 @@ async fn request_id(axum::extract::State(state): axum::extract::State<AppState>,
     // A control plane forwarding a request passes its id on, so both logs and the answer agree;
     // anyone else's would let them plant ids in our logs and error bodies.
     let from_control_plane = state
-        .host_token
-        .as_deref()
-        .zip(auth::bearer(req.headers()))
-        .is_some_and(|(token, given)| cluster::token_matches(token, given));
+        .host
+        .as_ref()
+        .is_some_and(|h| h.from_control_plane(req.headers(), req.extensions()));
     let forwarded = from_control_plane
         .then(|| req.headers().get("x-stasis-request-id"))
         .flatten()
@@ -437,15 +437,11 @@ impl Platform {
             snapshots.schedule_collection(std::time::Duration::ZERO).await;
         }
         let control_plane = match &config.role {
-            Role::ControlPlane { token, host_timeout } => {
+            Role::ControlPlane { auth, host_timeout } => {
                 let cp = Arc::new(cluster::ControlPlane::new(
-                    token.clone(),
+                    auth.clone(),
                     *host_timeout,
                     cluster::Joined {
-                        database_url: config.database_url.clone(),
-                        store_url: config.store_url.clone().unwrap_or_default(),
-                        s3_endpoint: config.s3.endpoint.clone(),
-                        s3_region: config.s3.region.clone(),
                         heartbeat_secs: (host_timeout.as_secs() / 4).max(1),
                         limits: config.limits,
                     },
@@ -455,8 +451,11 @@ impl Platform {
             }
             _ => None,
         };
-        let host_token = match &config.role {
-            Role::Host { token, .. } => Some(token.clone()),
+        let host = match &config.role {
+            Role::Host { id, auth } => Some(Arc::new(cluster::HostSide {
+                id: id.clone(),
+                auth: auth.clone(),
+            })),
             _ => None,
         };
         Ok(Platform {
@@ -465,7 +464,7 @@ impl Platform {
                 computers,
                 snapshots,
                 control_plane,
-                host_token,
+                host,
                 limits,
                 guards: Arc::new(net::Guards::new(&net::HttpSettings::default())),
             },
@@ -488,18 +487,31 @@ impl Platform {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_on(Some(listener), None, shutdown).await
+    }
+
+    /// Serves the public API (if any) and the cluster listener (if any) until `shutdown`.
+    pub async fn serve_on(
+        self,
+        listener: Option<tokio::net::TcpListener>,
+        cluster: Option<tls::ClusterListener>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let Platform {
             state,
             http,
             mut host_events,
             images,
         } = self;
-        // Build (or load) the image now so the first computer does not wait for it.
-        tokio::spawn(async move {
-            if let Err(e) = images.get().await {
-                tracing::error!("{e}");
-            }
-        });
+        // Build (or load) the image now so the first computer does not wait for it (a control
+        // plane runs no computer).
+        if state.control_plane.is_none() {
+            tokio::spawn(async move {
+                if let Err(e) = images.get().await {
+                    tracing::error!("{e}");
+                }
+            });
+        }
         let computers = state.computers.clone();
         tokio::spawn(async move {
             while let Some(event) = host_events.recv().await {
@@ -509,7 +521,29 @@ impl Platform {
         tokio::spawn(prune_periodically(state.db.clone()));
         let computers = state.computers.clone();
         let app = router(state);
-        net::serve(listener, app, &http, shutdown).await?;
+        // The public API through the accept loop that bounds connections and header time; the
+        // cluster's mutual-TLS listener beside it, both stopped by the one shutdown.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let cluster_side = tokio::spawn(tls::serve(None, cluster, app.clone(), until(stopped.clone())));
+        let public_side = async {
+            match listener {
+                Some(l) => net::serve(l, app, &http, until(stopped.clone())).await,
+                None => {
+                    until(stopped.clone()).await;
+                    Ok(())
+                }
+            }
+        };
+        let signal = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let (public, ()) = tokio::join!(public_side, signal);
+        public?;
+        cluster_side.await.map_err(std::io::Error::other)??;
         tracing::info!("stopping all computers");
         computers.shutdown().await;
         Ok(())

@@ -130,6 +130,12 @@ pub async fn serve(
             let _slot = slot;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
+                // The cluster's handlers know their peers by this (public: no certificate).
+                req.extensions_mut().insert(ConnectInfo(crate::tls::Peer {
+                    remote: peer,
+                    cluster: false,
+                    cert: None,
+                }));
                 let mut app = app.clone();
                 async move { tower::Service::call(&mut app, req).await }
             });

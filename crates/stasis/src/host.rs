@@ -1,16 +1,36 @@
-//! `stasis host`: runs computers for a control plane. It joins with a heartbeat, which the
-//! control plane answers with the database and store every host shares; then it runs the
-//! platform on them as this host, serves the control plane's requests, and heartbeats on.
+//! `stasis host`: runs computers for a control plane. It joins with a heartbeat over mutual
+//! TLS, under the id its certificate names; it runs the platform as this host on the cluster's
+//! database and store, which it is configured with itself (the control plane hands out no
+//! secrets); it serves the control plane's requests, and only those, and heartbeats on.
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use stasis_server::cluster::{Heartbeat, Joined};
+use anyhow::{bail, Context, Result};
+use stasis_server::cluster::{ClusterAuth, Heartbeat, Joined};
 
 use crate::HostArgs;
 
-/// This host's lasting id, kept in its data dir so a restarted host is the same host.
-fn host_id(data_dir: &std::path::Path) -> Result<String> {
+/// This host's lasting id. With credentials, the one they were made for (the control plane
+/// takes no other); otherwise kept in its data dir so a restarted host is the same host.
+fn host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<String> {
+    if let ClusterAuth::Tls(creds) = auth {
+        let path = creds.dir.join("name");
+        let id = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: {} holds no host's credentials (make them with `stasis cluster add-host`)",
+                path.display(),
+                creds.dir.display()
+            )
+        })?;
+        let id = id.trim().to_string();
+        if !stasis_server::tls::valid_host_id(&id) || !creds.names(&stasis_server::tls::host_name(&id)) {
+            bail!(
+                "{}: the certificate there is not host {id:?}'s (make it with `stasis cluster add-host`)",
+                creds.dir.display()
+            );
+        }
+        return Ok(id);
+    }
     let path = data_dir.join("host-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         if !id.trim().is_empty() {
@@ -22,15 +42,16 @@ fn host_id(data_dir: &std::path::Path) -> Result<String> {
     Ok(id)
 }
 
-async fn beat(http: &reqwest::Client, args: &HostArgs, beat: &Heartbeat) -> Result<Joined> {
+async fn beat(http: &reqwest::Client, args: &HostArgs, auth: &ClusterAuth, beat: &Heartbeat) -> Result<Joined> {
     let url = format!(
         "{}/internal/v1/hosts/heartbeat",
         args.control_plane.trim_end_matches('/')
     );
-    let resp = http
-        .post(&url)
-        .bearer_auth(&args.cluster_token)
-        .json(beat)
+    let mut req = http.post(&url).json(beat);
+    if let ClusterAuth::PlainToken(token) = auth {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("reaching the control plane at {url}"))?;
@@ -43,27 +64,62 @@ async fn beat(http: &reqwest::Client, args: &HostArgs, beat: &Heartbeat) -> Resu
 }
 
 pub async fn run(args: HostArgs) -> Result<()> {
+    let Some(auth) = crate::cluster_auth(
+        args.cluster_credentials.as_deref(),
+        args.cluster_token.as_deref(),
+        args.insecure_plain_http,
+    )?
+    else {
+        bail!("a host needs --cluster-credentials DIR (from `stasis cluster add-host`)");
+    };
+    let scheme = match auth {
+        ClusterAuth::Tls(_) => "https://",
+        ClusterAuth::PlainToken(_) => "http://",
+    };
+    let plain_hint = match auth {
+        ClusterAuth::Tls(_) => " (plain http:// only with --insecure-plain-http and --cluster-token)",
+        ClusterAuth::PlainToken(_) => " (--insecure-plain-http)",
+    };
+    if !args.control_plane.starts_with(scheme) {
+        bail!("--control-plane must be a {scheme} URL{plain_hint}");
+    }
+    if let Some(u) = &args.advertise_url {
+        if !u.starts_with(scheme) {
+            bail!("--advertise-url must be a {scheme} URL{plain_hint}");
+        }
+    }
     let data_dir = args.data.resolve();
     stasis_server::prepare_data_dir(&data_dir).with_context(|| format!("preparing {}", data_dir.display()))?;
-    let id = host_id(&data_dir)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let id = host_id(&data_dir, &auth)?;
+    let (tls, http) = match &auth {
+        ClusterAuth::Tls(creds) => (
+            Some(creds.server_config().map_err(anyhow::Error::msg)?),
+            creds
+                .client(stasis_server::tls::CONTROL_PLANE_NAME, Some(Duration::from_secs(10)))
+                .map_err(anyhow::Error::msg)?,
+        ),
+        ClusterAuth::PlainToken(_) => (
+            None,
+            reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
+        ),
+    };
+    let listener = stasis_server::tls::ClusterListener::bind(args.listen, tls)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let url = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound")));
+        .unwrap_or_else(|| format!("{scheme}{}", listener.local_addr()));
     let heartbeat = Heartbeat {
         id: id.clone(),
         url: url.clone(),
         capacity_mib: args.machines.capacity_mib() as i64,
         vcpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as i64,
     };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
 
     // Join: until the control plane answers (it may be starting too).
     let joined = loop {
-        match beat(&http, &args, &heartbeat).await {
+        match beat(&http, &args, &auth, &heartbeat).await {
             Ok(j) => break j,
             Err(e) if format!("{e:#}").contains("refused the heartbeat") => return Err(e),
             Err(e) => {
@@ -74,19 +130,19 @@ pub async fn run(args: HostArgs) -> Result<()> {
     };
     let base = args
         .machines
-        .config(args.listen, data_dir.clone(), joined.database_url.clone())?;
+        .config(args.listen, data_dir.clone(), args.database_url.clone())?;
     let config = stasis_server::Config {
-        store_url: Some(joined.store_url.clone()),
+        store_url: Some(args.store_url.clone()),
         limits: joined.limits,
         master_key_file: args.encryption.master_key_file.clone(),
         s3: stasis_store::S3Options {
-            endpoint: joined.s3_endpoint.clone(),
-            region: joined.s3_region.clone(),
+            endpoint: args.s3_endpoint.clone(),
+            region: args.s3_region.clone(),
             retry_timeout: Some(Duration::from_secs(args.s3_retry_secs)),
         },
         role: stasis_server::Role::Host {
             id: id.clone(),
-            token: args.cluster_token.clone(),
+            auth: auth.clone(),
         },
         ..base
     };
@@ -109,11 +165,13 @@ pub async fn run(args: HostArgs) -> Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            if let Err(e) = beat(&http, &args, &heartbeat).await {
+            if let Err(e) = beat(&http, &args, &auth, &heartbeat).await {
                 tracing::warn!("heartbeat: {e:#}");
             }
         }
     });
-    platform.serve(listener, crate::shutdown_signal()).await?;
+    platform
+        .serve_on(None, Some(listener), crate::shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -31,6 +31,11 @@ enum Command {
     Serve(ServeArgs),
     /// Run computers for a control plane: join it, heartbeat, serve its requests.
     Host(HostArgs),
+    /// A cluster's credentials: its CA, the control plane's certificate, each host's.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// API keys.
     Keys {
         #[command(subcommand)]
@@ -140,10 +145,22 @@ pub struct ServeArgs {
     /// How long an S3 request is retried, with backoff, before it fails.
     #[arg(long, default_value_t = 120, env = "STASIS_S3_RETRY_SECS")]
     s3_retry_secs: u64,
-    /// Be a control plane that hosts join with this shared secret (needs PostgreSQL and S3);
-    /// computers then run on the hosts.
+    /// Be a control plane (needs PostgreSQL and S3; computers then run on the hosts): its
+    /// credentials, the `control-plane` directory `stasis cluster init` made. Hosts join over
+    /// mutual TLS on --cluster-listen.
+    #[arg(long, env = "STASIS_CLUSTER_CREDENTIALS")]
+    cluster_credentials: Option<PathBuf>,
+    /// Where hosts reach the control plane (mutual TLS; never the public API's port).
+    #[arg(long, default_value = "127.0.0.1:8443", env = "STASIS_CLUSTER_LISTEN")]
+    cluster_listen: SocketAddr,
+    /// With --insecure-plain-http instead of --cluster-credentials: one shared secret, at
+    /// least 32 characters, that hosts present in clear.
     #[arg(long, env = "STASIS_CLUSTER_TOKEN")]
     cluster_token: Option<String>,
+    /// Talk to hosts in plain HTTP with --cluster-token: anyone on the network reads every
+    /// request and can pass for the control plane or any host. Trusted networks only.
+    #[arg(long, env = "STASIS_INSECURE_PLAIN_HTTP")]
+    insecure_plain_http: bool,
     /// A host silent this long is lost: its computers turn error.
     #[arg(long, default_value_t = 10, env = "STASIS_HOST_TIMEOUT_SECS")]
     host_timeout_secs: u64,
@@ -260,20 +277,39 @@ impl Machines {
 
 #[derive(clap::Args)]
 pub struct HostArgs {
-    /// The control plane's URL, e.g. http://10.0.0.1:8080
+    /// The control plane's --cluster-listen URL, e.g. https://10.0.0.1:8443
     #[arg(long, env = "STASIS_CONTROL_PLANE")]
     control_plane: String,
-    /// The control plane's --cluster-token.
+    /// This host's credentials: the `hosts/NAME` directory `stasis cluster add-host` made.
+    #[arg(long, env = "STASIS_CLUSTER_CREDENTIALS")]
+    cluster_credentials: Option<PathBuf>,
+    /// With --insecure-plain-http only: the control plane's --cluster-token.
     #[arg(long, env = "STASIS_CLUSTER_TOKEN")]
-    cluster_token: String,
+    cluster_token: Option<String>,
+    /// Talk to the control plane in plain HTTP with a shared token (see `serve --help`).
+    #[arg(long, env = "STASIS_INSECURE_PLAIN_HTTP")]
+    insecure_plain_http: bool,
     /// Where this host serves the control plane's requests.
     #[arg(long, default_value = "127.0.0.1:8081", env = "STASIS_LISTEN")]
     listen: SocketAddr,
-    /// The URL the control plane reaches this host at (default: http://LISTEN).
+    /// The URL the control plane reaches this host at (default: https://LISTEN); an address
+    /// or name its certificate holds (`add-host --san`).
     #[arg(long, env = "STASIS_ADVERTISE_URL")]
     advertise_url: Option<String>,
     #[command(flatten)]
     data: DataDir,
+    /// The cluster's database, postgres://USER:PASSWORD@HOST:PORT/DB (the control plane's).
+    #[arg(long, env = "STASIS_DATABASE_URL")]
+    database_url: String,
+    /// The cluster's snapshot store, s3://BUCKET[/PREFIX] (the control plane's); credentials
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...
+    #[arg(long, env = "STASIS_STORE_URL")]
+    store_url: String,
+    /// S3 endpoint for an S3-compatible server.
+    #[arg(long, env = "STASIS_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "STASIS_S3_REGION")]
+    s3_region: Option<String>,
     #[command(flatten)]
     machines: Machines,
     /// How long an S3 request is retried, with backoff, before it fails.
@@ -281,6 +317,33 @@ pub struct HostArgs {
     s3_retry_secs: u64,
     #[command(flatten)]
     encryption: Encryption,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make a cluster CA in DIR (ca.pem, ca.key: keep it offline once the hosts are added) and
+    /// the control plane's credentials in DIR/control-plane (give it to `serve
+    /// --cluster-credentials`).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Addresses and names hosts dial the control plane at (repeat; default localhost
+        /// and 127.0.0.1).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Make host NAME's credentials in DIR/hosts/NAME (copy it to the host, give it to `host
+    /// --cluster-credentials`); the host joins only as NAME.
+    AddHost {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Addresses and names the control plane dials this host at (repeat; default
+        /// localhost and 127.0.0.1).
+        #[arg(long)]
+        san: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -383,6 +446,22 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Host(args) => {
             init_logging();
             host::run(args).await
+        }
+        Command::Cluster {
+            command: ClusterCommand::Init { dir, san },
+        } => {
+            let out = stasis_server::tls::init(&dir, &san).map_err(anyhow::Error::msg)?;
+            println!("made a cluster CA in {}", dir.display());
+            println!("control plane's credentials: {}", out.display());
+            println!("next: stasis cluster add-host --dir {} --name NAME", dir.display());
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::AddHost { dir, name, san },
+        } => {
+            let out = stasis_server::tls::add_host(&dir, &name, &san).map_err(anyhow::Error::msg)?;
+            println!("host {name}'s credentials: {}", out.display());
+            Ok(())
         }
         Command::Keys {
             command: KeysCommand::Create { tenant, data, database },
@@ -552,11 +631,16 @@ impl Machines {
 }
 
 pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
-    let base = args.machines.config(
+    let mut base = args.machines.config(
         args.listen,
         args.data.resolve(),
         args.database.resolve(&args.data.resolve()),
     )?;
+    if args.cluster_credentials.is_some() || args.cluster_token.is_some() {
+        // A control plane lends no memory: whatever slips past the dispatch to hosts cannot
+        // boot a machine here.
+        base.capacity_mib = Some(0);
+    }
     Ok(stasis_server::Config {
         store_url: args.store_url.clone(),
         s3: stasis_store::S3Options {
@@ -566,15 +650,54 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
         },
         limits: args.limits.limits(),
         master_key_file: args.encryption.master_key_file.clone(),
-        role: match &args.cluster_token {
-            Some(token) if !token.trim().is_empty() => stasis_server::Role::ControlPlane {
-                token: token.trim().to_string(),
+        role: match cluster_auth(
+            args.cluster_credentials.as_deref(),
+            args.cluster_token.as_deref(),
+            args.insecure_plain_http,
+        )? {
+            Some(auth) => stasis_server::Role::ControlPlane {
+                auth,
                 host_timeout: std::time::Duration::from_secs(args.host_timeout_secs.max(2)),
             },
-            _ => stasis_server::Role::Embedded,
+            None => stasis_server::Role::Embedded,
         },
         ..base
     })
+}
+
+/// How this process knows the other side of the cluster, from its flags (None: no cluster).
+pub(crate) fn cluster_auth(
+    credentials: Option<&std::path::Path>,
+    token: Option<&str>,
+    plain: bool,
+) -> Result<Option<stasis_server::cluster::ClusterAuth>> {
+    use stasis_server::cluster::{ClusterAuth, MIN_TOKEN_LEN};
+    let token = token.map(str::trim).filter(|t| !t.is_empty());
+    match (credentials, token, plain) {
+        (None, None, false) => Ok(None),
+        (Some(dir), None, false) => {
+            let creds = stasis_server::tls::Credentials::load(dir).map_err(anyhow::Error::msg)?;
+            Ok(Some(ClusterAuth::Tls(std::sync::Arc::new(creds))))
+        }
+        (None, Some(t), true) => {
+            if t.len() < MIN_TOKEN_LEN {
+                bail!("--cluster-token must be at least {MIN_TOKEN_LEN} characters (e.g. `openssl rand -hex 32`)");
+            }
+            tracing::warn!(
+                "--insecure-plain-http: cluster traffic is plain HTTP with a shared token; anyone on the network \
+                 can read it and pass for the control plane or any host"
+            );
+            Ok(Some(ClusterAuth::PlainToken(t.to_string())))
+        }
+        (Some(_), _, true) | (Some(_), Some(_), _) => {
+            bail!("--cluster-credentials is mutual TLS: give it without --cluster-token and --insecure-plain-http")
+        }
+        (None, Some(_), false) => bail!(
+            "--cluster-token is for --insecure-plain-http only; give --cluster-credentials DIR (made by \
+             `stasis cluster init`) for mutual TLS"
+        ),
+        (None, None, true) => bail!("--insecure-plain-http needs --cluster-token"),
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -587,7 +710,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let base = format!("http://{}/api/v1", listener.local_addr()?);
+    let cluster = match &config.role {
+        stasis_server::Role::ControlPlane { auth, .. } => {
+            let tls = match auth {
+                stasis_server::cluster::ClusterAuth::Tls(creds) => {
+                    Some(creds.server_config().map_err(anyhow::Error::msg)?)
+                }
+                stasis_server::cluster::ClusterAuth::PlainToken(_) => None,
+            };
+            let l = stasis_server::tls::ClusterListener::bind(args.cluster_listen, tls)
+                .await
+                .with_context(|| format!("listening on {} (--cluster-listen)", args.cluster_listen))?;
+            Some(l)
+        }
+        _ => None,
+    };
     println!("stasis {} serving {base}", env!("CARGO_PKG_VERSION"));
+    if let Some(l) = &cluster {
+        let scheme = if args.insecure_plain_http { "http" } else { "https" };
+        println!("  cluster:     {scheme}://{} (hosts join here)", l.local_addr());
+    }
     println!("  dashboard:   http://{}/", listener.local_addr()?);
     println!("  accelerator: {}", config.accel.as_str());
     println!("  data dir:    {}", config.data_dir.display());
@@ -609,7 +751,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     platform
         .with_http(args.http.settings())
-        .serve(listener, shutdown_signal())
+        .serve_on(Some(listener), cluster, shutdown_signal())
         .await?;
     Ok(())
 }

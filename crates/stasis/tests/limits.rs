@@ -141,7 +141,11 @@ fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
         .collect();
     let mut statuses: Vec<u16> = racers.into_iter().map(|t| t.join().unwrap()).collect();
     statuses.sort();
-    assert_eq!(statuses, vec![201, 403, 403, 403, 403, 403], "concurrent creates past the quota");
+    assert_eq!(
+        statuses,
+        vec![201, 403, 403, 403, 403, 403],
+        "concurrent creates past the quota"
+    );
 
     // The request rate of the other tenant: 5/s, bursts of 10.
     let rate = Client::new(&server.base, Some(&rate_key));

@@ -88,6 +88,15 @@ impl Db {
             .sum())
     }
 
+    /// The host a computer runs on: None if there is no such computer, Some(None) if it
+    /// runs on none.
+    pub async fn computer_host(&self, computer: ComputerId) -> Result<Option<Option<String>>, sqlx::Error> {
+        sqlx::query_scalar("SELECT host_id FROM computers WHERE id = $1")
+            .bind(computer.to_string())
+            .fetch_optional(self.pool())
+            .await
+    }
+
     pub async fn host_of(&self, computer: ComputerId) -> Result<Option<String>, sqlx::Error> {
         let host: Option<Option<String>> = sqlx::query_scalar("SELECT host_id FROM computers WHERE id = $1")
             .bind(computer.to_string())

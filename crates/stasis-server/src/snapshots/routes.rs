@@ -208,7 +208,8 @@ impl FromRequestParts<AppState> for StreamTenant {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+        // On a host the control plane speaks for the tenant (it took the ticket).
+        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) || state.host.is_some() {
             return Tenant::from_request_parts(parts, state)
                 .await
                 .map(|t| StreamTenant {

@@ -86,7 +86,7 @@ impl Server {
         let first = lines.next().expect("serve prints its address").unwrap();
         let base = first
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("no address in {first:?}"))
             .to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
