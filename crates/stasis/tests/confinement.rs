@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, Client, Server, SNAP};
+use common::{
+    create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, status_field, Client, Server, SNAP,
+};
 
 /// Tries each `MODE:PATH` (r: open for reading, w: open for writing, c: connect to a unix
 /// socket, l: list a directory) and prints `PATH<TAB>ok` (`ok NAME,NAME` for a listing) or
@@ -35,16 +37,6 @@ for arg in sys.argv[1:]:
     except OSError as e:
         print(path + "\t" + errno.errorcode.get(e.errno, str(e.errno)))
 "#;
-
-fn status_field(pid: i32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
 
 fn uid_of(pid: i32) -> u32 {
     status_field(pid, "Uid")

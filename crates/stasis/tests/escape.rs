@@ -12,17 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, Client, Server, BOOT, SNAP};
-
-fn status_field(pid: i32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
+use common::{
+    create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, status_field, Client, Server, BOOT, SNAP,
+};
 
 /// Runs a shell script as QEMU `pid`'s user and groups, inside its mount, network, IPC and
 /// UTS namespaces and its root, in its working directory (the disks directory), with no

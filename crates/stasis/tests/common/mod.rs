@@ -340,6 +340,17 @@ pub fn memory_file(snapshot: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// A field of `/proc/<pid>/status` (`Uid`, `Groups`, `CapEff`, ...).
+pub fn status_field(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
