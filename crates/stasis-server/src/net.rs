@@ -140,9 +140,14 @@ pub async fn serve(
                 async move { tower::Service::call(&mut app, req).await }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
+            // One request per connection. With keep-alive, the header timer that also closes
+            // idle connections left clients that reuse one (the end-to-end suites, on
+            // PostgreSQL) with a request the server never read, cut off after the timeout; until
+            // that is understood, a connection answers once and closes.
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                .keep_alive(false);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
