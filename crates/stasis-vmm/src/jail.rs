@@ -238,6 +238,14 @@ impl Cgroups {
         }
     }
 
+    /// Removes the platform's parent cgroups (only empty ones can go: a live machine keeps
+    /// its parent).
+    pub fn remove_parents(&self) {
+        for parent in self.parents() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+
     /// The cgroup directories of a machine (whether they exist or not).
     pub fn dirs(&self, machine: &str) -> Vec<PathBuf> {
         self.parents().into_iter().map(|p| p.join(machine)).collect()

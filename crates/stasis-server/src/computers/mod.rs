@@ -696,6 +696,11 @@ impl Computers {
         self.shutdown_machines().await;
         // Snapshot RAM kept in memory is only a cache, and nothing maps it any more.
         self.materializer.clear_memory();
+        // The platform's own cgroups go too (every machine's is gone already).
+        if let Some(jail) = &self.settings.jail {
+            jail.cgroups.sweep();
+            jail.cgroups.remove_parents();
+        }
     }
 
     async fn shutdown_machines(&self) {
