@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::{
@@ -50,32 +49,7 @@ fn uid_of(pid: i32) -> u32 {
 /// Runs the probe as the confined user of `pid` with its groups, no capabilities and no new
 /// privileges: inside that process's namespaces and root, or (`inside` false) on the host.
 fn probe(pid: i32, inside: bool, tries: &[String]) -> Vec<(String, String)> {
-    let uid = uid_of(pid).to_string();
-    let groups = status_field(pid, "Groups")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut cmd = if inside {
-        let mut c = Command::new("nsenter");
-        c.args([
-            "-t",
-            &pid.to_string(),
-            "-m",
-            "-n",
-            "-i",
-            "-u",
-            "-r",
-            "-w",
-            "--",
-            "setpriv",
-        ]);
-        c
-    } else {
-        Command::new("setpriv")
-    };
-    let out = cmd
-        .args(["--reuid", &uid, "--regid", &uid, "--groups", &groups])
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
+    let out = common::as_qemu_user(pid, inside)
         .args(["/usr/bin/python3", "-I", "-c", PROBE])
         .args(tries)
         .output()

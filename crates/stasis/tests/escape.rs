@@ -12,34 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
-    create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, status_field, Client, Server, BOOT, SNAP,
-};
+use common::{create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, Client, Server, BOOT, SNAP};
 
 /// Runs a shell script as QEMU `pid`'s user and groups, inside its mount, network, IPC and
 /// UTS namespaces and its root, in its working directory (the disks directory), with no
 /// capabilities and no new privileges: what a guest that took over that QEMU can do.
 fn as_escaped_qemu(pid: i32, script: &str) -> String {
-    let uid = status_field(pid, "Uid").split_whitespace().next().unwrap().to_string();
-    let groups = status_field(pid, "Groups")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(",");
-    let out = Command::new("nsenter")
-        .args([
-            "-t",
-            &pid.to_string(),
-            "-m",
-            "-n",
-            "-i",
-            "-u",
-            "-r",
-            "-w",
-            "--",
-            "setpriv",
-        ])
-        .args(["--reuid", &uid, "--regid", &uid, "--groups", &groups])
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
+    let out = common::as_qemu_user(pid, true)
         .args(["/bin/sh", "-c", script])
         .output()
         .expect("nsenter and setpriv run (util-linux)");

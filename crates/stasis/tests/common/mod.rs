@@ -351,6 +351,42 @@ pub fn status_field(pid: i32, field: &str) -> String {
         .to_string()
 }
 
+/// A command that runs as confined QEMU `pid`'s user and groups, with no capabilities and no
+/// new privileges: inside that process's mount, network, IPC and UTS namespaces, root and
+/// working directory, or (`inside` false) on the host. The program and its arguments follow.
+pub fn as_qemu_user(pid: i32, inside: bool) -> Command {
+    let uid = status_field(pid, "Uid").split_whitespace().next().unwrap().to_string();
+    let groups = status_field(pid, "Groups")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = if inside {
+        let mut c = Command::new("nsenter");
+        c.args([
+            "-t",
+            &pid.to_string(),
+            "-m",
+            "-n",
+            "-i",
+            "-u",
+            "-r",
+            "-w",
+            "--",
+            "setpriv",
+        ]);
+        c
+    } else {
+        Command::new("setpriv")
+    };
+    cmd.args(["--reuid", &uid, "--regid", &uid, "--groups", &groups]).args([
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]);
+    cmd
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
