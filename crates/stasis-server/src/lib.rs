@@ -322,6 +322,9 @@ impl Platform {
             None => tracing::warn!("cannot read this process's open-file limit"),
         }
         prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
+        // Before anything is set up on the host (cgroups, ...): a refusal leaves nothing behind.
+        snapshots::cache::secure_dir(&memory_dir(&config.data_dir))
+            .map_err(|e| format!("preparing the RAM directory: {e}"))?;
         let db = Db::open(&config.database_url)
             .await
             .map_err(|e| format!("opening the database {}: {e}", db::redact(&config.database_url)))?;
@@ -366,9 +369,6 @@ impl Platform {
             config.data_dir.join("cache/snapshots"),
             memory_dir(&config.data_dir),
         ));
-        materializer
-            .ensure_memory_root()
-            .map_err(|e| format!("preparing the RAM directory: {e}"))?;
         let limits = Arc::new(limits::Limits::new(db.clone(), config.limits));
         let computers = Computers::new(
             db.clone(),
