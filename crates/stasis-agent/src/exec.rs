@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use stasis_agent_proto::{fit_exec_output, ExecRequest, ExecResult, MAX_OUTPUT_BYTES, TIMEOUT_EXIT_CODE};
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// After the command exits, how long to keep reading output that its background children
 /// may still be writing into the inherited pipes before answering.
 const DRAIN_GRACE: Duration = Duration::from_millis(50);

@@ -8,6 +8,7 @@
 
 mod boot;
 mod exec;
+mod hooks;
 mod identity;
 mod reaper;
 mod serve;

@@ -182,7 +182,11 @@ fn handle(op: Op) -> Reply {
             Reply::Done
         }
         Op::Identity(req) => match crate::identity::apply(&req) {
-            Ok(()) => Reply::Done,
+            Ok(()) => {
+                // Only a restore sends an identity: the clone's processes learn of it now.
+                crate::hooks::after_restore(req.hostname.clone());
+                Reply::Done
+            }
             Err(e) => Reply::Error {
                 message: format!("identity: {e}"),
             },

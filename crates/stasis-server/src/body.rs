@@ -10,6 +10,39 @@ use crate::error::{ApiError, ApiResult};
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// How long a request's body may take to arrive, unless the listener says otherwise.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When the body of this request must have arrived (set by the listener as the head is read),
+/// so a client that sends a body a byte at a time cannot hold a connection and a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    pub at: tokio::time::Instant,
+    pub after: std::time::Duration,
+}
+
+/// Reads a whole body within the request's deadline and [`MAX_BODY_BYTES`].
+pub async fn read_within(body: axum::body::Body, deadline: Option<BodyDeadline>) -> ApiResult<Bytes> {
+    let deadline = deadline.unwrap_or(BodyDeadline {
+        at: tokio::time::Instant::now() + BODY_TIMEOUT,
+        after: BODY_TIMEOUT,
+    });
+    match tokio::time::timeout_at(deadline.at, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Err(_) => Err(ApiError::BodyTimeout(deadline.after.as_secs())),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            // to_bytes fails on the length limit or on the connection.
+            if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES))
+            } else {
+                Err(ApiError::BadRequest(
+                    "reading the request body: the connection failed".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// A JSON object body. An empty body reads as `{}` (the SDK sends none for start/stop/restore).
 #[derive(Debug, Default)]
 pub struct JsonObject(pub Map<String, Value>);
@@ -18,13 +51,27 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(MAX_BODY_BYTES)
-            } else {
-                ApiError::BadRequest(format!("reading the request body: {e}"))
+        let deadline = req.extensions().get::<BodyDeadline>().copied();
+        let read = Bytes::from_request(req, state);
+        let bytes = match tokio::time::timeout_at(
+            deadline.map_or_else(|| tokio::time::Instant::now() + BODY_TIMEOUT, |d| d.at),
+            read,
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(ApiError::BodyTimeout(
+                    deadline.map_or(BODY_TIMEOUT, |d| d.after).as_secs(),
+                ))
             }
-        })?;
+            Ok(r) => r.map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+                } else {
+                    ApiError::BadRequest(format!("reading the request body: {e}"))
+                }
+            })?,
+        };
         JsonObject::parse(&bytes)
     }
 }

@@ -208,9 +208,9 @@ impl ControlPlane {
             Ok(c) => c,
             Err(e) => return e.into_response(),
         };
-        let body = match axum::body::to_bytes(body, crate::body::MAX_BODY_BYTES).await {
+        let body = match crate::body::read_within(body, parts.extensions.get().copied()).await {
             Ok(b) => b,
-            Err(_) => return ApiError::BadRequest("request body too large or unreadable".into()).into_response(),
+            Err(e) => return e.into_response(),
         };
         let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut req = http.request(method, &url).header(TENANT_HEADER, tenant.to_string());
@@ -412,8 +412,9 @@ async fn dispatch_as(
             let mut size = None;
             if parts.uri.path().trim_end_matches('/') == "/api/v1/computers" {
                 // Peek at the size asked for (the host validates the body properly).
-                let Ok(bytes) = axum::body::to_bytes(body, crate::body::MAX_BODY_BYTES).await else {
-                    return ApiError::PayloadTooLarge(crate::body::MAX_BODY_BYTES).into_response();
+                let bytes = match crate::body::read_within(body, parts.extensions.get().copied()).await {
+                    Ok(b) => b,
+                    Err(e) => return e.into_response(),
                 };
                 size = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
@@ -436,6 +437,15 @@ async fn dispatch_as(
             // A stream of a lost host's snapshot: the log and the final state are in the
             // database (such snapshots are failed), so the answer ends at once.
             Ok(Some(None)) if events => return next.run(Request::from_parts(parts, body)).await,
+            // Deleting needs no machine: the control plane records it (its own runtime has no
+            // such machine to stop), and the host, when it is back, finds the computer gone
+            // and removes its QEMU and files.
+            Ok(Some(None))
+                if parts.method == Method::DELETE
+                    && parts.uri.path().trim_end_matches('/') == format!("/api/v1/computers/{id}") =>
+            {
+                return next.run(Request::from_parts(parts, body)).await
+            }
             Ok(Some(None)) => {
                 // Running it here would boot a tenant's VM on the control plane, outside any
                 // host's capacity, next to every secret of the cluster.

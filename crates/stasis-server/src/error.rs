@@ -29,6 +29,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 408: the body did not arrive within the time a request has for it.
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("forbidden")]
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed".into()),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_json".into()),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into()),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout".into()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into()),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden".into()),
             ApiError::Quota(_) => (StatusCode::FORBIDDEN, "quota_exceeded".into()),

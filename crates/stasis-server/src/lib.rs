@@ -160,7 +160,7 @@ fn jail_settings(
     }
     tracing::info!(
         shared_gid = settings.shared_gid,
-        "QEMUs run confined: own user, own mount/network/IPC/UTS namespaces, seccomp, {}",
+        "QEMUs run confined: own user, own PID/mount/network/IPC/UTS namespaces, seccomp, {}",
         settings.cgroups.describe()
     );
     Ok(Some(settings))

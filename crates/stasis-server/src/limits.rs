@@ -108,7 +108,17 @@ impl Limits {
         })
     }
 
-    /// Refuses what would take the tenant past a quota.
+    /// Refuses what would take the tenant past a quota; otherwise returns the lock that keeps
+    /// every other admission of this tenant (on any host) waiting until the caller has recorded
+    /// what it admits (drop it after the insert).
+    pub async fn admit(&self, tenant: TenantId, want: Want) -> ApiResult<crate::db::limits::QuotaLock> {
+        let lock = self.db.lock_quota(tenant).await?;
+        self.check(tenant, want).await?;
+        Ok(lock)
+    }
+
+    /// Refuses what would take the tenant past a quota (an early answer; [`Limits::admit`]
+    /// is the check that holds).
     pub async fn check(&self, tenant: TenantId, want: Want) -> ApiResult<()> {
         let limits = self.of(tenant).await?;
         if limits.max_computers.is_none() && limits.max_snapshots.is_none() && limits.max_stored_bytes.is_none() {

@@ -21,6 +21,8 @@ pub struct HttpSettings {
     /// Time a client has to send a request's headers. hyper starts this timer whenever a
     /// connection waits for the next request head, so it is also the idle keep-alive timeout.
     pub header_timeout: Duration,
+    /// Time a client has to send a request's body, from when its head was read.
+    pub body_timeout: Duration,
     /// Connections open at once; beyond it new ones are closed at once.
     pub max_connections: usize,
     /// Exec calls and event streams one tenant may have open at once.
@@ -33,6 +35,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             header_timeout: Duration::from_secs(20),
+            body_timeout: crate::body::BODY_TIMEOUT,
             max_connections: 4096,
             max_streams_per_tenant: 64,
             shutdown_grace: Duration::from_secs(10),
@@ -126,10 +129,15 @@ pub async fn serve(
         let app = app.clone();
         let mut stop = stop_rx.clone();
         let header_timeout = settings.header_timeout;
+        let body_timeout = settings.body_timeout;
         conns.spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(crate::body::BodyDeadline {
+                    at: tokio::time::Instant::now() + body_timeout,
+                    after: body_timeout,
+                });
                 // The cluster's handlers know their peers by this (public: no certificate).
                 req.extensions_mut().insert(ConnectInfo(crate::tls::Peer {
                     remote: peer,

@@ -3,6 +3,8 @@
 //! - as a user of its own (a fresh uid and gid per launch, never root, no capabilities, no
 //!   new privileges), with one shared supplementary group that may read the shared read-only
 //!   files (kernel, initrd, base disks, snapshot RAM files);
+//! - as the first process of a PID namespace of its own (no other process of the host is
+//!   there to signal or probe; see [`crate::process::spawn_child`]);
 //! - in new mount, network, IPC and UTS namespaces, with a root that is an empty read-only
 //!   tmpfs holding only `/usr` (read-only: QEMU, its libraries and firmware), a few device
 //!   nodes, and the files of its own machine bound at their host paths (its directory

@@ -46,15 +46,18 @@ pub struct Process {
 impl Process {
     /// Spawns `cmd` and waits on it in the background.
     pub fn spawn(cmd: tokio::process::Command) -> std::io::Result<Process> {
-        Self::spawn_then(cmd, None)
+        Self::spawn_then(cmd, false, None)
     }
 
-    /// Like [`Process::spawn`], and runs `cleanup` once the process is gone.
+    /// Like [`Process::spawn`], and runs `cleanup` once the process is gone. `own_pids`: the
+    /// process starts as the first of a PID namespace of its own (see [`spawn_child`]).
     pub fn spawn_then(
         mut cmd: tokio::process::Command,
+        own_pids: bool,
         cleanup: Option<Box<dyn FnOnce() + Send>>,
     ) -> std::io::Result<Process> {
-        let mut child = cmd.kill_on_drop(false).spawn()?;
+        cmd.kill_on_drop(false);
+        let mut child = spawn_child(&mut cmd, own_pids)?;
         let pid = child.id().unwrap_or(0);
         let (tx, exit) = watch::channel(None);
         tokio::spawn(async move {
@@ -189,6 +192,35 @@ impl FdMap {
             });
         }
     }
+}
+
+/// Spawns `cmd`; with `own_pids`, as the first process (PID 1) of a new PID namespace, where
+/// no other process of the host exists: a confined QEMU can neither signal nor even probe
+/// (`kill(pid, 0)`) the platform or another computer's QEMU.
+///
+/// A process's own PID namespace never changes; `unshare(CLONE_NEWPID)` chooses the one its
+/// *children* get. So the spawn happens on a short-lived thread that does just that, and ends
+/// (the platform's other threads keep theirs).
+pub fn spawn_child(cmd: &mut tokio::process::Command, own_pids: bool) -> std::io::Result<tokio::process::Child> {
+    if !own_pids {
+        return cmd.spawn();
+    }
+    // tokio registers the child with the runtime that spawns it.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let _entered = runtime.as_ref().map(|r| r.enter());
+                // SAFETY: unshare takes flags only; it affects this thread's future children.
+                if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(e.kind(), format!("making a PID namespace: {e}")));
+                }
+                cmd.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the thread spawning QEMU panicked")))
+    })
 }
 
 impl Default for FdMap {

@@ -544,7 +544,14 @@ pub async fn flatten_disk(
             cmd.pre_exec(move || plan.apply());
         }
     }
-    let result = tokio::time::timeout(FLATTEN_LIMIT, cmd.output()).await;
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let run = async {
+        crate::process::spawn_child(&mut cmd, machine.jail.is_some())?
+            .wait_with_output()
+            .await
+    };
+    let result = tokio::time::timeout(FLATTEN_LIMIT, run).await;
     crate::jail::JailPlan::remove_cgroups(&cgroups);
     let result = match result {
         Err(_) => {

@@ -798,7 +798,7 @@ pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Re
             cmd.pre_exec(move || plan.apply());
         }
     }
-    let process = Process::spawn_then(cmd, cleanup).map_err(io(format!(
+    let process = Process::spawn_then(cmd, config.jail.is_some(), cleanup).map_err(io(format!(
         "starting {} (apt-get install qemu-system-x86)",
         config.qemu_binary.display()
     )))?;

@@ -55,6 +55,20 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.
     out(&origin, "echo on-disk > /root/before; nohup python3 -c 'import os,time\ni=0\nwhile True:\n  i+=1\n  open(\"/tmp/n.new\",\"w\").write(str(i))\n  os.rename(\"/tmp/n.new\",\"/tmp/n\")\n  time.sleep(0.05)' >/dev/null 2>&1 & sleep 1; echo started").await;
 
+    // A process with a random generator of its own (Python's `random`, seeded once at its
+    // start), which a restore hook tells to reseed: without the hook every clone would draw
+    // the same numbers from it, whatever the kernel's RNG does.
+    out(
+        &origin,
+        "nohup python3 -c 'import os,random,signal,time\nsignal.signal(signal.SIGUSR1, lambda *a: random.seed())\n\
+         open(\"/tmp/rng.pid\",\"w\").write(str(os.getpid()))\nwhile True:\n  if os.path.exists(\"/tmp/ask\"):\n    \
+         os.remove(\"/tmp/ask\")\n    open(\"/tmp/answer.new\",\"w\").write(str(random.getrandbits(64)))\n    \
+         os.rename(\"/tmp/answer.new\",\"/tmp/answer\")\n  time.sleep(0.02)' >/dev/null 2>&1 & \
+         mkdir -p /etc/stasis/on-restore.d && printf '#!/bin/sh\\nkill -USR1 $(cat /tmp/rng.pid) && echo \"$STASIS_EVENT $STASIS_HOSTNAME\" > /tmp/hooked\\n' \
+         > /etc/stasis/on-restore.d/50-reseed && chmod +x /etc/stasis/on-restore.d/50-reseed && sleep 1 && test -s /tmp/rng.pid && echo ready",
+    )
+    .await;
+
     let staging = root.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     let capture = origin.capture(&staging, &staging.join("memory")).await.unwrap();
@@ -98,6 +112,20 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let ra = out(&a, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").await;
     let rb = out(&b, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'").await;
     assert_ne!(ra, rb, "clones do not share their RNG");
+    // Each clone ran its restore hook, and the process's own generator draws differently in
+    // each.
+    let draw = "for i in $(seq 200); do [ -e /tmp/hooked ] && break; sleep 0.05; done; cat /tmp/hooked; \
+                rm -f /tmp/answer; touch /tmp/ask; for i in $(seq 200); do [ -e /tmp/answer ] && break; sleep 0.02; done; \
+                cat /tmp/answer";
+    let (da, db) = (out(&a, draw).await, out(&b, draw).await);
+    assert!(da.starts_with("restore clone-a\n"), "clone-a's hook: {da:?}");
+    assert!(db.starts_with("restore clone-b\n"), "clone-b's hook: {db:?}");
+    assert_ne!(
+        da.lines().nth(1),
+        db.lines().nth(1),
+        "a process's own random generator draws the same in both clones"
+    );
+    assert!(da.lines().nth(1).is_some_and(|n| n.parse::<u64>().is_ok()), "{da:?}");
     // The clones and the original are independent.
     out(&a, "echo mine > /root/a-only").await;
     assert_eq!(out(&b, "test -e /root/a-only && echo yes || echo no").await, "no");

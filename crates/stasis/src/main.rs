@@ -181,6 +181,9 @@ struct HttpArgs {
     /// connection stays open.
     #[arg(long, default_value_t = 20, env = "STASIS_HEADER_TIMEOUT_SECS")]
     header_timeout_secs: u64,
+    /// Seconds a client has to send a request's body, once its headers are in (408 after).
+    #[arg(long, default_value_t = 60, env = "STASIS_BODY_TIMEOUT_SECS")]
+    body_timeout_secs: u64,
     /// Connections open at once (at most half the open-file limit); beyond it new ones are
     /// closed at once.
     #[arg(long, default_value_t = 4096, env = "STASIS_MAX_CONNECTIONS")]
@@ -197,6 +200,7 @@ impl HttpArgs {
     fn settings(&self) -> stasis_server::net::HttpSettings {
         stasis_server::net::HttpSettings {
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
             max_connections: self.max_connections.max(1),
             max_streams_per_tenant: self.max_streams_per_tenant.max(1),
             shutdown_grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
@@ -263,7 +267,7 @@ struct Machines {
     /// creates, restores and starts beyond it answer 503.
     #[arg(long, env = "STASIS_CAPACITY_MIB")]
     capacity_mib: Option<u64>,
-    /// Confine each computer's QEMU (own user, mount/network/IPC/UTS namespaces, cgroups,
+    /// Confine each computer's QEMU (own user, PID/mount/network/IPC/UTS namespaces, cgroups,
     /// seccomp): auto (when running as root), on (refuse to start without it) or off.
     #[arg(long, default_value = "auto", env = "STASIS_CONFINE")]
     confine: stasis_server::Confine,

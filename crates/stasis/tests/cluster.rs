@@ -340,6 +340,51 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
     assert_eq!(status, 409, "another host's computer: {body}");
     assert!(body.contains("wrong_host"), "{body}");
     assert_eq!(api.status(&first).0, "running");
+
+    // (L4) Room for one more computer, asked for on both hosts at once: each host's own
+    // admission lock does not see the other's, the database's does, and one is let in.
+    psql(
+        &db,
+        &format!("UPDATE tenants SET max_computers = 2 WHERE id = '{tenant}'"),
+    );
+    std::thread::sleep(Duration::from_millis(5500)); // hosts re-read overrides within 5 s
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            let (creds, url, tenant) = (
+                creds.clone(),
+                host_url(if i % 2 == 0 { "a" } else { "b" }),
+                tenant.clone(),
+            );
+            std::thread::spawn(move || {
+                Tls::new(&creds, Some(&creds.join("control-plane")))
+                    .call(
+                        "POST",
+                        &format!("{url}/api/v1/computers"),
+                        &[("x-stasis-tenant", tenant.as_str())],
+                        Some(json!({"name": format!("racer-{i}"), "size": "xs"})),
+                    )
+                    .unwrap()
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s == 201).collect();
+    assert_eq!(admitted.len(), 1, "creates on two hosts past the quota: {answers:?}");
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 201) {
+        assert!(
+            *status == 403 && body.contains("computers running (2 of 2)"),
+            "{status} {body}"
+        );
+    }
+    let racer: Value = serde_json::from_str(&admitted[0].1).unwrap();
+    let racer = racer["id"].as_str().unwrap().to_string();
+    api.wait_status(&racer, "running", common::BOOT);
+    let gone = api.call("DELETE", &format!("/computers/{racer}"), None);
+    assert!(gone.status < 300, "{}", gone.body);
+    psql(
+        &db,
+        &format!("UPDATE tenants SET max_computers = NULL WHERE id = '{tenant}'"),
+    );
     out(
         &api,
         &first,
@@ -496,6 +541,36 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         "before"
     );
     assert!(counter(&api, &again) > 0);
+
+    // A computer of the lost host can still be deleted (nothing of it needs the host); the
+    // host, when it is back, finds it gone and removes its QEMU and its files.
+    let gone = api.call("DELETE", &format!("/computers/{first}"), None);
+    assert_eq!(gone.status, 200, "deleting a lost host's computer: {}", gone.body);
+    assert_eq!(api.call("GET", &format!("/computers/{first}"), None).status, 404);
+    let stray = common::qemu_pid(doomed_dir, &first);
+    let back = host(
+        doomed_dir,
+        if doomed == 0 { "a" } else { "b" },
+        cluster_port,
+        &creds,
+        &db,
+        &s3,
+    );
+    let t = Instant::now();
+    while doomed_dir.join("computers").join(&first).exists() || doomed_dir.join("machines").join(&first).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the returning host kept a deleted computer's files"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(pid) = stray {
+        assert!(
+            !common::alive(pid),
+            "the returning host left the deleted computer's QEMU running"
+        );
+    }
+    drop(back);
 
     // The dead host's machines are nobody's now: stop them as its next start would.
     for entry in std::fs::read_dir(doomed_dir.join("machines"))

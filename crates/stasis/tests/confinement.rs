@@ -145,6 +145,38 @@ fn a_confined_qemu_sees_only_its_own_files() {
             std::fs::read_link("/proc/self/ns/net").unwrap()
         );
     }
+    // Each QEMU is process 1 of a PID namespace of its own: from inside A, the platform and
+    // the other QEMUs do not exist (kill -0 answers "No such process", where a shared PID
+    // namespace answers "Operation not permitted" and so confirms they are there), while A's
+    // own QEMU answers as process 1 (so the probe can tell the two apart).
+    for pid in [pa, pb, pr] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap(),
+            std::fs::read_link("/proc/self/ns/pid").unwrap(),
+            "QEMU {pid} shares the host's PID namespace"
+        );
+    }
+    let platform = server.child.id() as i32;
+    let script = format!(
+        "for p in {platform} {pb} {pr} 1; do r=$(kill -0 $p 2>&1) && echo \"$p=there\" || echo \"$p=$r\"; done"
+    );
+    let seen = common::as_qemu_user(pa, true)
+        .args(["/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.len(), 4, "{seen}");
+    for (line, pid) in lines.iter().zip([platform, pb, pr]) {
+        assert!(
+            line.starts_with(&format!("{pid}=")) && line.ends_with("No such process"),
+            "from inside A, process {pid} is there to probe: {line}"
+        );
+    }
+    assert_eq!(
+        lines[3], "1=there",
+        "A's QEMU is not process 1 of its namespace: {seen}"
+    );
     let uids = [uid_of(pa), uid_of(pb), uid_of(pr)];
     assert!(
         uids[0] != uids[1] && uids[1] != uids[2] && uids[0] != uids[2],

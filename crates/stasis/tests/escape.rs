@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{create_key, data_dir, out, qemu_pid, restore, running_computer, snapshot, Client, Server, BOOT, SNAP};
 
-/// Runs a shell script as QEMU `pid`'s user and groups, inside its mount, network, IPC and
+/// Runs a shell script as QEMU `pid`'s user and groups, inside its PID, mount, network, IPC and
 /// UTS namespaces and its root, in its working directory (the disks directory), with no
 /// capabilities and no new privileges: what a guest that took over that QEMU can do.
 fn as_escaped_qemu(pid: i32, script: &str) -> String {

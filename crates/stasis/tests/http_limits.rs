@@ -1,6 +1,7 @@
 //! The listener's limits and the low-severity fixes of the audit, attacked over HTTP on the
 //! real server (127.0.0.1 only, no guests booted): half-sent and idle connections are closed
-//! after the header timeout, connections over the cap are closed at once, a burst of bogus
+//! after the header timeout, a body sent a byte at a time gets 408 after the body timeout,
+//! connections over the cap are closed at once, a burst of bogus
 //! keys ends in 429, shutdown does not wait for open streams, long requests are capped per
 //! tenant, the default key is printed only when made, revoked keys answer 401, another
 //! tenant's snapshot is indistinguishable from a missing one, SSE tickets open only their
@@ -132,6 +133,53 @@ fn half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
         "idle keep-alive connection kept open"
     );
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_body_sent_a_byte_at_a_time_gets_408_after_the_body_timeout() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "slow");
+    let server = Server::start_with(dir.path(), &[("STASIS_BODY_TIMEOUT_SECS", "2")]);
+    assert!(wait_health(&server.base, Duration::from_secs(30)));
+    // An authenticated create whose 100-byte body trickles in: a byte now and then, each well
+    // within the header timeout, never finishing.
+    let mut slow = TcpStream::connect(addr(&server)).unwrap();
+    slow.write_all(
+        format!(
+            "POST /api/v1/computers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let writer = {
+        let mut w = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(500));
+                if w.write_all(b" ").is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    slow.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let took = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("request_timeout") && answer.contains("within 2 s"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+    let _ = writer.join();
+    // Nothing was created, and the server serves on.
+    let (status, _, body) = get(&server.base, "/computers", Some(&key), &[]);
+    assert_eq!(status, 200);
+    assert_eq!(body["total"], 0, "{body}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! End to end: tenant limits on a real server — quotas on computers running, snapshots kept
-//! and bytes stored (403 `quota_exceeded` naming the quota), an operator's per-tenant override
+//! and bytes stored (403 `quota_exceeded` naming the quota; a snapshot whose size, once known,
+//! would pass the bytes quota fails saying so), an operator's per-tenant override
 //! (`stasis tenant limits`), and the request rate (429 with `Retry-After`).
 
 mod common;
@@ -121,9 +122,19 @@ fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
         Some(json!({"comment": "three"})),
     );
     assert_eq!(r.status, 201, "{}", r.body);
+    // Nothing is stored now, so it was let in; once its size is known it is far past 10 KiB,
+    // and it fails for good, saying so, instead of taking the tenant past its quota.
+    let s3 = r.body["data"]["id"].as_str().unwrap().to_string();
+    let failed = api.wait_snapshot(&id, &s3, "failed", SNAP);
+    let why = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("quota exceeded: bytes stored") && why.contains("of 10737"),
+        "{failed}"
+    );
 
-    // Room for exactly one more snapshot, asked for six times at once: one is let in.
-    set_limits(dir.path(), "quota", &["--snapshots", "2", "--stored-gib", "100"]);
+    // Room for exactly one more snapshot (none is kept now), asked for six times at once: one
+    // is let in.
+    set_limits(dir.path(), "quota", &["--snapshots", "1", "--stored-gib", "100"]);
     std::thread::sleep(Duration::from_millis(5500));
     let racers: Vec<_> = (0..6)
         .map(|i| {

@@ -239,7 +239,7 @@ impl Computers {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
         let _admitted = self.admission.lock().await;
-        self.limits.check(tenant, crate::limits::Want::Computer).await?;
+        let quota = self.limits.admit(tenant, crate::limits::Want::Computer).await?;
         self.check_capacity(new.size).await?;
         let computer = Computer {
             id: ComputerId::new(),
@@ -257,6 +257,7 @@ impl Computers {
             source_snapshot_id: source,
         };
         self.db.insert_computer(&computer, self.host_id.as_deref()).await?;
+        drop(quota);
         Ok(computer)
     }
 
@@ -518,12 +519,12 @@ impl Computers {
             }
             ComputerStatus::Stopped | ComputerStatus::Error => {
                 let admitted = self.admission.lock().await;
-                self.limits.check(tenant, crate::limits::Want::Computer).await?;
+                let quota = self.limits.admit(tenant, crate::limits::Want::Computer).await?;
                 self.check_capacity(c.size).await?;
                 // An errored computer may still have a QEMU around (say, a hung one).
                 self.host.stop(&id.to_string()).await;
                 self.set_status(id, ComputerStatus::Starting, None).await?;
-                drop(admitted);
+                drop((quota, admitted));
                 drop(guard);
                 self.spawn_boot(id);
                 Ok(action(ComputerStatus::Starting, "computer is starting"))
@@ -684,8 +685,18 @@ impl Computers {
             }
         }
         for dir in self.host.machine_names() {
-            if !owned.contains(&dir) {
-                self.host.kill_stray(&dir);
+            if owned.contains(&dir) {
+                continue;
+            }
+            self.host.kill_stray(&dir);
+            // Destroyed while this host was away (the control plane records that alone when
+            // the host is lost): nothing needs its files any more.
+            let Ok(id) = dir.parse::<ComputerId>() else { continue };
+            if self.db.computer_destroyed(id).await? {
+                tracing::info!(%id, "removing the files of a computer destroyed while this host was away");
+                if let Err(e) = self.host.destroy(&dir).await {
+                    tracing::warn!(%id, error = %e, "removing a destroyed computer's files");
+                }
             }
         }
         Ok(())

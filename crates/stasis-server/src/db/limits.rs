@@ -87,3 +87,51 @@ impl Db {
         })
     }
 }
+
+/// Held while one admission checks a tenant's quotas and records what it admits, so that no
+/// other admission of that tenant — in this process or in any other on the same database —
+/// checks in between. On PostgreSQL a transaction-scoped advisory lock of the tenant, taken on
+/// a connection of its own: whoever holds it commits or drops it, and a dropped guard (a
+/// cancelled request) is rolled back with the connection, which releases it. SQLite serves one
+/// process, whose own admission lock is enough.
+pub struct QuotaLock {
+    _tx: Option<sqlx::Transaction<'static, sqlx::Any>>,
+}
+
+/// The advisory lock key of a tenant's quotas: stable across processes (FNV-1a of a label and
+/// the id), so every host computes the same one.
+fn quota_key(tenant: TenantId) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "stasis-quota:".bytes().chain(tenant.to_string().into_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h as i64
+}
+
+impl Db {
+    /// Waits until no other admission of `tenant` runs; see [`QuotaLock`].
+    pub async fn lock_quota(&self, tenant: TenantId) -> Result<QuotaLock, sqlx::Error> {
+        if self.backend() != super::Backend::Postgres {
+            return Ok(QuotaLock { _tx: None });
+        }
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(quota_key(tenant))
+            .execute(&mut *tx)
+            .await?;
+        Ok(QuotaLock { _tx: Some(tx) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_keys_are_stable_and_per_tenant() {
+        let a: TenantId = "0d3a6b8e-5a4e-4f7b-9a59-3c1c2b2f1e01".parse().unwrap();
+        let b: TenantId = "0d3a6b8e-5a4e-4f7b-9a59-3c1c2b2f1e02".parse().unwrap();
+        assert_eq!(quota_key(a), quota_key(a));
+        assert_ne!(quota_key(a), quota_key(b));
+    }
+}

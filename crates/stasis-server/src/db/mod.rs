@@ -244,6 +244,16 @@ impl Db {
         Ok(())
     }
 
+    /// Whether the database records `id` as destroyed (a computer it has never heard of is
+    /// not: its files may be another database's).
+    pub async fn computer_destroyed(&self, id: ComputerId) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM computers WHERE id = $1 AND status = 'destroyed'")
+            .bind(id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
     /// A computer that is not destroyed, whatever its tenant.
     pub async fn get_computer(&self, id: ComputerId) -> Result<Option<Computer>, sqlx::Error> {
         let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE id = $1 AND status <> 'destroyed'"))

@@ -30,6 +30,26 @@ pub const MAX_COMMENT_CHARS: usize = 500;
 /// Attempts a snapshot's upload gets before the snapshot fails.
 const SNAPSHOT_ATTEMPTS: i64 = 3;
 
+/// Why a snapshot job stopped short.
+enum Failure {
+    /// May pass on a retry (the store was unreachable, the disk full, the process died).
+    Transient(String),
+    /// Will not pass however often it is tried (a quota).
+    Final(String),
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Failure {
+        Failure::Transient(reason)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(reason: &str) -> Failure {
+        Failure::Transient(reason.to_string())
+    }
+}
+
 pub struct Snapshots {
     db: Db,
     store: SnapshotStore,
@@ -164,9 +184,10 @@ impl Snapshots {
             return Err(ApiError::conflict("computer_not_running", "computer is not running"));
         }
         let admitted = self.admission.lock().await;
-        self.computers
+        let quota = self
+            .computers
             .limits()
-            .check(tenant, crate::limits::Want::Snapshot)
+            .admit(tenant, crate::limits::Want::Snapshot)
             .await?;
         let now = Utc::now().trunc_subsecs(3);
         let snapshot = Snapshot {
@@ -189,7 +210,7 @@ impl Snapshots {
             updated_at: now,
         };
         self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
-        drop(admitted);
+        drop((quota, admitted));
         let mut e = events::data(snapshot.id, SnapshotStatus::Creating);
         e.step = Some("queued".into());
         e.progress = Some(0.0);
@@ -414,7 +435,7 @@ impl Snapshots {
                 let _ = std::fs::remove_file(self.staging_memory(id));
                 Outcome::Done
             }
-            Err(reason) if captured && !last => {
+            Err(Failure::Transient(reason)) if captured && !last => {
                 tracing::warn!(%id, reason, "snapshot upload failed; it will be retried");
                 let mut e = events::data(id, SnapshotStatus::Uploading);
                 e.step = Some("retrying".into());
@@ -422,7 +443,7 @@ impl Snapshots {
                 self.events.emit(e).await;
                 Outcome::Retry(reason)
             }
-            Err(reason) => {
+            Err(Failure::Transient(reason) | Failure::Final(reason)) => {
                 let _ = std::fs::remove_dir_all(&staging);
                 let _ = std::fs::remove_file(self.staging_memory(id));
                 tracing::warn!(%id, reason, "snapshot failed");
@@ -439,7 +460,7 @@ impl Snapshots {
         }
     }
 
-    async fn capture_and_upload(&self, id: SnapshotId, staging: &std::path::Path) -> Result<(), String> {
+    async fn capture_and_upload(&self, id: SnapshotId, staging: &std::path::Path) -> Result<(), Failure> {
         let record = self
             .db
             .get_snapshot(id)
@@ -587,6 +608,36 @@ impl Snapshots {
             disk,
             chunk_names: self.store.chunk_names(),
         };
+        // Its size is known now: within the tenant's bytes-stored quota, or it fails for good
+        // (before its manifest exists, so the collector takes its new chunks). The quota stays
+        // locked until it is recorded, so two snapshots finishing at once cannot both pass.
+        let quota = self
+            .db
+            .lock_quota(s.tenant_id)
+            .await
+            .map_err(|e| format!("checking the bytes-stored quota: {e}"))?;
+        let limits = self
+            .computers
+            .limits()
+            .of(s.tenant_id)
+            .await
+            .map_err(|e| format!("checking the bytes-stored quota: {e}"))?;
+        if let Some(max) = limits.max_stored_bytes {
+            let used = self
+                .db
+                .tenant_usage(s.tenant_id)
+                .await
+                .map_err(|e| format!("checking the bytes-stored quota: {e}"))?
+                .stored_bytes;
+            let with = used.saturating_add(stats.stored_bytes);
+            if with > max {
+                return Err(Failure::Final(format!(
+                    "quota exceeded: bytes stored ({used} stored and this snapshot's {} would be {with}, of {max}); \
+                     delete snapshots first",
+                    stats.stored_bytes
+                )));
+            }
+        }
         let written = self
             .store
             .put_manifest(&manifest)
@@ -624,6 +675,7 @@ impl Snapshots {
             )
             .await
             .map_err(|e| e.to_string())?;
+        drop(quota);
         if let Err(e) = self
             .materializer
             .adopt(id, &manifest, &captured.state, &captured.memory, &flat)

@@ -352,7 +352,7 @@ pub fn status_field(pid: i32, field: &str) -> String {
 }
 
 /// A command that runs as confined QEMU `pid`'s user and groups, with no capabilities and no
-/// new privileges: inside that process's mount, network, IPC and UTS namespaces, root and
+/// new privileges: inside that process's PID, mount, network, IPC and UTS namespaces, root and
 /// working directory, or (`inside` false) on the host. The program and its arguments follow.
 pub fn as_qemu_user(pid: i32, inside: bool) -> Command {
     let uid = status_field(pid, "Uid").split_whitespace().next().unwrap().to_string();
@@ -365,6 +365,7 @@ pub fn as_qemu_user(pid: i32, inside: bool) -> Command {
         c.args([
             "-t",
             &pid.to_string(),
+            "-p",
             "-m",
             "-n",
             "-i",
