@@ -212,7 +212,7 @@ impl Host {
     /// platform process for a computer that should not be running).
     /// Returns once that QEMU is gone, so nothing of it can touch the machine's files after.
     pub fn kill_stray(&self, name: &str) {
-        kill_stray_at(&self.paths(name), name);
+        kill_stray_at(&self.paths(name));
     }
 }
 
@@ -222,15 +222,21 @@ const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a killed QEMU may take to be gone.
 const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn kill_stray_at(paths: &VmPaths, name: &str) {
+fn kill_stray_at(paths: &VmPaths) {
     // Everything read here is the platform's own (the control directory); a QEMU of an older
     // version kept its pid file among its disks, and is killed only if that pid is its QEMU.
+    let config = std::fs::read(paths.config())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok());
+    let legacy_name = config.as_ref().map(|c| c.name.as_str());
     for pidfile in [paths.pidfile(), paths.disks.join("qemu.pid")] {
         let Some(pid) = read_small(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
             continue;
         };
         let legacy_qmp = paths.disks.join("qmp.sock");
-        if is_machine_qemu(pid, name) || crate::process::cmdline_contains(pid, &legacy_qmp.to_string_lossy()) {
+        if is_machine_qemu(pid, &paths.control, legacy_name)
+            || crate::process::cmdline_contains(pid, &legacy_qmp.to_string_lossy())
+        {
             tracing::warn!(pid, dir = %paths.control.display(), "killing a QEMU nobody tracks");
             if !crate::process::kill_and_wait(pid, KILL_WAIT) {
                 tracing::error!(pid, "a killed QEMU is still there after {KILL_WAIT:?}");
@@ -240,10 +246,7 @@ fn kill_stray_at(paths: &VmPaths, name: &str) {
             let _ = std::fs::remove_file(&pidfile);
         }
     }
-    if let Some(config) = std::fs::read(paths.config())
-        .ok()
-        .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
-    {
+    if let Some(config) = config {
         // Only a machine's own RAM file; a restored machine maps its snapshot's, shared.
         if config.ram_shared && !config.ram_path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(config.ram_path);

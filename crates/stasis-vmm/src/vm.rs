@@ -221,30 +221,45 @@ const AGENT_FD: i32 = 4;
 const CONSOLE_FD: i32 = 5;
 const CONSOLE_FD_SET: i32 = 1;
 
-/// What `-name` says: the machine's, and which process of it (a capture's twin has its own),
-/// so a pid can be checked to be this machine's QEMU.
-fn process_name(cfg: &MachineConfig, launch: Launch) -> String {
+/// What `-name` says: the machine's directory (unique on the host, unlike the computer's name),
+/// and which process of it (a capture's twin has its own), so a pid can be checked to be this
+/// machine's QEMU.
+fn process_name(paths: &VmPaths, launch: Launch) -> String {
     if launch.null_disk_bytes.is_some() {
-        format!("stasis-{}-twin", cfg.name)
+        // The twin's control directory is `<staging>/twin`: named after the staging directory.
+        let staging = paths.control.parent().unwrap_or(&paths.control);
+        format!("stasis-{}-twin", dir_name(staging))
     } else {
-        format!("stasis-{}", cfg.name)
+        format!("stasis-{}", dir_name(&paths.control))
     }
 }
 
-/// Whether `pid` is a live QEMU of the machine `name` (not its twin, not a process that took
-/// over a recycled pid).
-pub fn is_machine_qemu(pid: u32, name: &str) -> bool {
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a live QEMU of the machine whose control directory is `control` (not its
+/// twin, not a process that took over a recycled pid). QEMUs started before `-name` named the
+/// directory carry the machine's hostname instead: `legacy_name`, from the platform's own
+/// machine.json.
+pub fn is_machine_qemu(pid: u32, control: &Path, legacy_name: Option<&str>) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let want = format!("stasis-{name}");
+    let wants: Vec<String> = std::iter::once(dir_name(control))
+        .chain(legacy_name.map(str::to_string))
+        .map(|n| format!("stasis-{n}"))
+        .collect();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
+    args.windows(2)
+        .any(|w| w[0] == b"-name" && wants.iter().any(|want| w[1] == want.as_bytes()))
 }
 
 /// The QEMU command line for `cfg`. `incoming` prepares a restore (`-S -incoming defer`).
 /// The QMP and agent sockets and the console are descriptors [`spawn_qemu`] hands over.
-pub fn qemu_args(cfg: &MachineConfig, _paths: &VmPaths, launch: Launch) -> Vec<OsString> {
+pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     let p = |path: PathBuf| path.to_string_lossy().into_owned();
@@ -256,7 +271,7 @@ pub fn qemu_args(cfg: &MachineConfig, _paths: &VmPaths, launch: Launch) -> Vec<O
     cmdline.push_str(&format!(" stasis.hostname={}", cfg.name));
 
     push("-name");
-    push(&process_name(cfg, launch));
+    push(&process_name(paths, launch));
     push("-M");
     push("microvm,acpi=on,x-option-roms=off,rtc=on,memory-backend=mem");
     push("-bios");
@@ -475,7 +490,7 @@ impl Vm {
             .trim()
             .parse()
             .map_err(|_| VmError::Invalid("qemu.pid does not hold a pid".into()))?;
-        if !is_machine_qemu(pid, &config.name) {
+        if !is_machine_qemu(pid, &paths.control, Some(&config.name)) {
             return Err(VmError::Invalid(format!("process {pid} is not this machine's QEMU")));
         }
         // A confined QEMU's cgroups go when it does, as if this process had started it.
@@ -972,6 +987,44 @@ fn rotate_log(path: &Path, cap: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qemu_is_known_by_its_machine_directory_not_by_its_hostname() {
+        // A stand-in process whose command line carries `-name` as a QEMU's does.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", "-name", "stasis-0d3a6b8e"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Until it has executed, the child's command line is still this test's.
+        let started = std::time::Instant::now();
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sh\0")) {
+            assert!(started.elapsed() < Duration::from_secs(10), "sh did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let control = Path::new("/var/lib/stasis/machines/0d3a6b8e");
+        assert!(is_machine_qemu(pid, control, None));
+        assert!(!is_machine_qemu(pid, Path::new("/var/lib/stasis/machines/other"), None));
+        // Started by an older version, named after the hostname.
+        assert!(is_machine_qemu(pid, Path::new("/x/machines/other"), Some("0d3a6b8e")));
+        let paths = VmPaths::new(
+            control.to_path_buf(),
+            PathBuf::from("/var/lib/stasis/computers/0d3a6b8e"),
+        );
+        assert_eq!(process_name(&paths, Launch::default()), "stasis-0d3a6b8e");
+        let twin = VmPaths::new(
+            PathBuf::from("/s/snap-1/twin"),
+            PathBuf::from("/s/snap-1/twin/no-disks"),
+        );
+        let launch = Launch {
+            null_disk_bytes: Some(1),
+            ..Launch::default()
+        };
+        assert_eq!(process_name(&twin, launch), "stasis-snap-1-twin");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!is_machine_qemu(pid, control, None), "a process that is gone");
+    }
 
     fn config() -> MachineConfig {
         MachineConfig {
