@@ -222,22 +222,22 @@ impl Codec {
 }
 
 /// Reads an object whose size the store reported with it: one larger than `max` is refused
-/// before its body is read (`Ok(Err(size))`), as is a body that outgrows `max` meanwhile.
-async fn read_bounded(got: object_store::GetResult, max: u64) -> Result<Result<Vec<u8>, u64>, object_store::Error> {
+/// before its body is read (`Ok(Err(size))`). The body is then read whole, in one piece (a
+/// local file in one read, not a stream of small ones): its length is bounded by the size
+/// declared, which HTTP framing enforces; a body that came out longer all the same is refused.
+async fn read_bounded(
+    got: object_store::GetResult,
+    max: u64,
+) -> Result<Result<bytes::Bytes, u64>, object_store::Error> {
     let size = got.meta.size;
     if size > max {
         return Ok(Err(size));
     }
-    let mut buf = Vec::with_capacity(size as usize);
-    let mut body = got.into_stream();
-    while let Some(piece) = body.next().await {
-        let piece = piece?;
-        if (buf.len() + piece.len()) as u64 > max {
-            return Ok(Err((buf.len() + piece.len()) as u64));
-        }
-        buf.extend_from_slice(&piece);
+    let body = got.bytes().await?;
+    if body.len() as u64 > max {
+        return Ok(Err(body.len() as u64));
     }
-    Ok(Ok(buf))
+    Ok(Ok(body))
 }
 
 /// How to reach an S3-compatible store beyond what the standard `AWS_*` variables say
@@ -635,6 +635,7 @@ impl SnapshotStore {
         };
         read_bounded(got, manifest::MAX_MANIFEST_BYTES as u64)
             .await?
+            .map(|b| b.to_vec())
             .map_err(|_| StoreError::Manifest {
                 id: snapshot_id.into(),
                 source: ManifestError::TooLarge,

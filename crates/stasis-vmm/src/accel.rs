@@ -72,6 +72,20 @@ pub fn qemu_version(binary: &std::path::Path) -> Option<(u32, u32)> {
     parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// Whether this QEMU can map a RAM file privately without opening it for writing
+/// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2 and later). Asked once per binary
+/// per process.
+pub fn maps_private_ram_read_only(binary: &std::path::Path) -> bool {
+    static SEEN: std::sync::Mutex<Vec<(std::path::PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, can)) = seen.iter().find(|(b, _)| b == binary) {
+        return *can;
+    }
+    let can = qemu_version(binary).is_some_and(|v| v >= (8, 2));
+    seen.push((binary.to_path_buf(), can));
+    can
+}
+
 fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     let rest = text.split("version ").nth(1)?;
     let mut parts = rest.split(|c: char| !c.is_ascii_digit());

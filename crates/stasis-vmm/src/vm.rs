@@ -292,9 +292,16 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
         push(&format!("memory-backend-ram,id=mem,size={mem}"));
     } else {
         push(&format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
+            "memory-backend-file,id=mem,size={mem},mem-path={},share={}{}",
             p(cfg.ram_path.clone()),
-            if cfg.ram_shared { "on" } else { "off" }
+            if cfg.ram_shared { "on" } else { "off" },
+            // A restored machine's writes stay in its private copy: its QEMU need not (and,
+            // where it can say so, does not) open its snapshot's file for writing.
+            if private_ram_read_only(cfg) {
+                ",readonly=on,rom=off"
+            } else {
+                ""
+            }
         ));
     }
     push("-kernel");
@@ -823,6 +830,14 @@ pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Re
     Ok(process)
 }
 
+/// Whether `cfg` maps its RAM file privately and read-only (a restored machine, on a QEMU
+/// that can).
+fn private_ram_read_only(cfg: &MachineConfig) -> bool {
+    !cfg.ram_shared
+        && !cfg.ram_path.as_os_str().is_empty()
+        && crate::accel::maps_private_ram_read_only(&cfg.qemu_binary)
+}
+
 /// What a confined QEMU of this machine sees: its directory, the kernel and initrd, the base
 /// disk under its overlays (not for a capture's twin, whose disk reads as zeros), its RAM file.
 fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Visible {
@@ -837,6 +852,10 @@ fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vis
     if !config.ram_path.as_os_str().is_empty() {
         if config.ram_shared {
             v.own_files.push(config.ram_path.clone());
+        } else if private_ram_read_only(config) {
+            // Bound read-only: no QEMU restored from a snapshot can change what the snapshot's
+            // other clones on this host read from the page cache.
+            v.ro_files.push(config.ram_path.clone());
         } else {
             v.shared_rw_files.push(config.ram_path.clone());
         }
@@ -1084,16 +1103,20 @@ mod tests {
             },
         ));
         assert!(restore.contains("mem-path=/dev/shm/c1.ram,share=off"), "{restore}");
+        let twin_paths = VmPaths::new(
+            PathBuf::from("/data/staging/s1/twin"),
+            PathBuf::from("/data/staging/s1/twin/no-disks"),
+        );
         let twin = joined(&qemu_args(
             &config(),
-            &paths,
+            &twin_paths,
             Launch {
                 incoming: true,
                 null_disk_bytes: Some(1 << 30),
             },
         ));
         assert!(twin.contains("driver=null-co,node-name=disk,size=1073741824"), "{twin}");
-        assert!(twin.contains("-name stasis-c1-twin "), "{twin}");
+        assert!(twin.contains("-name stasis-s1-twin "), "{twin}");
         assert!(!twin.contains("disk.qcow2"));
         assert!(restore.ends_with("-S -incoming defer"), "{restore}");
     }
