@@ -156,7 +156,16 @@ impl Vm {
                 return Err(e);
             }
         };
-        let finished = wait_migration_event(&mut events, "completed", COPY_LIMIT).await;
+        // QEMU 7.2 restarts the guest itself once RAM is write-protected; later versions
+        // restore the run state it found, which is paused (ours, for the disk), so the guest
+        // would wait out the whole copy. Resume it as soon as RAM pages flow: they are sent
+        // only after the device state is saved and write protection is on, so from then on
+        // whatever the guest writes is copied as it was first.
+        let resumed = resume_once_protected(qmp).await;
+        let finished = match resumed {
+            Err(e) => Err(e),
+            Ok(()) => wait_migration_event(&mut events, "completed", COPY_LIMIT).await,
+        };
         if finished.is_err() {
             let _ = qmp.execute("migrate_cancel", json!({})).await;
         }
@@ -405,6 +414,35 @@ async fn top_node(qmp: &Qmp) -> Result<String, VmError> {
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| VmError::Invalid("the root disk is not in query-block".into()))
+}
+
+/// Waits until a background snapshot has begun sending RAM (or has ended), then lets a guest
+/// that is still paused run.
+async fn resume_once_protected(qmp: &Qmp) -> Result<(), VmError> {
+    let start = Instant::now();
+    loop {
+        let m = qmp.execute("query-migrate", json!({})).await?;
+        let status = m.get("status").and_then(Value::as_str).unwrap_or("none");
+        let pages = ["normal", "duplicate"]
+            .iter()
+            .filter_map(|k| m.pointer(&format!("/ram/{k}")).and_then(Value::as_u64))
+            .sum::<u64>();
+        match status {
+            "failed" | "cancelled" => return Ok(()), // the caller sees the end
+            "completed" => break,
+            _ if pages > 0 => break,
+            _ if start.elapsed() > COPY_LIMIT => {
+                return Err(VmError::Invalid(format!(
+                    "the background snapshot sent no RAM within {COPY_LIMIT:?}"
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    if qmp.status().await.is_ok_and(|s| s == "paused") {
+        qmp.execute("cont", json!({})).await?;
+    }
+    Ok(())
 }
 
 /// Polls `query-migrate` until the outgoing (or incoming) migration completes.
