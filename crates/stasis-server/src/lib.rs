@@ -89,6 +89,8 @@ pub struct Config {
     pub limits: limits::TenantLimits,
     /// Whether computers' QEMUs run confined (own user, namespaces, cgroups).
     pub confine: Confine,
+    /// Each computer's disk ceiling (None: none).
+    pub disk_limits: Option<stasis_vmm::vm::DiskLimits>,
     /// Encryption at rest: a file holding the master key (64 hex digits); None: snapshots are
     /// stored unencrypted.
     pub master_key_file: Option<PathBuf>,
@@ -335,6 +337,7 @@ impl Platform {
             qemu_binary: config.qemu_binary.clone(),
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
             jail: jail_settings(config.confine, &config.data_dir, &config.qemu_binary)?,
+            disk_limits: config.disk_limits,
             capacity_mib: config.capacity_mib,
             host_id: match &config.role {
                 Role::Host { id, .. } => Some(id.clone()),

@@ -134,12 +134,12 @@ impl Cgroups {
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         if has("cpu") && has("memory") {
             let parent = mount.join(&name);
-            let wanted = if has("pids") {
-                "+cpu +memory +pids"
-            } else {
-                "+cpu +memory"
-            };
-            let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), wanted);
+            let wanted: String = ["+cpu", "+memory", "+pids", "+io"]
+                .into_iter()
+                .filter(|c| matches!(*c, "+cpu" | "+memory") || has(&c[1..]))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), &wanted);
             if enable(mount).is_ok() && std::fs::create_dir_all(&parent).is_ok() && enable(&parent).is_ok() {
                 return Cgroups::V2 { parent };
             }
@@ -188,7 +188,9 @@ impl Cgroups {
                 if !parent.exists() {
                     // Removed with the last machine: make it again, delegating the controllers.
                     std::fs::create_dir_all(parent)?;
-                    if write(parent, "cgroup.subtree_control", "+cpu +memory +pids".into()).is_err() {
+                    if write(parent, "cgroup.subtree_control", "+cpu +memory +pids +io".into()).is_err()
+                        && write(parent, "cgroup.subtree_control", "+cpu +memory +pids".into()).is_err()
+                    {
                         write(parent, "cgroup.subtree_control", "+cpu +memory".into())?;
                     }
                 }
@@ -203,6 +205,12 @@ impl Cgroups {
                 )?;
                 write(&dir, "memory.max", limits.memory_bytes().to_string())?;
                 write(&dir, "memory.swap.max", "0".into()).ok();
+                // The disk ceiling, also for what the QEMU writes through the page cache (v2
+                // attributes writeback to the cgroup; v1's blkio cannot see buffered writes,
+                // so there QEMU's own throttle is the only one).
+                if let (Some(disk), true) = (limits.disk, dir.join("io.max").exists()) {
+                    write(&dir, "io.max", disk.io_max())?;
+                }
                 Ok(vec![dir])
             }
             Cgroups::V1 { cpu, memory, pids } => {
@@ -270,10 +278,55 @@ impl Cgroups {
 }
 
 /// A machine's resource limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Disk traffic on one block device, where the cgroup can limit it (v2 `io.max`).
+    pub disk: Option<DiskCeiling>,
+}
+
+/// A ceiling on traffic to one block device (its whole disk), per direction; 0: none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCeiling {
+    pub major: u32,
+    pub minor: u32,
+    pub bytes_per_sec: u64,
+    pub iops: u64,
+}
+
+impl DiskCeiling {
+    /// The `io.max` line: `MAJ:MIN rbps=.. wbps=.. riops=.. wiops=..` ("max" for none).
+    fn io_max(&self) -> String {
+        let v = |n: u64| if n == 0 { "max".to_string() } else { n.to_string() };
+        format!(
+            "{}:{} rbps={} wbps={} riops={} wiops={}",
+            self.major,
+            self.minor,
+            v(self.bytes_per_sec),
+            v(self.bytes_per_sec),
+            v(self.iops),
+            v(self.iops)
+        )
+    }
+}
+
+/// The whole disk (major, minor) holding `path`, as cgroup v2 names devices: a partition's
+/// disk; None where the file system is on no block device (tmpfs, overlay).
+pub fn whole_disk_of(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if !sys.exists() {
+        return None;
+    }
+    if !sys.join("partition").exists() {
+        return Some((major, minor));
+    }
+    let parent = std::fs::read_to_string(sys.join("../dev")).ok()?;
+    let (a, b) = parent.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 impl Limits {
@@ -762,6 +815,7 @@ mod tests {
         let l = Limits {
             vcpus: 2,
             memory_mib: 1024,
+            disk: None,
         };
         assert_eq!(l.cpu_quota_us(), 200_000);
         assert_eq!(l.memory_bytes(), (1024 + QEMU_OVERHEAD_MIB) << 20);
@@ -776,17 +830,30 @@ mod tests {
         assert_eq!(cg, Cgroups::V2 { parent: parent.clone() });
         assert_eq!(
             std::fs::read_to_string(dir.path().join("cgroup.subtree_control")).unwrap(),
-            "+cpu +memory +pids"
+            "+cpu +memory +pids +io"
         );
+        // On a real cgroupfs the kernel makes the interface files; here, as it would.
+        std::fs::create_dir_all(parent.join("m1")).unwrap();
+        std::fs::write(parent.join("m1/io.max"), "").unwrap();
         let dirs = cg
             .create(
                 "m1",
                 Limits {
                     vcpus: 1,
                     memory_mib: 256,
+                    disk: Some(DiskCeiling {
+                        major: 253,
+                        minor: 0,
+                        bytes_per_sec: 256 << 20,
+                        iops: 0,
+                    }),
                 },
             )
             .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(parent.join("m1/io.max")).unwrap(),
+            "253:0 rbps=268435456 wbps=268435456 riops=max wiops=max"
+        );
         assert_eq!(dirs, vec![parent.join("m1")]);
         assert_eq!(
             std::fs::read_to_string(parent.join("m1/cpu.max")).unwrap(),
@@ -816,6 +883,7 @@ mod tests {
                 Limits {
                     vcpus: 4,
                     memory_mib: 2048,
+                    disk: None,
                 },
             )
             .unwrap();

@@ -567,6 +567,7 @@ pub async fn flatten_disk(
             crate::jail::Limits {
                 vcpus: 1,
                 memory_mib: 0,
+                disk: None,
             },
             None,
             Some(uid),

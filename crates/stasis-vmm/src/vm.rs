@@ -72,6 +72,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A ceiling on a machine's disk traffic, kept by its QEMU (`block_set_io_throttle` on the
+/// root disk, set again at every start, restore and re-attach): one computer cannot take
+/// the host's disk from the others. 0 means no ceiling for that measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLimits {
+    /// Bytes per second, reads and writes together.
+    pub bytes_per_sec: u64,
+    /// Operations per second, reads and writes together.
+    pub iops: u64,
+}
+
+impl DiskLimits {
+    /// What `stasis serve` applies unless told otherwise: 256 MiB/s and 4000 operations/s.
+    pub const DEFAULT: DiskLimits = DiskLimits {
+        bytes_per_sec: 256 << 20,
+        iops: 4000,
+    };
+}
+
 /// Everything needed to start (or restart, or restore) the same machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfig {
@@ -103,6 +122,9 @@ pub struct MachineConfig {
     /// platform's user, as before confinement existed.
     #[serde(default)]
     pub jail: Option<JailSettings>,
+    /// Its disk's ceiling; None: none.
+    #[serde(default)]
+    pub disk_limits: Option<DiskLimits>,
 }
 
 fn shared_by_default() -> bool {
@@ -217,6 +239,8 @@ const MAX_SOCKET_PATH: usize = 107;
 
 /// Descriptors QEMU inherits: its monitor's and the agent's listening sockets, and its console.
 const QMP_FD: i32 = 3;
+/// The qdev id of the root disk's device.
+const ROOT_DISK_ID: &str = "rootdisk";
 const AGENT_FD: i32 = 4;
 const CONSOLE_FD: i32 = 5;
 const CONSOLE_FD_SET: i32 = 1;
@@ -343,7 +367,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
         }
     }
     push("-device");
-    push("virtio-blk-device,drive=disk,id=rootdisk");
+    push(&format!("virtio-blk-device,drive=disk,id={ROOT_DISK_ID}"));
     push("-device");
     push("virtio-serial-device,id=serial0");
     // Both sockets are bound by the platform in its own directory and handed over listening.
@@ -539,6 +563,23 @@ impl Vm {
         qmp: Arc<Qmp>,
         wait: Duration,
     ) -> Result<Vm, VmError> {
+        if let Some(limits) = config.disk_limits {
+            // Not part of the migrated state: every start, restore and re-attach sets it.
+            let set = qmp
+                .execute(
+                    "block_set_io_throttle",
+                    serde_json::json!({
+                        "id": ROOT_DISK_ID,
+                        "bps": limits.bytes_per_sec, "bps_rd": 0, "bps_wr": 0,
+                        "iops": limits.iops, "iops_rd": 0, "iops_wr": 0,
+                    }),
+                )
+                .await;
+            if let Err(e) = set {
+                process.signal(libc::SIGKILL);
+                return Err(VmError::Invalid(format!("limiting the machine's disk traffic: {e}")));
+            }
+        }
         let socket = paths.agent();
         let agent = match race_exit(&process, &paths, "while starting", AgentClient::connect(&socket, wait)).await {
             Ok(a) => a,
@@ -807,6 +848,7 @@ pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Re
             Limits {
                 vcpus: config.vcpus,
                 memory_mib: config.memory_mib,
+                disk: disk_ceiling(config, paths),
             },
             (!twin).then_some(paths.disks.as_path()),
             None,
@@ -828,6 +870,18 @@ pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Re
     drop((qmp, agent, console));
     std::fs::write(paths.pidfile(), process.pid().to_string()).map_err(io("writing qemu.pid"))?;
     Ok(process)
+}
+
+/// The cgroup's disk ceiling of a machine: its limits, on the disk holding its overlays.
+fn disk_ceiling(config: &MachineConfig, paths: &VmPaths) -> Option<crate::jail::DiskCeiling> {
+    let limits = config.disk_limits?;
+    let (major, minor) = crate::jail::whole_disk_of(&paths.disks)?;
+    Some(crate::jail::DiskCeiling {
+        major,
+        minor,
+        bytes_per_sec: limits.bytes_per_sec,
+        iops: limits.iops,
+    })
 }
 
 /// Whether `cfg` maps its RAM file privately and read-only (a restored machine, on a QEMU
@@ -1061,6 +1115,7 @@ mod tests {
             ram_shared: true,
             tsc_khz: Some(2_100_000),
             jail: None,
+            disk_limits: Some(DiskLimits::DEFAULT),
         }
     }
 

@@ -24,6 +24,7 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         jail: None,
+        disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
     }
 }
 

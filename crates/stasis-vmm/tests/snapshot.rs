@@ -50,6 +50,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         ram_shared: true,
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         jail: None,
+        disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
     };
     let origin = host.boot("origin", config).await.unwrap();
     // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.

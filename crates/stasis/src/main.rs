@@ -271,6 +271,12 @@ struct Machines {
     /// seccomp): auto (when running as root), on (refuse to start without it) or off.
     #[arg(long, default_value = "auto", env = "STASIS_CONFINE")]
     confine: stasis_server::Confine,
+    /// Each computer's disk traffic ceiling in MiB/s, reads and writes together (0: none).
+    #[arg(long, default_value_t = 256, env = "STASIS_DISK_MBPS")]
+    disk_mbps: u64,
+    /// Each computer's disk operations ceiling per second (0: none).
+    #[arg(long, default_value_t = 4000, env = "STASIS_DISK_IOPS")]
+    disk_iops: u64,
 }
 
 impl Machines {
@@ -629,6 +635,10 @@ impl Machines {
             capacity_mib: Some(self.capacity_mib()),
             limits: Default::default(),
             confine: self.confine,
+            disk_limits: (self.disk_mbps > 0 || self.disk_iops > 0).then_some(stasis_vmm::vm::DiskLimits {
+                bytes_per_sec: self.disk_mbps << 20,
+                iops: self.disk_iops,
+            }),
             master_key_file: None,
         })
     }

@@ -259,3 +259,29 @@ fn restarts_reattach_running_machines_and_shutdown_leaves_no_qemu_behind() {
     api.call("POST", &format!("/computers/{id}/start"), None);
     api.wait_status(&id, "running", BOOT);
 }
+
+/// A computer's disk traffic has a ceiling (`--disk-mbps`), kept by its QEMU, so one guest
+/// cannot take the host's disk from the others: 8 MiB written past the guest's page cache at
+/// 2 MiB/s take about 4 s (an unthrottled guest writes them in well under one).
+#[test]
+fn a_computers_disk_traffic_has_a_ceiling() {
+    let dir = data_dir();
+    let key = create_key(dir.path(), "disk");
+    let server = Server::start_with(dir.path(), &[("STASIS_DISK_MBPS", "2")]);
+    let api = Client::new(&server.base, Some(&key));
+    let id = api.create("throttled", "xs");
+    api.wait_status(&id, "running", BOOT);
+    let took = common::out(
+        &api,
+        &id,
+        "s=$(date +%s%N); dd if=/dev/zero of=/root/big bs=1M count=8 oflag=direct status=none; \
+         e=$(date +%s%N); echo $(( (e - s) / 1000000 ))",
+    );
+    let ms: u64 = took.parse().unwrap_or_else(|_| panic!("{took}"));
+    assert!(
+        ms >= 3000,
+        "8 MiB at a 2 MiB/s ceiling took {ms} ms: the ceiling does not hold"
+    );
+    // It is a ceiling on traffic, not a fault: the data is all there.
+    assert_eq!(common::out(&api, &id, "stat -c %s /root/big"), "8388608");
+}

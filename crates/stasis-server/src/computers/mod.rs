@@ -35,6 +35,8 @@ pub struct RuntimeSettings {
     pub tsc_khz: Option<u64>,
     /// How QEMUs are confined (None: not at all).
     pub jail: Option<stasis_vmm::jail::JailSettings>,
+    /// Each computer's disk ceiling (None: none).
+    pub disk_limits: Option<stasis_vmm::vm::DiskLimits>,
     /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
     /// are refused (409 `insufficient_capacity`). None: no limit.
     pub capacity_mib: Option<u64>,
@@ -389,6 +391,7 @@ impl Computers {
             ram_shared: true,
             tsc_khz: self.settings.tsc_khz,
             jail: self.settings.jail.clone(),
+            disk_limits: self.settings.disk_limits,
         }
     }
 

@@ -107,6 +107,7 @@ impl LocalPlatform {
             capacity_mib: None,
             limits: Default::default(),
             confine,
+            disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
             master_key_file,
         };
         let platform = stasis_server::Platform::open(&config)
