@@ -76,14 +76,26 @@ pub fn qemu_version(binary: &std::path::Path) -> Option<(u32, u32)> {
 /// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2 and later). Asked once per binary
 /// per process.
 pub fn maps_private_ram_read_only(binary: &std::path::Path) -> bool {
-    static SEEN: std::sync::Mutex<Vec<(std::path::PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    cached_version(binary).is_some_and(|v| v >= (8, 2))
+}
+
+/// Whether this QEMU restarts a guest it found paused once a background snapshot has set up
+/// write protection (QEMU 7; later versions restore the run state they found). Asked once
+/// per binary per process.
+pub fn restarts_guest_after_background_setup(binary: &std::path::Path) -> bool {
+    cached_version(binary).is_some_and(|v| v < (8, 0))
+}
+
+fn cached_version(binary: &std::path::Path) -> Option<(u32, u32)> {
+    type Seen = Vec<(std::path::PathBuf, Option<(u32, u32)>)>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, can)) = seen.iter().find(|(b, _)| b == binary) {
-        return *can;
+    if let Some((_, v)) = seen.iter().find(|(b, _)| b == binary) {
+        return *v;
     }
-    let can = qemu_version(binary).is_some_and(|v| v >= (8, 2));
-    seen.push((binary.to_path_buf(), can));
-    can
+    let v = qemu_version(binary);
+    seen.push((binary.to_path_buf(), v));
+    v
 }
 
 fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {

@@ -161,7 +161,11 @@ impl Vm {
         // would wait out the whole copy. Resume it as soon as RAM pages flow: they are sent
         // only after the device state is saved and write protection is on, so from then on
         // whatever the guest writes is copied as it was first.
-        let resumed = resume_once_protected(qmp).await;
+        let resumed = if crate::accel::restarts_guest_after_background_setup(&self.config().qemu_binary) {
+            Ok(())
+        } else {
+            resume_once_protected(qmp).await
+        };
         let finished = match resumed {
             Err(e) => Err(e),
             Ok(()) => wait_migration_event(&mut events, "completed", COPY_LIMIT).await,

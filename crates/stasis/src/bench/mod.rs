@@ -107,7 +107,8 @@ impl LocalPlatform {
             capacity_mib: None,
             limits: Default::default(),
             confine,
-            disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
+            // What `stasis serve` would apply (its flags' variables are honoured here too).
+            disk_limits: bench_disk_limits(),
             master_key_file,
         };
         let platform = stasis_server::Platform::open(&config)
@@ -399,4 +400,22 @@ async fn bench_snapshots(size: &str, touch_mib: u64) -> Result<()> {
     Ok(())
     })
     .await
+}
+
+/// The disk ceiling `stasis serve` would apply: its defaults, or `STASIS_DISK_MBPS` and
+/// `STASIS_DISK_IOPS` (0 turns one off; both 0: none).
+fn bench_disk_limits() -> Option<stasis_vmm::vm::DiskLimits> {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let d = stasis_vmm::vm::DiskLimits::DEFAULT;
+    let mbps = var("STASIS_DISK_MBPS", d.bytes_per_sec >> 20);
+    let iops = var("STASIS_DISK_IOPS", d.iops);
+    (mbps > 0 || iops > 0).then_some(stasis_vmm::vm::DiskLimits {
+        bytes_per_sec: mbps << 20,
+        iops,
+    })
 }
