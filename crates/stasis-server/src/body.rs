@@ -32,12 +32,11 @@ pub async fn read_within(body: axum::body::Body, deadline: Option<BodyDeadline>)
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => {
             // to_bytes fails on the length limit or on the connection.
-            if e.into_inner().is::<http_body_util::LengthLimitError>() {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
                 Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES))
             } else {
-                Err(ApiError::BadRequest(
-                    "reading the request body: the connection failed".into(),
-                ))
+                Err(ApiError::BadRequest(format!("reading the request body: {e}")))
             }
         }
     }
@@ -50,28 +49,9 @@ pub struct JsonObject(pub Map<String, Value>);
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let deadline = req.extensions().get::<BodyDeadline>().copied();
-        let read = Bytes::from_request(req, state);
-        let bytes = match tokio::time::timeout_at(
-            deadline.map_or_else(|| tokio::time::Instant::now() + BODY_TIMEOUT, |d| d.at),
-            read,
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(ApiError::BodyTimeout(
-                    deadline.map_or(BODY_TIMEOUT, |d| d.after).as_secs(),
-                ))
-            }
-            Ok(r) => r.map_err(|e| {
-                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge(MAX_BODY_BYTES)
-                } else {
-                    ApiError::BadRequest(format!("reading the request body: {e}"))
-                }
-            })?,
-        };
+        let bytes = read_within(req.into_body(), deadline).await?;
         JsonObject::parse(&bytes)
     }
 }

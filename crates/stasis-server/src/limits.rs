@@ -117,6 +117,24 @@ impl Limits {
         Ok(lock)
     }
 
+    /// The bytes-stored quota once a snapshot's size is known: refuses (with the message
+    /// naming it) when `adding` more would pass it; otherwise returns the lock to hold until
+    /// the snapshot is recorded, so two finishing at once cannot both pass.
+    pub async fn admit_stored(&self, tenant: TenantId, adding: u64) -> ApiResult<crate::db::limits::QuotaLock> {
+        let lock = self.db.lock_quota(tenant).await?;
+        if let Some(max) = self.of(tenant).await?.max_stored_bytes {
+            let used = self.db.tenant_usage(tenant).await?.stored_bytes;
+            let with = used.saturating_add(adding);
+            if with > max {
+                return Err(ApiError::Quota(format!(
+                    "quota exceeded: bytes stored ({used} stored and this snapshot's {adding} would be {with}, \
+                     of {max}); delete snapshots first"
+                )));
+            }
+        }
+        Ok(lock)
+    }
+
     /// Refuses what would take the tenant past a quota (an early answer; [`Limits::admit`]
     /// is the check that holds).
     pub async fn check(&self, tenant: TenantId, want: Want) -> ApiResult<()> {

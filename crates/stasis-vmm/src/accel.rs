@@ -66,36 +66,34 @@ pub fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
-/// The version (major, minor) of a QEMU binary, from `--version`.
+/// The version (major, minor) of a QEMU binary, from `--version`; asked once per binary per
+/// process.
 pub fn qemu_version(binary: &std::path::Path) -> Option<(u32, u32)> {
-    let out = std::process::Command::new(binary).arg("--version").output().ok()?;
-    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// Whether this QEMU can map a RAM file privately without opening it for writing
-/// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2 and later). Asked once per binary
-/// per process.
-pub fn maps_private_ram_read_only(binary: &std::path::Path) -> bool {
-    cached_version(binary).is_some_and(|v| v >= (8, 2))
-}
-
-/// Whether this QEMU restarts a guest it found paused once a background snapshot has set up
-/// write protection (QEMU 7; later versions restore the run state they found). Asked once
-/// per binary per process.
-pub fn restarts_guest_after_background_setup(binary: &std::path::Path) -> bool {
-    cached_version(binary).is_some_and(|v| v < (8, 0))
-}
-
-fn cached_version(binary: &std::path::Path) -> Option<(u32, u32)> {
     type Seen = Vec<(std::path::PathBuf, Option<(u32, u32)>)>;
     static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, v)) = seen.iter().find(|(b, _)| b == binary) {
         return *v;
     }
-    let v = qemu_version(binary);
+    let v = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| parse_qemu_version(&String::from_utf8_lossy(&out.stdout)));
     seen.push((binary.to_path_buf(), v));
     v
+}
+
+/// Whether this QEMU can map a RAM file privately without opening it for writing
+/// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2 and later).
+pub fn maps_private_ram_read_only(binary: &std::path::Path) -> bool {
+    qemu_version(binary).is_some_and(|v| v >= (8, 2))
+}
+
+/// Whether this QEMU restarts a guest it found paused once a background snapshot has set up
+/// write protection (QEMU 7; later versions restore the run state they found).
+pub fn restarts_guest_after_background_setup(binary: &std::path::Path) -> bool {
+    qemu_version(binary).is_some_and(|v| v < (8, 0))
 }
 
 fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {

@@ -611,33 +611,16 @@ impl Snapshots {
         // Its size is known now: within the tenant's bytes-stored quota, or it fails for good
         // (before its manifest exists, so the collector takes its new chunks). The quota stays
         // locked until it is recorded, so two snapshots finishing at once cannot both pass.
-        let quota = self
-            .db
-            .lock_quota(s.tenant_id)
-            .await
-            .map_err(|e| format!("checking the bytes-stored quota: {e}"))?;
-        let limits = self
+        let quota = match self
             .computers
             .limits()
-            .of(s.tenant_id)
+            .admit_stored(s.tenant_id, stats.stored_bytes)
             .await
-            .map_err(|e| format!("checking the bytes-stored quota: {e}"))?;
-        if let Some(max) = limits.max_stored_bytes {
-            let used = self
-                .db
-                .tenant_usage(s.tenant_id)
-                .await
-                .map_err(|e| format!("checking the bytes-stored quota: {e}"))?
-                .stored_bytes;
-            let with = used.saturating_add(stats.stored_bytes);
-            if with > max {
-                return Err(Failure::Final(format!(
-                    "quota exceeded: bytes stored ({used} stored and this snapshot's {} would be {with}, of {max}); \
-                     delete snapshots first",
-                    stats.stored_bytes
-                )));
-            }
-        }
+        {
+            Ok(lock) => lock,
+            Err(e @ crate::error::ApiError::Quota(_)) => return Err(Failure::Final(e.to_string())),
+            Err(e) => return Err(format!("checking the bytes-stored quota: {e}").into()),
+        };
         let written = self
             .store
             .put_manifest(&manifest)
