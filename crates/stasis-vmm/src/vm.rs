@@ -563,27 +563,30 @@ impl Vm {
         qmp: Arc<Qmp>,
         wait: Duration,
     ) -> Result<Vm, VmError> {
-        if let Some(limits) = config.disk_limits {
-            // Not part of the migrated state: every start, restore and re-attach sets it.
-            let set = qmp
-                .execute(
-                    "block_set_io_throttle",
-                    serde_json::json!({
-                        "id": ROOT_DISK_ID,
-                        "bps": limits.bytes_per_sec, "bps_rd": 0, "bps_wr": 0,
-                        "iops": limits.iops, "iops_rd": 0, "iops_wr": 0,
-                    }),
-                )
-                .await;
-            if let Err(e) = set {
-                process.signal(libc::SIGKILL);
-                return Err(VmError::Invalid(format!("limiting the machine's disk traffic: {e}")));
-            }
-        }
+        // The throttle is not part of the migrated state: every start, restore and re-attach
+        // sets it. It goes to QMP while the agent connects, so a restore does not wait for both
+        // one after the other.
+        let throttle = async {
+            let Some(limits) = config.disk_limits else {
+                return Ok(());
+            };
+            qmp.execute(
+                "block_set_io_throttle",
+                serde_json::json!({
+                    "id": ROOT_DISK_ID,
+                    "bps": limits.bytes_per_sec, "bps_rd": 0, "bps_wr": 0,
+                    "iops": limits.iops, "iops_rd": 0, "iops_wr": 0,
+                }),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| VmError::Invalid(format!("limiting the machine's disk traffic: {e}")))
+        };
         let socket = paths.agent();
-        let agent = match race_exit(&process, &paths, "while starting", AgentClient::connect(&socket, wait)).await {
-            Ok(a) => a,
-            Err(e) => {
+        let connect = race_exit(&process, &paths, "while starting", AgentClient::connect(&socket, wait));
+        let agent = match tokio::join!(throttle, connect) {
+            (Ok(()), Ok(a)) => a,
+            (Err(e), _) | (_, Err(e)) => {
                 process.signal(libc::SIGKILL);
                 return Err(e);
             }
