@@ -39,4 +39,18 @@ impl Images {
         *ready = Some(built.clone());
         Ok(built)
     }
+
+    /// An image built earlier and still in the cache, by its id (the image a snapshot from
+    /// before machine descriptions was taken on). None if it is not there or `id` is not an
+    /// image id.
+    pub async fn by_id(&self, id: &str) -> Option<Image> {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let meta = self.cache_dir.join("images").join(id).join("image.json");
+        let bytes = tokio::fs::read(&meta).await.ok()?;
+        serde_json::from_slice::<Image>(&bytes)
+            .ok()
+            .filter(|image| image.id == id)
+    }
 }

@@ -378,7 +378,13 @@ impl Platform {
             host,
             images.clone(),
             settings,
-            materializer.clone(),
+            computers::LocalCopies {
+                materializer: materializer.clone(),
+                boot_files: Arc::new(snapshots::boot_files::BootFiles::new(
+                    store.clone(),
+                    config.data_dir.join("cache/boot"),
+                )),
+            },
             events.clone(),
             limits.clone(),
         );

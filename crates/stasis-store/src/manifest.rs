@@ -3,14 +3,16 @@
 //!
 //! Version 2 added `chunk_names` (how the chunks are named, so a reader verifies them the
 //! way they were written); version 1 manifests named chunks by plain BLAKE3 when plaintext,
-//! by the sealing key's name hash when sealed, and still read.
+//! by the sealing key's name hash when sealed, and still read. Version 3 added `boot` (the
+//! kernel and initrd the machine was booted with, stored like the other parts) and a typed
+//! description of the machine in `machine`; older ones still read.
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkHash, MAX_CHUNK_SIZE};
 
 /// Bumped on any incompatible change; readers refuse versions they do not know.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 /// The oldest version still read.
 pub const OLDEST_MANIFEST_VERSION: u32 = 1;
 /// Largest manifest accepted (compressed and decompressed).
@@ -24,7 +26,9 @@ pub struct Manifest {
     pub computer_id: String,
     pub parent_snapshot_id: Option<String>,
     pub created_at: String,
-    /// How to rebuild the machine (vCPUs, RAM, device line version, image, QEMU version).
+    /// The machine it was taken on: from version 3 a description the host runtime reads
+    /// (QEMU release, machine type, accelerator, CPU model, vCPUs, RAM, device line, kernel
+    /// and initrd by hash); before, vCPUs, RAM, accelerator and image only.
     pub machine: serde_json::Value,
     /// VM device state (the migration stream without RAM).
     pub state: Part,
@@ -35,6 +39,17 @@ pub struct Manifest {
     /// How the chunks are named (absent before version 2: see [`ChunkNames::Blake3`]).
     #[serde(default)]
     pub chunk_names: ChunkNames,
+    /// The kernel and initrd the machine was booted with (absent before version 3), so a
+    /// restore starts the machine it was taken on whatever image the host has now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+}
+
+/// A machine's boot files, stored as parts (chunked, deduplicated, sealed like the rest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Boot {
+    pub kernel: Part,
+    pub initrd: Part,
 }
 
 /// How a manifest's chunks are named: a chunk is only accepted if its content hashes, this
@@ -137,8 +152,19 @@ impl Part {
 }
 
 impl Manifest {
+    /// The machine's state: device state, RAM, disk.
     pub fn parts(&self) -> [(&'static str, &Part); 3] {
         [("state", &self.state), ("memory", &self.memory), ("disk", &self.disk)]
+    }
+
+    /// Every part, the boot files' included.
+    pub fn all_parts(&self) -> Vec<(&'static str, &Part)> {
+        let mut all = self.parts().to_vec();
+        if let Some(boot) = &self.boot {
+            all.push(("kernel", &boot.kernel));
+            all.push(("initrd", &boot.initrd));
+        }
+        all
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -166,7 +192,7 @@ impl Manifest {
             // (a sealed reader turns this into `Sealed`).
             m.chunk_names = ChunkNames::Blake3;
         }
-        for (name, part) in m.parts() {
+        for (name, part) in m.all_parts() {
             part.check(name)?;
         }
         Ok(m)
@@ -174,7 +200,7 @@ impl Manifest {
 
     /// Every distinct chunk the manifest needs.
     pub fn chunk_set(&self) -> std::collections::HashSet<ChunkHash> {
-        self.parts().iter().flat_map(|(_, p)| p.stored_chunks()).collect()
+        self.all_parts().iter().flat_map(|(_, p)| p.stored_chunks()).collect()
     }
 }
 
@@ -208,6 +234,7 @@ pub(crate) mod tests {
                 chunks: vec![None],
             },
             chunk_names: ChunkNames::Blake3,
+            boot: None,
         }
     }
 

@@ -63,6 +63,7 @@ fn manifest(id: &str, part: Part) -> Manifest {
         memory: part,
         disk: empty,
         chunk_names: ChunkNames::Blake3,
+        boot: None,
     }
 }
 
@@ -241,6 +242,7 @@ fn tenant_manifest(store: &SnapshotStore, id: &str, tenant: &str, part: Part) ->
     Manifest {
         tenant_id: tenant.into(),
         chunk_names: store.chunk_names(),
+        boot: None,
         ..manifest(id, part)
     }
 }

@@ -125,6 +125,20 @@ pub struct MachineConfig {
     /// Its disk's ceiling; None: none.
     #[serde(default)]
     pub disk_limits: Option<DiskLimits>,
+    /// The `-cpu` model; None: the accelerator's default (`max` under TCG, `host` under KVM).
+    /// A restored machine gets the model its snapshot was taken with.
+    #[serde(default)]
+    pub cpu_model: Option<String>,
+}
+
+impl MachineConfig {
+    /// The `-cpu` model this machine runs with.
+    pub fn cpu_model(&self) -> String {
+        match &self.cpu_model {
+            Some(model) => model.clone(),
+            None => crate::description::default_cpu_model(self.accel).into(),
+        }
+    }
 }
 
 fn shared_by_default() -> bool {
@@ -303,10 +317,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     push("-accel");
     push(cfg.accel.as_str());
     push("-cpu");
-    push(match cfg.accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
-    });
+    push(&cfg.cpu_model());
     push("-smp");
     push(&cfg.vcpus.to_string());
     push("-m");
@@ -1119,6 +1130,7 @@ mod tests {
             tsc_khz: Some(2_100_000),
             jail: None,
             disk_limits: Some(DiskLimits::DEFAULT),
+            cpu_model: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         jail: None,
         disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
+        cpu_model: None,
     }
 }
 

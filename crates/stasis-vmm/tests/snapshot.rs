@@ -51,6 +51,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         tsc_khz: stasis_vmm::accel::host_tsc_khz(),
         jail: None,
         disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
+        cpu_model: None,
     };
     let origin = host.boot("origin", config).await.unwrap();
     // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.

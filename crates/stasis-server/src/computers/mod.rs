@@ -15,12 +15,14 @@ use stasis_types::{
     ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, SnapshotId, SnapshotStatus, TenantId,
     DEFAULT_TEMPLATE, TEMPLATE_ALIASES,
 };
+use stasis_vmm::description::{Described, HostMachine};
 use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
 
 use crate::db::Db;
 use crate::error::{ApiError, ApiResult};
 use crate::images::Images;
-use crate::snapshots::cache::Materializer;
+use crate::snapshots::boot_files::BootFiles;
+use crate::snapshots::cache::{Materialized, Materializer};
 use crate::snapshots::events::{self, EventBus};
 
 /// Default and largest exec timeouts, in seconds.
@@ -44,6 +46,13 @@ pub struct RuntimeSettings {
     pub host_id: Option<String>,
 }
 
+/// This host's copies of what restores read: snapshots' materialized files, and the boot
+/// files snapshots were taken with.
+pub struct LocalCopies {
+    pub materializer: Arc<Materializer>,
+    pub boot_files: Arc<BootFiles>,
+}
+
 /// A validated create request.
 #[derive(Debug, Clone)]
 pub struct NewComputer {
@@ -59,6 +68,7 @@ pub struct Computers {
     images: Arc<Images>,
     settings: RuntimeSettings,
     materializer: Arc<Materializer>,
+    boot_files: Arc<BootFiles>,
     events: Arc<EventBus>,
     /// Bumped on every status change, for callers waiting for one.
     changes: tokio::sync::watch::Sender<u64>,
@@ -89,10 +99,14 @@ impl Computers {
         host: Arc<Host>,
         images: Arc<Images>,
         settings: RuntimeSettings,
-        materializer: Arc<Materializer>,
+        copies: LocalCopies,
         events: Arc<EventBus>,
         limits: Arc<crate::limits::Limits>,
     ) -> Arc<Computers> {
+        let LocalCopies {
+            materializer,
+            boot_files,
+        } = copies;
         let host_id = settings.host_id.clone();
         Arc::new(Computers {
             db,
@@ -100,6 +114,7 @@ impl Computers {
             images,
             settings,
             materializer,
+            boot_files,
             events,
             changes: tokio::sync::watch::channel(0).0,
             locks: Mutex::new(HashMap::new()),
@@ -318,13 +333,20 @@ impl Computers {
         }
         let mut config = self.machine_config(&computer, &image);
         if let Some(snapshot) = computer.source_snapshot_id {
-            // A restored computer's disk chain rests on its snapshot's disk.
             let fetched = match self.recorded(snapshot, &computer).await {
                 Ok(recorded) => self.materializer.ensure(snapshot, recorded, |_, _| {}).await,
                 Err(e) => Err(e),
             };
+            // A restored computer's disk chain rests on its snapshot's disk, and it boots the
+            // kernel its snapshot was taken with (the one its disk has the modules of).
             match fetched {
-                Ok(m) => config.base_disk = m.disk,
+                Ok(files) => match self.snapshot_machine(&computer, snapshot, &image, &files).await {
+                    Ok(machine) => config = machine,
+                    Err(reason) => {
+                        let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                        return;
+                    }
+                },
                 Err(e) => {
                     let reason = format!("boot failed: the disk of snapshot {snapshot} is not available: {e}");
                     let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
@@ -392,7 +414,76 @@ impl Computers {
             tsc_khz: self.settings.tsc_khz,
             jail: self.settings.jail.clone(),
             disk_limits: self.settings.disk_limits,
+            cpu_model: None,
         }
+    }
+
+    /// What this host can run, for a snapshot's machine description to be checked against.
+    pub(crate) fn host_machine(&self) -> HostMachine {
+        HostMachine {
+            qemu: stasis_vmm::accel::qemu_version(&self.settings.qemu_binary).map(Into::into),
+            kvm: self.settings.accel == Accel::Kvm,
+            kvm_cpu_model: stasis_vmm::description::default_cpu_model(Accel::Kvm).into(),
+        }
+    }
+
+    /// The machine a snapshot was taken on, rebuilt from its manifest for `computer` on this
+    /// host: its vCPUs, RAM, accelerator, CPU model and TSC, its own kernel and initrd, its
+    /// disk; refused, naming the difference, where this host cannot load its state.
+    async fn snapshot_machine(
+        &self,
+        computer: &Computer,
+        snapshot: SnapshotId,
+        image: &stasis_image::Image,
+        files: &Materialized,
+    ) -> Result<MachineConfig, String> {
+        let refused = |why: String| format!("snapshot {snapshot} cannot be restored on this host: {why}");
+        let manifest = &files.manifest;
+        let mut config = self.machine_config(computer, image);
+        config.base_disk = files.disk.clone();
+        let host = self.host_machine();
+        match Described::parse(&manifest.machine).map_err(refused)? {
+            Described::Current(d) => {
+                d.check(&host).map_err(|m| refused(m.to_string()))?;
+                let boot = manifest
+                    .boot
+                    .as_ref()
+                    .ok_or_else(|| refused("its manifest describes the machine but holds no boot files".into()))?;
+                let recorded = self.recorded(snapshot, computer).await.map_err(|e| e.to_string())?;
+                config.kernel = self
+                    .boot_files
+                    .ensure(&recorded, manifest, "kernel", &d.kernel, &boot.kernel, &image.kernel)
+                    .await
+                    .map_err(refused)?;
+                config.initrd = self
+                    .boot_files
+                    .ensure(&recorded, manifest, "initrd", &d.initrd, &boot.initrd, &image.initrd)
+                    .await
+                    .map_err(refused)?;
+                config.vcpus = d.vcpus;
+                config.memory_mib = d.memory_mib;
+                config.accel = d.accel;
+                config.cpu_model = Some(d.cpu_model);
+                config.tsc_khz = d.tsc_khz;
+                config.image_id = d.image_id;
+            }
+            Described::Legacy(l) => {
+                // Its kernel and initrd are those of the image it was taken on, if this host
+                // still has that image.
+                let taken_on = match self.images.by_id(&l.image_id).await {
+                    Some(earlier) => earlier,
+                    None => image.clone(),
+                };
+                l.check(&host, &taken_on.id).map_err(refused)?;
+                config.kernel = taken_on.kernel;
+                config.initrd = taken_on.initrd;
+                config.image_id = taken_on.id;
+                config.vcpus = l.vcpus;
+                config.memory_mib = l.memory_mib;
+                config.accel = l.accel;
+            }
+        }
+        Ok(config)
     }
 
     /// The restore path of a computer made from a snapshot: fetch (or reuse) the snapshot's
@@ -452,15 +543,16 @@ impl Computers {
                 e.step = Some("starting".into());
                 e.computer_id = Some(id);
                 self.events.emit(e).await;
-                let mut config = self.machine_config(computer, &image);
-                config.base_disk = files.disk.clone();
-                match self
-                    .host
-                    .restore(&id.to_string(), config, &files.state, &files.memory)
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err((format!("restore failed: {e}"), false)),
+                match self.snapshot_machine(computer, snapshot, &image, &files).await {
+                    Err(refused) => Err((refused, false)),
+                    Ok(config) => match self
+                        .host
+                        .restore(&id.to_string(), config, &files.state, &files.memory)
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err((format!("restore failed: {e}"), false)),
+                    },
                 }
             }
         };

@@ -18,6 +18,9 @@ pub struct SnapshotRecord {
     /// The source computer's size and name at capture (what a restore recreates).
     pub size: Size,
     pub computer_name: String,
+    /// The description of the machine it was taken on, once it is ready (the copy in its
+    /// manifest is the one a restore starts from; this one lets a restore be refused at once).
+    pub description: Option<serde_json::Value>,
 }
 
 const SELECT_SNAPSHOT: &str =
@@ -72,6 +75,7 @@ fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
             .and_then(|s| s.as_str())
             .unwrap_or("computer")
             .to_string(),
+        description: machine.get("description").cloned(),
     })
 }
 
@@ -250,12 +254,15 @@ impl Db {
         prefix: &str,
         sealed: bool,
         manifest_hash: ManifestHash,
+        machine: (Size, &str, &serde_json::Value),
     ) -> Result<bool, sqlx::Error> {
+        let (size, name, description) = machine;
+        let machine = serde_json::json!({"size": size.as_str(), "name": name, "description": description});
         let done = sqlx::query(
             "UPDATE snapshots SET status = 'ready', state_size_bytes = $1, memory_size_bytes = $2, \
              rootfs_size_bytes = $3, compressed_size_bytes = $4, uploaded_bytes = $5, pause_ms = $6, \
-             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9, sealed = $11, manifest_blake3 = $12 \
-             WHERE id = $10 AND status IN ('creating', 'uploading')",
+             s3_bucket = $7, s3_prefix = $8, error = NULL, updated_at = $9, sealed = $11, manifest_blake3 = $12, \
+             machine = $13 WHERE id = $10 AND status IN ('creating', 'uploading')",
         )
         .bind(state as i64)
         .bind(memory as i64)
@@ -269,6 +276,7 @@ impl Db {
         .bind(id.to_string())
         .bind(i64::from(sealed))
         .bind(manifest_hash.to_hex())
+        .bind(machine.to_string())
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() > 0)
@@ -595,7 +603,20 @@ mod tests {
             .await
             .unwrap());
         assert!(db
-            .complete_snapshot(s.id, 1, 2, 3, 4, 4, 5, "b", "p", true, ManifestHash::of(b"m"))
+            .complete_snapshot(
+                s.id,
+                1,
+                2,
+                3,
+                4,
+                4,
+                5,
+                "b",
+                "p",
+                true,
+                ManifestHash::of(b"m"),
+                (Size::Xs, "box", &serde_json::json!({"format": 1, "vcpus": 1}))
+            )
             .await
             .unwrap());
         let recorded = db.snapshot_recorded(s.id).await.unwrap().unwrap();
@@ -614,6 +635,11 @@ mod tests {
         assert_eq!(
             (r.snapshot.status, r.snapshot.compressed_size_bytes),
             (SnapshotStatus::Ready, Some(4))
+        );
+        // The machine's description is kept beside its size and name.
+        assert_eq!(
+            (r.size, r.computer_name.as_str(), r.description),
+            (Size::Xs, "box", Some(serde_json::json!({"format": 1, "vcpus": 1})))
         );
         assert_eq!((r.size, r.computer_name.as_str()), (Size::Xs, "box"));
 

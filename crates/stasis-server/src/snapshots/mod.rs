@@ -2,6 +2,7 @@
 //! to the snapshot store in the background, with progress events; restore into new
 //! computers; soft delete with background collection of chunks nobody needs.
 
+pub mod boot_files;
 pub mod cache;
 pub mod events;
 pub mod routes;
@@ -300,6 +301,7 @@ impl Snapshots {
         id: SnapshotId,
     ) -> ApiResult<Computer> {
         let record = self.find(tenant, computer, id).await?;
+        self.check_restorable(id, &record)?;
         let new = NewComputer {
             name: format!("{}-restored", record.computer_name),
             size: record.size,
@@ -334,6 +336,28 @@ impl Snapshots {
         self.events.emit(e).await;
         self.computers.enqueue_restore(&self.jobs, restored.id).await?;
         Ok(restored)
+    }
+
+    /// Refuses, before anything is recorded, a snapshot whose machine this host cannot load
+    /// (another QEMU release, accelerator, CPU model, device line): `409
+    /// snapshot_incompatible` naming the difference. (Snapshots from before machine
+    /// descriptions are checked by the restore itself, against their manifest.)
+    fn check_restorable(&self, id: SnapshotId, record: &SnapshotRecord) -> ApiResult<()> {
+        let Some(description) = &record.description else {
+            return Ok(());
+        };
+        let refused = |why: String| {
+            ApiError::conflict(
+                "snapshot_incompatible",
+                format!("snapshot {id} cannot be restored on this host: {why}"),
+            )
+        };
+        match stasis_vmm::description::Described::parse(description).map_err(refused)? {
+            stasis_vmm::description::Described::Current(d) => d
+                .check(&self.computers.host_machine())
+                .map_err(|m| refused(m.to_string())),
+            stasis_vmm::description::Described::Legacy(_) => Ok(()),
+        }
     }
 
     /// A new computer from a fresh snapshot of a running one (`POST /computers/{id}/clone`).
@@ -538,8 +562,17 @@ impl Snapshots {
             return Err("the capture was recorded by an earlier version of stasis that left the disk unflattened; take the snapshot again".into());
         }
 
+        // The machine it was taken on, its kernel and initrd by content: a restore starts that
+        // machine again, whatever image and QEMU the restoring host has by then.
+        let description = describe(&captured.machine)
+            .await
+            .map_err(|e| Failure::Final(format!("describing the machine: {e}")))?;
         let size_of = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let total = size_of(&captured.state) + size_of(&captured.memory) + size_of(&flat);
+        let total = size_of(&captured.state)
+            + size_of(&captured.memory)
+            + size_of(&flat)
+            + description.kernel.bytes
+            + description.initrd.bytes;
         let (tx, mut rx) = tokio::sync::watch::channel(0u64);
         let bus = self.events.clone();
         let reporter = tokio::spawn(async move {
@@ -566,6 +599,8 @@ impl Snapshots {
             (&captured.state, STATE_CHUNK_SIZE),
             (&captured.memory, MEMORY_CHUNK_SIZE),
             (&flat, DISK_CHUNK_SIZE),
+            (&captured.machine.kernel, DISK_CHUNK_SIZE),
+            (&captured.machine.initrd, DISK_CHUNK_SIZE),
         ] {
             let tx = tx.clone();
             let offset = base;
@@ -585,7 +620,14 @@ impl Snapshots {
         }
         drop(tx);
         let _ = reporter.await;
-        let [state, memory, disk]: [stasis_store::Part; 3] = parts.try_into().expect("three parts");
+        let [state, memory, disk, kernel, initrd]: [stasis_store::Part; 5] = parts.try_into().expect("five parts");
+        if (kernel.size, initrd.size) != (description.kernel.bytes, description.initrd.bytes) {
+            // Replaced under us (an image rebuilt meanwhile): what was hashed is not what went up.
+            return Err("the machine's kernel or initrd changed while the snapshot was uploaded".into());
+        }
+        let mut machine = serde_json::to_value(&description).expect("descriptions serialize");
+        machine["size"] = record.size.as_str().into();
+        machine["computer_name"] = record.computer_name.clone().into();
         let s = &record.snapshot;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
@@ -594,19 +636,12 @@ impl Snapshots {
             computer_id: s.computer_id.to_string(),
             parent_snapshot_id: s.parent_snapshot_id.map(|p| p.to_string()),
             created_at: s.created_at.to_rfc3339(),
-            machine: serde_json::json!({
-                "vcpus": captured.machine.vcpus,
-                "memory_mib": captured.machine.memory_mib,
-                "accel": captured.machine.accel,
-                "image_id": captured.machine.image_id,
-                "size": record.size.as_str(),
-                "computer_name": record.computer_name,
-                "device_model": "microvm-1",
-            }),
+            machine,
             state,
             memory,
             disk,
             chunk_names: self.store.chunk_names(),
+            boot: Some(stasis_store::manifest::Boot { kernel, initrd }),
         };
         // Its size is known now: within the tenant's bytes-stored quota, or it fails for good
         // (before its manifest exists, so the collector takes its new chunks). The quota stays
@@ -655,6 +690,11 @@ impl Snapshots {
                 &format!("{}snapshots/{id}/", self.store.prefix()),
                 self.store.encrypted(),
                 written.hash,
+                (
+                    record.size,
+                    &record.computer_name,
+                    &serde_json::to_value(&description).expect("descriptions serialize"),
+                ),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -796,4 +836,13 @@ impl Snapshots {
         }
         Ok(())
     }
+}
+
+/// The description of the machine a capture was taken of (its boot files hashed off the
+/// async runtime).
+async fn describe(machine: &MachineConfig) -> Result<stasis_vmm::description::MachineDescription, String> {
+    let machine = machine.clone();
+    tokio::task::spawn_blocking(move || stasis_vmm::description::MachineDescription::describe(&machine))
+        .await
+        .map_err(|e| format!("describing the machine: {e}"))?
 }
