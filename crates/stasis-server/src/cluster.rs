@@ -172,7 +172,7 @@ impl ControlPlane {
             Some((_, h)) => Ok(h),
             None if alive == 0 => Err(ApiError::Unavailable("no host has joined the control plane".into())),
             None => Err(ApiError::conflict(
-                "insufficient_capacity",
+                crate::error::Conflict::InsufficientCapacity,
                 format!("no host has room for a computer of {need_mib} MiB"),
             )),
         }
@@ -347,9 +347,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
 
 /// A 403 that says why.
 fn forbidden(message: String) -> Response {
-    let mut resp = ApiError::conflict("forbidden", message).into_response();
-    *resp.status_mut() = StatusCode::FORBIDDEN;
-    resp
+    ApiError::ForbiddenBecause(message).into_response()
 }
 
 /// Middleware on a control plane: sends machine work to hosts, and never does it itself. On
@@ -490,7 +488,7 @@ async fn guard_host(state: &AppState, host: &HostSide, req: Request, next: Next)
             Ok(Some(h)) if h.as_deref() != Some(host.id.as_str()) => {
                 let on = h.map_or("no host".to_string(), |h| format!("host {h}"));
                 return ApiError::conflict(
-                    "wrong_host",
+                    crate::error::Conflict::WrongHost,
                     format!("computer {id} runs on {on}, not on this host ({})", host.id),
                 )
                 .into_response();

@@ -1,5 +1,10 @@
 //! The API's one error type and its one mapping to HTTP: status, stable `code`, a message a
 //! user can act on, and the request id. Internal details are logged, never sent.
+//!
+//! Codes are upper-case and follow the official SDK's (`miosa/errors.py` maps them to its
+//! exception classes: `SNAPSHOT_NOT_READY` raises `SnapshotNotReadyError`, `VALIDATION_FAILED`
+//! `ValidationError`, `TOO_LARGE` `PayloadTooLargeError`, ...); where it has none, the same
+//! style.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,8 +24,9 @@ pub enum ApiError {
     /// 404 with the seed's wording: `computer not found`, `snapshot not found`.
     #[error("{kind} not found")]
     NotFound { kind: &'static str },
+    /// 409: the state of something forbids the request.
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict { kind: Conflict, message: String },
     /// 422: a field is missing, of the wrong type, or out of range.
     #[error("{message}")]
     Invalid { field: String, message: String },
@@ -36,7 +42,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("forbidden")]
     Forbidden,
-    /// 403 `quota_exceeded`: the message names the quota and the usage.
+    /// 403 with the reason.
+    #[error("{0}")]
+    ForbiddenBecause(String),
+    /// 403 `QUOTA_EXCEEDED`: the message names the quota and the usage.
     #[error("{0}")]
     Quota(String),
     /// 429 with `Retry-After`.
@@ -53,6 +62,44 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// What state forbids a request (each a 409 with its own code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// The computer is not running (stopped, errored, gone from its host).
+    ComputerNotRunning,
+    /// The computer is still on its way up: retry shortly.
+    ComputerStarting,
+    /// The computer is between states (stopping, destroying, ...).
+    ComputerBusy,
+    /// Not enough memory left for the computer.
+    InsufficientCapacity,
+    SnapshotNotReady,
+    /// The snapshot is being taken or restored from.
+    SnapshotInUse,
+    /// The snapshot's machine cannot be loaded on this host.
+    SnapshotIncompatible,
+    /// The computer runs on another host.
+    WrongHost,
+    IdempotencyInProgress,
+}
+
+impl Conflict {
+    /// The wire code: the official SDK's where it has one.
+    pub fn code(self) -> &'static str {
+        match self {
+            Conflict::ComputerNotRunning => "COMPUTER_NOT_RUNNING",
+            Conflict::ComputerStarting => "COMPUTER_STARTING",
+            Conflict::ComputerBusy => "RESOURCE_STATE",
+            Conflict::InsufficientCapacity => "INSUFFICIENT_CAPACITY",
+            Conflict::SnapshotNotReady => "SNAPSHOT_NOT_READY",
+            Conflict::SnapshotInUse => "SNAPSHOT_IN_USE",
+            Conflict::SnapshotIncompatible => "SNAPSHOT_INCOMPATIBLE",
+            Conflict::WrongHost => "WRONG_HOST",
+            Conflict::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
+        }
+    }
+}
+
 impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
         ApiError::Invalid {
@@ -61,9 +108,9 @@ impl ApiError {
         }
     }
 
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn conflict(kind: Conflict, message: impl Into<String>) -> Self {
         ApiError::Conflict {
-            code,
+            kind,
             message: message.into(),
         }
     }
@@ -73,22 +120,28 @@ impl ApiError {
     }
 
     fn status_and_code(&self) -> (StatusCode, String) {
-        match self {
-            ApiError::NotFound { kind } => (StatusCode::NOT_FOUND, format!("{}_not_found", kind.replace(' ', "_"))),
-            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code.to_string()),
-            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed".into()),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_json".into()),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into()),
-            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout".into()),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized".into()),
-            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden".into()),
-            ApiError::Quota(_) => (StatusCode::FORBIDDEN, "quota_exceeded".into()),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited".into()),
-            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found".into()),
-            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into()),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into()),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal".into()),
-        }
+        let (status, code) = match self {
+            ApiError::NotFound { kind } => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!("{}_NOT_FOUND", kind.replace(' ', "_").to_ascii_uppercase()),
+                )
+            }
+            ApiError::Conflict { kind, .. } => (StatusCode::CONFLICT, kind.code()),
+            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "INVALID_JSON"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TOO_LARGE"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            ApiError::Forbidden | ApiError::ForbiddenBecause(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            ApiError::Quota(_) => (StatusCode::FORBIDDEN, "QUOTA_EXCEEDED"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
+            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        };
+        (status, code.to_string())
     }
 }
 
@@ -132,13 +185,13 @@ mod tests {
     async fn errors_carry_code_message_and_request_id() {
         let resp = REQUEST_ID
             .scope("req-1".to_string(), async {
-                ApiError::conflict("computer_not_running", "computer is not running").into_response()
+                ApiError::conflict(Conflict::ComputerNotRunning, "computer is not running").into_response()
             })
             .await;
         assert_eq!(resp.status(), StatusCode::CONFLICT);
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"]["code"], "computer_not_running");
+        assert_eq!(v["error"]["code"], "COMPUTER_NOT_RUNNING");
         assert_eq!(v["error"]["message"], "computer is not running");
         assert_eq!(v["error"]["request_id"], "req-1");
     }
@@ -155,6 +208,6 @@ mod tests {
     fn not_found_uses_the_seed_wording() {
         let e = ApiError::NotFound { kind: "computer" };
         assert_eq!(e.to_string(), "computer not found");
-        assert_eq!(e.status_and_code().1, "computer_not_found");
+        assert_eq!(e.status_and_code().1, "COMPUTER_NOT_FOUND");
     }
 }

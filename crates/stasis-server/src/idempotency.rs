@@ -109,7 +109,7 @@ where
             }
             Idempotency::InProgress => {
                 return Err(ApiError::conflict(
-                    "idempotency_in_progress",
+                    crate::error::Conflict::IdempotencyInProgress,
                     "a request with this Idempotency-Key is still being processed",
                 ))
             }

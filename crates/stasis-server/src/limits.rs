@@ -1,6 +1,6 @@
 //! Tenant limits: a request rate per tenant (a token bucket, answered with 429 and
 //! `Retry-After`), and quotas on what a tenant holds — computers running, snapshots kept, bytes
-//! stored — answered with 403 `quota_exceeded` naming the quota. The platform's defaults come
+//! stored — answered with 403 `QUOTA_EXCEEDED` naming the quota. The platform's defaults come
 //! from `stasis serve` flags (a control plane passes them to its hosts); the operator can set
 //! a tenant's own with `stasis tenant limits`.
 

@@ -223,7 +223,7 @@ pub struct TooManyStreams(pub usize);
 impl IntoResponse for TooManyStreams {
     fn into_response(self) -> Response {
         too_many(
-            "too_many_streams",
+            "TOO_MANY_STREAMS",
             format!(
                 "this tenant already has {} exec calls and event streams open, the most it may have at once; \
                  retry when one has finished",
@@ -430,7 +430,7 @@ impl AuthFailures {
 /// The answer to an address over its budget.
 pub fn auth_blocked(retry_after_secs: u64) -> Response {
     too_many(
-        "too_many_failed_keys",
+        "TOO_MANY_FAILED_KEYS",
         format!("too many requests with a missing or invalid API key from this address; retry in {retry_after_secs} s"),
         retry_after_secs,
     )

@@ -159,13 +159,13 @@ pub struct ErrorBody {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, machine-readable: `computer_not_found`, `snapshot_not_ready`, `validation_failed`, ...
+    /// Stable, machine-readable: `COMPUTER_NOT_FOUND`, `SNAPSHOT_NOT_READY`, `VALIDATION_FAILED`, ... (the official SDK's codes where it has one)
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
     /// The same id as the `x-request-id` header.
     pub request_id: String,
-    /// For `validation_failed`: the field at fault.
+    /// For `VALIDATION_FAILED`: the field at fault.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub field: Option<String>,
 }

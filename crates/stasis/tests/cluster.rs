@@ -338,7 +338,7 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         )
         .unwrap();
     assert_eq!(status, 409, "another host's computer: {body}");
-    assert!(body.contains("wrong_host"), "{body}");
+    assert!(body.contains("WRONG_HOST"), "{body}");
     assert_eq!(api.status(&first).0, "running");
 
     // (L4) Room for one more computer, asked for on both hosts at once: each host's own

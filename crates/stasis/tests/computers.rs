@@ -24,7 +24,7 @@ fn bad_input_gets_clear_errors_and_every_answer_has_a_request_id() {
     ] {
         let r = client.call("GET", "/computers", None);
         assert_eq!(r.status, 401, "{what}: {}", r.body);
-        assert_eq!(r.body["error"]["code"], "unauthorized");
+        assert_eq!(r.body["error"]["code"], "UNAUTHORIZED");
         assert!(r.request_id.is_some());
     }
 

@@ -171,7 +171,7 @@ fn a_body_sent_a_byte_at_a_time_gets_408_after_the_body_timeout() {
     let took = start.elapsed();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
-        answer.contains("request_timeout") && answer.contains("within 2 s"),
+        answer.contains("REQUEST_TIMEOUT") && answer.contains("within 2 s"),
         "{answer}"
     );
     assert!(took < Duration::from_secs(6), "answered after {took:?}");
@@ -229,7 +229,7 @@ fn a_burst_of_bogus_keys_from_one_address_ends_in_429_and_good_keys_still_work()
         let (status, headers, body) = get(&server.base, "/computers", Some(&format!("stasis_bogus{i:036}")), &[]);
         if status == 429 {
             retry_after = headers.get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            assert_eq!(body["error"]["code"], "too_many_failed_keys", "{body}");
+            assert_eq!(body["error"]["code"], "TOO_MANY_FAILED_KEYS", "{body}");
         }
         statuses.push(status);
     }
@@ -310,7 +310,7 @@ fn long_requests_are_capped_per_tenant() {
         &[],
     );
     assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"]["code"], "too_many_streams");
+    assert_eq!(body["error"]["code"], "TOO_MANY_STREAMS");
     assert!(headers.contains_key("retry-after"));
     let (hb, _other) = open(&b, &cb, &sb);
     assert_eq!(hb, "HTTP/1.1 200", "another tenant has its own streams");

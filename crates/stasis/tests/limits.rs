@@ -61,7 +61,7 @@ fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
     let id = running_computer(&api, "q1");
     let r = api.call("POST", "/computers", Some(json!({"name": "q2", "size": "xs"})));
     assert_eq!(r.status, 403, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], "quota_exceeded");
+    assert_eq!(r.body["error"]["code"], "QUOTA_EXCEEDED");
     let msg = r.body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("computers running (1 of 1)"), "{msg}");
     // A clone needs a computer too: refused before any snapshot is taken.
@@ -165,7 +165,7 @@ fn quotas_and_the_request_rate_are_enforced_with_clear_answers() {
     assert!(!limited.is_empty(), "30 requests at once exceed 5/s");
     assert!(answers[..10].iter().all(|r| r.status == 200), "the burst passes");
     let first = limited[0];
-    assert_eq!(first.body["error"]["code"], "rate_limited");
+    assert_eq!(first.body["error"]["code"], "RATE_LIMITED");
     assert!(first.body["error"]["message"]
         .as_str()
         .unwrap()

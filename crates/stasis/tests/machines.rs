@@ -146,7 +146,7 @@ fn a_restore_starts_the_machine_its_snapshot_was_taken_on_or_is_refused_naming_t
     let before = api.call("GET", "/computers", None).body["total"].as_u64().unwrap();
     let r = api.call("POST", &format!("/computers/{id}/restore/{snap}"), None);
     assert_eq!(r.status, 409, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], "snapshot_incompatible", "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "SNAPSHOT_INCOMPATIBLE", "{}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
     let release = qemu_release();
     assert!(

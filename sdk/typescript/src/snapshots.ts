@@ -342,7 +342,11 @@ function eventsUnavailable(e: unknown): boolean {
   if (e instanceof SnapshotFailedError || e instanceof PermissionDeniedError || e instanceof ValidationError) {
     return false;
   }
-  if (e instanceof NotFoundError) return e.code !== 'computer_not_found' && e.code !== 'snapshot_not_found';
+  if (e instanceof NotFoundError) {
+    // Upper-case since the platform took the official SDK's codes; lower-case before.
+    const code = e.code?.toUpperCase();
+    return code !== 'COMPUTER_NOT_FOUND' && code !== 'SNAPSHOT_NOT_FOUND';
+  }
   return true;
 }
 

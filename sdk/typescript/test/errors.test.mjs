@@ -40,7 +40,7 @@ test('a bad key is an AuthenticationError with status 401 and a request id', asy
     assert.ok(e instanceof AuthenticationError, e.constructor.name);
     assert.ok(e instanceof MiosaError);
     assert.equal(e.status, 401);
-    assert.equal(e.code, 'unauthorized');
+    assert.equal(e.code, 'UNAUTHORIZED');
     assert.ok(isRequestId(e.requestId), `requestId: ${e.requestId}`);
     assert.ok(e.message.length > 0);
     return true;
@@ -55,7 +55,7 @@ test('unknown computers and snapshots are NotFoundErrors with the server message
     assert.ok(e instanceof NotFoundError, e.constructor.name);
     assert.equal(e.status, 404);
     assert.equal(e.message, 'computer not found');
-    assert.equal(e.code, 'computer_not_found');
+    assert.equal(e.code, 'COMPUTER_NOT_FOUND');
     assert.ok(isRequestId(e.requestId));
     return true;
   });
@@ -104,7 +104,7 @@ test('snapshots need a running computer; restores need only the snapshot', { tim
     assert.ok(e instanceof ConflictError, e.constructor.name);
     assert.equal(e.status, 409);
     assert.equal(e.message, 'computer is not running');
-    assert.equal(e.code, 'computer_not_running');
+    assert.equal(e.code, 'COMPUTER_NOT_RUNNING');
     assert.ok(isRequestId(e.requestId));
     return true;
   });

@@ -40,7 +40,7 @@ pub struct RuntimeSettings {
     /// Each computer's disk ceiling (None: none).
     pub disk_limits: Option<stasis_vmm::vm::DiskLimits>,
     /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
-    /// are refused (409 `insufficient_capacity`). None: no limit.
+    /// are refused (409 `INSUFFICIENT_CAPACITY`). None: no limit.
     pub capacity_mib: Option<u64>,
     /// This host's id when it is one of a control plane's hosts; None for the embedded platform.
     pub host_id: Option<String>,
@@ -146,7 +146,7 @@ impl Computers {
         let need = size.memory_mib();
         if held + need > capacity {
             return Err(ApiError::conflict(
-                "insufficient_capacity",
+                crate::error::Conflict::InsufficientCapacity,
                 format!(
                     "not enough memory for a {} computer ({need} MiB): {held} of {capacity} MiB are in use; \
                      stop or delete a computer first",
@@ -625,7 +625,7 @@ impl Computers {
                 Ok(action(ComputerStatus::Starting, "computer is starting"))
             }
             other => Err(ApiError::conflict(
-                "computer_busy",
+                crate::error::Conflict::ComputerBusy,
                 format!("computer is {}; try again when it has settled", other.as_str()),
             )),
         }
@@ -677,6 +677,12 @@ impl Computers {
         let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
         let vm = match (c.status, self.host.get(&id.to_string())) {
             (ComputerStatus::Running, Some(vm)) => vm,
+            (ComputerStatus::Provisioning | ComputerStatus::Starting, _) => {
+                return Err(ApiError::conflict(
+                    crate::error::Conflict::ComputerStarting,
+                    "computer is still starting; retry shortly",
+                ))
+            }
             _ => return Err(not_running()),
         };
         let started = Instant::now();
@@ -836,7 +842,7 @@ impl Computers {
 }
 
 fn not_running() -> ApiError {
-    ApiError::conflict("computer_not_running", "computer is not running")
+    ApiError::conflict(crate::error::Conflict::ComputerNotRunning, "computer is not running")
 }
 
 fn action(status: ComputerStatus, message: &str) -> ActionResponse {

@@ -182,7 +182,10 @@ impl Snapshots {
             _ => return Err(ApiError::NotFound { kind: "computer" }),
         };
         if c.status != ComputerStatus::Running || self.computers.host().get(&c.id.to_string()).is_none() {
-            return Err(ApiError::conflict("computer_not_running", "computer is not running"));
+            return Err(ApiError::conflict(
+                crate::error::Conflict::ComputerNotRunning,
+                "computer is not running",
+            ));
         }
         let admitted = self.admission.lock().await;
         let quota = self
@@ -253,7 +256,7 @@ impl Snapshots {
             .await?
         {
             return Err(ApiError::conflict(
-                "snapshot_not_deletable",
+                crate::error::Conflict::SnapshotInUse,
                 "snapshot is not in a deletable state",
             ));
         }
@@ -320,7 +323,10 @@ impl Snapshots {
                 self.restore_when_ready(id, restored.id, "restore");
                 return Ok(restored);
             }
-            return Err(ApiError::conflict("snapshot_not_ready", "snapshot is not ready"));
+            return Err(ApiError::conflict(
+                crate::error::Conflict::SnapshotNotReady,
+                "snapshot is not ready",
+            ));
         }
         let mut e = events::data(id, SnapshotStatus::Restoring);
         e.step = Some("queued".into());
@@ -348,7 +354,7 @@ impl Snapshots {
         };
         let refused = |why: String| {
             ApiError::conflict(
-                "snapshot_incompatible",
+                crate::error::Conflict::SnapshotIncompatible,
                 format!("snapshot {id} cannot be restored on this host: {why}"),
             )
         };
