@@ -2,7 +2,12 @@
 //! someone who can write to the store (swapped, modified and oversized objects) or who
 //! watches deduplication from another tenant.
 
+use std::collections::HashSet;
 use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 

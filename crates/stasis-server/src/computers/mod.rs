@@ -20,8 +20,8 @@ use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
 use crate::db::Db;
 use crate::error::{ApiError, ApiResult};
 use crate::images::Images;
-use crate::snapshots::cache::Materializer;
 use crate::snapshots::events::{self, EventBus};
+use stasis_store::Materializer;
 
 /// Default and largest exec timeouts, in seconds.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;

@@ -2,7 +2,6 @@
 //! to the snapshot store in the background, with progress events; restore into new
 //! computers; soft delete with background collection of chunks nobody needs.
 
-pub mod cache;
 pub mod events;
 pub mod routes;
 
@@ -55,7 +54,7 @@ pub struct Snapshots {
     store: SnapshotStore,
     computers: Arc<Computers>,
     events: Arc<EventBus>,
-    materializer: Arc<cache::Materializer>,
+    materializer: Arc<stasis_store::Materializer>,
     staging: PathBuf,
     /// One collection at a time.
     gc: tokio::sync::Mutex<()>,
@@ -88,7 +87,7 @@ impl Snapshots {
         store: SnapshotStore,
         computers: Arc<Computers>,
         events: Arc<EventBus>,
-        materializer: Arc<cache::Materializer>,
+        materializer: Arc<stasis_store::Materializer>,
         jobs: Arc<crate::jobs::Jobs>,
         (staging, shared_store): (PathBuf, bool),
     ) -> Arc<Snapshots> {

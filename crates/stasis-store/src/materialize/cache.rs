@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use stasis_store::{Manifest, Progress, Recorded, SnapshotStore, StoreError};
 use stasis_types::SnapshotId;
+
+use crate::{Manifest, Progress, Recorded, SnapshotStore, StoreError};
 
 pub struct Materializer {
     store: SnapshotStore,
@@ -281,7 +282,7 @@ pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The machine's RAM (4 GiB when /proc/meminfo cannot tell).
-pub(crate) fn host_memory_bytes() -> u64 {
+pub fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
