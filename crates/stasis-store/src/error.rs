@@ -1,5 +1,7 @@
 //! What can go wrong in the store, and the helpers that build its errors.
 
+use stasis_types::SnapshotId;
+
 use crate::chunk::{ChunkError, ChunkHash};
 use crate::manifest::ManifestError;
 
@@ -42,11 +44,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The snapshot this error shows to be damaged in the store, if it does.
-    pub fn damaged_snapshot(&self) -> Option<&str> {
+    /// The snapshot this error shows to be damaged in the store, if it does. (Errors name
+    /// snapshots as text: where a manifest handed in names its own snapshot, that name is all
+    /// there is, and it need not be an id at all.)
+    pub fn damaged_snapshot(&self) -> Option<SnapshotId> {
         match self {
-            StoreError::Tampered { snapshot, .. } => Some(snapshot),
-            StoreError::Manifest { id, .. } => Some(id),
+            StoreError::Tampered { snapshot, .. } => snapshot.parse().ok(),
+            StoreError::Manifest { id, .. } => id.parse().ok(),
             _ => None,
         }
     }

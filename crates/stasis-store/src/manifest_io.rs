@@ -4,6 +4,7 @@
 
 use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
+use stasis_types::{SnapshotId, TenantId};
 
 use crate::error::{modified, unauthentic};
 use crate::manifest::{self, ChunkNames, Manifest, ManifestError, ManifestHash};
@@ -14,10 +15,10 @@ use crate::{read_bounded, seal, SnapshotStore, StoreError};
 /// agree with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     /// The tenant it belongs to: its manifest must name this tenant, and this tenant's key
     /// opens its chunks.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Stored encrypted: an unencrypted manifest in its place is refused.
     pub sealed: bool,
     /// BLAKE3 of the manifest object as written. `None` for snapshots taken before it was
@@ -33,8 +34,14 @@ pub struct StoredManifest {
 }
 
 impl SnapshotStore {
-    pub fn manifest_key(snapshot_id: &str) -> String {
-        format!("snapshots/{snapshot_id}/manifest.zst")
+    /// Where the manifest of snapshot `id` is kept, inside the store.
+    pub fn manifest_key(id: SnapshotId) -> String {
+        Self::manifest_key_of(&id.to_string())
+    }
+
+    /// Where a manifest naming snapshot `id` (as the manifest spells it) is kept.
+    fn manifest_key_of(id: &str) -> String {
+        format!("snapshots/{id}/manifest.zst")
     }
 
     /// Writes the manifest (sealed with its tenant's key if the store is encrypted); the
@@ -61,7 +68,7 @@ impl SnapshotStore {
         };
         self.store
             .put(
-                &ObjectPath::from(Self::manifest_key(&manifest.snapshot_id)),
+                &ObjectPath::from(Self::manifest_key_of(&manifest.snapshot_id)),
                 PutPayload::from(bytes),
             )
             .await?;
@@ -70,7 +77,9 @@ impl SnapshotStore {
 
     /// Reads a manifest checking only that it is well formed: for tools and tests that
     /// inspect a store. The platform reads through [`SnapshotStore::get_manifest_of`].
-    pub async fn get_manifest(&self, snapshot_id: &str) -> Result<Manifest, StoreError> {
+    pub async fn get_manifest(&self, snapshot_id: SnapshotId) -> Result<Manifest, StoreError> {
+        let snapshot_id = snapshot_id.to_string();
+        let snapshot_id = snapshot_id.as_str();
         let bytes = self.manifest_bytes(snapshot_id).await?;
         let bad = |source| StoreError::Manifest {
             id: snapshot_id.into(),
@@ -89,12 +98,12 @@ impl SnapshotStore {
     /// write to the store can then neither change a snapshot nor make a restore open another
     /// tenant's chunks.
     pub async fn get_manifest_of(&self, recorded: &Recorded) -> Result<Manifest, StoreError> {
-        let id = recorded.snapshot_id.as_str();
+        let (id, expected) = (recorded.snapshot_id.to_string(), recorded.tenant_id.to_string());
+        let (id, expected) = (id.as_str(), expected.as_str());
         let bytes = self.manifest_bytes(id).await?;
         let header =
             seal::parse_manifest_header(&bytes).map_err(|source| StoreError::Manifest { id: id.into(), source })?;
         let found = header.as_ref().map(|(tenant, _)| *tenant);
-        let expected = recorded.tenant_id.as_str();
         match found {
             None if recorded.sealed => {
                 return Err(unauthentic(
@@ -123,7 +132,7 @@ impl SnapshotStore {
 
     /// The stored manifest object, refused unread when it is too large.
     async fn manifest_bytes(&self, snapshot_id: &str) -> Result<Vec<u8>, StoreError> {
-        let key = ObjectPath::from(Self::manifest_key(snapshot_id));
+        let key = ObjectPath::from(Self::manifest_key_of(snapshot_id));
         let got = match self.store.get(&key).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingManifest(snapshot_id.into())),
@@ -193,7 +202,8 @@ impl SnapshotStore {
         Ok(m)
     }
 
-    pub async fn delete_manifest(&self, snapshot_id: &str) -> Result<(), StoreError> {
+    /// Deletes the manifest of snapshot `snapshot_id` (one already gone is no error).
+    pub async fn delete_manifest(&self, snapshot_id: SnapshotId) -> Result<(), StoreError> {
         match self
             .store
             .delete(&ObjectPath::from(Self::manifest_key(snapshot_id)))

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
+use stasis_types::TenantId;
 
 use crate::chunk::{self, ChunkError, ChunkHash};
 use crate::codec::Codec;
@@ -40,13 +41,14 @@ impl SnapshotStore {
     /// object is size-checked before its body is read.
     pub async fn materialize(
         &self,
-        tenant: &str,
+        tenant: TenantId,
         manifest: &Manifest,
         part: &Part,
         dest: &Path,
         progress: Progress,
     ) -> Result<(), StoreError> {
         let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
+        let tenant = tenant.to_string();
         if manifest.tenant_id != tenant {
             return Err(modified(
                 &snapshot_id,
@@ -64,7 +66,7 @@ impl SnapshotStore {
             .map_err(io(format!("creating {}", dest.display())))?;
         file.set_len(part.size).map_err(io("sizing the file"))?;
         let codec = if part.chunks.iter().any(Option::is_some) {
-            Some(self.codec(manifest.chunk_names, tenant, false, &snapshot_id).await?)
+            Some(self.codec(manifest.chunk_names, &tenant, false, &snapshot_id).await?)
         } else {
             None
         };

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
+use stasis_types::TenantId;
 
 use crate::chunk::{self, ChunkHash};
 use crate::codec::Codec;
@@ -77,7 +78,7 @@ impl SnapshotStore {
     pub async fn upload_file(
         &self,
         _pin: &Pin,
-        tenant: &str,
+        tenant: TenantId,
         path: &Path,
         chunk_size: u32,
         progress: Progress,
@@ -86,7 +87,9 @@ impl SnapshotStore {
         let size = file.metadata().map_err(io("stat"))?.len();
         let data = data_ranges(&file, size);
         let count = size.div_ceil(chunk_size as u64) as usize;
-        let codec = self.codec(self.chunk_names(), tenant, true, "being uploaded").await?;
+        let codec = self
+            .codec(self.chunk_names(), &tenant.to_string(), true, "being uploaded")
+            .await?;
         let upload = Arc::new(FileUpload {
             file,
             size,

@@ -363,7 +363,7 @@ impl Computers {
                 stasis_store::StoreError::Config(format!("reading the record of snapshot {snapshot}: {e}"))
             })?;
         match recorded {
-            Some(r) if r.tenant_id == computer.tenant_id.to_string() => Ok(r),
+            Some(r) if r.tenant_id == computer.tenant_id => Ok(r),
             Some(_) => Err(stasis_store::StoreError::Config(format!(
                 "snapshot {snapshot} is not of computer {}'s tenant",
                 computer.id

@@ -557,7 +557,7 @@ impl Snapshots {
             }
         });
         let started = Instant::now();
-        let tenant = record.snapshot.tenant_id.to_string();
+        let tenant = record.snapshot.tenant_id;
         let mut stats = UploadStats::default();
         let mut parts = Vec::new();
         let mut base = 0u64;
@@ -573,7 +573,7 @@ impl Snapshots {
             });
             let (part, s) = self
                 .store
-                .upload_file(&pin, &tenant, path, chunk_size, progress)
+                .upload_file(&pin, tenant, path, chunk_size, progress)
                 .await
                 .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
             base += part.size;
@@ -712,8 +712,9 @@ impl Snapshots {
         let result = async {
             let live = self.db.live_snapshots().await.map_err(|e| e.to_string())?;
             for id in self.db.deleted_snapshot_ids().await.map_err(|e| e.to_string())? {
+                let id: SnapshotId = id.parse().map_err(|e| format!("snapshot id {id:?}: {e}"))?;
                 if !live.iter().any(|r| r.snapshot_id == id) {
-                    self.store.delete_manifest(&id).await.map_err(|e| e.to_string())?;
+                    self.store.delete_manifest(id).await.map_err(|e| e.to_string())?;
                 }
             }
             match self.store.collect_garbage(&live, grace).await {
@@ -721,7 +722,7 @@ impl Snapshots {
                 Err(e) => {
                     // A live manifest modified in the store: that snapshot is damaged, as a
                     // restore would find; nothing is collected until it is deleted.
-                    if let Some(id) = e.damaged_snapshot().and_then(|id| id.parse().ok()) {
+                    if let Some(id) = e.damaged_snapshot() {
                         self.mark_damaged(id, &e).await;
                     }
                     Err(e.to_string())

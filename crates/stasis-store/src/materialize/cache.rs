@@ -123,7 +123,7 @@ impl Materializer {
             let tracker: Progress = Arc::new(move |done| p(base + done, total));
             if let Err(e) = self
                 .store
-                .materialize(&recorded.tenant_id, &manifest, part, path, tracker)
+                .materialize(recorded.tenant_id, &manifest, part, path, tracker)
                 .await
             {
                 let _ = std::fs::remove_dir_all(&tmp);
