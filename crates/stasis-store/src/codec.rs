@@ -62,9 +62,9 @@ impl SnapshotStore {
             },
             ChunkNames::Sealed => match self.tenant_key(tenant, create).await? {
                 Some(k) => Ok(Codec::Sealed(k)),
-                None => Err(StoreError::Key(format!(
-                    "snapshot {snapshot} is encrypted; start the server with its --master-key-file"
-                ))),
+                None => Err(StoreError::Encrypted {
+                    snapshot: snapshot.to_string(),
+                }),
             },
         }
     }

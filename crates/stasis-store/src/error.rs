@@ -31,8 +31,11 @@ pub enum StoreError {
     /// tenant's key, or a manifest disagrees with what the platform recorded.
     #[error("{message}")]
     Tampered { snapshot: String, message: String },
-    /// Keys: none given for an encrypted snapshot, a master key that does not open a tenant's
-    /// data key, the database they are kept in.
+    /// The snapshot is encrypted, and this store was given no keys to open it with.
+    #[error("snapshot {snapshot} is encrypted, and this store has no keys to open it")]
+    Encrypted { snapshot: String },
+    /// Keys: a tenant without one, a master key that does not open a tenant's data key, the
+    /// database they are kept in.
     #[error("{0}")]
     Key(String),
     #[error("{context}: {source}")]

@@ -157,9 +157,9 @@ impl SnapshotStore {
         let sealed = seal::parse_manifest_header(bytes).map_err(bad)?.is_some();
         let mut m = if sealed {
             let Some(key) = self.tenant_key(tenant, false).await? else {
-                return Err(StoreError::Key(format!(
-                    "snapshot {snapshot_id} is encrypted; start the server with its --master-key-file"
-                )));
+                return Err(StoreError::Encrypted {
+                    snapshot: snapshot_id.to_string(),
+                });
             };
             key.open_manifest(bytes, snapshot_id).map_err(|e| match e {
                 ManifestError::Authentication => {

@@ -443,7 +443,7 @@ impl Computers {
                 let reason = if damaged {
                     format!("snapshot {snapshot} is damaged and cannot be restored: {e}")
                 } else {
-                    format!("reading snapshot {snapshot}: {e}")
+                    format!("reading snapshot {snapshot}: {}", crate::encryption::explain(&e))
                 };
                 Err((reason, damaged))
             }

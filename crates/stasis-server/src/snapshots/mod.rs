@@ -725,7 +725,7 @@ impl Snapshots {
                     if let Some(id) = e.damaged_snapshot() {
                         self.mark_damaged(id, &e).await;
                     }
-                    Err(e.to_string())
+                    Err(crate::encryption::explain(&e))
                 }
             }
         }
