@@ -14,14 +14,14 @@ use stasis_types::{SnapshotId, TenantId};
 use super::*;
 
 /// The snapshot id standing for `name` in a test (the same name, the same id).
-fn sid(name: &str) -> SnapshotId {
+pub(crate) fn sid(name: &str) -> SnapshotId {
     blake3::hash(format!("snapshot {name}").as_bytes()).to_hex()[..32]
         .parse()
         .unwrap()
 }
 
 /// The tenant id standing for `name` in a test.
-fn tid(name: &str) -> TenantId {
+pub(crate) fn tid(name: &str) -> TenantId {
     blake3::hash(format!("tenant {name}").as_bytes()).to_hex()[..32]
         .parse()
         .unwrap()
@@ -32,12 +32,12 @@ fn tenant_of(m: &Manifest) -> TenantId {
     m.tenant_id.parse().unwrap()
 }
 
-fn noop() -> Progress {
+pub(crate) fn noop() -> Progress {
     Arc::new(|_| {})
 }
 
 /// What the platform records for a snapshot taken before manifest hashes were kept.
-fn legacy(id: &str, tenant: &str) -> Recorded {
+pub(crate) fn legacy(id: &str, tenant: &str) -> Recorded {
     Recorded {
         snapshot_id: sid(id),
         tenant_id: tid(tenant),
@@ -60,7 +60,7 @@ fn keyed_store(root: &Path) -> SnapshotStore {
         .with_naming(Arc::new(MemoryNamingKeys::default()))
 }
 
-fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
+pub(crate) fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
     let path = dir.join(name);
     let mut f = std::fs::File::create(&path).unwrap();
     f.set_len(size).unwrap();
@@ -71,7 +71,7 @@ fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> st
     path
 }
 
-fn manifest(id: &str, part: Part) -> Manifest {
+pub(crate) fn manifest(id: &str, part: Part) -> Manifest {
     let empty = Part {
         size: 0,
         chunk_size: 4096,
