@@ -231,7 +231,7 @@ impl SnapshotStore {
 async fn read_bounded(
     got: object_store::GetResult,
     max: u64,
-) -> Result<Result<bytes::Bytes, u64>, object_store::Error> {
+) -> Result<Result<impl AsRef<[u8]> + Send + 'static, u64>, object_store::Error> {
     let size = got.meta.size;
     if size > max {
         return Ok(Err(size));

@@ -140,7 +140,7 @@ impl SnapshotStore {
         };
         read_bounded(got, manifest::MAX_MANIFEST_BYTES as u64)
             .await?
-            .map(|b| b.to_vec())
+            .map(|b| b.as_ref().to_vec())
             .map_err(|_| StoreError::Manifest {
                 id: snapshot_id.into(),
                 source: ManifestError::TooLarge,

@@ -108,14 +108,14 @@ impl PartWriter {
             return Ok(len); // a hole: the sized file reads zeros there already
         };
         let stored = self.fetch(hash).await?;
-        tokio::task::spawn_blocking(move || self.write(&codec, hash, &stored, offset, len))
+        tokio::task::spawn_blocking(move || self.write(&codec, hash, stored.as_ref(), offset, len))
             .await
             .expect("chunk writer does not panic")?;
         Ok(len)
     }
 
     /// The stored object of chunk `hash`, refused unread when it is larger than any chunk.
-    async fn fetch(&self, hash: ChunkHash) -> Result<bytes::Bytes, StoreError> {
+    async fn fetch(&self, hash: ChunkHash) -> Result<impl AsRef<[u8]> + Send + 'static, StoreError> {
         let got = match self.store.get(&ObjectPath::from(hash.key())).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
@@ -156,26 +156,51 @@ impl DataRanges {
 }
 
 pub(crate) fn data_ranges(file: &std::fs::File, size: u64) -> DataRanges {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
+    use rustix::fs::{seek, SeekFrom};
     let mut ranges = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a descriptor we hold open; no pointers involved.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break; // no more data
-            }
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            Err(rustix::io::Errno::NXIO) => break, // no more data
+            Err(_) => return DataRanges(vec![(0, size)]),
+        };
+        let Ok(hole) = seek(file, SeekFrom::Hole(data)) else {
             return DataRanges(vec![(0, size)]);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return DataRanges(vec![(0, size)]);
-        }
-        ranges.push((data as u64, hole as u64));
+        };
+        ranges.push((data, hole));
         pos = hole;
     }
     DataRanges(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::sparse_file;
+
+    #[test]
+    fn data_ranges_find_the_data_and_skip_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = 1024u64;
+        let path = sparse_file(
+            dir.path(),
+            "f",
+            1024 * k,
+            &[(256 * k, &[1; 4096]), (768 * k, &[2; 100])],
+        );
+        let file = std::fs::File::open(&path).unwrap();
+        let ranges = data_ranges(&file, 1024 * k);
+        assert!(ranges.overlaps(256 * k, 256 * k + 4096) && ranges.overlaps(768 * k, 768 * k + 100));
+        // Where the file system can tell (this test's does), holes are no data.
+        assert_eq!(ranges.0, [(256 * k, 260 * k), (768 * k, 772 * k)]);
+        assert!(
+            !ranges.overlaps(0, 256 * k) && !ranges.overlaps(260 * k, 768 * k) && !ranges.overlaps(772 * k, 1024 * k)
+        );
+        // All hole: no data at all. Empty: nothing to look at.
+        let path = sparse_file(dir.path(), "holes", 1024 * k, &[]);
+        assert!(data_ranges(&std::fs::File::open(&path).unwrap(), 1024 * k).0.is_empty());
+        let path = sparse_file(dir.path(), "empty", 0, &[]);
+        assert!(data_ranges(&std::fs::File::open(&path).unwrap(), 0).0.is_empty());
+    }
 }

@@ -262,8 +262,7 @@ pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
     }
     let meta = std::fs::symlink_metadata(dir)?;
-    // SAFETY: geteuid takes nothing and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if !meta.file_type().is_dir() || meta.uid() != me {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
