@@ -292,3 +292,37 @@ pub fn host_memory_bytes() -> u64 {
         })
         .map_or(4 << 30, |kb| kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(dir: &Path) -> u32 {
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_ram_directory_is_made_owner_only_and_only_a_real_directory_of_ours_is_accepted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("memory");
+        secure_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // One an older version left open is tightened, and accepted.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        secure_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // A link (to a directory of ours, even) and a file are refused, naming the owner.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        for refused in [&link, &file] {
+            let err = secure_dir(refused).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+            assert!(err.to_string().contains(&format!("owned by uid {me}")), "{err}");
+        }
+    }
+}
