@@ -32,6 +32,17 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, String> {
     Ok(key)
 }
 
+/// A store error as this server's operator reads it: where the cure is one of `serve`'s
+/// flags, the flag is named (the store speaks only of itself).
+pub fn explain(e: &StoreError) -> String {
+    match e {
+        StoreError::Encrypted { snapshot } => {
+            format!("snapshot {snapshot} is encrypted; start the server with its --master-key-file")
+        }
+        e => e.to_string(),
+    }
+}
+
 /// Tenants' keys: unwrapped from the database on first use and kept in memory.
 pub struct TenantKeys {
     db: Db,
@@ -177,6 +188,51 @@ impl NamingKeys for ChunkSalts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_store_without_keys_is_told_which_flag_gives_them() {
+        use stasis_store::{MemoryKeyring, Part, SnapshotStore};
+        use stasis_types::{SnapshotId, TenantId};
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = SnapshotStore::local(dir.path())
+            .unwrap()
+            .with_keyring(Arc::new(MemoryKeyring::default()));
+        let (id, tenant) = (SnapshotId::new(), TenantId::new());
+        let empty = Part {
+            size: 0,
+            chunk_size: 4096,
+            chunks: vec![],
+        };
+        sealed
+            .put_manifest(&stasis_store::Manifest {
+                version: stasis_store::MANIFEST_VERSION,
+                snapshot_id: id.to_string(),
+                tenant_id: tenant.to_string(),
+                computer_id: "c".into(),
+                parent_snapshot_id: None,
+                created_at: String::new(),
+                machine: serde_json::json!({}),
+                state: empty.clone(),
+                memory: empty.clone(),
+                disk: empty,
+                chunk_names: sealed.chunk_names(),
+                boot: None,
+            })
+            .await
+            .unwrap();
+        let err = SnapshotStore::local(dir.path())
+            .unwrap()
+            .get_manifest(id)
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("--"), "the store names no flag: {err}");
+        assert_eq!(
+            explain(&err),
+            format!("snapshot {id} is encrypted; start the server with its --master-key-file")
+        );
+        let other = StoreError::Key("tenant t has no data key".into());
+        assert_eq!(explain(&other), other.to_string(), "other errors as they are");
+    }
 
     #[tokio::test]
     async fn one_chunk_salt_per_tenant_even_when_made_concurrently_and_none_beside_data_keys() {

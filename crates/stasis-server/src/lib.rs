@@ -35,9 +35,9 @@ use crate::computers::{Computers, RuntimeSettings};
 use crate::db::Db;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::images::Images;
-use crate::snapshots::cache::Materializer;
 use crate::snapshots::events::EventBus;
 use crate::snapshots::Snapshots;
+use stasis_store::Materializer;
 
 /// Everything the handlers share (cheap to clone).
 #[derive(Clone)]
@@ -175,7 +175,7 @@ fn data_dir_tag(data_dir: &Path) -> String {
 
 /// Memory a machine lends to computers by default: three quarters of its RAM.
 pub fn default_capacity_mib() -> u64 {
-    snapshots::cache::host_memory_bytes() / (1 << 20) * 3 / 4
+    stasis_store::host_memory_bytes() / (1 << 20) * 3 / 4
 }
 
 /// The metadata database: the one given, or SQLite in the data dir.
@@ -325,7 +325,7 @@ impl Platform {
         }
         prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
         // Before anything is set up on the host (cgroups, ...): a refusal leaves nothing behind.
-        snapshots::cache::secure_dir(&memory_dir(&config.data_dir))
+        stasis_store::secure_dir(&memory_dir(&config.data_dir))
             .map_err(|e| format!("preparing the RAM directory: {e}"))?;
         let db = Db::open(&config.database_url)
             .await

@@ -2,19 +2,45 @@
 //! someone who can write to the store (swapped, modified and oversized objects) or who
 //! watches deduplication from another tenant.
 
+use std::collections::HashSet;
 use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stasis_types::{SnapshotId, TenantId};
 
 use super::*;
 
-fn noop() -> Progress {
+/// The snapshot id standing for `name` in a test (the same name, the same id).
+pub(crate) fn sid(name: &str) -> SnapshotId {
+    blake3::hash(format!("snapshot {name}").as_bytes()).to_hex()[..32]
+        .parse()
+        .unwrap()
+}
+
+/// The tenant id standing for `name` in a test.
+pub(crate) fn tid(name: &str) -> TenantId {
+    blake3::hash(format!("tenant {name}").as_bytes()).to_hex()[..32]
+        .parse()
+        .unwrap()
+}
+
+/// The tenant a manifest names.
+fn tenant_of(m: &Manifest) -> TenantId {
+    m.tenant_id.parse().unwrap()
+}
+
+pub(crate) fn noop() -> Progress {
     Arc::new(|_| {})
 }
 
 /// What the platform records for a snapshot taken before manifest hashes were kept.
-fn legacy(id: &str, tenant: &str) -> Recorded {
+pub(crate) fn legacy(id: &str, tenant: &str) -> Recorded {
     Recorded {
-        snapshot_id: id.into(),
-        tenant_id: tenant.into(),
+        snapshot_id: sid(id),
+        tenant_id: tid(tenant),
         sealed: false,
         manifest_hash: None,
     }
@@ -34,7 +60,7 @@ fn keyed_store(root: &Path) -> SnapshotStore {
         .with_naming(Arc::new(MemoryNamingKeys::default()))
 }
 
-fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
+pub(crate) fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
     let path = dir.join(name);
     let mut f = std::fs::File::create(&path).unwrap();
     f.set_len(size).unwrap();
@@ -45,7 +71,7 @@ fn sparse_file(dir: &Path, name: &str, size: u64, writes: &[(u64, &[u8])]) -> st
     path
 }
 
-fn manifest(id: &str, part: Part) -> Manifest {
+pub(crate) fn manifest(id: &str, part: Part) -> Manifest {
     let empty = Part {
         size: 0,
         chunk_size: 4096,
@@ -53,8 +79,8 @@ fn manifest(id: &str, part: Part) -> Manifest {
     };
     Manifest {
         version: MANIFEST_VERSION,
-        snapshot_id: id.into(),
-        tenant_id: "t".into(),
+        snapshot_id: sid(id).to_string(),
+        tenant_id: tid("t").to_string(),
         computer_id: "c".into(),
         parent_snapshot_id: None,
         created_at: String::new(),
@@ -86,7 +112,7 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
     let (part, stats) = store
         .upload_file(
             &store.pin().await,
-            "t",
+            tid("t"),
             &src,
             1 << 20,
             Arc::new(move |n| {
@@ -107,14 +133,14 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
 
     let out = dir.path().join("restored");
     store
-        .materialize("t", &manifest("s", part.clone()), &part, &out, noop())
+        .materialize(tid("t"), &manifest("s", part.clone()), &part, &out, noop())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
 
     // The same content again uploads nothing new.
     let (again, stats) = store
-        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     assert_eq!(again, part);
@@ -128,7 +154,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     let store = SnapshotStore::local(&root).unwrap();
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"precious data")]);
     let (part, _) = store
-        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     let hash = part.chunks[0].unwrap();
@@ -141,7 +167,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
 
     let err = store
         .materialize(
-            "t",
+            tid("t"),
             &manifest("s", part.clone()),
             &part,
             &dir.path().join("out"),
@@ -158,7 +184,7 @@ async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     std::fs::remove_file(&on_disk).unwrap();
     let err = store
         .materialize(
-            "t",
+            tid("t"),
             &manifest("s", part.clone()),
             &part,
             &dir.path().join("out"),
@@ -177,11 +203,11 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     let a = sparse_file(dir.path(), "a", 8192, &[(0, &shared), (4096, &[2u8; 4096])]);
     let b = sparse_file(dir.path(), "b", 8192, &[(0, &shared), (4096, &[3u8; 4096])]);
     let (pa, _) = store
-        .upload_file(&store.pin().await, "t", &a, 4096, noop())
+        .upload_file(&store.pin().await, tid("t"), &a, 4096, noop())
         .await
         .unwrap();
     let (pb, sb) = store
-        .upload_file(&store.pin().await, "t", &b, 4096, noop())
+        .upload_file(&store.pin().await, tid("t"), &b, 4096, noop())
         .await
         .unwrap();
     assert_eq!(
@@ -191,23 +217,23 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     );
     store.put_manifest(&manifest("snap-a", pa.clone())).await.unwrap();
     store.put_manifest(&manifest("snap-b", pb.clone())).await.unwrap();
-    assert_eq!(store.get_manifest("snap-a").await.unwrap().memory, pa);
+    assert_eq!(store.get_manifest(sid("snap-a")).await.unwrap().memory, pa);
     assert!(matches!(
-        store.get_manifest("nope").await,
+        store.get_manifest(sid("nope")).await,
         Err(StoreError::MissingManifest(_))
     ));
 
     // Delete snapshot a: only its own chunk goes; b still restores whole.
-    store.delete_manifest("snap-a").await.unwrap();
+    store.delete_manifest(sid("snap-a")).await.unwrap();
     let deleted = store
         .collect_garbage(&[legacy("snap-b", "t")], Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(deleted, GcStats { deleted: 1, young: 0 });
-    let m = store.get_manifest("snap-b").await.unwrap();
+    let m = store.get_manifest(sid("snap-b")).await.unwrap();
     store.verify_present(&m).await.unwrap();
     store
-        .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join("b-out"), noop())
+        .materialize(tenant_of(&m), &m, &m.memory, &dir.path().join("b-out"), noop())
         .await
         .unwrap();
     assert_eq!(
@@ -218,7 +244,7 @@ async fn manifests_round_trip_and_garbage_collection_keeps_what_live_snapshots_n
     // Young chunks survive a collection even when nothing names them yet.
     let c = sparse_file(dir.path(), "c", 4096, &[(0, &[9u8; 4096])]);
     store
-        .upload_file(&store.pin().await, "t", &c, 4096, noop())
+        .upload_file(&store.pin().await, tid("t"), &c, 4096, noop())
         .await
         .unwrap();
     let deleted = store
@@ -240,7 +266,7 @@ fn encrypted_store(root: &Path) -> (SnapshotStore, Arc<MemoryKeyring>) {
 
 fn tenant_manifest(store: &SnapshotStore, id: &str, tenant: &str, part: Part) -> Manifest {
     Manifest {
-        tenant_id: tenant.into(),
+        tenant_id: tid(tenant).to_string(),
         chunk_names: store.chunk_names(),
         boot: None,
         ..manifest(id, part)
@@ -274,11 +300,11 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(4096, &marker)]);
 
     let (pa, sa) = store
-        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("a"), &src, 64 << 10, noop())
         .await
         .unwrap();
     let (pb, sb) = store
-        .upload_file(&store.pin().await, "b", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("b"), &src, 64 << 10, noop())
         .await
         .unwrap();
     assert!(sa.new_chunks > 0);
@@ -288,7 +314,7 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
     assert!(names(&pa).is_disjoint(&names(&pb)), "no chunk shared across tenants");
     // Within a tenant, deduplication still works.
     let (again, s) = store
-        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("a"), &src, 64 << 10, noop())
         .await
         .unwrap();
     assert_eq!(again, pa);
@@ -312,12 +338,12 @@ async fn encrypted_snapshots_round_trip_leave_no_plaintext_and_share_nothing_acr
         );
     }
     for (id, part) in [("sa", &pa), ("sb", &pb)] {
-        let m = store.get_manifest(id).await.unwrap();
+        let m = store.get_manifest(sid(id)).await.unwrap();
         assert_eq!(&m.memory, part);
         store.verify_present(&m).await.unwrap();
         let out = dir.path().join(format!("{id}-out"));
         store
-            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .materialize(tenant_of(&m), &m, &m.memory, &out, noop())
             .await
             .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
@@ -331,7 +357,7 @@ async fn a_tampered_encrypted_chunk_or_manifest_fails_authentication_by_name() {
     let (store, _) = encrypted_store(&root);
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(100, b"precious data")]);
     let (part, _) = store
-        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     store
@@ -345,38 +371,38 @@ async fn a_tampered_encrypted_chunk_or_manifest_fails_authentication_by_name() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&on_disk, &bytes).unwrap();
-    let m = store.get_manifest("s1").await.unwrap();
+    let m = store.get_manifest(sid("s1")).await.unwrap();
     let err = store
-        .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join("out"), noop())
+        .materialize(tenant_of(&m), &m, &m.memory, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
-        msg.contains("failed authentication") && msg.contains(&hash.to_hex()) && msg.contains("s1"),
+        msg.contains("failed authentication") && msg.contains(&hash.to_hex()) && msg.contains(&sid("s1").to_string()),
         "{msg}"
     );
     std::fs::write(&on_disk, &good).unwrap();
 
     // The manifest: a flipped byte, and a manifest moved to another snapshot's place.
-    let key = root.join(SnapshotStore::manifest_key("s1"));
+    let key = root.join(SnapshotStore::manifest_key(sid("s1")));
     let good = std::fs::read(&key).unwrap();
     let mut bytes = good.clone();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&key, &bytes).unwrap();
-    let err = store.get_manifest("s1").await.unwrap_err();
+    let err = store.get_manifest(sid("s1")).await.unwrap_err();
     assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
     assert!(
         err.to_string()
-            .contains("manifest of snapshot s1 failed authentication"),
+            .contains(&format!("manifest of snapshot {} failed authentication", sid("s1"))),
         "{err}"
     );
-    let moved = root.join(SnapshotStore::manifest_key("s2"));
+    let moved = root.join(SnapshotStore::manifest_key(sid("s2")));
     std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
     std::fs::write(&moved, &good).unwrap();
     assert!(matches!(
-        store.get_manifest("s2").await,
+        store.get_manifest(sid("s2")).await,
         Err(StoreError::Tampered { .. })
     ));
 }
@@ -389,7 +415,7 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
     // An old snapshot, taken without a key.
     let plain = SnapshotStore::local(&root).unwrap();
     let (pp, _) = plain
-        .upload_file(&plain.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&plain.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     plain
@@ -399,7 +425,7 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
     // A new one, with.
     let (store, _) = encrypted_store(&root);
     let (pe, _) = store
-        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     store
@@ -410,44 +436,49 @@ async fn encrypted_snapshots_need_their_key_and_plaintext_ones_stay_readable() {
 
     // The encrypted store reads both.
     for id in ["old", "new"] {
-        let m = store.get_manifest(id).await.unwrap();
+        let m = store.get_manifest(sid(id)).await.unwrap();
         let out = dir.path().join(id);
         store
-            .materialize(&m.tenant_id, &m, &m.memory, &out, noop())
+            .materialize(tenant_of(&m), &m, &m.memory, &out, noop())
             .await
             .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
     // Without a key: the old one only, and a clear answer for the new one.
-    assert!(plain.get_manifest("old").await.is_ok());
-    let err = plain.get_manifest("new").await.unwrap_err();
-    assert!(matches!(err, StoreError::Key(_)));
+    assert!(plain.get_manifest(sid("old")).await.is_ok());
+    let err = plain.get_manifest(sid("new")).await.unwrap_err();
     assert!(
-        err.to_string()
-            .contains("snapshot new is encrypted; start the server with its --master-key-file"),
-        "{err}"
+        matches!(&err, StoreError::Encrypted { snapshot } if *snapshot == sid("new").to_string()),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "snapshot {} is encrypted, and this store has no keys to open it",
+            sid("new")
+        )
     );
     let m = tenant_manifest(&store, "new", "t", pe.clone());
     let err = plain
-        .materialize(&m.tenant_id, &m, &pe, &dir.path().join("x"), noop())
+        .materialize(tenant_of(&m), &m, &pe, &dir.path().join("x"), noop())
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("is encrypted"), "{err}");
+    assert!(matches!(err, StoreError::Encrypted { .. }), "{err:?}");
     // Another keyring (another master key's data key for the tenant): nothing opens.
     let (other, keys) = encrypted_store(&root);
-    keys.insert(TenantKey::from_data_key("t", &[9; 32]));
+    keys.insert(TenantKey::from_data_key(&tid("t").to_string(), &[9; 32]));
     assert!(matches!(
-        other.get_manifest("new").await,
+        other.get_manifest(sid("new")).await,
         Err(StoreError::Tampered { .. })
     ));
     let err = other
-        .materialize(&m.tenant_id, &m, &pe, &dir.path().join("y"), noop())
+        .materialize(tenant_of(&m), &m, &pe, &dir.path().join("y"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Tampered { .. }), "{err:?}");
     // A tenant without a key: the keyring's answer.
     let (fresh, _) = encrypted_store(&root);
-    assert!(matches!(fresh.get_manifest("new").await, Err(StoreError::Key(_))));
+    assert!(matches!(fresh.get_manifest(sid("new")).await, Err(StoreError::Key(_))));
 }
 
 #[tokio::test]
@@ -459,22 +490,22 @@ async fn garbage_collection_keeps_live_encrypted_chunks_of_every_tenant() {
     let a = sparse_file(dir.path(), "a", 8192, &[(0, &shared), (4096, &[2u8; 4096])]);
     let b = sparse_file(dir.path(), "b", 8192, &[(0, &shared), (4096, &[3u8; 4096])]);
     let (pa1, _) = store
-        .upload_file(&store.pin().await, "ta", &a, 4096, noop())
+        .upload_file(&store.pin().await, tid("ta"), &a, 4096, noop())
         .await
         .unwrap();
     let (pa2, s) = store
-        .upload_file(&store.pin().await, "ta", &b, 4096, noop())
+        .upload_file(&store.pin().await, tid("ta"), &b, 4096, noop())
         .await
         .unwrap();
     assert_eq!((s.new_chunks, s.reused_chunks), (1, 1), "dedup within the tenant");
     let (pb, _) = store
-        .upload_file(&store.pin().await, "tb", &a, 4096, noop())
+        .upload_file(&store.pin().await, tid("tb"), &a, 4096, noop())
         .await
         .unwrap();
     // A plaintext snapshot in the same store (taken before the key was set).
     let plain = SnapshotStore::local(&root).unwrap();
     let (pp, _) = plain
-        .upload_file(&plain.pin().await, "ta", &a, 4096, noop())
+        .upload_file(&plain.pin().await, tid("ta"), &a, 4096, noop())
         .await
         .unwrap();
     plain
@@ -496,17 +527,17 @@ async fn garbage_collection_keeps_live_encrypted_chunks_of_every_tenant() {
     assert_eq!(objects(&root.join("chunks")).len(), 2 + 1 + 2 + 2);
 
     // a1 goes: only its own chunk (the 2s) is deleted.
-    store.delete_manifest("a1").await.unwrap();
+    store.delete_manifest(sid("a1")).await.unwrap();
     let live = [rec("a2", "ta", true), rec("b1", "tb", true), legacy("p", "ta")];
     let gc = store.collect_garbage(&live, Duration::ZERO).await.unwrap();
     assert_eq!(gc, GcStats { deleted: 1, young: 0 });
     assert!(!root.join(pa1.chunks[1].unwrap().key()).exists());
     for r in &live {
-        let id = &r.snapshot_id;
+        let id = r.snapshot_id.to_string();
         let m = store.get_manifest_of(r).await.unwrap();
         store.verify_present(&m).await.unwrap();
         store
-            .materialize(&m.tenant_id, &m, &m.memory, &dir.path().join(id), noop())
+            .materialize(tenant_of(&m), &m, &m.memory, &dir.path().join(id), noop())
             .await
             .unwrap();
     }
@@ -530,7 +561,7 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     let (store, _) = encrypted_store(&root);
     let secret = sparse_file(dir.path(), "b-ram", 1 << 20, &[(0, b"tenant b's secret")]);
     let (pb, _) = store
-        .upload_file(&store.pin().await, "b", &secret, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("b"), &secret, 1 << 20, noop())
         .await
         .unwrap();
     store
@@ -540,7 +571,7 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     let mine = sparse_file(dir.path(), "a-ram", 1 << 20, &[(0, b"tenant a's own")]);
     let plain = SnapshotStore::local(&root).unwrap();
     let (pa, _) = plain
-        .upload_file(&plain.pin().await, "a", &mine, 1 << 20, noop())
+        .upload_file(&plain.pin().await, tid("a"), &mine, 1 << 20, noop())
         .await
         .unwrap();
     plain
@@ -560,10 +591,14 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     };
     plain.put_manifest(&forged).await.unwrap();
     let err = store.get_manifest_of(&recorded).await.unwrap_err();
-    assert_eq!(err.damaged_snapshot(), Some("sa"), "{err:?}");
+    assert_eq!(err.damaged_snapshot(), Some(sid("sa")), "{err:?}");
     assert!(
-        err.to_string()
-            .contains("the manifest of snapshot sa names tenant b, but the snapshot is tenant a's"),
+        err.to_string().contains(&format!(
+            "the manifest of snapshot {} names tenant {}, but the snapshot is tenant {}'s",
+            sid("sa"),
+            tid("b"),
+            tid("a")
+        )),
         "{err}"
     );
     // Claiming tenant a instead: it reads, but b's sealed chunks are not plaintext chunks,
@@ -575,7 +610,10 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     plain.put_manifest(&forged).await.unwrap();
     let m = store.get_manifest_of(&recorded).await.unwrap();
     let out = dir.path().join("out");
-    let err = store.materialize("a", &m, &m.memory, &out, noop()).await.unwrap_err();
+    let err = store
+        .materialize(tid("a"), &m, &m.memory, &out, noop())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     assert!(!contains(&std::fs::read(&out).unwrap(), b"tenant b's secret"));
     // Or saying its chunks are sealed (so a's key would be tried): refused up front.
@@ -583,7 +621,7 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     json["version"] = 2.into();
     json["chunk_names"] = "sealed".into();
     let bytes = zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 3).unwrap();
-    std::fs::write(root.join(SnapshotStore::manifest_key("sa")), bytes).unwrap();
+    std::fs::write(root.join(SnapshotStore::manifest_key(sid("sa"))), bytes).unwrap();
     let err = store.get_manifest_of(&recorded).await.unwrap_err();
     assert!(
         err.to_string()
@@ -592,8 +630,11 @@ async fn a_legacy_manifest_naming_another_tenants_chunks_is_refused() {
     );
     // And a manifest handed in directly for another tenant than the restoring one.
     let mb = store.get_manifest_of(&rec("sb", "b", true)).await.unwrap();
-    let err = store.materialize("a", &mb, &mb.memory, &out, noop()).await.unwrap_err();
-    assert_eq!(err.damaged_snapshot(), Some("sb"), "{err:?}");
+    let err = store
+        .materialize(tid("a"), &mb, &mb.memory, &out, noop())
+        .await
+        .unwrap_err();
+    assert_eq!(err.damaged_snapshot(), Some(sid("sb")), "{err:?}");
 }
 
 /// Attack (b), audit 10b: any change to an unencrypted manifest in the store (here: its
@@ -606,12 +647,12 @@ async fn a_modified_unencrypted_manifest_is_refused_against_its_recorded_hash() 
     let store = keyed_store(&root);
     let src = sparse_file(dir.path(), "ram", 1 << 20, &[(0, b"the real machine")]);
     let (part, _) = store
-        .upload_file(&store.pin().await, "t", &src, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
         .await
         .unwrap();
     let m = tenant_manifest(&store, "s", "t", part);
     let written = store.put_manifest(&m).await.unwrap();
-    let key = root.join(SnapshotStore::manifest_key("s"));
+    let key = root.join(SnapshotStore::manifest_key(sid("s")));
     assert_eq!(written.bytes, std::fs::metadata(&key).unwrap().len());
     assert_eq!(written.hash, ManifestHash::of(&std::fs::read(&key).unwrap()));
     let recorded = Recorded {
@@ -622,7 +663,7 @@ async fn a_modified_unencrypted_manifest_is_refused_against_its_recorded_hash() 
 
     let other = sparse_file(dir.path(), "evil", 1 << 20, &[(0, b"the attacker's")]);
     let (evil, _) = store
-        .upload_file(&store.pin().await, "t", &other, 1 << 20, noop())
+        .upload_file(&store.pin().await, tid("t"), &other, 1 << 20, noop())
         .await
         .unwrap();
     for changed in [
@@ -637,16 +678,19 @@ async fn a_modified_unencrypted_manifest_is_refused_against_its_recorded_hash() 
     ] {
         std::fs::write(&key, changed.encode()).unwrap();
         let err = store.get_manifest_of(&recorded).await.unwrap_err();
-        assert_eq!(err.damaged_snapshot(), Some("s"), "{err:?}");
+        assert_eq!(err.damaged_snapshot(), Some(sid("s")), "{err:?}");
         assert_eq!(
             err.to_string(),
-            "the manifest of snapshot s does not match the one recorded when it was taken: it was modified in the store"
+            format!(
+                "the manifest of snapshot {} does not match the one recorded when it was taken: it was modified in the store",
+                sid("s")
+            )
         );
         let err = store
             .collect_garbage(std::slice::from_ref(&recorded), Duration::ZERO)
             .await
             .unwrap_err();
-        assert_eq!(err.damaged_snapshot(), Some("s"), "{err:?}");
+        assert_eq!(err.damaged_snapshot(), Some(sid("s")), "{err:?}");
         // Accepted as found only for a snapshot that has no recorded hash.
         assert!(store.get_manifest_of(&legacy("s", "t")).await.is_ok());
     }
@@ -665,7 +709,7 @@ async fn an_oversized_chunk_object_is_refused_from_its_size_unread() {
     let store = keyed_store(&root);
     let src = sparse_file(dir.path(), "ram", 64 << 10, &[(0, b"small")]);
     let (part, _) = store
-        .upload_file(&store.pin().await, "t", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("t"), &src, 64 << 10, noop())
         .await
         .unwrap();
     let hash = part.chunks[0].unwrap();
@@ -678,7 +722,7 @@ async fn an_oversized_chunk_object_is_refused_from_its_size_unread() {
         .unwrap();
     let m = tenant_manifest(&store, "s", "t", part);
     let err = store
-        .materialize("t", &m, &m.memory, &dir.path().join("out"), noop())
+        .materialize(tid("t"), &m, &m.memory, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
     let max = chunk::max_stored_len(64 << 10);
@@ -707,11 +751,11 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
         .collect();
     let src = sparse_file(dir.path(), "disk", 1 << 20, &[(0, &data), (600_000, &data)]);
     let (pa, sa) = store
-        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("a"), &src, 64 << 10, noop())
         .await
         .unwrap();
     let (pb, sb) = store
-        .upload_file(&store.pin().await, "b", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("b"), &src, 64 << 10, noop())
         .await
         .unwrap();
     assert!(sa.new_chunks > 0);
@@ -721,7 +765,7 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
     assert!(names(&pa).is_disjoint(&names(&pb)), "no chunk object shared");
     assert!(names(&pa).iter().all(|h| root.join(h.key()).exists()));
     let (again, s) = store
-        .upload_file(&store.pin().await, "a", &src, 64 << 10, noop())
+        .upload_file(&store.pin().await, tid("a"), &src, 64 << 10, noop())
         .await
         .unwrap();
     assert_eq!((again, s.new_chunks, s.uploaded_bytes), (pa.clone(), 0, 0));
@@ -729,7 +773,7 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
     // A legacy snapshot (plain BLAKE3 names, version 1) in the same store.
     let plain = SnapshotStore::local(&root).unwrap();
     let (pl, _) = plain
-        .upload_file(&plain.pin().await, "a", &src, 64 << 10, noop())
+        .upload_file(&plain.pin().await, tid("a"), &src, 64 << 10, noop())
         .await
         .unwrap();
     assert!(pl.stored_chunks().all(|h| h == ChunkHash::of(&chunk_at(&src, &pl, h))));
@@ -761,14 +805,14 @@ async fn unencrypted_tenants_share_no_chunks_and_see_no_deduplication_signal() {
     for r in &live {
         let m = store.get_manifest_of(r).await.unwrap();
         store.verify_present(&m).await.unwrap();
-        let out = dir.path().join(&r.snapshot_id);
-        store.materialize("a", &m, &m.memory, &out, noop()).await.unwrap();
+        let out = dir.path().join(r.snapshot_id.to_string());
+        store.materialize(tid("a"), &m, &m.memory, &out, noop()).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
     }
     // A keyed snapshot does not read without the naming keys it was written with.
     let m = store.get_manifest_of(&live[0]).await.unwrap();
     let err = plain
-        .materialize("a", &m, &m.memory, &dir.path().join("x"), noop())
+        .materialize(tid("a"), &m, &m.memory, &dir.path().join("x"), noop())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Config(_)), "{err:?}");

@@ -46,7 +46,7 @@ fn manifest(dir: &Path, key: Option<&Path>, snapshot: &str) -> Manifest {
             let master = stasis_server::encryption::load_master_key(key).unwrap();
             store = store.with_keyring(Arc::new(stasis_server::encryption::TenantKeys::new(db, master)));
         }
-        store.get_manifest(snapshot).await.unwrap()
+        store.get_manifest(snapshot.parse().unwrap()).await.unwrap()
     })
 }
 
@@ -346,7 +346,9 @@ fn without_a_master_key_tenants_share_no_chunk_and_a_modified_manifest_is_refuse
     let mut changed = manifest(dir.path(), None, &sm);
     changed.machine["vcpus"] = 8.into();
     std::fs::write(
-        dir.path().join("objects").join(SnapshotStore::manifest_key(&sm)),
+        dir.path()
+            .join("objects")
+            .join(SnapshotStore::manifest_key(sm.parse().unwrap())),
         changed.encode(),
     )
     .unwrap();

@@ -22,8 +22,8 @@ use crate::db::Db;
 use crate::error::{ApiError, ApiResult};
 use crate::images::Images;
 use crate::snapshots::boot_files::BootFiles;
-use crate::snapshots::cache::{Materialized, Materializer};
 use crate::snapshots::events::{self, EventBus};
+use stasis_store::{Materialized, Materializer};
 
 /// Default and largest exec timeouts, in seconds.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;
@@ -385,7 +385,7 @@ impl Computers {
                 stasis_store::StoreError::Config(format!("reading the record of snapshot {snapshot}: {e}"))
             })?;
         match recorded {
-            Some(r) if r.tenant_id == computer.tenant_id.to_string() => Ok(r),
+            Some(r) if r.tenant_id == computer.tenant_id => Ok(r),
             Some(_) => Err(stasis_store::StoreError::Config(format!(
                 "snapshot {snapshot} is not of computer {}'s tenant",
                 computer.id
@@ -534,7 +534,7 @@ impl Computers {
                 let reason = if damaged {
                     format!("snapshot {snapshot} is damaged and cannot be restored: {e}")
                 } else {
-                    format!("reading snapshot {snapshot}: {e}")
+                    format!("reading snapshot {snapshot}: {}", crate::encryption::explain(&e))
                 };
                 Err((reason, damaged))
             }

@@ -92,9 +92,14 @@ fn recorded_from_row(row: &AnyRow) -> Result<Recorded, sqlx::Error> {
                 sqlx::Error::Decode(format!("snapshot manifest hash {h:?} is not 64 hex digits").into())
             })?),
         };
+    let id = |col: &str| -> Result<String, sqlx::Error> { row.try_get(col) };
+    let decode = |col: &str, e: uuid::Error| sqlx::Error::ColumnDecode {
+        index: col.into(),
+        source: Box::new(e),
+    };
     Ok(Recorded {
-        snapshot_id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
+        snapshot_id: id("id")?.parse().map_err(|e| decode("id", e))?,
+        tenant_id: id("tenant_id")?.parse().map_err(|e| decode("tenant_id", e))?,
         sealed: row.try_get::<i64, _>("sealed")? != 0,
         manifest_hash,
     })
@@ -623,8 +628,8 @@ mod tests {
         assert_eq!(
             recorded,
             Recorded {
-                snapshot_id: s.id.to_string(),
-                tenant_id: t.to_string(),
+                snapshot_id: s.id,
+                tenant_id: t,
                 sealed: true,
                 manifest_hash: Some(ManifestHash::of(b"m")),
             }

@@ -63,12 +63,12 @@ impl BootFiles {
             return Ok(kept);
         }
         std::fs::create_dir_all(&self.root)
-            .and_then(|_| crate::snapshots::cache::secure_dir(&self.root))
+            .and_then(|_| stasis_store::secure_dir(&self.root))
             .map_err(|e| format!("preparing {}: {e}", self.root.display()))?;
         let tmp = self.root.join(format!(".{}.tmp", want.blake3));
         let _ = std::fs::remove_file(&tmp);
         self.store
-            .materialize(&recorded.tenant_id, manifest, part, &tmp, std::sync::Arc::new(|_| {}))
+            .materialize(recorded.tenant_id, manifest, part, &tmp, std::sync::Arc::new(|_| {}))
             .await
             .map_err(|e| format!("reading its {what} from the store: {e}"))?;
         let check = tmp.clone();

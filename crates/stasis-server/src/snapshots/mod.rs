@@ -3,7 +3,6 @@
 //! computers; soft delete with background collection of chunks nobody needs.
 
 pub mod boot_files;
-pub mod cache;
 pub mod events;
 pub mod routes;
 
@@ -56,7 +55,7 @@ pub struct Snapshots {
     store: SnapshotStore,
     computers: Arc<Computers>,
     events: Arc<EventBus>,
-    materializer: Arc<cache::Materializer>,
+    materializer: Arc<stasis_store::Materializer>,
     staging: PathBuf,
     /// One collection at a time.
     gc: tokio::sync::Mutex<()>,
@@ -89,7 +88,7 @@ impl Snapshots {
         store: SnapshotStore,
         computers: Arc<Computers>,
         events: Arc<EventBus>,
-        materializer: Arc<cache::Materializer>,
+        materializer: Arc<stasis_store::Materializer>,
         jobs: Arc<crate::jobs::Jobs>,
         (staging, shared_store): (PathBuf, bool),
     ) -> Arc<Snapshots> {
@@ -597,7 +596,7 @@ impl Snapshots {
             }
         });
         let started = Instant::now();
-        let tenant = record.snapshot.tenant_id.to_string();
+        let tenant = record.snapshot.tenant_id;
         let mut stats = UploadStats::default();
         let mut parts = Vec::new();
         let mut base = 0u64;
@@ -615,7 +614,7 @@ impl Snapshots {
             });
             let (part, s) = self
                 .store
-                .upload_file(&pin, &tenant, path, chunk_size, progress)
+                .upload_file(&pin, tenant, path, chunk_size, progress)
                 .await
                 .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
             base += part.size;
@@ -759,8 +758,9 @@ impl Snapshots {
         let result = async {
             let live = self.db.live_snapshots().await.map_err(|e| e.to_string())?;
             for id in self.db.deleted_snapshot_ids().await.map_err(|e| e.to_string())? {
+                let id: SnapshotId = id.parse().map_err(|e| format!("snapshot id {id:?}: {e}"))?;
                 if !live.iter().any(|r| r.snapshot_id == id) {
-                    self.store.delete_manifest(&id).await.map_err(|e| e.to_string())?;
+                    self.store.delete_manifest(id).await.map_err(|e| e.to_string())?;
                 }
             }
             match self.store.collect_garbage(&live, grace).await {
@@ -768,10 +768,10 @@ impl Snapshots {
                 Err(e) => {
                     // A live manifest modified in the store: that snapshot is damaged, as a
                     // restore would find; nothing is collected until it is deleted.
-                    if let Some(id) = e.damaged_snapshot().and_then(|id| id.parse().ok()) {
+                    if let Some(id) = e.damaged_snapshot() {
                         self.mark_damaged(id, &e).await;
                     }
-                    Err(e.to_string())
+                    Err(crate::encryption::explain(&e))
                 }
             }
         }

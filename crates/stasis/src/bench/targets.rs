@@ -452,7 +452,9 @@ pub async fn run() -> Result<()> {
         stasis_store::MEMORY_CHUNK_SIZE,
         stasis_store::DISK_CHUNK_SIZE,
     ]) {
-        store.upload_file(&pin, "bench", f, chunk, std::sync::Arc::new(|_| {})).await?;
+        store
+            .upload_file(&pin, stasis_types::TenantId::new(), f, chunk, std::sync::Arc::new(|_| {}))
+            .await?;
     }
     let ours = t.elapsed();
     drop(pin);

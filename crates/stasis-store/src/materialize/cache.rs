@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use stasis_store::{Manifest, Progress, Recorded, SnapshotStore, StoreError};
 use stasis_types::SnapshotId;
+
+use crate::{Manifest, Progress, Recorded, SnapshotStore, StoreError};
 
 pub struct Materializer {
     store: SnapshotStore,
@@ -122,7 +123,7 @@ impl Materializer {
             let tracker: Progress = Arc::new(move |done| p(base + done, total));
             if let Err(e) = self
                 .store
-                .materialize(&recorded.tenant_id, &manifest, part, path, tracker)
+                .materialize(recorded.tenant_id, &manifest, part, path, tracker)
                 .await
             {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -261,8 +262,7 @@ pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
         Err(e) => return Err(e),
     }
     let meta = std::fs::symlink_metadata(dir)?;
-    // SAFETY: geteuid takes nothing and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if !meta.file_type().is_dir() || meta.uid() != me {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
@@ -281,7 +281,7 @@ pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The machine's RAM (4 GiB when /proc/meminfo cannot tell).
-pub(crate) fn host_memory_bytes() -> u64 {
+pub fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -291,4 +291,38 @@ pub(crate) fn host_memory_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(4 << 30, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(dir: &Path) -> u32 {
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_ram_directory_is_made_owner_only_and_only_a_real_directory_of_ours_is_accepted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("memory");
+        secure_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // One an older version left open is tightened, and accepted.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        secure_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // A link (to a directory of ours, even) and a file are refused, naming the owner.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        for refused in [&link, &file] {
+            let err = secure_dir(refused).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+            assert!(err.to_string().contains(&format!("owned by uid {me}")), "{err}");
+        }
+    }
 }

@@ -1,0 +1,206 @@
+//! Materialization: a part of a snapshot rebuilt from the store into a local file (sparse:
+//! zero chunks stay holes), every chunk verified; the data ranges of sparse files; and the
+//! host's local copies of snapshots built from them (`cache`).
+
+pub mod cache;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use stasis_types::TenantId;
+
+use crate::chunk::{self, ChunkError, ChunkHash};
+use crate::codec::Codec;
+use crate::error::{io, modified, unauthentic};
+use crate::manifest::{Manifest, Part};
+use crate::{read_bounded, Progress, SnapshotStore, StoreError, PARALLEL};
+
+/// What every chunk of one part's materialization shares.
+struct PartWriter {
+    file: std::fs::File,
+    size: u64,
+    chunk_size: u64,
+    /// The most a stored chunk of this part can take.
+    max_stored: u64,
+    /// `None` when the part has no stored chunk (nothing to open).
+    codec: Option<Codec>,
+    store: Arc<dyn ObjectStore>,
+    /// For messages.
+    snapshot_id: Arc<str>,
+}
+
+impl SnapshotStore {
+    /// Rebuilds a part of `manifest` into `dest` (sparse: zero chunks stay holes), verifying
+    /// every chunk the way the manifest names them, with `tenant`'s keys: the snapshot's
+    /// tenant as the platform recorded it (a manifest naming another is refused). Each chunk
+    /// object is size-checked before its body is read.
+    pub async fn materialize(
+        &self,
+        tenant: TenantId,
+        manifest: &Manifest,
+        part: &Part,
+        dest: &Path,
+        progress: Progress,
+    ) -> Result<(), StoreError> {
+        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
+        let tenant = tenant.to_string();
+        if manifest.tenant_id != tenant {
+            return Err(modified(
+                &snapshot_id,
+                format!(
+                    "names tenant {}, but the snapshot is tenant {tenant}'s",
+                    manifest.tenant_id
+                ),
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dest)
+            .map_err(io(format!("creating {}", dest.display())))?;
+        file.set_len(part.size).map_err(io("sizing the file"))?;
+        let codec = if part.chunks.iter().any(Option::is_some) {
+            Some(self.codec(manifest.chunk_names, &tenant, false, &snapshot_id).await?)
+        } else {
+            None
+        };
+        let writer = Arc::new(PartWriter {
+            file,
+            size: part.size,
+            chunk_size: part.chunk_size as u64,
+            max_stored: chunk::max_stored_len(part.chunk_size),
+            codec,
+            store: self.store.clone(),
+            snapshot_id,
+        });
+        let done = Arc::new(AtomicU64::new(0));
+        // Owned items and handles: futures that borrow from the iterator are not `Send` for
+        // every lifetime, which spawned callers need.
+        futures::stream::iter(part.chunks.clone().into_iter().enumerate())
+            .map(|(index, hash)| {
+                let (writer, done, progress) = (writer.clone(), done.clone(), progress.clone());
+                async move {
+                    let len = writer.clone().chunk(index, hash).await?;
+                    progress(done.fetch_add(len, Ordering::Relaxed) + len);
+                    Ok::<(), StoreError>(())
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        writer.file.sync_all().map_err(io("syncing"))?;
+        Ok(())
+    }
+}
+
+impl PartWriter {
+    /// Writes chunk `index` (named `hash`, or a hole) in place; returns its length.
+    async fn chunk(self: Arc<Self>, index: usize, hash: Option<ChunkHash>) -> Result<u64, StoreError> {
+        let offset = index as u64 * self.chunk_size;
+        let len = (self.size - offset).min(self.chunk_size);
+        let (Some(hash), Some(codec)) = (hash, self.codec.clone()) else {
+            return Ok(len); // a hole: the sized file reads zeros there already
+        };
+        let stored = self.fetch(hash).await?;
+        tokio::task::spawn_blocking(move || self.write(&codec, hash, stored.as_ref(), offset, len))
+            .await
+            .expect("chunk writer does not panic")?;
+        Ok(len)
+    }
+
+    /// The stored object of chunk `hash`, refused unread when it is larger than any chunk.
+    async fn fetch(&self, hash: ChunkHash) -> Result<impl AsRef<[u8]> + Send + 'static, StoreError> {
+        let got = match self.store.get(&ObjectPath::from(hash.key())).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
+            Err(e) => return Err(e.into()),
+        };
+        let max = self.max_stored;
+        read_bounded(got, max).await?.map_err(|size| StoreError::Corrupt {
+            chunk: hash,
+            source: ChunkError::TooLarge { size, max },
+        })
+    }
+
+    /// Opens (verifies) a chunk of `len` bytes and writes it at `offset`.
+    fn write(&self, codec: &Codec, hash: ChunkHash, stored: &[u8], offset: u64, len: u64) -> Result<(), StoreError> {
+        let snapshot_id = &self.snapshot_id;
+        let raw = codec.open(stored, hash).map_err(|source| match source {
+            ChunkError::Authentication => unauthentic(snapshot_id, format!("chunk {hash} of snapshot {snapshot_id}")),
+            source => StoreError::Corrupt { chunk: hash, source },
+        })?;
+        if raw.len() as u64 != len {
+            return Err(StoreError::Corrupt {
+                chunk: hash,
+                source: ChunkError::Length(raw.len()),
+            });
+        }
+        self.file.write_all_at(&raw, offset).map_err(io("writing a chunk"))
+    }
+}
+
+/// Data (non-hole) ranges of a file, from SEEK_DATA/SEEK_HOLE; the whole file where the file
+/// system cannot tell.
+pub(crate) struct DataRanges(Vec<(u64, u64)>);
+
+impl DataRanges {
+    pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.0.iter().any(|&(s, e)| s < end && start < e)
+    }
+}
+
+pub(crate) fn data_ranges(file: &std::fs::File, size: u64) -> DataRanges {
+    use rustix::fs::{seek, SeekFrom};
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            Err(rustix::io::Errno::NXIO) => break, // no more data
+            Err(_) => return DataRanges(vec![(0, size)]),
+        };
+        let Ok(hole) = seek(file, SeekFrom::Hole(data)) else {
+            return DataRanges(vec![(0, size)]);
+        };
+        ranges.push((data, hole));
+        pos = hole;
+    }
+    DataRanges(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::sparse_file;
+
+    #[test]
+    fn data_ranges_find_the_data_and_skip_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = 1024u64;
+        let path = sparse_file(
+            dir.path(),
+            "f",
+            1024 * k,
+            &[(256 * k, &[1; 4096]), (768 * k, &[2; 100])],
+        );
+        let file = std::fs::File::open(&path).unwrap();
+        let ranges = data_ranges(&file, 1024 * k);
+        assert!(ranges.overlaps(256 * k, 256 * k + 4096) && ranges.overlaps(768 * k, 768 * k + 100));
+        // Where the file system can tell (this test's does), holes are no data.
+        assert_eq!(ranges.0, [(256 * k, 260 * k), (768 * k, 772 * k)]);
+        assert!(
+            !ranges.overlaps(0, 256 * k) && !ranges.overlaps(260 * k, 768 * k) && !ranges.overlaps(772 * k, 1024 * k)
+        );
+        // All hole: no data at all. Empty: nothing to look at.
+        let path = sparse_file(dir.path(), "holes", 1024 * k, &[]);
+        assert!(data_ranges(&std::fs::File::open(&path).unwrap(), 1024 * k).0.is_empty());
+        let path = sparse_file(dir.path(), "empty", 0, &[]);
+        assert!(data_ranges(&std::fs::File::open(&path).unwrap(), 0).0.is_empty());
+    }
+}

@@ -1,0 +1,231 @@
+//! Uploads: a file is cut into chunks, and each chunk is read, named (hashed), compressed
+//! (or sealed) and stored, several at once; all-zero chunks are not stored, and chunks the
+//! store already has are not uploaded again.
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use stasis_types::TenantId;
+
+use crate::chunk::{self, ChunkHash};
+use crate::codec::Codec;
+use crate::error::io;
+use crate::manifest::{Manifest, Part};
+use crate::materialize::{data_ranges, DataRanges};
+use crate::{Pin, Progress, SnapshotStore, StoreError, PARALLEL};
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Bytes of the file (its logical size).
+    pub raw_bytes: u64,
+    /// Bytes in all-zero chunks (not stored).
+    pub zero_bytes: u64,
+    /// Chunks written to the store by this upload, and their stored (compressed) size.
+    pub new_chunks: u64,
+    pub uploaded_bytes: u64,
+    /// Chunks the store already had.
+    pub reused_chunks: u64,
+    /// Stored (compressed) size of every distinct chunk the file needs, new or reused.
+    pub stored_bytes: u64,
+}
+
+impl UploadStats {
+    pub fn add(&mut self, other: UploadStats) {
+        self.raw_bytes += other.raw_bytes;
+        self.zero_bytes += other.zero_bytes;
+        self.new_chunks += other.new_chunks;
+        self.uploaded_bytes += other.uploaded_bytes;
+        self.reused_chunks += other.reused_chunks;
+        self.stored_bytes += other.stored_bytes;
+    }
+}
+
+/// What became of one chunk, with the stored size of the object it is kept in.
+enum Outcome {
+    Zero,
+    Reused(u64),
+    New(u64),
+}
+
+/// One chunk done: where it sits in the file, its name (none when all zero), its outcome.
+struct Chunked {
+    index: usize,
+    len: u64,
+    hash: Option<ChunkHash>,
+    outcome: Outcome,
+}
+
+/// What every chunk of one file's upload shares.
+struct FileUpload {
+    file: std::fs::File,
+    size: u64,
+    chunk_size: u64,
+    data: DataRanges,
+    codec: Codec,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl SnapshotStore {
+    /// Cuts `path` into chunks and stores the ones the store lacks; `tenant`'s key seals them
+    /// if the store is encrypted.
+    pub async fn upload_file(
+        &self,
+        _pin: &Pin,
+        tenant: TenantId,
+        path: &Path,
+        chunk_size: u32,
+        progress: Progress,
+    ) -> Result<(Part, UploadStats), StoreError> {
+        let file = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+        let size = file.metadata().map_err(io("stat"))?.len();
+        let data = data_ranges(&file, size);
+        let count = size.div_ceil(chunk_size as u64) as usize;
+        let codec = self
+            .codec(self.chunk_names(), &tenant.to_string(), true, "being uploaded")
+            .await?;
+        let upload = Arc::new(FileUpload {
+            file,
+            size,
+            chunk_size: chunk_size as u64,
+            data,
+            codec,
+            store: self.store.clone(),
+        });
+        let done = Arc::new(AtomicU64::new(0));
+        let chunks: Vec<Chunked> = futures::stream::iter(0..count)
+            .map(|index| {
+                let (upload, done, progress) = (upload.clone(), done.clone(), progress.clone());
+                async move {
+                    let chunk = upload.chunk(index).await?;
+                    progress(done.fetch_add(chunk.len, Ordering::Relaxed) + chunk.len);
+                    Ok::<_, StoreError>(chunk)
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        Ok(tally(size, chunk_size, count, chunks))
+    }
+
+    /// Checks that every chunk the manifest names is in the store.
+    pub async fn verify_present(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        futures::stream::iter(manifest.chunk_set())
+            .map(|h| {
+                let store = self.store.clone();
+                async move {
+                    match store.head(&ObjectPath::from(h.key())).await {
+                        Ok(_) => Ok(()),
+                        Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingChunk(h)),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL * 4)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+}
+
+impl FileUpload {
+    /// Chunk `index`: read, named, and stored unless it is all zeros or already stored.
+    async fn chunk(self: Arc<Self>, index: usize) -> Result<Chunked, StoreError> {
+        let start = index as u64 * self.chunk_size;
+        let len = (self.size - start).min(self.chunk_size);
+        let (hash, outcome) = match self.clone().read(start, len).await? {
+            None => (None, Outcome::Zero),
+            Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
+        };
+        Ok(Chunked {
+            index,
+            len,
+            hash,
+            outcome,
+        })
+    }
+
+    /// The chunk's bytes and name; `None` when they are all zeros (a hole is not even read).
+    async fn read(self: Arc<Self>, start: u64, len: u64) -> Result<Option<(ChunkHash, Vec<u8>)>, StoreError> {
+        if !self.data.overlaps(start, start + len) {
+            return Ok(None);
+        }
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
+            let mut buf = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut buf, start)?;
+            if chunk::is_zero(&buf) {
+                return Ok(None);
+            }
+            Ok(Some((self.codec.name(&buf), buf)))
+        })
+        .await
+        .expect("chunk reader does not panic")
+        .map_err(io("reading a chunk"))
+    }
+
+    /// Stores the chunk named `hash` unless the store has it already.
+    async fn store_chunk(&self, hash: ChunkHash, raw: Vec<u8>) -> Result<Outcome, StoreError> {
+        let key = ObjectPath::from(hash.key());
+        match self.store.head(&key).await {
+            Ok(meta) => return Ok(Outcome::Reused(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let codec = self.codec.clone();
+        let stored = tokio::task::spawn_blocking(move || codec.encode(hash, &raw))
+            .await
+            .expect("compression does not panic");
+        let n = stored.len() as u64;
+        self.store.put(&key, PutPayload::from(stored)).await?;
+        Ok(Outcome::New(n))
+    }
+}
+
+/// The part the chunks make up, and what storing them did.
+fn tally(size: u64, chunk_size: u32, count: usize, done: Vec<Chunked>) -> (Part, UploadStats) {
+    let mut chunks = vec![None; count];
+    let mut stats = UploadStats {
+        raw_bytes: size,
+        ..Default::default()
+    };
+    let mut distinct = HashSet::new();
+    for Chunked {
+        index,
+        len,
+        hash,
+        outcome,
+    } in done
+    {
+        chunks[index] = hash;
+        let stored = match outcome {
+            Outcome::Zero => {
+                stats.zero_bytes += len;
+                0
+            }
+            Outcome::Reused(n) => {
+                stats.reused_chunks += 1;
+                n
+            }
+            Outcome::New(n) => {
+                stats.new_chunks += 1;
+                stats.uploaded_bytes += n;
+                n
+            }
+        };
+        if hash.is_some_and(|h| distinct.insert(h)) {
+            stats.stored_bytes += stored;
+        }
+    }
+    let part = Part {
+        size,
+        chunk_size,
+        chunks,
+    };
+    (part, stats)
+}
