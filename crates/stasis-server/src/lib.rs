@@ -91,6 +91,8 @@ pub struct Config {
     pub confine: Confine,
     /// Each computer's disk ceiling (None: none).
     pub disk_limits: Option<stasis_vmm::vm::DiskLimits>,
+    /// The CPU model machines get: `auto`, `host` or a QEMU model (see [`stasis_vmm::cpu`]).
+    pub cpu_model: String,
     /// Encryption at rest: a file holding the master key (64 hex digits); None: snapshots are
     /// stored unencrypted.
     pub master_key_file: Option<PathBuf>,
@@ -338,6 +340,8 @@ impl Platform {
             tsc_khz: stasis_vmm::accel::host_tsc_khz(),
             jail: jail_settings(config.confine, &config.data_dir, &config.qemu_binary)?,
             disk_limits: config.disk_limits,
+            cpu_model: stasis_vmm::cpu::resolve(&config.cpu_model, &config.qemu_binary, config.accel)
+                .map_err(|e| format!("choosing the CPU model: {e}"))?,
             capacity_mib: config.capacity_mib,
             host_id: match &config.role {
                 Role::Host { id, .. } => Some(id.clone()),

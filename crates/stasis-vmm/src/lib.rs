@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cpu;
 pub mod description;
 pub mod host;
 pub mod jail;

@@ -271,6 +271,11 @@ struct Machines {
     /// seccomp): auto (when running as root), on (refuse to start without it) or off.
     #[arg(long, default_value = "auto", env = "STASIS_CONFINE")]
     confine: stasis_server::Confine,
+    /// The CPU model computers get. auto: max under TCG; under KVM the newest named model of
+    /// this CPU's vendor the host runs fully (snapshots then move between hosts of one CPU
+    /// generation). host: -cpu host (KVM only). Or any QEMU model this host runs
+    #[arg(long, default_value = "auto", env = "STASIS_CPU_MODEL")]
+    cpu_model: String,
     /// Each computer's disk traffic ceiling in MiB/s, reads and writes together (0: none).
     #[arg(long, default_value_t = 256, env = "STASIS_DISK_MBPS")]
     disk_mbps: u64,
@@ -635,6 +640,7 @@ impl Machines {
             capacity_mib: Some(self.capacity_mib()),
             limits: Default::default(),
             confine: self.confine,
+            cpu_model: self.cpu_model.clone(),
             disk_limits: (self.disk_mbps > 0 || self.disk_iops > 0).then_some(stasis_vmm::vm::DiskLimits {
                 bytes_per_sec: self.disk_mbps << 20,
                 iops: self.disk_iops,

@@ -39,6 +39,8 @@ pub struct RuntimeSettings {
     pub jail: Option<stasis_vmm::jail::JailSettings>,
     /// Each computer's disk ceiling (None: none).
     pub disk_limits: Option<stasis_vmm::vm::DiskLimits>,
+    /// The `-cpu` model machines get (None: the accelerator's default).
+    pub cpu_model: Option<String>,
     /// Memory (MiB) this platform lends to computers; creates, restores and starts beyond it
     /// are refused (409 `INSUFFICIENT_CAPACITY`). None: no limit.
     pub capacity_mib: Option<u64>,
@@ -414,7 +416,7 @@ impl Computers {
             tsc_khz: self.settings.tsc_khz,
             jail: self.settings.jail.clone(),
             disk_limits: self.settings.disk_limits,
-            cpu_model: None,
+            cpu_model: self.settings.cpu_model.clone(),
         }
     }
 
@@ -423,7 +425,11 @@ impl Computers {
         HostMachine {
             qemu: stasis_vmm::accel::qemu_version(&self.settings.qemu_binary).map(Into::into),
             kvm: self.settings.accel == Accel::Kvm,
-            kvm_cpu_model: stasis_vmm::description::default_cpu_model(Accel::Kvm).into(),
+            kvm_cpu_model: self
+                .settings
+                .cpu_model
+                .clone()
+                .unwrap_or_else(|| stasis_vmm::description::default_cpu_model(Accel::Kvm).into()),
         }
     }
 

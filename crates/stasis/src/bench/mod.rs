@@ -109,6 +109,7 @@ impl LocalPlatform {
             confine,
             // What `stasis serve` would apply (its flags' variables are honoured here too).
             disk_limits: bench_disk_limits(),
+            cpu_model: std::env::var("STASIS_CPU_MODEL").unwrap_or_else(|_| "auto".into()),
             master_key_file,
         };
         let platform = stasis_server::Platform::open(&config)
