@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::process::Process;
+use crate::process::{Process, Signal};
 use crate::qmp::Qmp;
 use crate::vm::{connect_qmp, spawn_qemu, Launch, MachineConfig, Vm, VmError, VmPaths};
 
@@ -332,7 +332,7 @@ async fn base_node(qmp: &Qmp, base: &Path) -> Result<String, VmError> {
 
 async fn stop_twin(twin: &Process) {
     if tokio::time::timeout(Duration::from_secs(3), twin.wait()).await.is_err() {
-        twin.signal(libc::SIGKILL);
+        twin.signal(Signal::KILL);
         let _ = tokio::time::timeout(Duration::from_secs(5), twin.wait()).await;
     }
 }
