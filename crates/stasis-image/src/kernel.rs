@@ -139,8 +139,7 @@ fn find_files(root: &Path) -> Vec<PathBuf> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// The uid of a system user, from /etc/passwd.

@@ -229,17 +229,14 @@ struct FileLock {
 
 impl FileLock {
     fn exclusive(path: &Path) -> Result<Self, ImageError> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err("locking the image cache")(std::io::Error::last_os_error()));
-        }
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err("locking the image cache")(e.into()))?;
         Ok(FileLock { _file: file })
     }
 }

@@ -25,8 +25,7 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
     if dir.join("rootfs.json").exists() {
         return Ok(Rootfs { key, tree });
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err(ImageError::Invalid(
             "building the guest root file system runs debootstrap, which needs root".into(),
         ));

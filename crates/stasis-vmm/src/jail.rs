@@ -694,7 +694,7 @@ impl JailPlan {
         unsafe {
             // The platform's umask (077) would make the jail's directories unreadable to
             // QEMU's user; QEMU gets it back before it starts.
-            libc::umask(0o022);
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
             for procs in &self.cgroup_procs {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 check(fd, "joining the cgroup")?;
@@ -800,8 +800,8 @@ impl JailPlan {
             check(libc::setresgid(self.gid, self.gid, self.gid), "setresgid")?;
             check(libc::setresuid(self.uid, self.uid, self.uid), "setresuid")?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")?;
-            libc::umask(0o077);
         }
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         Ok(())
     }
 }

@@ -3,6 +3,8 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
+pub use rustix::process::Signal;
+use rustix::process::{Pid, PidfdFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
@@ -86,13 +88,7 @@ impl Process {
 
     /// Like [`Process::attach`], and runs `cleanup` once the process is gone.
     pub fn attach_then(pid: u32, cleanup: Option<Box<dyn FnOnce() + Send>>) -> std::io::Result<Process> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly opened descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = pidfd_open(pid)?;
         // SAFETY: the OwnedFd is open and moves into the AsyncFd, which owns it until dropped.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
@@ -132,13 +128,26 @@ impl Process {
         }
     }
 
-    pub fn signal(&self, sig: i32) {
-        if self.exited().is_none() && self.pid > 0 {
-            // SAFETY: kill takes no pointers. The process has not been reaped yet (our waiter
-            // has not reported an exit), so the pid still names it.
-            unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+    pub fn signal(&self, sig: Signal) {
+        if self.exited().is_none() {
+            // The process has not been reaped yet (our waiter has not reported an exit), so
+            // the pid still names it.
+            if let Some(pid) = pid_of(self.pid) {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
         }
     }
+}
+
+/// A positive pid as rustix's type (None for 0 and for what no pid can be).
+pub fn pid_of(pid: u32) -> Option<Pid> {
+    i32::try_from(pid).ok().and_then(Pid::from_raw)
+}
+
+/// `pidfd_open(pid, 0)`; a pid that cannot name a process fails as the kernel would (EINVAL).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = pid_of(pid).ok_or(rustix::io::Errno::INVAL)?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Descriptors a child inherits at fixed numbers (QEMU's `fd=N` options name them).
@@ -232,33 +241,21 @@ impl Default for FdMap {
 /// Kills a process that is not our child and waits (up to `limit`) until it is gone, so
 /// nothing of it can still touch its files when we do. Returns whether it is gone.
 pub fn kill_and_wait(pid: u32, limit: std::time::Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
         // ESRCH: already gone.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    }
-    // SAFETY: fd is a freshly opened descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: pidfd_send_signal on the pidfd we hold, no siginfo, no flags.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            raw,
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
+        Err(e) => return e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()),
     };
-    let mut pfd = libc::pollfd {
-        fd: raw,
-        events: libc::POLLIN,
-        revents: 0,
+    let _ = rustix::process::pidfd_send_signal(&fd, Signal::KILL);
+    // A pidfd turns readable when its process has exited. The wait is in whole milliseconds,
+    // as poll(2) takes it.
+    let ms = limit.as_millis().min(i32::MAX as u128) as u64;
+    let timeout = rustix::event::Timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as _,
     };
-    // SAFETY: poll on one valid pollfd; a pidfd turns readable when its process has exited.
-    let ready = unsafe { libc::poll(&mut pfd, 1, limit.as_millis().min(i32::MAX as u128) as i32) };
-    ready > 0
+    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
 }
 
 /// Whether a live process with this pid has a command line containing `needle`.
@@ -285,7 +282,7 @@ mod tests {
         let mut cmd = tokio::process::Command::new("sleep");
         cmd.arg("30");
         let p = Process::spawn(cmd).unwrap();
-        p.signal(libc::SIGKILL);
+        p.signal(Signal::KILL);
         let exit = p.wait().await;
         assert_eq!(exit, Exit::Signal(libc::SIGKILL));
         assert_eq!(exit.to_string(), "killed by signal 9 (SIGKILL)");
@@ -314,6 +311,10 @@ mod tests {
         let reaper = std::thread::spawn(move || child.wait().unwrap());
         assert!(kill_and_wait(pid, std::time::Duration::from_secs(5)));
         assert!(!reaper.join().unwrap().success());
+        // Gone and reaped: pidfd_open fails with ESRCH, which counts as gone.
+        assert!(kill_and_wait(pid, std::time::Duration::from_secs(5)));
+        // No pid at all: not a process that is gone.
+        assert!(!kill_and_wait(0, std::time::Duration::from_secs(5)));
     }
 
     #[tokio::test]

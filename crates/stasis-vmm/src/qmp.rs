@@ -4,6 +4,9 @@
 //! a bounded [`LineReader`]: a line past [`MAX_QMP_LINE_BYTES`] is skipped without being held.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -187,8 +190,7 @@ impl Qmp {
 
     /// Hands QEMU an open file as `name` (`getfd`: the descriptor travels with the command as
     /// SCM_RIGHTS), for `fd:name` migration URIs. QEMU keeps its own copy.
-    pub async fn send_fd(&self, name: &str, file: &impl std::os::fd::AsRawFd) -> Result<(), QmpError> {
-        use std::os::fd::AsRawFd;
+    pub async fn send_fd(&self, name: &str, file: &impl AsFd) -> Result<(), QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
@@ -200,7 +202,7 @@ impl Qmp {
             let socket: &UnixStream = w.as_ref();
             loop {
                 socket.writable().await?;
-                match send_with_fd(socket.as_raw_fd(), &line, file.as_raw_fd()) {
+                match send_with_fd(socket.as_fd(), &line, file.as_fd()) {
                     Ok(n) if n == line.len() => break,
                     Ok(_) => {
                         self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -289,39 +291,65 @@ impl Qmp {
 }
 
 /// One `sendmsg` of `data` carrying `fd` as SCM_RIGHTS.
-fn send_with_fd(socket: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
-    let fd_len = std::mem::size_of::<std::os::fd::RawFd>() as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
-    let mut control = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is a valid empty one; every pointer set below outlives the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes, room for one header and one descriptor, so
-    // CMSG_FIRSTHDR is non-null and CMSG_DATA lies inside the buffer.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as _;
-        std::ptr::copy_nonoverlapping(
-            &fd as *const std::os::fd::RawFd as *const u8,
-            libc::CMSG_DATA(cmsg),
-            fd_len as usize,
-        );
+fn send_with_fd(socket: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let fds = [fd];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other(
+            "no room for the descriptor in the control buffer",
+        ));
     }
-    // SAFETY: socket is an open descriptor and msg is fully initialised above.
-    let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    Ok(sendmsg(
+        socket,
+        &[IoSlice::new(data)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{IoSliceMut, Read, Seek, Write};
+
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+    use super::*;
+
+    #[test]
+    fn a_descriptor_travels_with_its_line() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        let line = b"{\"execute\": \"getfd\"}\n";
+        assert_eq!(send_with_fd(ours.as_fd(), line, file.as_fd()).unwrap(), line.len());
+
+        let mut buf = [0u8; 64];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(
+            &theirs,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(&buf[..got.bytes], line);
+        let mut fds: Vec<_> = control
+            .drain()
+            .flat_map(|m| match m {
+                RecvAncillaryMessage::ScmRights(fds) => fds.collect::<Vec<_>>(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(fds.len(), 1, "one descriptor, as SCM_RIGHTS");
+
+        // The received descriptor is the same open file.
+        let mut received = std::fs::File::from(fds.pop().unwrap());
+        received.write_all(b"through the socket").unwrap();
+        file.rewind().unwrap();
+        let mut back = String::new();
+        file.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "through the socket");
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::process::Process;
+use crate::process::{Process, Signal};
 use crate::qmp::Qmp;
 use crate::vm::{connect_qmp, spawn_qemu, Launch, MachineConfig, Vm, VmError, VmPaths};
 
@@ -332,7 +332,7 @@ async fn base_node(qmp: &Qmp, base: &Path) -> Result<String, VmError> {
 
 async fn stop_twin(twin: &Process) {
     if tokio::time::timeout(Duration::from_secs(3), twin.wait()).await.is_err() {
-        twin.signal(libc::SIGKILL);
+        twin.signal(Signal::KILL);
         let _ = tokio::time::timeout(Duration::from_secs(5), twin.wait()).await;
     }
 }
@@ -468,44 +468,6 @@ pub async fn wait_migration(qmp: &Qmp, limit: Duration) -> Result<(), VmError> {
     }
 }
 
-/// Copies a file keeping holes (and skipping all-zero blocks) so sparse RAM stays sparse.
-pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-    let input = std::fs::File::open(src)?;
-    let size = input.metadata()?.len();
-    let output = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(dst)?;
-    output.set_len(size)?;
-    let fd = input.as_raw_fd();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos: u64 = 0;
-    while pos < size {
-        // SAFETY: lseek on a descriptor we hold open; no pointers.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size } else { hole as u64 };
-        let mut at = data as u64;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            input.read_exact_at(&mut buf[..n], at)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                output.write_all_at(&buf[..n], at)?;
-            }
-            at += n as u64;
-        }
-        pos = end;
-    }
-    Ok(())
-}
-
 /// How long flattening a disk may take before it is given up.
 const FLATTEN_LIMIT: Duration = Duration::from_secs(600);
 
@@ -631,26 +593,4 @@ pub async fn flatten_disk(
         )));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sparse_copy_keeps_content_and_holes() {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        let f = std::fs::File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.write_all_at(b"start", 0).unwrap();
-        f.write_all_at(&[0u8; 1 << 20], 8 << 20).unwrap(); // written zeros
-        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
-        let dst = dir.path().join("dst");
-        sparse_copy(&src, &dst).unwrap();
-        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
-        assert!(blocks < 4 << 20, "the copy stays sparse ({blocks} bytes allocated)");
-    }
 }

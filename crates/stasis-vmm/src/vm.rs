@@ -15,7 +15,7 @@ use stasis_agent_proto::{ExecRequest, ExecResult, Op, Reply};
 use crate::accel::Accel;
 use crate::agent::{AgentClient, AgentError};
 use crate::jail::{JailPlan, JailSettings, Limits, Visible};
-use crate::process::{Exit, Process};
+use crate::process::{Exit, Process, Signal};
 use crate::qmp::{Qmp, QmpError};
 
 /// How long a cold boot may take before it is declared failed. TCG boots take ~4 s alone and
@@ -487,7 +487,7 @@ impl Vm {
             Ok::<_, VmError>(())
         };
         if let Err(e) = race_exit(&process, &paths, "while restoring", incoming).await {
-            process.signal(libc::SIGKILL);
+            process.signal(Signal::KILL);
             return Err(e);
         }
         // Only now: a host connecting to the agent port while the device state is still
@@ -545,8 +545,10 @@ impl Vm {
             Ok(vm) => vm,
             Err(e) => {
                 // A QEMU we cannot drive is of no use to anyone: do not leave it behind.
-                // SAFETY: kill takes no pointers; the pid was verified to be this machine's QEMU.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                // The pid was verified to be this machine's QEMU.
+                if let Some(pid) = crate::process::pid_of(pid) {
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                }
                 return Err(e);
             }
         };
@@ -598,7 +600,7 @@ impl Vm {
         let agent = match tokio::join!(throttle, connect) {
             (Ok(()), Ok(a)) => a,
             (Err(e), _) | (_, Err(e)) => {
-                process.signal(libc::SIGKILL);
+                process.signal(Signal::KILL);
                 return Err(e);
             }
         };
@@ -720,7 +722,7 @@ impl Vm {
 
     /// Kills QEMU at once.
     pub fn kill(&self) {
-        self.process.signal(libc::SIGKILL);
+        self.process.signal(Signal::KILL);
     }
 
     /// The last lines the guest printed on its console, for error reports.
@@ -953,7 +955,7 @@ pub(crate) async fn connect_qmp(process: &Process, paths: &VmPaths, wait: Durati
     match race_exit(process, paths, "while starting", Qmp::connect(&paths.qmp(), wait)).await {
         Ok(q) => Ok(q),
         Err(e) => {
-            process.signal(libc::SIGKILL);
+            process.signal(Signal::KILL);
             Err(e)
         }
     }

@@ -100,8 +100,10 @@ async fn a_killed_qemu_is_reported_with_its_signal() {
     let vm = Vm::boot(machine(dir.path(), "kill-test", 256), paths(dir.path()))
         .await
         .expect("the guest boots");
-    // SAFETY: kill takes no pointers; the pid is our live QEMU child.
-    unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+    let _ = rustix::process::kill_process(
+        stasis_vmm::process::pid_of(vm.pid()).expect("a live pid"),
+        rustix::process::Signal::KILL,
+    );
     let err = vm.exec(bash("sleep 5", 10_000)).await.unwrap_err();
     assert!(err.to_string().contains("SIGKILL"), "{err}");
 }

@@ -435,10 +435,7 @@ fn init_logging() {
 fn main() {
     // Everything this process and its QEMUs create (disks, RAM files, sockets, logs, the
     // database) is owner-only.
-    // SAFETY: umask only sets the process's file-creation mask; no memory is involved.
-    unsafe {
-        libc::umask(0o077);
-    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

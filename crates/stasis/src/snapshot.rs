@@ -314,6 +314,59 @@ fn describe(e: &Event) -> String {
     line
 }
 
+/// Turns the bytes of an event stream, as they come off the network, into events. Bytes are
+/// kept until their line is complete and only then decoded, so a character whose bytes arrive in
+/// two chunks is read whole (a `\n` byte is never part of a multi-byte UTF-8 character).
+#[derive(Default)]
+struct EventReader {
+    /// The bytes of the line not yet complete.
+    partial: Vec<u8>,
+    name: String,
+    id: Option<String>,
+    data: String,
+}
+
+impl EventReader {
+    /// Takes the next chunk; returns the events it completed, in order.
+    fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
+        self.partial.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        let mut start = 0;
+        while let Some(nl) = self.partial[start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&self.partial[start..start + nl]).into_owned();
+            start += nl + 1;
+            events.extend(self.line(line.trim_end_matches('\r')));
+        }
+        self.partial.drain(..start);
+        events
+    }
+
+    /// One complete line: a field, or (empty) the end of an event.
+    fn line(&mut self, line: &str) -> Option<Event> {
+        if line.is_empty() {
+            if self.data.is_empty() && self.name.is_empty() {
+                return None;
+            }
+            return Some(Event {
+                name: std::mem::take(&mut self.name),
+                id: self.id.take(),
+                data: std::mem::take(&mut self.data),
+            });
+        }
+        if let Some(v) = line.strip_prefix("event:") {
+            self.name = v.trim_start().to_string();
+        } else if let Some(v) = line.strip_prefix("id:") {
+            self.id = Some(v.trim_start().to_string());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !self.data.is_empty() {
+                self.data.push('\n');
+            }
+            self.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+        None
+    }
+}
+
 /// Reads the event stream (Bearer auth; a dropped connection is resumed with `Last-Event-ID`)
 /// until a final event. Returns the last status seen, or None if the stream could not be had
 /// (the caller then polls).
@@ -346,43 +399,20 @@ async fn follow_stream(
             }
         };
         let mut body = resp.bytes_stream();
-        let mut buf = String::new();
-        let mut current = (String::new(), None::<String>, String::new());
+        let mut events = EventReader::default();
         while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(nl) = buf.find('\n') {
-                let line = buf[..nl].trim_end_matches('\r').to_string();
-                buf.drain(..=nl);
-                if line.is_empty() {
-                    if current.2.is_empty() && current.0.is_empty() {
-                        continue;
-                    }
-                    let e = Event {
-                        name: std::mem::take(&mut current.0),
-                        id: current.1.take(),
-                        data: std::mem::take(&mut current.2),
-                    };
-                    if e.id.is_some() {
-                        last_id = e.id.clone();
-                    }
-                    on_event(&e);
-                    status = serde_json::from_str::<SnapshotEventData>(&e.data)
-                        .ok()
-                        .map(|d| d.status)
-                        .or(status);
-                    if status.is_some_and(SnapshotStatus::is_final) {
-                        return status;
-                    }
-                } else if let Some(v) = line.strip_prefix("event:") {
-                    current.0 = v.trim_start().to_string();
-                } else if let Some(v) = line.strip_prefix("id:") {
-                    current.1 = Some(v.trim_start().to_string());
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    if !current.2.is_empty() {
-                        current.2.push('\n');
-                    }
-                    current.2.push_str(v.strip_prefix(' ').unwrap_or(v));
+            for e in events.push(&chunk) {
+                if e.id.is_some() {
+                    last_id = e.id.clone();
+                }
+                on_event(&e);
+                status = serde_json::from_str::<SnapshotEventData>(&e.data)
+                    .ok()
+                    .map(|d| d.status)
+                    .or(status);
+                if status.is_some_and(SnapshotStatus::is_final) {
+                    return status;
                 }
             }
         }
@@ -586,5 +616,34 @@ mod tests {
             data: "not json".into(),
         };
         assert_eq!(describe(&bad), "x not json");
+    }
+
+    #[test]
+    fn a_character_split_across_chunks_is_read_whole() {
+        let stream = "id: 7\nevent: snapshot_failed\ndata: {\"error\":\"disque plein \u{e9}\u{1F4A5}\"}\n\n";
+        let bytes = stream.as_bytes();
+        let e_acute = stream.find('\u{e9}').unwrap();
+        let mut reader = EventReader::default();
+        // The first chunk ends inside the two bytes of 'é'; the second inside the four of the emoji.
+        let mut events = reader.push(&bytes[..e_acute + 1]);
+        assert!(events.is_empty(), "no event before its blank line");
+        events.extend(reader.push(&bytes[e_acute + 1..e_acute + 4]));
+        events.extend(reader.push(&bytes[e_acute + 4..]));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].name, "snapshot_failed");
+        assert_eq!(events[0].id.as_deref(), Some("7"));
+        assert_eq!(events[0].data, "{\"error\":\"disque plein \u{e9}\u{1F4A5}\"}");
+    }
+
+    #[test]
+    fn events_are_read_a_byte_at_a_time_and_many_per_chunk() {
+        let stream = "event: a\r\ndata: one\r\ndata: two\r\n\r\n: comment\n\nevent: b\ndata:x\n\n";
+        let mut reader = EventReader::default();
+        let slow: Vec<Event> = stream.as_bytes().iter().flat_map(|b| reader.push(&[*b])).collect();
+        let fast = EventReader::default().push(stream.as_bytes());
+        for events in [slow, fast] {
+            let got: Vec<(&str, &str)> = events.iter().map(|e| (e.name.as_str(), e.data.as_str())).collect();
+            assert_eq!(got, [("a", "one\ntwo"), ("b", "x")]);
+        }
     }
 }

@@ -579,8 +579,10 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         .flatten()
     {
         if let Some(pid) = common::qemu_pid(doomed_dir, &entry.file_name().to_string_lossy()) {
-            // SAFETY: kill takes no pointers.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).expect("a live pid"),
+                rustix::process::Signal::KILL,
+            );
         }
     }
 }

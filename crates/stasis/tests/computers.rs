@@ -204,8 +204,10 @@ fn a_killed_qemu_turns_the_computer_to_error_and_the_server_stays_up() {
     api.wait_status(&other, "running", BOOT);
 
     let pid = qemu_pid(dir.path(), &id).unwrap();
-    // SAFETY: kill takes no pointers.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).expect("a live pid"),
+        rustix::process::Signal::KILL,
+    );
     let body = api.wait_status(&id, "error", Duration::from_secs(10));
     let reason = body["error"].as_str().unwrap();
     assert!(reason.contains("SIGKILL"), "the reason names what happened: {reason}");

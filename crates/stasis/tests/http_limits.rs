@@ -261,8 +261,10 @@ fn shutdown_does_not_wait_for_open_streams() {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
-    // SAFETY: kill takes no pointers; the pid is our live child.
-    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&server.child),
+        rustix::process::Signal::TERM,
+    );
     let start = Instant::now();
     let status = loop {
         if let Some(s) = server.child.try_wait().unwrap() {
@@ -370,8 +372,7 @@ fn serve_banner(dir: &Path) -> String {
             Err(_) => break,
         }
     }
-    // SAFETY: kill takes no pointers; the pid is our live child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if child.try_wait().unwrap().is_some() {

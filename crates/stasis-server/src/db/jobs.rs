@@ -23,6 +23,8 @@ fn at(after: std::time::Duration) -> String {
 impl Db {
     /// Adds a job (for `host`, or for the control plane / embedded platform when None) unless
     /// an unfinished one of the same kind and target exists. Returns whether it was added.
+    /// One statement, so it holds when several enqueue at once: the unique index on unfinished
+    /// jobs (migration 0009) turns the second insert into nothing.
     pub async fn enqueue_job(
         &self,
         kind: &str,
@@ -31,13 +33,11 @@ impl Db {
         max_attempts: i64,
         after: std::time::Duration,
     ) -> Result<bool, sqlx::Error> {
-        if self.job_pending(kind, target).await? {
-            return Ok(false);
-        }
         let t = now();
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT INTO jobs (id, kind, target, host_id, status, attempts, max_attempts, run_after, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, 'queued', 0, $5, $6, $7, $8)",
+             updated_at) VALUES ($1, $2, $3, $4, 'queued', 0, $5, $6, $7, $8) \
+             ON CONFLICT (kind, target) WHERE status IN ('queued', 'running') DO NOTHING",
         )
         .bind(uuid::Uuid::new_v4().to_string())
         .bind(kind)
@@ -49,7 +49,7 @@ impl Db {
         .bind(t)
         .execute(self.pool())
         .await?;
-        Ok(true)
+        Ok(done.rows_affected() == 1)
     }
 
     /// Takes the lease of one job that is due (queued and its time has come, or running under
@@ -249,5 +249,142 @@ mod tests {
         );
         db.finish_job(&back.id, "host-b/2", "done", None, None).await.unwrap();
         assert!(!db.job_pending("snapshot", "s2").await.unwrap());
+    }
+
+    /// Enqueues of one job from many tasks at once (each on its own connection) add one row.
+    async fn concurrent_enqueues_add_one_job(db: &Db) {
+        for round in 0..5 {
+            let target = format!("s{round}");
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (db, target) = (db.clone(), target.clone());
+                    tokio::spawn(async move { db.enqueue_job("snapshot", &target, None, 3, Duration::ZERO).await })
+                })
+                .collect();
+            let mut added = 0;
+            for t in tasks {
+                added += t.await.unwrap().unwrap() as usize;
+            }
+            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE kind = 'snapshot' AND target = $1")
+                .bind(&target)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            assert_eq!((added, rows), (1, 1), "round {round}: one enqueue wins, one row");
+        }
+        // A finished job does not count: the next enqueue adds a new one.
+        let job = db
+            .claim_job("w/1", Duration::from_secs(30), None)
+            .await
+            .unwrap()
+            .unwrap();
+        db.finish_job(&job.id, "w/1", "done", None, None).await.unwrap();
+        assert!(db
+            .enqueue_job("snapshot", &job.target, None, 3, Duration::ZERO)
+            .await
+            .unwrap());
+        assert!(!db
+            .enqueue_job("snapshot", &job.target, None, 3, Duration::ZERO)
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_enqueues_of_a_job_add_one_row_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("j.db")).await.unwrap();
+        concurrent_enqueues_add_one_job(&db).await;
+    }
+
+    /// The same on a real PostgreSQL when the e2e services run (STASIS_TEST_POSTGRES), in a
+    /// scratch database dropped after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_enqueues_of_a_job_add_one_row_on_postgres() {
+        let Some(admin) = std::env::var("STASIS_TEST_POSTGRES").ok().filter(|v| !v.is_empty()) else {
+            eprintln!("STASIS_TEST_POSTGRES is not set: skipped");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let admin_pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await
+            .unwrap();
+        let name = format!("stasis_jobs_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin_pool)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap();
+        let db = Db::open(&format!("{base}/{name}")).await.unwrap();
+        concurrent_enqueues_add_one_job(&db).await;
+        db.pool().close().await;
+        sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&admin_pool)
+            .await
+            .unwrap();
+    }
+
+    /// Duplicates the old check-then-insert let through are ended by migration 0009, keeping
+    /// a running one, else the oldest.
+    #[tokio::test]
+    async fn migration_0009_ends_duplicate_unfinished_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("j.db").display());
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        use sqlx::migrate::Migrate;
+        conn.ensure_migrations_table().await.unwrap();
+        for m in crate::db::MIGRATOR.iter().filter(|m| m.version < 9) {
+            conn.apply(m).await.unwrap();
+        }
+        for (id, target, status, created) in [
+            ("a", "s1", "queued", "2026-01-01"),
+            ("b", "s1", "running", "2026-01-02"),
+            ("c", "s1", "queued", "2026-01-03"),
+            ("d", "s2", "queued", "2026-01-03"),
+            ("e", "s2", "queued", "2026-01-01"),
+            ("f", "s2", "done", "2025-01-01"),
+        ] {
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, target, status, max_attempts, run_after, created_at, updated_at) \
+                 VALUES ($1, 'snapshot', $2, $3, 3, $4, $4, $4)",
+            )
+            .bind(id)
+            .bind(target)
+            .bind(status)
+            .bind(created)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        drop(conn);
+        pool.close().await;
+        let db = Db::open(&url).await.unwrap();
+        let rows: Vec<(String, String)> = sqlx::query("SELECT id, status FROM jobs ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let got: Vec<(&str, &str)> = rows.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("a", "failed"),
+                ("b", "running"),
+                ("c", "failed"),
+                ("d", "failed"),
+                ("e", "queued"),
+                ("f", "done")
+            ]
+        );
+        assert!(!db.enqueue_job("snapshot", "s2", None, 3, Duration::ZERO).await.unwrap());
     }
 }

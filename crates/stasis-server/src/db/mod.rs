@@ -17,18 +17,13 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
 
-/// Schema migrations, in order. Each runs once, inside a transaction. They are written in the
-/// SQL that SQLite and PostgreSQL share (TEXT, BIGINT, `ON CONFLICT`), so one set serves both.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/0001_init.sql")),
-    (2, include_str!("../../migrations/0002_snapshots.sql")),
-    (3, include_str!("../../migrations/0003_hosts.sql")),
-    (4, include_str!("../../migrations/0004_jobs.sql")),
-    (5, include_str!("../../migrations/0005_limits.sql")),
-    (6, include_str!("../../migrations/0006_tenant_keys.sql")),
-    (7, include_str!("../../migrations/0007_store.sql")),
-    (8, include_str!("../../migrations/0008_http.sql")),
-];
+/// Schema migrations, in order: `migrations/NNNN_name.sql`, applied by sqlx (each once, inside a
+/// transaction, recorded with its checksum in `_sqlx_migrations`). They are written in the SQL
+/// that SQLite and PostgreSQL share (TEXT, BIGINT, `ON CONFLICT`), so one set serves both.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The advisory lock PostgreSQL processes take while they bring the schema up to date.
+const MIGRATION_LOCK: i64 = 7355608;
 
 /// Which database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +90,8 @@ impl Db {
             pool,
             backend: Backend::Sqlite,
         };
-        db.migrate(MIGRATIONS).await?;
+        let mut conn = db.pool.acquire().await?;
+        db.migrate(&mut conn).await?;
         Ok(db)
     }
 
@@ -113,11 +109,13 @@ impl Db {
             backend: Backend::Postgres,
         };
         let mut conn = db.pool.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock(7355608)")
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
             .await?;
-        let migrated = db.migrate(MIGRATIONS).await;
-        sqlx::query("SELECT pg_advisory_unlock(7355608)")
+        let migrated = db.migrate(&mut conn).await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
             .await?;
         migrated?;
@@ -128,41 +126,55 @@ impl Db {
         self.backend
     }
 
-    async fn migrate(&self, migrations: &[(i64, &str)]) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
-        )
-        .execute(&self.pool)
-        .await?;
-        for (version, sql) in migrations {
-            let mut tx = self.pool.begin().await?;
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                .bind(*version)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if done.is_none() {
-                // Comments go first, so a ';' inside one cannot split a statement.
-                let code: String = sql
-                    .lines()
-                    .filter(|l| !l.trim_start().starts_with("--"))
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                for statement in code
-                    .split(';')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty() && !is_comment(s))
-                {
-                    sqlx::query(statement).execute(&mut *tx).await?;
-                }
-                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-                    .bind(*version)
-                    .bind(now())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-        }
+    /// Brings the schema up to date on `conn` (under the caller's lock on PostgreSQL).
+    async fn migrate(&self, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+        self.adopt_old_migrations(conn).await?;
+        MIGRATOR.run(&mut *conn).await?;
         Ok(())
+    }
+
+    /// The bridge from the runner before sqlx's: it recorded the versions it applied in
+    /// `schema_migrations (version, applied_at)`. Each version found there and not yet in
+    /// `_sqlx_migrations` is entered there as applied, with the checksum of today's file, so
+    /// sqlx neither runs it again nor takes it for a changed migration. `schema_migrations` is
+    /// left as it is (an older binary still finds its own record). Versions this build does not
+    /// know are left out, as the old runner ignored them too. Idempotent.
+    async fn adopt_old_migrations(&self, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+        use sqlx::migrate::Migrate;
+        let exists = match self.backend {
+            Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+            Backend::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+            }
+        };
+        let n: i64 = sqlx::query_scalar(exists).fetch_one(&mut *conn).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.ensure_migrations_table().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let old: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM schema_migrations WHERE version NOT IN (SELECT version FROM _sqlx_migrations) \
+             ORDER BY version",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for version in old {
+            let Some(m) = MIGRATOR.iter().find(|m| m.version == version) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES ($1, $2, TRUE, $3, 0)",
+            )
+            .bind(m.version)
+            .bind(m.description.to_string())
+            .bind(m.checksum.to_vec())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
     }
 
     // ---- tenants and keys ----
@@ -351,12 +363,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn is_comment(statement: &str) -> bool {
-    statement
-        .lines()
-        .all(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
-}
-
 const SELECT_COMPUTER: &str = "SELECT id, tenant_id, name, slug, status, template_type, size, metadata, error, \
      source_snapshot_id, created_at, updated_at FROM computers";
 
@@ -481,6 +487,117 @@ mod tests {
             err.contains("unsupported database URL") && err.contains("mysql://u:***@h/d"),
             "{err}"
         );
+    }
+
+    /// What the runner before sqlx's left behind: the schema of migrations 1-8 applied one by
+    /// one, their versions in `schema_migrations`, and some data.
+    async fn make_old_runner_database(url: &str) {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+        sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let old = [
+            include_str!("../../migrations/0001_init.sql"),
+            include_str!("../../migrations/0002_snapshots.sql"),
+            include_str!("../../migrations/0003_hosts.sql"),
+            include_str!("../../migrations/0004_jobs.sql"),
+            include_str!("../../migrations/0005_limits.sql"),
+            include_str!("../../migrations/0006_tenant_keys.sql"),
+            include_str!("../../migrations/0007_store.sql"),
+            include_str!("../../migrations/0008_http.sql"),
+        ];
+        for (i, sql) in old.iter().enumerate() {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(i as i64 + 1)
+                .bind(now())
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, 'old', $2)")
+            .bind(TenantId::new().to_string())
+            .bind(now())
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+
+    /// `_sqlx_migrations` as (version, applied successfully), in order.
+    async fn applied(db: &Db) -> Vec<(i64, bool)> {
+        sqlx::query("SELECT version, CASE WHEN success THEN 1 ELSE 0 END AS ok FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<i64, _>(0), r.get::<i32, _>(1) == 1))
+            .collect()
+    }
+
+    fn all_migrations() -> Vec<(i64, bool)> {
+        MIGRATOR.iter().map(|m| (m.version, true)).collect()
+    }
+
+    /// Checks a database the old runner made, opened by today's code (twice), and a fresh one.
+    async fn check_migrations(old_url: &str, fresh_url: &str) {
+        make_old_runner_database(old_url).await;
+        let db = Db::open(old_url).await.expect("an old runner's database opens");
+        let old = db.tenant_by_name("old").await.unwrap();
+        assert!(old.is_some(), "its data is kept");
+        assert_eq!(applied(&db).await, all_migrations(), "1-8 adopted, later ones applied");
+        let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(kept, 8, "the old record is left for older binaries");
+        db.pool().close().await;
+        let db = Db::open(old_url).await.expect("and opens again");
+        assert_eq!(db.tenant_by_name("old").await.unwrap(), old);
+        assert_eq!(applied(&db).await, all_migrations());
+        db.pool().close().await;
+
+        let db = Db::open(fresh_url).await.expect("a fresh database migrates");
+        assert_eq!(applied(&db).await, all_migrations());
+        let t = db.ensure_tenant("new").await.unwrap();
+        db.insert_key(t, "h", "p").await.unwrap();
+        assert_eq!(db.count_keys(t).await.unwrap(), 1, "the schema is all there");
+        db.pool().close().await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_databases_of_the_old_runner_upgrade_and_fresh_ones_migrate() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+        let fresh = format!("sqlite://{}", dir.path().join("fresh.db").display());
+        check_migrations(&old, &fresh).await;
+    }
+
+    /// The same on a real PostgreSQL when the e2e services run (`eval "$(scripts/services
+    /// start)"` sets STASIS_TEST_POSTGRES, an admin URL); two scratch databases, dropped after.
+    #[tokio::test]
+    async fn postgres_databases_of_the_old_runner_upgrade_and_fresh_ones_migrate() {
+        let Some(admin) = std::env::var("STASIS_TEST_POSTGRES").ok().filter(|v| !v.is_empty()) else {
+            eprintln!("STASIS_TEST_POSTGRES is not set: skipped");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new().max_connections(1).connect(&admin).await.unwrap();
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let names = [format!("stasis_old_{tag}"), format!("stasis_fresh_{tag}")];
+        for n in &names {
+            sqlx::query(&format!("CREATE DATABASE {n}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        check_migrations(&format!("{base}/{}", names[0]), &format!("{base}/{}", names[1])).await;
+        for n in &names {
+            sqlx::query(&format!("DROP DATABASE {n}")).execute(&pool).await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
 use serde_json::json;
-use stasis_vmm::process::Process;
+use stasis_vmm::process::{Process, Signal};
 use stasis_vmm::qmp::Qmp;
 use stasis_vmm::vm::{spawn_qemu, Launch, RestoreTimings, VmPaths};
 use stasis_vmm::MachineConfig;
@@ -146,7 +146,7 @@ async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_s
     stasis_vmm::snapshot::wait_migration(&qmp, Duration::from_secs(300)).await?;
     qmp.execute("cont", json!({})).await?;
     let took = t.elapsed();
-    child.signal(libc::SIGKILL);
+    child.signal(Signal::KILL);
     child.wait().await;
     let _ = std::fs::remove_dir_all(dir);
     Ok(took)

@@ -105,8 +105,10 @@ impl Server {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) {
-        // SAFETY: kill takes no pointers; the pid is our live child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -125,8 +127,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            // SAFETY: as in terminate.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&self.child),
+                rustix::process::Signal::TERM,
+            );
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(30) {
                 if let Ok(Some(_)) = self.child.try_wait() {
