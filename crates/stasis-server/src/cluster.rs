@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use stasis_types::{ComputerId, Size, TenantId};
 
 use crate::auth::{bearer, Tenant};
-use crate::db::{Db, HostRecord};
+use crate::db::{Db, HostRecord, HostStatus};
 use crate::error::{ApiError, REQUEST_ID};
 use crate::tls::{Credentials, Peer};
 use crate::AppState;
@@ -144,7 +144,7 @@ impl ControlPlane {
     }
 
     fn alive(&self, h: &HostRecord) -> bool {
-        h.status == "alive"
+        h.status == HostStatus::Alive
             && chrono::Utc::now() - h.last_seen
                 <= chrono::Duration::from_std(self.host_timeout).unwrap_or(chrono::Duration::MAX)
     }
@@ -252,7 +252,7 @@ impl ControlPlane {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Ok(hosts) = db.hosts().await else { continue };
-            for h in hosts.iter().filter(|h| h.status == "alive" && !self.alive(h)) {
+            for h in hosts.iter().filter(|h| h.status == HostStatus::Alive && !self.alive(h)) {
                 let reason = format!(
                     "host lost: {} stopped heartbeating (last seen {})",
                     h.id,

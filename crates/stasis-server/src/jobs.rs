@@ -8,15 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::db::{Db, JobRecord};
+pub use crate::db::JobKind;
+use crate::db::{Db, JobEnd, JobRecord};
 use crate::snapshots::Snapshots;
-
-/// Capture a snapshot (if not yet) and upload it; bound to the host running the computer.
-pub const SNAPSHOT: &str = "snapshot";
-/// Boot a computer from its snapshot; bound to the host it was placed on.
-pub const RESTORE: &str = "restore";
-/// Collect the store: manifests of deleted snapshots and chunks no snapshot needs.
-pub const COLLECT: &str = "collect";
 
 const LEASE: Duration = Duration::from_secs(30);
 /// Jobs one process runs at once (restores of a baseline come five or more at a time).
@@ -59,7 +53,7 @@ impl Jobs {
     /// Queues a job (unless one is pending for the same target) and wakes the worker.
     pub async fn enqueue(
         &self,
-        kind: &str,
+        kind: JobKind,
         target: &str,
         host: Option<&str>,
         max_attempts: i64,
@@ -117,17 +111,17 @@ impl Jobs {
             })
         };
         let last = job.attempts >= job.max_attempts;
-        let outcome = match job.kind.as_str() {
-            SNAPSHOT => snapshots.snapshot_job(&job.target, last).await,
-            COLLECT => snapshots.collect_job().await,
-            RESTORE => snapshots.computers().restore_job(&job.target).await,
-            other => Outcome::Failed(format!("unknown job kind {other:?}")),
+        let outcome = match JobKind::parse(&job.kind) {
+            Some(JobKind::Snapshot) => snapshots.snapshot_job(&job.target, last).await,
+            Some(JobKind::Collect) => snapshots.collect_job().await,
+            Some(JobKind::Restore) => snapshots.computers().restore_job(&job.target).await,
+            None => Outcome::Failed(format!("unknown job kind {:?}", job.kind)),
         };
         renewer.abort();
         let (status, error, after) = match outcome {
-            Outcome::Done => ("done", None, None),
-            Outcome::Failed(e) => ("failed", Some(e), None),
-            Outcome::Retry(e) if last => ("failed", Some(e), None),
+            Outcome::Done => (JobEnd::Done, None, None),
+            Outcome::Failed(e) => (JobEnd::Failed, Some(e), None),
+            Outcome::Retry(e) if last => (JobEnd::Failed, Some(e), None),
             Outcome::Retry(e) => {
                 let backoff = Duration::from_secs(1 << job.attempts.clamp(0, 6));
                 tracing::info!(
@@ -138,9 +132,9 @@ impl Jobs {
                     ?backoff,
                     "job will be retried"
                 );
-                ("queued", Some(e), Some(backoff))
+                (JobEnd::Again, Some(e), Some(backoff))
             }
-            Outcome::Later(after) => ("queued", None, Some(after)),
+            Outcome::Later(after) => (JobEnd::Again, None, Some(after)),
         };
         if let Err(e) = self
             .db

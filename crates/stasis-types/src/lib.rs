@@ -237,13 +237,60 @@ pub struct Snapshot {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a snapshot's capture or a restore from it has got to (`step` of its events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Waiting for a worker.
+    Queued,
+    /// The guest's state, RAM and disk being captured.
+    Capturing,
+    /// Captured; the upload is being set up.
+    Preparing,
+    Uploading,
+    /// The upload failed this time and will be tried again.
+    Retrying,
+    /// A restore fetching the snapshot's files.
+    Downloading,
+    /// A restore starting its machine.
+    Starting,
+    Restored,
+    RestoreFailed,
+    /// A step this client does not know (a newer server's).
+    #[serde(other)]
+    Other,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Queued => "queued",
+            Step::Capturing => "capturing",
+            Step::Preparing => "preparing",
+            Step::Uploading => "uploading",
+            Step::Retrying => "retrying",
+            Step::Downloading => "downloading",
+            Step::Starting => "starting",
+            Step::Restored => "restored",
+            Step::RestoreFailed => "restore_failed",
+            Step::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `data` of a snapshot SSE event. Absent fields are omitted, never null.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotEventData {
     pub snapshot_id: SnapshotId,
     pub status: SnapshotStatus,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub step: Option<String>,
+    pub step: Option<Step>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub progress: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -419,6 +466,16 @@ pub const TEMPLATE_ALIASES: &[&str] = &["debian-bookworm", "default", "debian", 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn steps_keep_their_wire_names_and_unknown_ones_read() {
+        for step in [Step::Queued, Step::Uploading, Step::RestoreFailed] {
+            let wire = serde_json::to_string(&step).unwrap();
+            assert_eq!(wire, format!("\"{}\"", step.as_str()));
+            assert_eq!(serde_json::from_str::<Step>(&wire).unwrap(), step);
+        }
+        assert_eq!(serde_json::from_str::<Step>("\"compacting\"").unwrap(), Step::Other);
+    }
+
     use super::*;
 
     #[test]

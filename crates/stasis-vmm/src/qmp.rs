@@ -257,16 +257,13 @@ impl Qmp {
         self.events.subscribe()
     }
 
-    /// Sets up the next migration, in or out: whether RAM that lives in a file is left out of
-    /// the stream (`x-ignore-shared`) and whether an outgoing one is a background snapshot,
-    /// with migration events on. An outgoing one also loses its bandwidth cap (the default
-    /// 128 MiB/s would make copies crawl); an incoming one is left at one command.
-    pub async fn set_migration(
-        &self,
-        ignore_shared: bool,
-        background_snapshot: bool,
-        outgoing: bool,
-    ) -> Result<(), QmpError> {
+    /// Sets up the next migration, in or out (see [`Migration`]), with migration events on.
+    pub async fn set_migration(&self, m: Migration) -> Result<(), QmpError> {
+        let Migration {
+            ignore_shared,
+            background_snapshot,
+            outgoing,
+        } = m;
         self.execute(
             "migrate-set-capabilities",
             json!({"capabilities": [
@@ -288,6 +285,19 @@ impl Qmp {
         let v = self.execute("query-status", json!({})).await?;
         Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
     }
+}
+
+/// How the next migration runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// RAM that lives in a file is left out of the stream (`x-ignore-shared`).
+    pub ignore_shared: bool,
+    /// An outgoing migration is a background snapshot (the guest runs on, its RAM
+    /// write-protected page by page).
+    pub background_snapshot: bool,
+    /// Outgoing: its bandwidth cap goes too (the default 128 MiB/s would make copies crawl);
+    /// an incoming one is left at one command.
+    pub outgoing: bool,
 }
 
 /// One `sendmsg` of `data` carrying `fd` as SCM_RIGHTS.

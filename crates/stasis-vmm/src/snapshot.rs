@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::process::{Process, Signal};
-use crate::qmp::Qmp;
+use crate::qmp::{Migration, Qmp};
 use crate::vm::{connect_qmp, spawn_qemu, Launch, MachineConfig, Vm, VmError, VmPaths};
 
 /// What a capture leaves in the staging directory.
@@ -87,7 +87,14 @@ impl Vm {
             // So is everyone's when QEMU may not use userfaultfd at all (a confined QEMU on a
             // host with vm.unprivileged_userfaultfd=0).
             let background = (config.ram_path.as_os_str().is_empty() || config.ram_shared)
-                && match qmp.set_migration(false, true, true).await {
+                && match qmp
+                    .set_migration(Migration {
+                        background_snapshot: true,
+                        outgoing: true,
+                        ..Default::default()
+                    })
+                    .await
+                {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, "no background snapshot here; copying RAM with the guest paused");
@@ -106,7 +113,13 @@ impl Vm {
             // The twin's query-migrate still says `completed` (its incoming stream) until the
             // outgoing one starts: wait for the outgoing one's own completion event instead.
             let mut twin_events = twin_qmp.events();
-            twin_qmp.set_migration(true, false, true).await?;
+            twin_qmp
+                .set_migration(Migration {
+                    ignore_shared: true,
+                    outgoing: true,
+                    ..Default::default()
+                })
+                .await?;
             twin_qmp.migrate_out_to_file(&state).await?;
             wait_migration_event(&mut twin_events, "completed", Duration::from_secs(60)).await?;
             let _ = twin_qmp
@@ -189,7 +202,11 @@ impl Vm {
     async fn paused_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
-        qmp.set_migration(false, false, true).await?;
+        qmp.set_migration(Migration {
+            outgoing: true,
+            ..Default::default()
+        })
+        .await?;
         qmp.execute("stop", json!({})).await?;
         let copied = async {
             let frozen = self.freeze_disk(qmp).await?;

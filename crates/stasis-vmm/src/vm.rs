@@ -477,7 +477,11 @@ impl Vm {
         let incoming = async {
             let t = Instant::now();
             // RAM is not in the stream: it is in the snapshot's file.
-            qmp.set_migration(true, false, false).await?;
+            qmp.set_migration(crate::qmp::Migration {
+                ignore_shared: true,
+                ..Default::default()
+            })
+            .await?;
             qmp.migrate_in_from_file(state).await?;
             crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;
             timings.state_load_ms = ms(t.elapsed());

@@ -42,7 +42,35 @@ fn host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<String> {
     Ok(id)
 }
 
-async fn beat(http: &reqwest::Client, args: &HostArgs, auth: &ClusterAuth, beat: &Heartbeat) -> Result<Joined> {
+/// Why a heartbeat did not get through.
+#[derive(Debug)]
+enum BeatError {
+    /// The control plane answered, and said no (a wrong credential, a host id bound to
+    /// another certificate, ...): trying again will not help.
+    Refused { status: reqwest::StatusCode, text: String },
+    /// It could not be reached, or its answer could not be read: it may be starting.
+    Unreachable(anyhow::Error),
+}
+
+impl std::fmt::Display for BeatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BeatError::Refused { status, text } => {
+                write!(f, "the control plane refused the heartbeat ({status}): {text}")
+            }
+            BeatError::Unreachable(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for BeatError {}
+
+async fn beat(
+    http: &reqwest::Client,
+    args: &HostArgs,
+    auth: &ClusterAuth,
+    beat: &Heartbeat,
+) -> Result<Joined, BeatError> {
     let url = format!(
         "{}/internal/v1/hosts/heartbeat",
         args.control_plane.trim_end_matches('/')
@@ -54,13 +82,17 @@ async fn beat(http: &reqwest::Client, args: &HostArgs, auth: &ClusterAuth, beat:
     let resp = req
         .send()
         .await
-        .with_context(|| format!("reaching the control plane at {url}"))?;
+        .with_context(|| format!("reaching the control plane at {url}"))
+        .map_err(BeatError::Unreachable)?;
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
-        anyhow::bail!("the control plane refused the heartbeat ({status}): {text}");
+        return Err(BeatError::Refused { status, text });
     }
-    Ok(resp.json().await?)
+    resp.json()
+        .await
+        .with_context(|| format!("reading the control plane's answer from {url}"))
+        .map_err(BeatError::Unreachable)
 }
 
 pub async fn run(args: HostArgs) -> Result<()> {
@@ -121,7 +153,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
     let joined = loop {
         match beat(&http, &args, &auth, &heartbeat).await {
             Ok(j) => break j,
-            Err(e) if format!("{e:#}").contains("refused the heartbeat") => return Err(e),
+            Err(e @ BeatError::Refused { .. }) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!("joining: {e:#}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -166,7 +198,7 @@ pub async fn run(args: HostArgs) -> Result<()> {
         loop {
             tokio::time::sleep(every).await;
             if let Err(e) = beat(&http, &args, &auth, &heartbeat).await {
-                tracing::warn!("heartbeat: {e:#}");
+                tracing::warn!("heartbeat: {e}");
             }
         }
     });

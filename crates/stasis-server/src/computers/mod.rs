@@ -299,7 +299,7 @@ impl Computers {
     /// Queues the restore job of a computer made from a snapshot, on this host.
     pub async fn enqueue_restore(&self, jobs: &crate::jobs::Jobs, id: ComputerId) -> Result<(), sqlx::Error> {
         jobs.enqueue(
-            crate::jobs::RESTORE,
+            crate::jobs::JobKind::Restore,
             &id.to_string(),
             self.host_id(),
             2,
@@ -504,7 +504,7 @@ impl Computers {
             while rx.changed().await.is_ok() {
                 let (done, total) = *rx.borrow_and_update();
                 let mut e = events::data(snapshot, SnapshotStatus::Restoring);
-                e.step = Some("downloading".into());
+                e.step = Some(stasis_types::Step::Downloading);
                 e.computer_id = Some(id);
                 e.progress = Some(if total == 0 { 1.0 } else { done as f64 / total as f64 });
                 e.bytes_done = Some(done);
@@ -546,7 +546,7 @@ impl Computers {
             }
             Ok(files) => {
                 let mut e = events::data(snapshot, SnapshotStatus::Restoring);
-                e.step = Some("starting".into());
+                e.step = Some(stasis_types::Step::Starting);
                 e.computer_id = Some(id);
                 self.events.emit(e).await;
                 match self.snapshot_machine(computer, snapshot, &image, &files).await {
@@ -570,7 +570,7 @@ impl Computers {
                     "computer restored");
                 let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
                 let mut e = events::data(snapshot, status);
-                e.step = Some("restored".into());
+                e.step = Some(stasis_types::Step::Restored);
                 e.computer_id = Some(id);
                 e.progress = Some(1.0);
                 self.events.emit(e).await;
@@ -589,7 +589,7 @@ impl Computers {
                     status = SnapshotStatus::Failed;
                 }
                 let mut e = events::data(snapshot, status);
-                e.step = Some("restore_failed".into());
+                e.step = Some(stasis_types::Step::RestoreFailed);
                 e.computer_id = Some(id);
                 e.error = Some(reason);
                 self.events.emit(e).await;
@@ -754,7 +754,7 @@ impl Computers {
                     if c.status == ComputerStatus::Creating {
                         self.set_status(c.id, ComputerStatus::Provisioning, None).await?;
                     }
-                    let restoring = self.db.job_pending(crate::jobs::RESTORE, &name).await?;
+                    let restoring = self.db.job_pending(crate::jobs::JobKind::Restore, &name).await?;
                     if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot), None) =
                         (c.status, c.source_snapshot_id, &self.host_id)
                     {

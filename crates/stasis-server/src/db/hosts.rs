@@ -11,9 +11,34 @@ pub struct HostRecord {
     pub url: String,
     pub capacity_mib: i64,
     pub vcpus: i64,
-    /// `alive` or `lost`.
-    pub status: String,
+    pub status: HostStatus,
     pub last_seen: chrono::DateTime<chrono::Utc>,
+}
+
+/// Whether a host is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostStatus {
+    /// Heartbeating.
+    Alive,
+    /// Silent past the host timeout: its computers turned `error`.
+    Lost,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Alive => "alive",
+            HostStatus::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HostStatus> {
+        match s {
+            "alive" => Some(HostStatus::Alive),
+            "lost" => Some(HostStatus::Lost),
+            _ => None,
+        }
+    }
 }
 
 /// Statuses in which a computer holds its host's memory.
@@ -51,7 +76,7 @@ impl Db {
                     url: r.try_get("url").ok()?,
                     capacity_mib: r.try_get("capacity_mib").ok()?,
                     vcpus: r.try_get("vcpus").ok()?,
-                    status: r.try_get("status").ok()?,
+                    status: HostStatus::parse(&r.try_get::<String, _>("status").ok()?)?,
                     last_seen: parse_time(&r.try_get::<String, _>("last_seen").ok()?),
                 })
             })

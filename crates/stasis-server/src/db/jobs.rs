@@ -7,9 +7,56 @@ use sqlx::Row;
 
 use super::{now, Backend, Db};
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Capture a snapshot (if not yet) and upload it; bound to the host running the computer.
+    Snapshot,
+    /// Boot a computer from its snapshot; bound to the host it was placed on.
+    Restore,
+    /// Collect the store: manifests of deleted snapshots and chunks no snapshot needs.
+    Collect,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Snapshot => "snapshot",
+            JobKind::Restore => "restore",
+            JobKind::Collect => "collect",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        [JobKind::Snapshot, JobKind::Restore, JobKind::Collect]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// Where a job ends up when a run of it finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnd {
+    Done,
+    Failed,
+    /// Queued again, to run after a while.
+    Again,
+}
+
+impl JobEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobEnd::Done => "done",
+            JobEnd::Failed => "failed",
+            JobEnd::Again => "queued",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
     pub id: String,
+    /// As stored (a kind this build does not know is failed by the worker, naming it).
     pub kind: String,
     pub target: String,
     pub attempts: i64,
@@ -27,7 +74,7 @@ impl Db {
     /// jobs (migration 0009) turns the second insert into nothing.
     pub async fn enqueue_job(
         &self,
-        kind: &str,
+        kind: JobKind,
         target: &str,
         host: Option<&str>,
         max_attempts: i64,
@@ -40,7 +87,7 @@ impl Db {
              ON CONFLICT (kind, target) WHERE status IN ('queued', 'running') DO NOTHING",
         )
         .bind(uuid::Uuid::new_v4().to_string())
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(target)
         .bind(host.map(str::to_string))
         .bind(max_attempts)
@@ -104,12 +151,12 @@ impl Db {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Ends a job: `done`, `failed`, or back to `queued` to run again after `retry_after`.
+    /// Ends a run of a job: done, failed, or queued again to run after `retry_after`.
     pub async fn finish_job(
         &self,
         id: &str,
         owner: &str,
-        status: &str,
+        end: JobEnd,
         error: Option<&str>,
         retry_after: Option<std::time::Duration>,
     ) -> Result<(), sqlx::Error> {
@@ -117,7 +164,7 @@ impl Db {
             "UPDATE jobs SET status = $1, last_error = $2, run_after = $3, lease_owner = NULL, lease_until = NULL, \
              updated_at = $4 WHERE id = $5 AND lease_owner = $6",
         )
-        .bind(status)
+        .bind(end.as_str())
         .bind(error.map(str::to_string))
         .bind(at(retry_after.unwrap_or_default()))
         .bind(now())
@@ -156,11 +203,11 @@ impl Db {
     }
 
     /// Whether an unfinished job of this kind exists for `target`.
-    pub async fn job_pending(&self, kind: &str, target: &str) -> Result<bool, sqlx::Error> {
+    pub async fn job_pending(&self, kind: JobKind, target: &str) -> Result<bool, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs WHERE kind = $1 AND target = $2 AND status IN ('queued', 'running')",
         )
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(target)
         .fetch_one(self.pool())
         .await?;
@@ -178,12 +225,17 @@ mod tests {
     async fn a_job_is_held_by_one_worker_until_its_lease_runs_out() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_sqlite(&dir.path().join("j.db")).await.unwrap();
-        assert!(db.enqueue_job("snapshot", "s1", None, 3, Duration::ZERO).await.unwrap());
+        assert!(db
+            .enqueue_job(JobKind::Snapshot, "s1", None, 3, Duration::ZERO)
+            .await
+            .unwrap());
         assert!(
-            !db.enqueue_job("snapshot", "s1", None, 3, Duration::ZERO).await.unwrap(),
+            !db.enqueue_job(JobKind::Snapshot, "s1", None, 3, Duration::ZERO)
+                .await
+                .unwrap(),
             "one pending job per target"
         );
-        db.enqueue_job("snapshot", "s2", Some("host-b"), 3, Duration::ZERO)
+        db.enqueue_job(JobKind::Snapshot, "s2", Some("host-b"), 3, Duration::ZERO)
             .await
             .unwrap();
 
@@ -219,16 +271,22 @@ mod tests {
             !db.renew_job(&job.id, "a/1", Duration::from_secs(30)).await.unwrap(),
             "a lost lease"
         );
-        db.finish_job(&job.id, "a/1", "done", None, None).await.unwrap();
+        db.finish_job(&job.id, "a/1", JobEnd::Done, None, None).await.unwrap();
         assert!(
-            db.job_pending("snapshot", "s1").await.unwrap(),
+            db.job_pending(JobKind::Snapshot, "s1").await.unwrap(),
             "only the holder ends a job"
         );
 
         // Retried later: not due before its time.
-        db.finish_job(&job.id, "b/1", "queued", Some("boom"), Some(Duration::from_secs(60)))
-            .await
-            .unwrap();
+        db.finish_job(
+            &job.id,
+            "b/1",
+            JobEnd::Again,
+            Some("boom"),
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
         assert!(db
             .claim_job("c/1", Duration::from_secs(30), None)
             .await
@@ -247,8 +305,10 @@ mod tests {
             ("s2", 1),
             "the released attempt is not counted"
         );
-        db.finish_job(&back.id, "host-b/2", "done", None, None).await.unwrap();
-        assert!(!db.job_pending("snapshot", "s2").await.unwrap());
+        db.finish_job(&back.id, "host-b/2", JobEnd::Done, None, None)
+            .await
+            .unwrap();
+        assert!(!db.job_pending(JobKind::Snapshot, "s2").await.unwrap());
     }
 
     /// Enqueues of one job from many tasks at once (each on its own connection) add one row.
@@ -258,7 +318,10 @@ mod tests {
             let tasks: Vec<_> = (0..16)
                 .map(|_| {
                     let (db, target) = (db.clone(), target.clone());
-                    tokio::spawn(async move { db.enqueue_job("snapshot", &target, None, 3, Duration::ZERO).await })
+                    tokio::spawn(async move {
+                        db.enqueue_job(JobKind::Snapshot, &target, None, 3, Duration::ZERO)
+                            .await
+                    })
                 })
                 .collect();
             let mut added = 0;
@@ -278,13 +341,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        db.finish_job(&job.id, "w/1", "done", None, None).await.unwrap();
+        db.finish_job(&job.id, "w/1", JobEnd::Done, None, None).await.unwrap();
         assert!(db
-            .enqueue_job("snapshot", &job.target, None, 3, Duration::ZERO)
+            .enqueue_job(JobKind::Snapshot, &job.target, None, 3, Duration::ZERO)
             .await
             .unwrap());
         assert!(!db
-            .enqueue_job("snapshot", &job.target, None, 3, Duration::ZERO)
+            .enqueue_job(JobKind::Snapshot, &job.target, None, 3, Duration::ZERO)
             .await
             .unwrap());
     }
@@ -385,6 +448,9 @@ mod tests {
                 ("f", "done")
             ]
         );
-        assert!(!db.enqueue_job("snapshot", "s2", None, 3, Duration::ZERO).await.unwrap());
+        assert!(!db
+            .enqueue_job(JobKind::Snapshot, "s2", None, 3, Duration::ZERO)
+            .await
+            .unwrap());
     }
 }

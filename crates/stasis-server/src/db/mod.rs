@@ -7,8 +7,8 @@ mod keys;
 pub mod limits;
 mod snapshots;
 
-pub use hosts::HostRecord;
-pub use jobs::JobRecord;
+pub use hosts::{HostRecord, HostStatus};
+pub use jobs::{JobEnd, JobKind, JobRecord};
 pub use keys::WrappedKey;
 pub use snapshots::{Idempotency, SnapshotRecord};
 

@@ -110,7 +110,7 @@ impl Snapshots {
     pub async fn schedule_collection(&self, after: std::time::Duration) {
         if let Err(e) = self
             .jobs
-            .enqueue(crate::jobs::COLLECT, "store", None, 1000, after)
+            .enqueue(crate::jobs::JobKind::Collect, "store", None, 1000, after)
             .await
         {
             tracing::warn!(error = %e, "queueing a store collection");
@@ -215,12 +215,12 @@ impl Snapshots {
         self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
         drop((quota, admitted));
         let mut e = events::data(snapshot.id, SnapshotStatus::Creating);
-        e.step = Some("queued".into());
+        e.step = Some(stasis_types::Step::Queued);
         e.progress = Some(0.0);
         self.events.emit(e).await;
         self.jobs
             .enqueue(
-                crate::jobs::SNAPSHOT,
+                crate::jobs::JobKind::Snapshot,
                 &snapshot.id.to_string(),
                 self.computers.host_id(),
                 SNAPSHOT_ATTEMPTS,
@@ -328,7 +328,7 @@ impl Snapshots {
             ));
         }
         let mut e = events::data(id, SnapshotStatus::Restoring);
-        e.step = Some("queued".into());
+        e.step = Some(stasis_types::Step::Queued);
         e.progress = Some(0.0);
         let restored = match self.computers.insert(tenant, new, Some(id)).await {
             Ok(c) => c,
@@ -467,7 +467,7 @@ impl Snapshots {
             Err(Failure::Transient(reason)) if captured && !last => {
                 tracing::warn!(%id, reason, "snapshot upload failed; it will be retried");
                 let mut e = events::data(id, SnapshotStatus::Uploading);
-                e.step = Some("retrying".into());
+                e.step = Some(stasis_types::Step::Retrying);
                 e.error = Some(reason.clone());
                 self.events.emit(e).await;
                 Outcome::Retry(reason)
@@ -507,7 +507,7 @@ impl Snapshots {
             None => {
                 std::fs::create_dir_all(staging).map_err(|e| format!("creating the staging directory: {e}"))?;
                 let mut e = events::data(id, SnapshotStatus::Creating);
-                e.step = Some("capturing".into());
+                e.step = Some(stasis_types::Step::Capturing);
                 e.progress = Some(0.0);
                 self.events.emit(e).await;
                 let computer = record.snapshot.computer_id;
@@ -555,7 +555,7 @@ impl Snapshots {
             .await
             .map_err(|e| e.to_string())?;
         let mut e = events::data(id, SnapshotStatus::Uploading);
-        e.step = Some("preparing".into());
+        e.step = Some(stasis_types::Step::Preparing);
         e.progress = Some(0.0);
         self.events.emit(e).await;
 
@@ -584,7 +584,7 @@ impl Snapshots {
             while rx.changed().await.is_ok() {
                 let done = *rx.borrow_and_update();
                 let mut e = events::data(id, SnapshotStatus::Uploading);
-                e.step = Some("uploading".into());
+                e.step = Some(stasis_types::Step::Uploading);
                 e.progress = Some(if total == 0 {
                     1.0
                 } else {
@@ -814,14 +814,18 @@ impl Snapshots {
         {
             let id = r.snapshot.id;
             let staging = self.staging_dir(id);
-            if self.db.job_pending(crate::jobs::SNAPSHOT, &id.to_string()).await? {
+            if self
+                .db
+                .job_pending(crate::jobs::JobKind::Snapshot, &id.to_string())
+                .await?
+            {
                 continue; // its job carries on (the worker takes back this process's leases)
             }
             if staging.join("captured.json").exists() {
                 tracing::info!(%id, "resuming an interrupted snapshot upload");
                 self.jobs
                     .enqueue(
-                        crate::jobs::SNAPSHOT,
+                        crate::jobs::JobKind::Snapshot,
                         &id.to_string(),
                         self.computers.host_id(),
                         SNAPSHOT_ATTEMPTS,

@@ -141,7 +141,11 @@ async fn bare_restore(config: &MachineConfig, dir: &Path, state: &Path, ram_in_s
     }
     let t = Instant::now();
     let (child, qmp) = spawn_incoming(&config, dir).await?;
-    qmp.set_migration(!ram_in_stream, false, false).await?;
+    qmp.set_migration(stasis_vmm::qmp::Migration {
+        ignore_shared: !ram_in_stream,
+        ..Default::default()
+    })
+    .await?;
     qmp.migrate_in_from_file(state).await?;
     stasis_vmm::snapshot::wait_migration(&qmp, Duration::from_secs(300)).await?;
     qmp.execute("cont", json!({})).await?;
@@ -163,7 +167,11 @@ async fn baseline_save(platform: &LocalPlatform, computer: &str, out: &Path) -> 
         .context("the computer is not running")?;
     let qmp = vm.qmp();
     let mut events = qmp.events();
-    qmp.set_migration(false, false, true).await?;
+    qmp.set_migration(stasis_vmm::qmp::Migration {
+        outgoing: true,
+        ..Default::default()
+    })
+    .await?;
     let t = Instant::now();
     qmp.execute("stop", json!({})).await?;
     qmp.migrate_out_to_file(out).await?;
