@@ -336,13 +336,20 @@ impl Computers {
         let mut config = self.machine_config(&computer, &image);
         if let Some(snapshot) = computer.source_snapshot_id {
             let fetched = match self.recorded(snapshot, &computer).await {
-                Ok(recorded) => self.materializer.ensure(snapshot, recorded, |_, _| {}).await,
+                Ok(recorded) => self
+                    .materializer
+                    .ensure(snapshot, recorded.clone(), |_, _| {})
+                    .await
+                    .map(|files| (files, recorded)),
                 Err(e) => Err(e),
             };
             // A restored computer's disk chain rests on its snapshot's disk, and it boots the
             // kernel its snapshot was taken with (the one its disk has the modules of).
             match fetched {
-                Ok(files) => match self.snapshot_machine(&computer, snapshot, &image, &files).await {
+                Ok((files, recorded)) => match self
+                    .snapshot_machine(&computer, snapshot, &recorded, &image, &files)
+                    .await
+                {
                     Ok(machine) => config = machine,
                     Err(reason) => {
                         let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
@@ -440,6 +447,7 @@ impl Computers {
         &self,
         computer: &Computer,
         snapshot: SnapshotId,
+        recorded: &stasis_store::Recorded,
         image: &stasis_image::Image,
         files: &Materialized,
     ) -> Result<MachineConfig, String> {
@@ -455,15 +463,14 @@ impl Computers {
                     .boot
                     .as_ref()
                     .ok_or_else(|| refused("its manifest describes the machine but holds no boot files".into()))?;
-                let recorded = self.recorded(snapshot, computer).await.map_err(|e| e.to_string())?;
                 config.kernel = self
                     .boot_files
-                    .ensure(&recorded, manifest, "kernel", &d.kernel, &boot.kernel, &image.kernel)
+                    .ensure(recorded, manifest, "kernel", &d.kernel, &boot.kernel, &image.kernel)
                     .await
                     .map_err(refused)?;
                 config.initrd = self
                     .boot_files
-                    .ensure(&recorded, manifest, "initrd", &d.initrd, &boot.initrd, &image.initrd)
+                    .ensure(recorded, manifest, "initrd", &d.initrd, &boot.initrd, &image.initrd)
                     .await
                     .map_err(refused)?;
                 config.vcpus = d.vcpus;
@@ -513,13 +520,13 @@ impl Computers {
             }
         });
         let fetched = match self.recorded(snapshot, computer).await {
-            Ok(recorded) => {
-                self.materializer
-                    .ensure(snapshot, recorded, move |done, total| {
-                        let _ = tx.send((done, total));
-                    })
-                    .await
-            }
+            Ok(recorded) => self
+                .materializer
+                .ensure(snapshot, recorded.clone(), move |done, total| {
+                    let _ = tx.send((done, total));
+                })
+                .await
+                .map(|files| (files, recorded)),
             Err(e) => {
                 drop(tx); // the reporter ends when the sender goes
                 Err(e)
@@ -544,12 +551,15 @@ impl Computers {
                 };
                 Err((reason, damaged))
             }
-            Ok(files) => {
+            Ok((files, recorded)) => {
                 let mut e = events::data(snapshot, SnapshotStatus::Restoring);
                 e.step = Some(stasis_types::Step::Starting);
                 e.computer_id = Some(id);
                 self.events.emit(e).await;
-                match self.snapshot_machine(computer, snapshot, &image, &files).await {
+                match self
+                    .snapshot_machine(computer, snapshot, &recorded, &image, &files)
+                    .await
+                {
                     Err(refused) => Err((refused, false)),
                     Ok(config) => match self
                         .host

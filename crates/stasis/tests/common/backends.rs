@@ -257,6 +257,11 @@ impl Store {
                 let mut out = Vec::new();
                 for sub in std::fs::read_dir(root.join("chunks")).into_iter().flatten().flatten() {
                     for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+                        // `<name>#<n>`: a chunk the store is writing right now (an upload
+                        // still retrying in the background), not a stored one.
+                        if f.file_name().to_string_lossy().contains('#') {
+                            continue;
+                        }
                         out.push(format!(
                             "chunks/{}/{}",
                             sub.file_name().to_string_lossy(),
