@@ -20,11 +20,7 @@ fn fixture(name: &str) -> Manifest {
 }
 
 fn host(major: u32, minor: u32) -> HostMachine {
-    HostMachine {
-        qemu: Some(QemuRelease { major, minor }),
-        kvm: false,
-        kvm_cpu_model: "host".into(),
-    }
+    HostMachine::tcg(QemuRelease { major, minor })
 }
 
 #[test]

@@ -203,6 +203,17 @@ pub struct HostMachine {
     pub kvm_cpu_model: String,
 }
 
+impl HostMachine {
+    /// A host without KVM running QEMU `qemu`.
+    pub fn tcg(qemu: QemuRelease) -> HostMachine {
+        HostMachine {
+            qemu: Some(qemu),
+            kvm: false,
+            kvm_cpu_model: default_cpu_model(Accel::Kvm).into(),
+        }
+    }
+}
+
 /// Why a host cannot load a snapshot's machine state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mismatch {
@@ -331,11 +342,7 @@ mod tests {
     }
 
     fn host(major: u32, minor: u32) -> HostMachine {
-        HostMachine {
-            qemu: Some(QemuRelease { major, minor }),
-            kvm: false,
-            kvm_cpu_model: "host".into(),
-        }
+        HostMachine::tcg(QemuRelease { major, minor })
     }
 
     #[test]
