@@ -85,6 +85,9 @@ pub struct IdentityRequest {
     pub entropy_hex: String,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The clone's own `/etc/machine-id` (32 lowercase hex digits).
+    #[serde(default)]
+    pub machine_id: Option<String>,
 }
 
 /// One frame from the agent.
@@ -316,6 +319,7 @@ mod tests {
                 unix_time_ns: 1_796_000_000_123_456_789,
                 entropy_hex: "00ff".into(),
                 hostname: Some("clone".into()),
+                machine_id: Some("0123456789abcdef0123456789abcdef".into()),
             }),
         };
         assert_eq!(decode::<Request>(&encode(&req)), Some(req));

@@ -153,11 +153,28 @@ pub fn root_stage() -> io::Result<()> {
     let _ = std::os::unix::fs::symlink("/proc/self/fd/1", "/dev/stdout");
     let _ = std::os::unix::fs::symlink("/proc/self/fd/2", "/dev/stderr");
 
-    if let Some(name) = cmdline_value(&kernel_cmdline(), "stasis.hostname") {
+    let cmdline = kernel_cmdline();
+    if let Some(name) = cmdline_value(&cmdline, "stasis.hostname") {
         crate::identity::set_hostname(&name)?;
+    }
+    // A machine-id of its own on first boot, as systemd would make (restores get a new one).
+    if let Err(e) = crate::identity::ensure_machine_id() {
+        crate::log(&format!("making /etc/machine-id: {e}"));
     }
     if let Err(e) = loopback_up() {
         crate::log(&format!("bringing up lo: {e}"));
+    }
+    if let Some(value) = cmdline_value(&cmdline, "stasis.net") {
+        match crate::net::GuestNet::parse(&value) {
+            Some(net) => {
+                if let Err(e) = crate::net::configure(&net) {
+                    crate::log(&format!("configuring eth0: {e}"));
+                }
+            }
+            None => crate::log(&format!(
+                "stasis.net={value} does not read as ADDRESS/PREFIX,GATEWAY,DNS"
+            )),
+        }
     }
     Ok(())
 }

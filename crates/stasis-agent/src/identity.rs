@@ -19,7 +19,48 @@ pub fn apply(req: &IdentityRequest) -> io::Result<()> {
     if let Some(name) = &req.hostname {
         set_hostname(name)?;
     }
+    if let Some(id) = &req.machine_id {
+        set_machine_id(id)?;
+    }
+    // Connections open when the snapshot was taken lead nowhere in a restore (a new namespace,
+    // or the source's peer): their programs get an error now instead of hanging. Best effort:
+    // a guest without socket diagnostics keeps them.
+    match crate::connections::reset_remote_tcp() {
+        Ok(n) if n > 0 => eprintln!("stasis-agent: reset {n} TCP connections the snapshot caught open"),
+        Ok(_) => {}
+        Err(e) => eprintln!("stasis-agent: could not reset the snapshot's TCP connections: {e}"),
+    }
     Ok(())
+}
+
+/// Gives the machine a random machine-id if it has none yet (an empty or missing
+/// `/etc/machine-id`, as a fresh image has).
+pub fn ensure_machine_id() -> io::Result<()> {
+    let current = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    if current.trim().len() == 32 {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 16];
+    // SAFETY: bytes is valid for its length.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    set_machine_id(&id)
+}
+
+/// Writes `/etc/machine-id` (replacing it whole: a reader never sees half of one).
+fn set_machine_id(id: &str) -> io::Result<()> {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a machine-id is 32 lowercase hex digits",
+        ));
+    }
+    let tmp = "/etc/.machine-id.stasis";
+    std::fs::write(tmp, format!("{id}\n"))?;
+    std::fs::rename(tmp, "/etc/machine-id")
 }
 
 pub fn set_hostname(name: &str) -> io::Result<()> {

@@ -7,9 +7,11 @@
 //! it on the host.
 
 mod boot;
+mod connections;
 mod exec;
 mod hooks;
 mod identity;
+mod net;
 mod reaper;
 mod serve;
 

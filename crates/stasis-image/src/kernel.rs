@@ -49,7 +49,17 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
     let dir = cache.join("kernel").join(&key);
     if let Ok(bytes) = std::fs::read(dir.join("kernel.json")) {
         if let Ok(k) = serde_json::from_slice::<Kernel>(&bytes) {
-            return Ok(k);
+            // Kept only if it holds the modules the guest loads now (the list grows with the
+            // devices machines get).
+            let names: Vec<String> = k
+                .modules
+                .iter()
+                .filter_map(|m| m.file_name().map(|f| f.to_string_lossy().into_owned()))
+                .collect();
+            let wanted: Vec<String> = GUEST_MODULES.iter().map(|m| format!("{m}.ko")).collect();
+            if names == wanted {
+                return Ok(k);
+            }
         }
     }
 

@@ -34,6 +34,13 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio-rng",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    // Socket diagnostics: after a restore the agent resets the TCP connections the snapshot
+    // caught open (SOCK_DESTROY), whose peers are gone or belong to the source.
+    "inet_diag",
+    "tcp_diag",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +86,7 @@ impl Default for ImageSpec {
             suite: "bookworm".into(),
             mirror: "http://deb.debian.org/debian".into(),
             kernel_package: "linux-image-cloud-amd64".into(),
-            packages: ["bash", "coreutils", "procps", "python3-minimal"]
-                .map(String::from)
-                .to_vec(),
+            packages: ["bash", "coreutils", "procps", "python3"].map(String::from).to_vec(),
             disk_size_mib: 2048,
         }
     }
@@ -206,8 +211,17 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
 /// Runs a command, turning a failure into an error that carries its stderr.
 pub(crate) fn run(cmd: &mut Command) -> Result<String, ImageError> {
     let shown = format!("{:?}", cmd).replace('"', "");
-    let out = cmd.output().map_err(|e| ImageError::Io {
+    let child = spawn(
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .map_err(|e| ImageError::Io {
         context: format!("starting {shown}"),
+        source: e,
+    })?;
+    let out = child.wait_with_output().map_err(|e| ImageError::Io {
+        context: format!("waiting for {shown}"),
         source: e,
     })?;
     if !out.status.success() {
@@ -220,6 +234,81 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, ImageError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Process groups of the build steps running now (each step leads a group of its own, so
+/// everything it starts — debootstrap's dpkg and chroot children — is stopped with it).
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// Set by [`abort_builds`]: no new step starts after it.
+static ABORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A build step started in a process group of its own, known to [`abort_builds`] until it ends.
+pub(crate) struct Step {
+    pid: u32,
+    /// Taken only by [`Step::wait_with_output`], which consumes the step.
+    child: Option<std::process::Child>,
+}
+
+impl std::ops::Deref for Step {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.child
+            .as_ref()
+            .expect("a step's child is taken only when the step is consumed")
+    }
+}
+
+impl std::ops::DerefMut for Step {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.child
+            .as_mut()
+            .expect("a step's child is taken only when the step is consumed")
+    }
+}
+
+impl Step {
+    fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        let child = self.child.take().expect("a step's child is taken once");
+        child.wait_with_output()
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| *p != self.pid);
+    }
+}
+
+/// Starts one build step in its own process group (refused once [`abort_builds`] ran).
+pub(crate) fn spawn(cmd: &mut Command) -> std::io::Result<Step> {
+    use std::os::unix::process::CommandExt;
+    let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+    if ABORTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other("the process is shutting down"));
+    }
+    let child = cmd.process_group(0).spawn()?;
+    running.push(child.id());
+    Ok(Step {
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+/// Stops every build step running now and refuses new ones: for a process that is shutting
+/// down while the image is still being built. Each step's whole process group gets SIGTERM
+/// (debootstrap unmounts what it mounted in the tree when told so); the half-built parts stay
+/// in their temporary directories, which the next build removes.
+pub fn abort_builds() {
+    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+    ABORTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    for pid in running.iter() {
+        if let Some(group) = rustix::process::Pid::from_raw(*pid as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
+        }
+    }
 }
 
 /// An advisory lock held until dropped.

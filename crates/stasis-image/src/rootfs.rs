@@ -35,16 +35,18 @@ pub fn ensure(cache: &Path, spec: &ImageSpec, progress: &dyn Progress) -> Result
     let tmp = cache.join("rootfs").join(format!(".{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the rootfs directory"))?;
-    let mut child = Command::new("debootstrap")
-        .arg("--variant=minbase")
-        .arg(format!("--include={}", spec.packages.join(",")))
-        .arg(&spec.suite)
-        .arg(tmp.join("tree"))
-        .arg(&spec.mirror)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err("starting debootstrap (apt-get install debootstrap)"))?;
+    let mut child = crate::spawn(
+        Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", spec.packages.join(",")))
+            .arg(&spec.suite)
+            .arg(tmp.join("tree"))
+            .arg(&spec.mirror)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .map_err(io_err("starting debootstrap (apt-get install debootstrap)"))?;
     let stderr = child.stderr.take().unwrap();
     let stderr_reader = std::thread::spawn(move || {
         let mut s = String::new();

@@ -1,15 +1,16 @@
 //! API keys and the tenant they belong to. Keys are random, shown once, and stored only as a
 //! SHA-256 hash; a request is authenticated by hashing the presented key and looking it up.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use stasis_types::TenantId;
+use stasis_types::{SnapshotId, TenantId};
 
 use crate::db::Db;
-use crate::error::ApiError;
+use crate::http_error::ApiError;
 use crate::AppState;
 
 const KEY_PREFIX: &str = "stasis_";
@@ -62,8 +63,7 @@ pub async fn authenticate(
     axum::extract::State(state): axum::extract::State<AppState>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
+) -> Response {
     // A host takes no API keys at all: it serves only its control plane, which counted the
     // request against the tenant's rate already.
     if req.uri().path().starts_with("/api/") && state.host.is_none() {
@@ -109,15 +109,74 @@ pub fn peer_of(extensions: &axum::http::Extensions) -> Option<std::net::SocketAd
 impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
-    /// The key was looked up once, by [`authenticate`]: what it did not accept is refused.
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    /// The key was looked up once, by [`authenticate`] (on a host: the control plane's word
+    /// was taken by `cluster::guard_host`): what it did not accept is refused.
+    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(Authenticated(t)) = parts.extensions.get::<Authenticated>() {
             return Ok(Tenant(*t));
         }
-        if state.host.is_some() {
-            return crate::cluster::host_tenant(state, &parts.headers, &parts.extensions).ok_or(ApiError::Unauthorized);
-        }
         Err(ApiError::Unauthorized)
+    }
+}
+
+/// Who may open an event stream: a Bearer key, or a one-use ticket in `?ticket=` (browsers'
+/// `EventSource` cannot send headers), with the snapshot the ticket is bound to, if any.
+pub struct StreamTenant {
+    pub tenant: TenantId,
+    /// Set for a ticket: the snapshot it opens (None: any of its tenant's).
+    pub ticket: Option<Option<SnapshotId>>,
+}
+
+impl FromRequestParts<AppState> for StreamTenant {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // On a host the control plane speaks for the tenant (it took the ticket).
+        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) || state.host.is_some() {
+            return Tenant::from_request_parts(parts, state)
+                .await
+                .map(|t| StreamTenant {
+                    tenant: t.0,
+                    ticket: None,
+                })
+                .map_err(IntoResponse::into_response);
+        }
+        #[derive(serde::Deserialize)]
+        struct TicketQuery {
+            ticket: Option<String>,
+        }
+        let unauthorized = || ApiError::Unauthorized.into_response();
+        let Query(q) = Query::<TicketQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| unauthorized())?;
+        let ticket = q
+            .ticket
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(unauthorized)?;
+        // Guessing tickets costs a lookup each, like guessing keys: the same budget applies.
+        let hash = hash_key(&ticket);
+        let peer = crate::auth::peer_of(&parts.extensions);
+        let failures = &state.guards.auth_failures;
+        if let Some(wait) = peer.and_then(|p| failures.blocked(p, &hash)) {
+            return Err(crate::net::auth_blocked(wait));
+        }
+        match state
+            .db
+            .consume_bound_ticket(&hash)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?
+        {
+            Some(grant) => Ok(StreamTenant {
+                tenant: grant.tenant,
+                ticket: Some(grant.snapshot),
+            }),
+            None => {
+                if let Some(p) = peer {
+                    failures.failed(p);
+                }
+                Err(unauthorized())
+            }
+        }
     }
 }
 

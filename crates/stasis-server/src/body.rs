@@ -1,11 +1,12 @@
-//! Request bodies: a JSON-object extractor whose failures use the API's error format (400 for
-//! malformed JSON, 413 for oversized bodies), and field readers that name the field in a 422.
+//! Request bodies: [`Json`], the typed extractor of a `stasis-types` request struct, and
+//! [`JsonObject`] with field readers, both failing in the API's error format (400 for
+//! malformed JSON, 413 for oversized bodies, 422 naming the field that is wrong).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde_json::{Map, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::http_error::{ApiError, ApiResult};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -37,6 +38,52 @@ pub async fn read_within(body: axum::body::Body, deadline: Option<BodyDeadline>)
                 Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES))
             } else {
                 Err(ApiError::BadRequest(format!("reading the request body: {e}")))
+            }
+        }
+    }
+}
+
+/// A request body of type `T` (a `stasis-types` request struct, as the OpenAPI document
+/// describes it). An empty body reads as `{}`; a field that is missing, null where it may not
+/// be, or of the wrong type is a 422 naming it; unknown fields are ignored.
+#[derive(Debug, Default)]
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let deadline = req.extensions().get::<BodyDeadline>().copied();
+        let bytes = read_within(req.into_body(), deadline).await?;
+        Json::parse(&bytes)
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Json<T> {
+    pub fn parse(bytes: &[u8]) -> ApiResult<Json<T>> {
+        // Malformed JSON and non-objects first, as for every body.
+        let JsonObject(map) = JsonObject::parse(bytes)?;
+        match serde_path_to_error::deserialize::<_, T>(Value::Object(map)) {
+            Ok(t) => Ok(Json(t)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                // A missing field is reported at its parent: name the field itself.
+                let missing = inner
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.split('`').next())
+                    .map(str::to_string);
+                let field = match (missing, path.as_str()) {
+                    (Some(f), "." | "") => f,
+                    (Some(f), parent) => format!("{parent}.{f}"),
+                    (None, path) => path.to_string(),
+                };
+                // A null where a value is needed reads as its absence.
+                let message = match inner.starts_with("missing field") || inner.starts_with("invalid type: null") {
+                    true => format!("{field} is required"),
+                    false => format!("{field}: {inner}"),
+                };
+                Err(ApiError::invalid(&field, message))
             }
         }
     }
@@ -137,10 +184,32 @@ mod tests {
     }
 
     #[test]
+    fn typed_bodies_name_the_field_that_is_wrong() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Exec {
+            command: String,
+            timeout: Option<u64>,
+        }
+        let field = |s: &str| match Json::<Exec>::parse(s.as_bytes()) {
+            Err(ApiError::Domain(crate::error::Error::Invalid { field, message })) => (field, message),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(field("{}"), ("command".into(), "command is required".into()));
+        assert_eq!(field("").0, "command", "an empty body is {{}}");
+        assert_eq!(field(r#"{"command": null}"#).0, "command");
+        assert_eq!(field(r#"{"command": 5}"#).0, "command");
+        assert_eq!(field(r#"{"command": "x", "timeout": "soon"}"#).0, "timeout");
+        assert!(matches!(Json::<Exec>::parse(b"[1]"), Err(ApiError::BadRequest(_))));
+        assert!(matches!(Json::<Exec>::parse(b"{"), Err(ApiError::BadRequest(_))));
+        let Json(ok) = Json::<Exec>::parse(br#"{"command": "ls", "extra": 1}"#).unwrap();
+        assert_eq!((ok.command.as_str(), ok.timeout), ("ls", None));
+    }
+
+    #[test]
     fn field_errors_name_the_field() {
         let b = body(r#"{"name": 5, "timeout": "x", "metadata": [], "big": 99999}"#);
         let msg = |e: ApiError| match e {
-            ApiError::Invalid { field, message } => (field, message),
+            ApiError::Domain(crate::error::Error::Invalid { field, message }) => (field, message),
             other => panic!("{other:?}"),
         };
         assert_eq!(

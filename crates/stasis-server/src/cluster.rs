@@ -20,19 +20,21 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use stasis_types::{ComputerId, Size, TenantId};
+use stasis_types::{ComputerId, HostId, Size, TenantId};
 
-use crate::auth::{bearer, Tenant};
+use crate::auth::bearer;
 use crate::db::{Db, HostRecord, HostStatus};
-use crate::error::{ApiError, REQUEST_ID};
+use crate::error::{Conflict, During, Error};
+use crate::http_error::{ApiError, REQUEST_ID};
 use crate::tls::{Credentials, Peer};
 use crate::AppState;
+use stasis_vmm::description::{HostMachine, MachineDescription};
 
 /// Carries the tenant a control plane acts for, on its requests to hosts.
 pub const TENANT_HEADER: &str = "x-stasis-tenant";
@@ -40,11 +42,14 @@ pub const TENANT_HEADER: &str = "x-stasis-tenant";
 /// What a host says in each heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
-    pub id: String,
+    pub id: HostId,
     /// Where the control plane reaches the host's API (`https://ADDR`).
     pub url: String,
     pub capacity_mib: i64,
     pub vcpus: i64,
+    /// What it runs (QEMU release, KVM, CPU model): restores are placed where they load.
+    #[serde(default)]
+    pub machine: Option<HostMachine>,
 }
 
 /// What the control plane answers. Nothing secret: hosts have their own configuration for the
@@ -55,6 +60,14 @@ pub struct Joined {
     /// The tenants' default limits, which hosts apply too.
     #[serde(default)]
     pub limits: crate::limits::TenantLimits,
+}
+
+/// What a new machine needs of the host it is placed on.
+#[derive(Debug, Clone, Default)]
+pub struct Wants {
+    pub memory_mib: u64,
+    /// The machine a restore's snapshot was taken on (None: a fresh boot, any host).
+    pub machine: Option<MachineDescription>,
 }
 
 /// The shortest shared token `--insecure-plain-http` takes.
@@ -86,12 +99,12 @@ pub struct ControlPlane {
     pub host_timeout: Duration,
     pub joined: Joined,
     /// Over TLS, one client per host: each accepts only that host's certificate.
-    clients: Mutex<HashMap<String, reqwest::Client>>,
+    clients: Mutex<HashMap<HostId, reqwest::Client>>,
 }
 
 /// The part of a platform that is a host of a control plane.
 pub struct HostSide {
-    pub id: String,
+    pub id: HostId,
     pub auth: ClusterAuth,
 }
 
@@ -126,20 +139,20 @@ impl ControlPlane {
     }
 
     /// The client that talks to host `id` (and only to it).
-    fn client(&self, id: &str) -> Result<reqwest::Client, ApiError> {
+    fn client(&self, id: &HostId) -> Result<reqwest::Client, Error> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(id) {
             return Ok(c.clone());
         }
         let client = match &self.auth {
-            ClusterAuth::Tls(creds) => creds.client(&crate::tls::host_name(id), None),
+            ClusterAuth::Tls(creds) => creds.client(&crate::tls::host_name(id.as_str()), None),
             ClusterAuth::PlainToken(_) => reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()
-                .map_err(|e| e.to_string()),
+                .during("making the cluster's HTTP client"),
         }
-        .map_err(ApiError::Unavailable)?;
-        clients.insert(id.to_string(), client.clone());
+        .map_err(|e| Error::Unavailable(format!("a client for host {id}: {e}")))?;
+        clients.insert(id.clone(), client.clone());
         Ok(client)
     }
 
@@ -149,12 +162,15 @@ impl ControlPlane {
                 <= chrono::Duration::from_std(self.host_timeout).unwrap_or(chrono::Duration::MAX)
     }
 
-    /// The host with the most free memory that has `need_mib` free.
-    pub async fn place(&self, db: &Db, need_mib: u64) -> Result<HostRecord, ApiError> {
+    /// The host with the most free memory that has what `wants` says: the memory free, and a
+    /// QEMU, accelerator and CPU model that load its snapshot's machine (a host that does not
+    /// report what it runs is tried, and refuses by itself if it cannot).
+    pub async fn place(&self, db: &Db, wants: &Wants) -> Result<HostRecord, Error> {
         let hosts = db.hosts().await?;
         let held = db.host_sizes().await?;
         let mut best: Option<(i64, HostRecord)> = None;
-        let mut alive = 0;
+        let (mut alive, mut roomy) = (0, 0);
+        let mut refusals = Vec::new();
         for h in hosts.into_iter().filter(|h| self.alive(h)) {
             alive += 1;
             let used: i64 = held
@@ -164,23 +180,40 @@ impl ControlPlane {
                 .map(|s| s.memory_mib() as i64)
                 .sum();
             let free = h.capacity_mib - used;
-            if free >= need_mib as i64 && best.as_ref().is_none_or(|(f, _)| free > *f) {
+            if free < wants.memory_mib as i64 {
+                continue;
+            }
+            roomy += 1;
+            if let (Some(machine), Some(runs)) = (&wants.machine, &h.machine) {
+                if let Err(m) = machine.check(runs) {
+                    refusals.push(format!("host {}: {m}", h.id));
+                    continue;
+                }
+            }
+            if best.as_ref().is_none_or(|(f, _)| free > *f) {
                 best = Some((free, h));
             }
         }
         match best {
             Some((_, h)) => Ok(h),
-            None if alive == 0 => Err(ApiError::Unavailable("no host has joined the control plane".into())),
-            None => Err(ApiError::conflict(
-                crate::error::Conflict::InsufficientCapacity,
-                format!("no host has room for a computer of {need_mib} MiB"),
+            None if alive == 0 => Err(Error::Unavailable("no host has joined the control plane".into())),
+            None if roomy == 0 => Err(Error::conflict(
+                Conflict::InsufficientCapacity,
+                format!("no host has room for a computer of {} MiB", wants.memory_mib),
+            )),
+            None => Err(Error::conflict(
+                Conflict::SnapshotIncompatible,
+                format!(
+                    "no host with room can load this snapshot's machine: {}",
+                    refusals.join("; ")
+                ),
             )),
         }
     }
 
     /// Where `computer` runs: None if there is no such computer; Some(None) if its host is
     /// none, or is lost.
-    async fn host_of(&self, db: &Db, computer: ComputerId) -> Result<Option<Option<HostRecord>>, ApiError> {
+    pub(crate) async fn host_of(&self, db: &Db, computer: ComputerId) -> Result<Option<Option<HostRecord>>, Error> {
         let Some(id) = db.computer_host(computer).await? else {
             return Ok(None);
         };
@@ -191,7 +224,7 @@ impl ControlPlane {
     }
 
     /// Sends the request on to a host, as the tenant, and streams its answer back.
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         host: &HostRecord,
         tenant: TenantId,
@@ -199,9 +232,14 @@ impl ControlPlane {
         body: Body,
         keep_query: bool,
     ) -> Response {
+        // The URI as the client sent it (inside the API's router it has lost its `/api/v1`).
+        let uri = parts
+            .extensions
+            .get::<axum::extract::OriginalUri>()
+            .map_or(&parts.uri, |o| &o.0);
         let path = match keep_query {
-            true => parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
-            false => parts.uri.path(),
+            true => uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            false => uri.path(),
         };
         let url = format!("{}{path}", host.url.trim_end_matches('/'));
         let http = match self.client(&host.id) {
@@ -236,8 +274,74 @@ impl ControlPlane {
                 out.body(Body::from_stream(resp.bytes_stream()))
                     .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
             }
-            Err(e) => ApiError::Unavailable(format!("host {} did not answer: {e}", host.id)).into_response(),
+            Err(e) => ApiError::unavailable(format!("host {} did not answer: {e}", host.id)).into_response(),
         }
+    }
+
+    /// Passes a request on to `host` as it is (a proxy's): at `path_and_query`, streamed both
+    /// ways with its end-to-end headers (not the tenant's key: the host takes the tenant from
+    /// the control plane), and spliced through if the host switches protocols.
+    pub(crate) async fn forward_raw(
+        &self,
+        host: &HostRecord,
+        tenant: TenantId,
+        path_and_query: &str,
+        req: Request,
+    ) -> Response {
+        use crate::preview::proxy;
+        let url = format!("{}{path_and_query}", host.url.trim_end_matches('/'));
+        let http = match self.client(&host.id) {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
+        };
+        let (mut parts, body) = req.into_parts();
+        let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut headers = proxy::onward_request_headers(&parts.headers);
+        headers.remove(axum::http::header::HOST);
+        // The preview host the client asked for (the host sees its own path form).
+        if let Some(h) = parts.headers.get(axum::http::header::HOST) {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+        let mut req = http
+            .request(method, &url)
+            .headers(headers)
+            .header(TENANT_HEADER, tenant.to_string());
+        if let ClusterAuth::PlainToken(token) = &self.auth {
+            req = req.bearer_auth(token);
+        }
+        let request_id = REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default();
+        req = req.header("x-stasis-request-id", request_id);
+        let has_body = parts.headers.contains_key(axum::http::header::CONTENT_LENGTH)
+            || parts.headers.contains_key(axum::http::header::TRANSFER_ENCODING);
+        if has_body {
+            req = req.body(reqwest::Body::wrap_stream(body.into_data_stream()));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return ApiError::unavailable(format!("host {} did not answer: {e}", host.id)).into_response(),
+        };
+        let status = resp.status().as_u16();
+        let switching = status == 101;
+        let mut out = Response::builder().status(status);
+        if let Some(h) = out.headers_mut() {
+            *h = proxy::onward_response_headers(resp.headers(), switching);
+        }
+        if switching {
+            let Some(client_side) = client_side else {
+                return StatusCode::BAD_GATEWAY.into_response();
+            };
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(upstream)) = (client_side.await, resp.upgrade().await) {
+                    proxy::splice(hyper_util::rt::TokioIo::new(client), upstream);
+                }
+            });
+            return out
+                .body(Body::empty())
+                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
+        }
+        out.body(Body::from_stream(resp.bytes_stream()))
+            .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
     }
 
     /// Marks hosts that stopped heartbeating lost, once a second, for as long as it runs.
@@ -260,11 +364,11 @@ impl ControlPlane {
                 );
                 match db.lose_host(&h.id, &reason).await {
                     Ok(true) => {
-                        tracing::warn!(host = h.id, "host lost; its computers are marked error");
+                        tracing::warn!(host = %h.id, "host lost; its computers are marked error");
                         computers.notify_changed();
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(host = h.id, error = %e, "marking a host lost"),
+                    Err(e) => tracing::warn!(host = %h.id, error = %e, "marking a host lost"),
                 }
             }
         }
@@ -289,14 +393,9 @@ pub async fn heartbeat(State(state): State<AppState>, req: Request) -> Response 
     }
     let Json(beat) = match Json::<Heartbeat>::from_request(req, &state).await {
         Ok(b) => b,
+        // A malformed host id is refused here, by its type.
         Err(e) => return ApiError::BadRequest(format!("a heartbeat is a JSON Heartbeat: {e}")).into_response(),
     };
-    if !crate::tls::valid_host_id(&beat.id) {
-        return ApiError::BadRequest(
-            "a heartbeat needs the host's id: 1 to 63 lowercase letters, digits and dashes".into(),
-        )
-        .into_response();
-    }
     let scheme = match cp.auth {
         ClusterAuth::Tls(_) => "https://",
         ClusterAuth::PlainToken(_) => "http://",
@@ -307,14 +406,20 @@ pub async fn heartbeat(State(state): State<AppState>, req: Request) -> Response 
     if let ClusterAuth::Tls(_) = cp.auth {
         // The id is the certificate's: one host cannot take over another's id (and so its
         // computers' requests).
-        if !peer.is(&crate::tls::host_name(&beat.id)) {
-            tracing::warn!(claimed = beat.id, remote = %peer.remote, "a heartbeat under another host's id");
+        if !peer.is(&crate::tls::host_name(beat.id.as_str())) {
+            tracing::warn!(claimed = %beat.id, remote = %peer.remote, "a heartbeat under another host's id");
             return forbidden(format!("this certificate is not host {}'s", beat.id));
         }
     }
     if let Err(e) = state
         .db
-        .heartbeat_host(&beat.id, &beat.url, beat.capacity_mib.max(0), beat.vcpus.max(0))
+        .heartbeat_host(
+            &beat.id,
+            &beat.url,
+            beat.capacity_mib.max(0),
+            beat.vcpus.max(0),
+            beat.machine.as_ref(),
+        )
         .await
     {
         return ApiError::from(e).into_response();
@@ -322,153 +427,18 @@ pub async fn heartbeat(State(state): State<AppState>, req: Request) -> Response 
     Json(cp.joined.clone()).into_response()
 }
 
-/// Where a control plane sends an API request it does not answer itself.
-enum Route {
-    /// Create or restore: to the host with the most room.
-    Place,
-    /// To the host running this computer (refused if it runs on none, or its host is lost).
-    Owner(ComputerId),
-}
-
-/// None: the control plane answers it itself.
-fn route(method: &Method, path: &str) -> Option<Route> {
-    let parts: Vec<&str> = path.strip_prefix("/api/v1/")?.split('/').collect();
-    match (method, parts.as_slice()) {
-        (&Method::POST, ["computers"]) => Some(Route::Place),
-        (&Method::POST, ["computers", _, "restore", _]) => Some(Route::Place),
-        // Reads come from the shared database; deleting a snapshot is metadata (the control
-        // plane collects the store).
-        (&Method::GET, ["computers", ..]) if !path.ends_with("/events") => None,
-        (&Method::DELETE, ["computers", _, "snapshots", _]) => None,
-        (_, ["computers", id, ..]) => id.parse().ok().map(Route::Owner),
-        _ => None,
-    }
-}
-
 /// A 403 that says why.
 fn forbidden(message: String) -> Response {
-    ApiError::ForbiddenBecause(message).into_response()
+    ApiError::Forbidden(message).into_response()
 }
 
-/// Middleware on a control plane: sends machine work to hosts, and never does it itself. On
-/// a host: lets in only the control plane, and only for this host's computers.
-pub async fn dispatch(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(host) = state.host.clone() {
-        return guard_host(&state, &host, req, next).await;
-    }
-    let Some(cp) = state.control_plane.clone() else {
+/// Middleware on a host: lets in only the control plane, and takes the tenant it acts for
+/// from it. (Which computers a host acts on is the endpoints' to say: [`crate::endpoints`].)
+pub async fn guard_host(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(host) = state.host.clone() else {
         return next.run(req).await;
     };
-    let Some(route) = route(req.method(), req.uri().path()) else {
-        return next.run(req).await;
-    };
-    let events = req.uri().path().ends_with("/events");
-    let mut keep_query = true;
-    let tenant = match req.extensions().get::<crate::auth::Authenticated>().copied() {
-        Some(crate::auth::Authenticated(t)) => t,
-        // A browser's stream carries a one-use ticket instead of a key: it is used up here,
-        // and the host is asked as the tenant (without the spent ticket).
-        None if events && !req.headers().contains_key(axum::http::header::AUTHORIZATION) => {
-            let (mut parts, body) = req.into_parts();
-            match crate::snapshots::routes::StreamTenant::from_request_parts(&mut parts, &state).await {
-                Ok(t) => {
-                    // A ticket bound to a snapshot opens that snapshot's stream only; the host
-                    // never sees the ticket, so the binding is held here.
-                    if let Some(Some(bound)) = t.ticket {
-                        let asked = parts.uri.path().rsplit('/').nth(1).and_then(|s| s.parse().ok());
-                        if asked != Some(bound) {
-                            return ApiError::Unauthorized.into_response();
-                        }
-                    }
-                    keep_query = false;
-                    let mut req = Request::from_parts(parts, body);
-                    req.extensions_mut().insert(crate::auth::Authenticated(t.tenant));
-                    return dispatch_as(&state, &cp, t.tenant, route, req, next, keep_query).await;
-                }
-                Err(e) => return e.into_response(),
-            }
-        }
-        // Unauthenticated requests get their 401 from the handlers.
-        None => return next.run(req).await,
-    };
-    dispatch_as(&state, &cp, tenant, route, req, next, keep_query).await
-}
-
-async fn dispatch_as(
-    state: &AppState,
-    cp: &ControlPlane,
-    tenant: TenantId,
-    route: Route,
-    req: Request,
-    next: Next,
-    keep_query: bool,
-) -> Response {
-    let events = req.uri().path().ends_with("/events");
-    let (parts, mut body) = req.into_parts();
-    let host = match route {
-        Route::Place => {
-            let mut size = None;
-            if parts.uri.path().trim_end_matches('/') == "/api/v1/computers" {
-                // Peek at the size asked for (the host validates the body properly).
-                let bytes = match crate::body::read_within(body, parts.extensions.get().copied()).await {
-                    Ok(b) => b,
-                    Err(e) => return e.into_response(),
-                };
-                size = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("size").and_then(|s| s.as_str()).and_then(Size::parse));
-                body = Body::from(bytes);
-            }
-            let need = match need_mib(state, tenant, &parts, size).await {
-                Ok(n) => n,
-                Err(e) => return e.into_response(),
-            };
-            match cp.place(&state.db, need).await {
-                Ok(h) => h,
-                Err(e) => return e.into_response(),
-            }
-        }
-        Route::Owner(id) => match cp.host_of(&state.db, id).await {
-            Ok(Some(Some(h))) => h,
-            // No such computer: the handlers say so (after checking the tenant).
-            Ok(None) => return next.run(Request::from_parts(parts, body)).await,
-            // A stream of a lost host's snapshot: the log and the final state are in the
-            // database (such snapshots are failed), so the answer ends at once.
-            Ok(Some(None)) if events => return next.run(Request::from_parts(parts, body)).await,
-            // Deleting needs no machine: the control plane records it (its own runtime has no
-            // such machine to stop), and the host, when it is back, finds the computer gone
-            // and removes its QEMU and files.
-            Ok(Some(None))
-                if parts.method == Method::DELETE
-                    && parts.uri.path().trim_end_matches('/') == format!("/api/v1/computers/{id}") =>
-            {
-                return next.run(Request::from_parts(parts, body)).await
-            }
-            Ok(Some(None)) => {
-                // Running it here would boot a tenant's VM on the control plane, outside any
-                // host's capacity, next to every secret of the cluster.
-                return ApiError::Unavailable(format!(
-                    "the host running computer {id} is unavailable; it cannot be changed until that host is back \
-                     (its snapshots restore on any other host)"
-                ))
-                .into_response();
-            }
-            Err(e) => return e.into_response(),
-        },
-    };
-    tracing::debug!(host = host.id, path = parts.uri.path(), "forwarding to host");
-    let mut resp = cp.forward(&host, tenant, &parts, body, keep_query).await;
-    if let Ok(v) = HeaderValue::from_str(&host.id) {
-        resp.headers_mut().insert("x-stasis-host", v);
-    }
-    resp
-}
-
-/// On a host: only the control plane may ask, and only about this host's computers (a
-/// request about another's would desynchronize the database from the machines).
-async fn guard_host(state: &AppState, host: &HostSide, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if path == "/api/v1/health" {
+    if req.uri().path() == "/api/v1/health" {
         return next.run(req).await;
     }
     if !host.from_control_plane(req.headers(), req.extensions()) {
@@ -476,53 +446,118 @@ async fn guard_host(state: &AppState, host: &HostSide, req: Request, next: Next)
             "this is a host of a control plane: it serves only its control plane; send API requests there".into(),
         );
     }
-    let segments: Vec<&str> = path.strip_prefix("/api/v1/").unwrap_or("").split('/').collect();
-    let own = match segments.as_slice() {
-        // A restore's source may run anywhere (or nowhere): its snapshot is in the store.
-        [_, _, "restore", _] => None,
-        ["computers", id, ..] => id.parse::<ComputerId>().ok(),
-        _ => None,
-    };
-    if let Some(id) = own {
-        match state.db.computer_host(id).await {
-            Ok(Some(h)) if h.as_deref() != Some(host.id.as_str()) => {
-                let on = h.map_or("no host".to_string(), |h| format!("host {h}"));
-                return ApiError::conflict(
-                    crate::error::Conflict::WrongHost,
-                    format!("computer {id} runs on {on}, not on this host ({})", host.id),
-                )
-                .into_response();
-            }
-            Ok(_) => {}
-            Err(e) => return ApiError::from(e).into_response(),
-        }
+    let tenant = req
+        .headers()
+        .get(TENANT_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    if let Some(tenant) = tenant {
+        req.extensions_mut().insert(crate::auth::Authenticated(tenant));
     }
     next.run(req).await
 }
 
-/// Memory a create or restore needs: the snapshot's machine for a restore, the size asked for
-/// (or the smallest) for a create.
-async fn need_mib(
-    state: &AppState,
-    tenant: TenantId,
-    parts: &axum::http::request::Parts,
-    size: Option<Size>,
-) -> Result<u64, ApiError> {
-    let segments: Vec<&str> = parts.uri.path().trim_start_matches("/api/v1/").split('/').collect();
-    if let ["computers", computer, "restore", snap] = segments.as_slice() {
-        if let (Ok(c), Ok(s)) = (computer.parse(), snap.parse()) {
-            let record = state.snapshots.find(tenant, c, s).await?;
-            return Ok(record.size.memory_mib());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_vmm::description::{BootFile, QemuRelease, DEVICE_LINE, FORMAT, MACHINE_TYPE};
+
+    fn taken_on(major: u32, minor: u32) -> MachineDescription {
+        let file = |c: char| BootFile {
+            blake3: c.to_string().repeat(64),
+            bytes: 1,
+        };
+        MachineDescription {
+            format: FORMAT,
+            qemu: QemuRelease { major, minor },
+            machine_type: MACHINE_TYPE.into(),
+            accel: stasis_vmm::Accel::Tcg,
+            cpu_model: "max".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            device_line: DEVICE_LINE,
+            tsc_khz: None,
+            image_id: "img".into(),
+            kernel: file('a'),
+            initrd: file('b'),
         }
     }
-    Ok(size.unwrap_or(Size::Xs).memory_mib())
-}
 
-/// On a host, the tenant its control plane acts for (for `Tenant`).
-pub fn host_tenant(state: &AppState, headers: &HeaderMap, extensions: &axum::http::Extensions) -> Option<Tenant> {
-    let host = state.host.as_ref()?;
-    if !host.from_control_plane(headers, extensions) {
-        return None;
+    #[tokio::test]
+    async fn restores_are_placed_where_their_machine_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("p.db")).await.unwrap();
+        let cp = ControlPlane::new(
+            ClusterAuth::PlainToken("t".repeat(MIN_TOKEN_LEN)),
+            Duration::from_secs(60),
+            Joined {
+                heartbeat_secs: 1,
+                limits: Default::default(),
+            },
+        );
+        let host = |id: &str| -> HostId { id.parse().unwrap() };
+        let runs = |major, minor| HostMachine::tcg(QemuRelease { major, minor });
+        // The QEMU 10 host has the most room.
+        db.heartbeat_host(&host("ten"), "http://127.0.0.1:1", 8192, 2, Some(&runs(10, 0)))
+            .await
+            .unwrap();
+        db.heartbeat_host(&host("seven"), "http://127.0.0.1:2", 2048, 2, Some(&runs(7, 2)))
+            .await
+            .unwrap();
+        let want = |machine| Wants {
+            memory_mib: 512,
+            machine,
+        };
+        assert_eq!(
+            cp.place(&db, &want(None)).await.unwrap().id,
+            host("ten"),
+            "a boot: most room"
+        );
+        assert_eq!(
+            cp.place(&db, &want(Some(taken_on(7, 2)))).await.unwrap().id,
+            host("seven"),
+            "a snapshot of QEMU 7.2 goes where 7.2 runs"
+        );
+        match cp.place(&db, &want(Some(taken_on(9, 0)))).await {
+            Err(Error::Conflict {
+                state: Conflict::SnapshotIncompatible,
+                message,
+            }) => assert!(
+                message.contains("host seven") && message.contains("host ten") && message.contains("QEMU 9.0"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Too big for every host is a capacity refusal, whatever the machine.
+        let huge = Wants {
+            memory_mib: 1 << 20,
+            machine: Some(taken_on(9, 0)),
+        };
+        assert!(matches!(
+            cp.place(&db, &huge).await,
+            Err(Error::Conflict {
+                state: Conflict::InsufficientCapacity,
+                ..
+            })
+        ));
+        // A host that does not say what it runs is tried (it checks for itself); a later
+        // heartbeat without a machine keeps what an earlier one said.
+        db.heartbeat_host(&host("quiet"), "http://127.0.0.1:3", 1024, 2, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            cp.place(&db, &want(Some(taken_on(9, 0)))).await.unwrap().id,
+            host("quiet")
+        );
+        db.heartbeat_host(&host("seven"), "http://127.0.0.1:2", 2048, 2, None)
+            .await
+            .unwrap();
+        let seven = db
+            .hosts()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|h| h.id == host("seven"))
+            .unwrap();
+        assert_eq!(seven.machine, Some(runs(7, 2)));
     }
-    headers.get(TENANT_HEADER)?.to_str().ok()?.parse().ok().map(Tenant)
 }

@@ -16,10 +16,10 @@ use stasis_store::{Keyring, MasterKey, NamingKey, NamingKeys, StoreError, Tenant
 use crate::db::{Db, WrappedKey};
 
 /// Reads a master key file: 64 hex digits. A file others can read is allowed, with a warning.
-pub fn load_master_key(path: &Path) -> Result<MasterKey, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading the master key file {}: {e}", path.display()))?;
-    let key = MasterKey::from_hex(&text).map_err(|e| format!("the master key file {}: {e}", path.display()))?;
+pub fn load_master_key(path: &Path) -> Result<MasterKey, crate::error::SetupError> {
+    use crate::error::During;
+    let text = std::fs::read_to_string(path).during(format!("reading the master key file {}", path.display()))?;
+    let key = MasterKey::from_hex(&text).during(format!("the master key file {}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(meta) = std::fs::metadata(path) {
@@ -299,9 +299,13 @@ mod tests {
         let path = dir.path().join("key");
         assert!(load_master_key(&path)
             .unwrap_err()
+            .to_string()
             .contains("reading the master key file"));
         std::fs::write(&path, "not a key\n").unwrap();
-        assert!(load_master_key(&path).unwrap_err().contains("64 hex digits"));
+        assert!(load_master_key(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex digits"));
         std::fs::write(&path, format!("{}\n", "a1".repeat(32))).unwrap();
         assert!(load_master_key(&path).is_ok());
     }

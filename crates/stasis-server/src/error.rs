@@ -1,68 +1,34 @@
-//! The API's one error type and its one mapping to HTTP: status, stable `code`, a message a
-//! user can act on, and the request id. Internal details are logged, never sent.
-//!
-//! Codes are upper-case and follow the official SDK's (`miosa/errors.py` maps them to its
-//! exception classes: `SNAPSHOT_NOT_READY` raises `SnapshotNotReadyError`, `VALIDATION_FAILED`
-//! `ValidationError`, `TOO_LARGE` `PayloadTooLargeError`, ...); where it has none, the same
-//! style.
+//! The platform's errors in its own terms, with no HTTP in them: a computer or snapshot not
+//! found (with its id), a state that forbids a request, a quota, an invalid field, a part that
+//! is unavailable, and internal faults. The `http_error` module turns them into responses, in one
+//! place; start-up failures are a [`SetupError`] naming the step that failed.
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
-
-tokio::task_local! {
-    /// The id of the request being served (set by the request-id middleware).
-    pub static REQUEST_ID: String;
+/// What a request named that does not exist (or belongs to another tenant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Computer,
+    Snapshot,
+    /// A port a computer does not expose.
+    Port,
 }
 
-pub fn current_request_id() -> String {
-    REQUEST_ID.try_with(|id| id.clone()).unwrap_or_default()
+impl Resource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Computer => "computer",
+            Resource::Snapshot => "snapshot",
+            Resource::Port => "port",
+        }
+    }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 404 with the seed's wording: `computer not found`, `snapshot not found`.
-    #[error("{kind} not found")]
-    NotFound { kind: &'static str },
-    /// 409: the state of something forbids the request.
-    #[error("{message}")]
-    Conflict { kind: Conflict, message: String },
-    /// 422: a field is missing, of the wrong type, or out of range.
-    #[error("{message}")]
-    Invalid { field: String, message: String },
-    /// 400: the body is not JSON (or not an object).
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("request body is larger than {0} bytes")]
-    PayloadTooLarge(usize),
-    /// 408: the body did not arrive within the time a request has for it.
-    #[error("the request body did not arrive within {0} s")]
-    BodyTimeout(u64),
-    #[error("missing or invalid API key")]
-    Unauthorized,
-    #[error("forbidden")]
-    Forbidden,
-    /// 403 with the reason.
-    #[error("{0}")]
-    ForbiddenBecause(String),
-    /// 403 `QUOTA_EXCEEDED`: the message names the quota and the usage.
-    #[error("{0}")]
-    Quota(String),
-    /// 429 with `Retry-After`.
-    #[error("too many requests: this tenant may make {limit} per second; retry in {retry_after_secs} s")]
-    RateLimited { retry_after_secs: u64, limit: u64 },
-    #[error("{0}")]
-    RouteNotFound(String),
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    #[error("{0}")]
-    Unavailable(String),
-    /// 500: logged in full, answered with a generic message.
-    #[error("internal error")]
-    Internal(String),
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
-/// What state forbids a request (each a 409 with its own code).
+/// What state forbids a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conflict {
     /// The computer is not running (stopped, errored, gone from its host).
@@ -80,134 +46,138 @@ pub enum Conflict {
     SnapshotIncompatible,
     /// The computer runs on another host.
     WrongHost,
+    /// A request with the same idempotency key is still being answered.
     IdempotencyInProgress,
+    /// The computer was created with no network (a port cannot be reached).
+    NoNetwork,
 }
 
-impl Conflict {
-    /// The wire code: the official SDK's where it has one.
-    pub fn code(self) -> &'static str {
-        match self {
-            Conflict::ComputerNotRunning => "COMPUTER_NOT_RUNNING",
-            Conflict::ComputerStarting => "COMPUTER_STARTING",
-            Conflict::ComputerBusy => "RESOURCE_STATE",
-            Conflict::InsufficientCapacity => "INSUFFICIENT_CAPACITY",
-            Conflict::SnapshotNotReady => "SNAPSHOT_NOT_READY",
-            Conflict::SnapshotInUse => "SNAPSHOT_IN_USE",
-            Conflict::SnapshotIncompatible => "SNAPSHOT_INCOMPATIBLE",
-            Conflict::WrongHost => "WRONG_HOST",
-            Conflict::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `id` names no `kind` of this tenant's.
+    #[error("{kind} {id} not found")]
+    NotFound { kind: Resource, id: String },
+    /// The state of something forbids the request; the message says which.
+    #[error("{message}")]
+    Conflict { state: Conflict, message: String },
+    /// A tenant's quota; the message names it and the usage.
+    #[error("{0}")]
+    Quota(String),
+    /// A tenant's request rate.
+    #[error("too many requests: this tenant may make {limit} per second; retry in {retry_after_secs} s")]
+    Throttled { retry_after_secs: u64, limit: u64 },
+    /// A field is missing, of the wrong type, or out of range.
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    /// A part the request needs (a host, the guest agent, the image) cannot serve it now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of the platform's own: logged in full, never shown to a client.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn not_found(kind: Resource, id: impl std::fmt::Display) -> Self {
+        Error::NotFound {
+            kind,
+            id: id.to_string(),
         }
     }
-}
 
-impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        ApiError::Invalid {
+        Error::Invalid {
             field: field.to_string(),
             message: message.into(),
         }
     }
 
-    pub fn conflict(kind: Conflict, message: impl Into<String>) -> Self {
-        ApiError::Conflict {
-            kind,
+    pub fn conflict(state: Conflict, message: impl Into<String>) -> Self {
+        Error::Conflict {
+            state,
             message: message.into(),
         }
     }
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
-        ApiError::Internal(e.to_string())
-    }
-
-    fn status_and_code(&self) -> (StatusCode, String) {
-        let (status, code) = match self {
-            ApiError::NotFound { kind } => {
-                return (
-                    StatusCode::NOT_FOUND,
-                    format!("{}_NOT_FOUND", kind.replace(' ', "_").to_ascii_uppercase()),
-                )
-            }
-            ApiError::Conflict { kind, .. } => (StatusCode::CONFLICT, kind.code()),
-            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED"),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "INVALID_JSON"),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TOO_LARGE"),
-            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
-            ApiError::Forbidden | ApiError::ForbiddenBecause(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
-            ApiError::Quota(_) => (StatusCode::FORBIDDEN, "QUOTA_EXCEEDED"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
-            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
-            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
-        };
-        (status, code.to_string())
+        Error::Internal(e.to_string())
     }
 }
 
-impl From<sqlx::Error> for ApiError {
+impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(format!("database: {e}"))
+        Error::Internal(format!("database: {e}"))
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let request_id = current_request_id();
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(request_id, detail, "internal error");
+/// Setting up (opening the platform, making cluster credentials) failed at `step`, for
+/// `cause` when there is one: the message a user reads before the process exits.
+#[derive(Debug)]
+pub struct SetupError {
+    pub step: String,
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SetupError {
+    pub fn new(step: impl Into<String>, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        SetupError {
+            step: step.into(),
+            cause: Some(cause.into()),
         }
-        let mut error = json!({
-            "code": code,
-            "message": self.to_string(),
-            "request_id": request_id,
-        });
-        if let ApiError::Invalid { field, .. } = &self {
-            error["field"] = json!(field);
+    }
+
+    /// A refusal that is its own explanation (a flag that contradicts another, ...).
+    pub fn refused(why: impl Into<String>) -> Self {
+        SetupError {
+            step: why.into(),
+            cause: None,
         }
-        let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
-        if let ApiError::RateLimited { retry_after_secs, .. } = &self {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, (*retry_after_secs).into());
-        }
-        resp
     }
 }
 
-pub type ApiResult<T> = Result<T, ApiError>;
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cause {
+            Some(cause) => write!(f, "{}: {cause}", self.step),
+            None => f.write_str(&self.step),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|c| c as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Names the start-up step a fallible call belongs to.
+pub trait During<T> {
+    fn during(self, step: impl Into<String>) -> Result<T, SetupError>;
+}
+
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> During<T> for std::result::Result<T, E> {
+    fn during(self, step: impl Into<String>) -> Result<T, SetupError> {
+        self.map_err(|e| SetupError::new(step, e))
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn errors_carry_code_message_and_request_id() {
-        let resp = REQUEST_ID
-            .scope("req-1".to_string(), async {
-                ApiError::conflict(Conflict::ComputerNotRunning, "computer is not running").into_response()
-            })
-            .await;
-        assert_eq!(resp.status(), StatusCode::CONFLICT);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"]["code"], "COMPUTER_NOT_RUNNING");
-        assert_eq!(v["error"]["message"], "computer is not running");
-        assert_eq!(v["error"]["request_id"], "req-1");
-    }
-
-    #[tokio::test]
-    async fn internal_details_are_not_sent() {
-        let resp = ApiError::internal("disk on fire at /var/secret").into_response();
-        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-        assert!(!String::from_utf8_lossy(&body).contains("secret"));
+    #[test]
+    fn a_not_found_names_what_and_which() {
+        let e = Error::not_found(Resource::Snapshot, "snap_1");
+        assert_eq!(e.to_string(), "snapshot snap_1 not found");
     }
 
     #[test]
-    fn not_found_uses_the_seed_wording() {
-        let e = ApiError::NotFound { kind: "computer" };
-        assert_eq!(e.to_string(), "computer not found");
-        assert_eq!(e.status_and_code().1, "COMPUTER_NOT_FOUND");
+    fn a_setup_error_names_its_step_and_keeps_its_cause() {
+        let e: Result<(), SetupError> = Err(std::io::Error::other("no space left")).during("preparing /data");
+        let e = e.unwrap_err();
+        assert_eq!(e.to_string(), "preparing /data: no space left");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use stasis_types::TenantId;
 
 use crate::db::{Db, Idempotency};
-use crate::error::{ApiError, ApiResult};
+use crate::http_error::{ApiError, ApiResult};
 
 pub const HEADER: &str = "idempotency-key";
 /// How long a retry waits for the first request with its key to finish.

@@ -21,7 +21,8 @@ impl Images {
     }
 
     /// The image, building it if this process has not yet (one build at a time; callers wait).
-    pub async fn get(&self) -> Result<Image, String> {
+    pub async fn get(&self) -> crate::error::Result<Image> {
+        use crate::error::Error;
         let mut ready = self.ready.lock().await;
         if let Some(image) = ready.as_ref() {
             return Ok(image.clone());
@@ -33,8 +34,8 @@ impl Images {
             stasis_image::ensure(&cache, &spec, &progress)
         })
         .await
-        .map_err(|e| format!("image build task: {e}"))?
-        .map_err(|e| format!("building the guest image: {e}"))?;
+        .map_err(Error::internal)?
+        .map_err(|e| Error::Unavailable(format!("building the guest image: {e}")))?;
         tracing::info!(id = %built.id, kernel = %built.kernel_release, "guest image ready");
         *ready = Some(built.clone());
         Ok(built)

@@ -8,9 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use futures::future::BoxFuture;
+
 pub use crate::db::JobKind;
 use crate::db::{Db, JobEnd, JobRecord};
-use crate::snapshots::Snapshots;
 
 const LEASE: Duration = Duration::from_secs(30);
 /// Jobs one process runs at once (restores of a baseline come five or more at a time).
@@ -27,6 +30,26 @@ pub enum Outcome {
     Later(Duration),
 }
 
+/// What runs one kind of job: the services register theirs (the worker knows no service).
+pub trait JobHandler: Send + Sync {
+    /// Runs the job for `target`; `last` says this is its last attempt.
+    fn run<'a>(&'a self, target: &'a str, last: bool) -> BoxFuture<'a, Outcome>;
+}
+
+/// A closure over a service is a handler: it gets the job's target and whether this is its
+/// last attempt.
+impl<F> JobHandler for F
+where
+    F: Fn(String, bool) -> BoxFuture<'static, Outcome> + Send + Sync,
+{
+    fn run<'a>(&'a self, target: &'a str, last: bool) -> BoxFuture<'a, Outcome> {
+        self(target.to_string(), last)
+    }
+}
+
+/// The handler of each kind of job this process runs.
+pub type Handlers = HashMap<JobKind, Arc<dyn JobHandler>>;
+
 pub struct Jobs {
     db: Db,
     /// Stable across restarts of this process (role and data dir), to release its old leases.
@@ -34,12 +57,12 @@ pub struct Jobs {
     /// This run's lease owner: `identity/uuid`.
     owner: String,
     /// Jobs bound to this host (None: the control plane's or embedded platform's).
-    host_id: Option<String>,
+    host_id: Option<stasis_types::HostId>,
     wake: tokio::sync::Notify,
 }
 
 impl Jobs {
-    pub fn new(db: Db, identity: String, host_id: Option<String>) -> Arc<Jobs> {
+    pub fn new(db: Db, identity: String, host_id: Option<stasis_types::HostId>) -> Arc<Jobs> {
         let owner = format!("{identity}/{}", uuid::Uuid::new_v4().simple());
         Arc::new(Jobs {
             db,
@@ -55,7 +78,7 @@ impl Jobs {
         &self,
         kind: JobKind,
         target: &str,
-        host: Option<&str>,
+        host: Option<&stasis_types::HostId>,
         max_attempts: i64,
         after: Duration,
     ) -> Result<(), sqlx::Error> {
@@ -65,7 +88,8 @@ impl Jobs {
     }
 
     /// Claims and runs jobs for as long as the process lives.
-    pub async fn work(self: Arc<Self>, snapshots: Arc<Snapshots>) {
+    pub async fn work(self: Arc<Self>, handlers: Handlers) {
+        let handlers = Arc::new(handlers);
         match self.db.release_jobs_of(&self.identity).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "taking back the jobs an earlier run left unfinished"),
@@ -76,11 +100,11 @@ impl Jobs {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            match self.db.claim_job(&self.owner, LEASE, self.host_id.as_deref()).await {
+            match self.db.claim_job(&self.owner, LEASE, self.host_id.as_ref()).await {
                 Ok(Some(job)) => {
-                    let (this, snapshots) = (self.clone(), snapshots.clone());
+                    let (this, handlers) = (self.clone(), handlers.clone());
                     tokio::spawn(async move {
-                        this.run(job, &snapshots).await;
+                        this.run(job, &handlers).await;
                         drop(slot);
                     });
                 }
@@ -97,7 +121,7 @@ impl Jobs {
         }
     }
 
-    async fn run(&self, job: JobRecord, snapshots: &Arc<Snapshots>) {
+    async fn run(&self, job: JobRecord, handlers: &Handlers) {
         let renewer = {
             let (db, id, owner) = (self.db.clone(), job.id.clone(), self.owner.clone());
             tokio::spawn(async move {
@@ -111,11 +135,9 @@ impl Jobs {
             })
         };
         let last = job.attempts >= job.max_attempts;
-        let outcome = match JobKind::parse(&job.kind) {
-            Some(JobKind::Snapshot) => snapshots.snapshot_job(&job.target, last).await,
-            Some(JobKind::Collect) => snapshots.collect_job().await,
-            Some(JobKind::Restore) => snapshots.computers().restore_job(&job.target).await,
-            None => Outcome::Failed(format!("unknown job kind {:?}", job.kind)),
+        let outcome = match JobKind::parse(&job.kind).and_then(|k| handlers.get(&k)) {
+            Some(handler) => handler.run(&job.target, last).await,
+            None => Outcome::Failed(format!("no handler for job kind {:?} here", job.kind)),
         };
         renewer.abort();
         let (status, error, after) = match outcome {

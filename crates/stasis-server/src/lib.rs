@@ -7,13 +7,16 @@ pub mod cluster;
 pub mod computers;
 pub mod db;
 pub mod encryption;
+pub mod endpoints;
 pub mod error;
+pub mod http_error;
 pub mod idempotency;
 pub mod images;
 pub mod jobs;
 pub mod limits;
 pub mod net;
 pub mod openapi;
+pub mod preview;
 pub mod snapshots;
 pub mod tls;
 pub mod web;
@@ -33,7 +36,8 @@ use stasis_vmm::{Accel, Host};
 
 use crate::computers::{Computers, RuntimeSettings};
 use crate::db::Db;
-use crate::error::{ApiError, REQUEST_ID};
+use crate::error::{During, SetupError};
+use crate::http_error::{ApiError, REQUEST_ID};
 use crate::images::Images;
 use crate::snapshots::events::EventBus;
 use crate::snapshots::Snapshots;
@@ -52,6 +56,8 @@ pub struct AppState {
     pub limits: Arc<limits::Limits>,
     /// Connection-level limits the middleware applies (long requests, failed keys).
     pub guards: Arc<net::Guards>,
+    /// Preview URLs and the links that open them.
+    pub previews: Arc<preview::Previews>,
 }
 
 /// What part this process plays.
@@ -66,7 +72,10 @@ pub enum Role {
         host_timeout: std::time::Duration,
     },
     /// A host of a control plane, known to it as `id`.
-    Host { id: String, auth: cluster::ClusterAuth },
+    Host {
+        id: stasis_types::HostId,
+        auth: cluster::ClusterAuth,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +105,35 @@ pub struct Config {
     /// Encryption at rest: a file holding the master key (64 hex digits); None: snapshots are
     /// stored unencrypted.
     pub master_key_file: Option<PathBuf>,
+    /// Computers' networks.
+    pub network: NetworkConfig,
+    /// How preview URLs are made (None: `localhost:PORT` of `listen`).
+    pub preview: Option<preview::PreviewConfig>,
+}
+
+/// How computers reach the network (see [`stasis_vmm::network`]).
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// Where computers' host-side addresses come from, a /30 each (`--network-pool`).
+    pub pool: stasis_vmm::network::Cidr,
+    /// What their traffic may reach besides the default (`--egress-allow`, `--egress-deny`).
+    pub egress: stasis_vmm::network::EgressPolicy,
+    /// The resolver computers' queries go to (`--dns-upstream`); None: the host's own (the
+    /// first IPv4 nameserver of /etc/resolv.conf).
+    pub dns_upstream: Option<SocketAddr>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
+        NetworkConfig {
+            pool: stasis_vmm::network::Cidr {
+                base: std::net::Ipv4Addr::new(10, 213, 0, 0),
+                prefix: 16,
+            },
+            egress: Default::default(),
+            dns_upstream: None,
+        }
+    }
 }
 
 /// `--confine`: auto confines when the platform runs as root (it must, to make namespaces
@@ -108,14 +146,19 @@ pub enum Confine {
     Off,
 }
 
+/// A `--confine` that is not `auto`, `on` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--confine must be auto, on or off, not {0:?}")]
+pub struct UnknownConfine(pub String);
+
 impl std::str::FromStr for Confine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Confine, String> {
+    type Err = UnknownConfine;
+    fn from_str(s: &str) -> Result<Confine, UnknownConfine> {
         match s {
             "auto" => Ok(Confine::Auto),
             "on" => Ok(Confine::On),
             "off" => Ok(Confine::Off),
-            other => Err(format!("--confine must be auto, on or off, not {other:?}")),
+            other => Err(UnknownConfine(other.to_string())),
         }
     }
 }
@@ -128,7 +171,7 @@ fn jail_settings(
     mode: Confine,
     data_dir: &Path,
     qemu_binary: &Path,
-) -> Result<Option<stasis_vmm::jail::JailSettings>, String> {
+) -> Result<Option<stasis_vmm::jail::JailSettings>, SetupError> {
     use stasis_vmm::jail;
     if mode == Confine::Off {
         tracing::warn!("QEMUs run unconfined (--confine off): as this platform's user, seeing its files");
@@ -136,7 +179,9 @@ fn jail_settings(
     }
     if !jail::can_confine() {
         if mode == Confine::On {
-            return Err("--confine on needs the platform to run as root (to make namespaces and change users)".into());
+            return Err(SetupError::refused(
+                "--confine on needs the platform to run as root (to make namespaces and change users)",
+            ));
         }
         tracing::warn!("not running as root: QEMUs run unconfined, as this platform's user");
         return Ok(None);
@@ -146,8 +191,8 @@ fn jail_settings(
     // where the host-wide vm.unprivileged_userfaultfd is 1.
     let version = stasis_vmm::accel::qemu_version(qemu_binary);
     let device = version.is_some_and(|v| v >= (8, 1));
-    let settings = jail::JailSettings::detect(&data_dir_tag(data_dir), device)
-        .map_err(|e| format!("preparing the confinement of QEMUs: {e}"))?;
+    let settings =
+        jail::JailSettings::detect(&data_dir_tag(data_dir), device).during("preparing the confinement of QEMUs")?;
     if settings.userfaultfd.is_some() {
         tracing::info!("confined QEMUs use userfaultfd through a /dev/userfaultfd of their own");
     } else {
@@ -216,7 +261,13 @@ pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let api: Router<AppState> = api_router().into();
+    router_with(state, endpoints::Endpoints::new())
+}
+
+/// The platform's routes and `extra` ones beside them, declared like every other endpoint
+/// (for tests of the boundary, and for embedding).
+pub fn router_with(state: AppState, extra: endpoints::Endpoints) -> Router {
+    let api: Router<AppState> = api_router().merge(extra.into_router()).into();
     let spec: Arc<str> = openapi_document()
         .to_json()
         .expect("the OpenAPI document serializes")
@@ -239,19 +290,24 @@ pub fn router(state: AppState) -> Router {
         .merge(web::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::dispatch))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), net::limit_streams))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
+        // A preview host's requests go to a computer's port, not to the API.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), preview::by_host))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cluster::guard_host))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        // Where each endpoint runs is its own to say (crate::endpoints), with this state.
+        .layer(axum::Extension(state.clone()))
         .with_state(state)
 }
 
 /// Every public route with its OpenAPI description (`/api/v1` relative).
 fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
-    utoipa_axum::router::OpenApiRouter::new()
-        .routes(utoipa_axum::routes!(health))
+    endpoints::Endpoints::new()
+        .add(endpoints::Runs::Anywhere, utoipa_axum::routes!(health))
         .merge(computers::routes::router())
         .merge(snapshots::routes::router())
+        .merge(preview::routes::router())
+        .into_router()
 }
 
 /// The OpenAPI document of the public API, with paths as served (under `/api/v1`).
@@ -319,19 +375,18 @@ pub struct Platform {
 }
 
 impl Platform {
-    pub async fn open(config: &Config) -> Result<Platform, String> {
+    pub async fn open(config: &Config) -> Result<Platform, SetupError> {
         // Before anything opens files: clients, QEMUs, the database and the store share them.
         match net::raise_nofile_limit() {
             Some(n) => tracing::debug!(open_files = n, "open-file limit"),
             None => tracing::warn!("cannot read this process's open-file limit"),
         }
-        prepare_data_dir(&config.data_dir).map_err(|e| format!("preparing {}: {e}", config.data_dir.display()))?;
+        prepare_data_dir(&config.data_dir).during(format!("preparing {}", config.data_dir.display()))?;
         // Before anything is set up on the host (cgroups, ...): a refusal leaves nothing behind.
-        stasis_store::secure_dir(&memory_dir(&config.data_dir))
-            .map_err(|e| format!("preparing the RAM directory: {e}"))?;
+        stasis_store::secure_dir(&memory_dir(&config.data_dir)).during("preparing the RAM directory")?;
         let db = Db::open(&config.database_url)
             .await
-            .map_err(|e| format!("opening the database {}: {e}", db::redact(&config.database_url)))?;
+            .during(format!("opening the database {}", db::redact(&config.database_url)))?;
         let (host, host_events) = Host::new(config.data_dir.join("computers"), config.data_dir.join("machines"));
         let images = Images::new(config.cache_dir.clone());
         let settings = RuntimeSettings {
@@ -341,18 +396,80 @@ impl Platform {
             jail: jail_settings(config.confine, &config.data_dir, &config.qemu_binary)?,
             disk_limits: config.disk_limits,
             cpu_model: stasis_vmm::cpu::resolve(&config.cpu_model, &config.qemu_binary, config.accel)
-                .map_err(|e| format!("choosing the CPU model: {e}"))?,
+                .during("choosing the CPU model")?,
             capacity_mib: config.capacity_mib,
             host_id: match &config.role {
                 Role::Host { id, .. } => Some(id.clone()),
                 _ => None,
             },
         };
+        // Networks of their own for confined QEMUs (the platform makes the namespaces as root);
+        // without, QEMU's user networking.
+        if let Some(jail) = &settings.jail {
+            // Their resolver: a forwarder on this host to the host's own.
+            let upstream = config.network.dns_upstream.or_else(|| {
+                stasis_vmm::dns::host_resolver(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+            });
+            // The same port as before if it is free: computers that outlived the last process
+            // send their queries there.
+            let port_file = config.data_dir.join("dns-port");
+            let last: u16 = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+            let bound = match tokio::net::UdpSocket::bind(("0.0.0.0", last)).await {
+                Err(_) if last != 0 => tokio::net::UdpSocket::bind("0.0.0.0:0").await,
+                other => other,
+            };
+            if let Some(port) = bound.as_ref().ok().and_then(|s| s.local_addr().ok()).map(|a| a.port()) {
+                if port != last {
+                    if last != 0 {
+                        tracing::warn!(last, port, "the DNS forwarder's port changed: computers still running from before resolve names again after their next start");
+                    }
+                    let _ = std::fs::write(&port_file, port.to_string());
+                }
+            }
+            let forwarder = match upstream {
+                Some(upstream) => match bound {
+                    Ok(socket) => Some((Arc::new(socket), upstream)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "computers get no resolver: binding the DNS forwarder");
+                        None
+                    }
+                },
+                None => {
+                    tracing::warn!("computers get no resolver: this host names none (give --dns-upstream)");
+                    None
+                }
+            };
+            let network = stasis_vmm::network::NetworkSettings {
+                tag: data_dir_tag(&config.data_dir)[..8].to_string(),
+                pool: config.network.pool,
+                shared_gid: jail.shared_gid,
+                egress: config.network.egress.clone(),
+                dns_port: forwarder
+                    .as_ref()
+                    .and_then(|(s, _)| s.local_addr().ok())
+                    .map(|a| a.port()),
+            };
+            match tokio::task::spawn_blocking(move || stasis_vmm::network::Networks::open(network)).await {
+                Ok(Ok(networks)) => {
+                    tracing::info!(pool = %config.network.pool, "computers get networks of their own (namespace, tap, NAT, egress policy)");
+                    if let Some((socket, upstream)) = forwarder {
+                        tracing::info!(%upstream, "computers resolve names through the host's resolver");
+                        tokio::spawn(stasis_vmm::dns::forward(socket, config.network.pool, upstream));
+                    }
+                    host.set_networks(Arc::new(networks));
+                }
+                Ok(Err(e)) => tracing::warn!("computers get QEMU's user networking, without the egress policy: {e}"),
+                Err(e) => tracing::warn!("computers get QEMU's user networking: {e}"),
+            }
+        }
         let store = match &config.store_url {
             Some(url) => stasis_store::SnapshotStore::open(url, &config.s3),
             None => stasis_store::SnapshotStore::local(&config.data_dir.join("objects")),
         }
-        .map_err(|e| format!("opening the snapshot store: {e}"))?
+        .during("opening the snapshot store")?
         .with_naming(Arc::new(encryption::ChunkSalts::new(db.clone())));
         let store = match &config.master_key_file {
             None => store,
@@ -361,7 +478,7 @@ impl Platform {
                 let foreign = db
                     .count_foreign_data_keys(&master.id())
                     .await
-                    .map_err(|e| format!("reading tenants' data keys: {e}"))?;
+                    .during("reading tenants' data keys")?;
                 if foreign > 0 {
                     tracing::warn!(tenants = foreign, master_key = master.id(),
                         "this master key did not make some tenants' data keys: their encrypted snapshots will not restore");
@@ -396,12 +513,12 @@ impl Platform {
             let role = match &config.role {
                 Role::Embedded => "embedded".to_string(),
                 Role::ControlPlane { .. } => "control-plane".to_string(),
-                Role::Host { id, .. } => id.clone(),
+                Role::Host { id, .. } => id.to_string(),
             };
             let dir = hex::encode(&sha2::Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..6]);
             format!("{role}-{dir}")
         };
-        let jobs = jobs::Jobs::new(db.clone(), identity, computers.host_id().map(str::to_string));
+        let jobs = jobs::Jobs::new(db.clone(), identity, computers.host_id().cloned());
         let snapshots = Snapshots::new(
             db.clone(),
             store,
@@ -414,30 +531,21 @@ impl Platform {
         );
         let clustered = !matches!(config.role, Role::Embedded);
         if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {
-            return Err(
+            return Err(SetupError::refused(
                 "several hosts need a shared database and store: give --database-url postgres://... and \
-                 --store-url s3://..."
-                    .into(),
-            );
+                 --store-url s3://...",
+            ));
         }
         if !clustered {
             // Restores in flight died with the last process (with several hosts, another
             // host's may still be running).
-            db.reset_restores()
-                .await
-                .map_err(|e| format!("resetting restores: {e}"))?;
+            db.reset_restores().await.during("resetting restores")?;
         }
-        computers
-            .reconcile()
-            .await
-            .map_err(|e| format!("reconciling computers: {e}"))?;
-        snapshots
-            .recover()
-            .await
-            .map_err(|e| format!("recovering snapshots: {e}"))?;
+        computers.reconcile().await.during("reconciling computers")?;
+        snapshots.recover().await.during("recovering snapshots")?;
         // The job worker; collection jobs belong to the control plane (or embedded platform),
         // one collector per store.
-        tokio::spawn(jobs.work(snapshots.clone()));
+        tokio::spawn(jobs.work(snapshots.job_handlers()));
         let sweeper = snapshots.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(LOCAL_COPY_SWEEP);
@@ -480,11 +588,23 @@ impl Platform {
                 host,
                 limits,
                 guards: Arc::new(net::Guards::new(&net::HttpSettings::default())),
+                previews: Arc::new(preview::Previews::new(
+                    config
+                        .preview
+                        .clone()
+                        .unwrap_or_else(|| preview::PreviewConfig::local(config.listen)),
+                )),
             },
             http: net::HttpSettings::default(),
             host_events,
             images,
         })
+    }
+
+    /// Sets how preview URLs are made (before [`serve`](Self::serve)).
+    pub fn with_preview(mut self, preview: preview::PreviewConfig) -> Platform {
+        self.state.previews = Arc::new(preview::Previews::new(preview));
+        self
     }
 
     /// Sets how the listener treats connections (before [`serve`](Self::serve)).
@@ -557,6 +677,8 @@ impl Platform {
         let (public, ()) = tokio::join!(public_side, signal);
         public?;
         cluster_side.await.map_err(std::io::Error::other)??;
+        // An image build still running (a first start) is stopped, not waited for.
+        stasis_image::abort_builds();
         tracing::info!("stopping all computers");
         computers.shutdown().await;
         Ok(())

@@ -8,33 +8,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use stasis_types::TenantId;
 
 use crate::db::Db;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 
-/// Limits of one tenant; None means no limit (or, as an override, the platform default).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TenantLimits {
-    pub max_computers: Option<u64>,
-    pub max_snapshots: Option<u64>,
-    pub max_stored_bytes: Option<u64>,
-    /// Requests per second, sustained; bursts of twice as many are let through.
-    pub rate_per_sec: Option<u64>,
-}
-
-impl TenantLimits {
-    /// These overrides over `defaults`.
-    pub fn over(self, defaults: TenantLimits) -> TenantLimits {
-        TenantLimits {
-            max_computers: self.max_computers.or(defaults.max_computers),
-            max_snapshots: self.max_snapshots.or(defaults.max_snapshots),
-            max_stored_bytes: self.max_stored_bytes.or(defaults.max_stored_bytes),
-            rate_per_sec: self.rate_per_sec.or(defaults.rate_per_sec),
-        }
-    }
-}
+/// Limits of one tenant (kept with their table).
+pub use crate::db::limits::TenantLimits;
 
 /// What a tenant is about to add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +34,7 @@ pub struct Limits {
     overrides: Mutex<HashMap<TenantId, (TenantLimits, Instant)>>,
 }
 
-const OVERRIDES_FOR: Duration = Duration::from_secs(5);
+pub const OVERRIDES_FOR: Duration = Duration::from_secs(5);
 
 impl Limits {
     pub fn new(db: Db, defaults: TenantLimits) -> Limits {
@@ -71,7 +51,7 @@ impl Limits {
     }
 
     /// The limits that apply to `tenant` now.
-    pub async fn of(&self, tenant: TenantId) -> ApiResult<TenantLimits> {
+    pub async fn of(&self, tenant: TenantId) -> Result<TenantLimits> {
         if let Some((l, at)) = self.overrides.lock().unwrap_or_else(|p| p.into_inner()).get(&tenant) {
             if at.elapsed() < OVERRIDES_FOR {
                 return Ok(l.over(self.defaults));
@@ -86,7 +66,7 @@ impl Limits {
     }
 
     /// Takes one request from the tenant's bucket, or says how long to wait.
-    pub async fn admit_request(&self, tenant: TenantId) -> ApiResult<()> {
+    pub async fn admit_request(&self, tenant: TenantId) -> Result<()> {
         let Some(rate) = self.of(tenant).await?.rate_per_sec.filter(|r| *r > 0) else {
             return Ok(());
         };
@@ -102,7 +82,7 @@ impl Limits {
             return Ok(());
         }
         let wait = ((1.0 - *tokens) / rate).ceil().max(1.0) as u64;
-        Err(ApiError::RateLimited {
+        Err(Error::Throttled {
             retry_after_secs: wait,
             limit: rate as u64,
         })
@@ -111,7 +91,7 @@ impl Limits {
     /// Refuses what would take the tenant past a quota; otherwise returns the lock that keeps
     /// every other admission of this tenant (on any host) waiting until the caller has recorded
     /// what it admits (drop it after the insert).
-    pub async fn admit(&self, tenant: TenantId, want: Want) -> ApiResult<crate::db::limits::QuotaLock> {
+    pub async fn admit(&self, tenant: TenantId, want: Want) -> Result<crate::db::limits::QuotaLock> {
         let lock = self.db.lock_quota(tenant).await?;
         self.check(tenant, want).await?;
         Ok(lock)
@@ -120,13 +100,13 @@ impl Limits {
     /// The bytes-stored quota once a snapshot's size is known: refuses (with the message
     /// naming it) when `adding` more would pass it; otherwise returns the lock to hold until
     /// the snapshot is recorded, so two finishing at once cannot both pass.
-    pub async fn admit_stored(&self, tenant: TenantId, adding: u64) -> ApiResult<crate::db::limits::QuotaLock> {
+    pub async fn admit_stored(&self, tenant: TenantId, adding: u64) -> Result<crate::db::limits::QuotaLock> {
         let lock = self.db.lock_quota(tenant).await?;
         if let Some(max) = self.of(tenant).await?.max_stored_bytes {
             let used = self.db.tenant_usage(tenant).await?.stored_bytes;
             let with = used.saturating_add(adding);
             if with > max {
-                return Err(ApiError::Quota(format!(
+                return Err(Error::Quota(format!(
                     "quota exceeded: bytes stored ({used} stored and this snapshot's {adding} would be {with}, \
                      of {max}); delete snapshots first"
                 )));
@@ -137,16 +117,14 @@ impl Limits {
 
     /// Refuses what would take the tenant past a quota (an early answer; [`Limits::admit`]
     /// is the check that holds).
-    pub async fn check(&self, tenant: TenantId, want: Want) -> ApiResult<()> {
+    pub async fn check(&self, tenant: TenantId, want: Want) -> Result<()> {
         let limits = self.of(tenant).await?;
         if limits.max_computers.is_none() && limits.max_snapshots.is_none() && limits.max_stored_bytes.is_none() {
             return Ok(());
         }
         let usage = self.db.tenant_usage(tenant).await?;
         let within = |used: u64, max: Option<u64>, what: &str, fix: &str| match max {
-            Some(max) if used >= max => Err(ApiError::Quota(format!(
-                "quota exceeded: {what} ({used} of {max}); {fix}"
-            ))),
+            Some(max) if used >= max => Err(Error::Quota(format!("quota exceeded: {what} ({used} of {max}); {fix}"))),
             _ => Ok(()),
         };
         match want {

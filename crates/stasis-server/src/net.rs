@@ -8,11 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request};
-use axum::http::StatusCode;
+use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use serde_json::json;
 use stasis_types::TenantId;
 
 /// How the listener treats connections (`stasis serve` flags).
@@ -156,7 +154,9 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .keep_alive(false);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let conn = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -180,19 +180,6 @@ pub async fn serve(
         }
     }
     Ok(())
-}
-
-/// An error answer of the API's shape, for limits that are not the tenant's request rate.
-pub fn too_many(code: &str, message: String, retry_after_secs: u64) -> Response {
-    let body = json!({ "error": {
-        "code": code,
-        "message": message,
-        "request_id": crate::error::current_request_id(),
-    }});
-    let mut resp = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
-    resp.headers_mut()
-        .insert(axum::http::header::RETRY_AFTER, retry_after_secs.max(1).into());
-    resp
 }
 
 /// What the listener shares with the middleware.
@@ -222,15 +209,7 @@ pub struct TooManyStreams(pub usize);
 
 impl IntoResponse for TooManyStreams {
     fn into_response(self) -> Response {
-        too_many(
-            "TOO_MANY_STREAMS",
-            format!(
-                "this tenant already has {} exec calls and event streams open, the most it may have at once; \
-                 retry when one has finished",
-                self.0
-            ),
-            1,
-        )
+        crate::http_error::ApiError::TooManyStreams(self.0).into_response()
     }
 }
 
@@ -281,47 +260,6 @@ impl Drop for StreamPermit {
             }
         }
     }
-}
-
-/// Whether a request is one that may stay open long: exec, or an event stream.
-fn is_long(method: &axum::http::Method, path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/api/v1/computers/") else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
-    matches!(
-        (method, parts.as_slice()),
-        (&axum::http::Method::POST, [_, "exec"])
-            | (&axum::http::Method::POST, [_, "exec", "python"])
-            | (&axum::http::Method::GET, [_, "snapshots", _, "events"])
-    )
-}
-
-/// Middleware: caps a tenant's long requests (429 beyond the cap). The place is held until
-/// the answer's body is done or dropped, so a stream counts for as long as it is open.
-pub async fn limit_streams(
-    axum::extract::State(state): axum::extract::State<crate::AppState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if !is_long(req.method(), req.uri().path()) {
-        return next.run(req).await;
-    }
-    // Ticket-authenticated streams have no tenant yet: their handler counts them.
-    let Some(crate::auth::Authenticated(tenant)) = req.extensions().get().copied() else {
-        return next.run(req).await;
-    };
-    let permit = match state.guards.streams.acquire(tenant) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    let resp = next.run(req).await;
-    let (parts, body) = resp.into_parts();
-    let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
-        let _held = &permit;
-        chunk
-    });
-    Response::from_parts(parts, axum::body::Body::from_stream(body))
 }
 
 /// Failed key lookups per client address: a token bucket each (a burst, then a slow refill),
@@ -429,11 +367,7 @@ impl AuthFailures {
 
 /// The answer to an address over its budget.
 pub fn auth_blocked(retry_after_secs: u64) -> Response {
-    too_many(
-        "TOO_MANY_FAILED_KEYS",
-        format!("too many requests with a missing or invalid API key from this address; retry in {retry_after_secs} s"),
-        retry_after_secs,
-    )
+    crate::http_error::ApiError::AuthBlocked(retry_after_secs).into_response()
 }
 
 #[cfg(test)]
@@ -477,20 +411,10 @@ mod tests {
         let _p2 = s.acquire(a).unwrap();
         assert_eq!(
             s.acquire(a).err().unwrap().into_response().status(),
-            StatusCode::TOO_MANY_REQUESTS
+            axum::http::StatusCode::TOO_MANY_REQUESTS
         );
         assert!(s.acquire(b).is_ok(), "another tenant has its own");
         drop(p1);
         assert!(s.acquire(a).is_ok());
-    }
-
-    #[test]
-    fn long_requests_are_exec_and_event_streams() {
-        use axum::http::Method;
-        assert!(is_long(&Method::POST, "/api/v1/computers/x/exec"));
-        assert!(is_long(&Method::POST, "/api/v1/computers/x/exec/python"));
-        assert!(is_long(&Method::GET, "/api/v1/computers/x/snapshots/y/events"));
-        assert!(!is_long(&Method::GET, "/api/v1/computers/x"));
-        assert!(!is_long(&Method::POST, "/api/v1/computers"));
     }
 }

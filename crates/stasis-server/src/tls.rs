@@ -7,6 +7,7 @@
 //! host H's names `H.host.stasis.internal`. Every certificate is signed by the same CA, so
 //! "signed by the CA" alone says only "one of the cluster"; each side then checks the name.
 
+use crate::error::{During, SetupError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,13 +34,7 @@ pub fn host_name(id: &str) -> String {
 
 /// Whether `id` can name a host (one DNS label, so it fits in [`host_name`]).
 pub fn valid_host_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 63
-        && !id.starts_with('-')
-        && !id.ends_with('-')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    stasis_types::HostId::is_valid(id)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -64,21 +59,20 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn load(dir: &Path) -> Result<Credentials, String> {
-        let certs = |name: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+    pub fn load(dir: &Path) -> Result<Credentials, SetupError> {
+        let certs = |name: &str| -> Result<Vec<CertificateDer<'static>>, SetupError> {
             let path = dir.join(name);
             let certs = CertificateDer::pem_file_iter(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?
+                .during(format!("reading {}", path.display()))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                .during(format!("reading {}", path.display()))?;
             if certs.is_empty() {
-                return Err(format!("{} holds no certificate", path.display()));
+                return Err(SetupError::refused(format!("{} holds no certificate", path.display())));
             }
             Ok(certs)
         };
         let key_path = dir.join("key.pem");
-        let key =
-            PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("reading {}: {e}", key_path.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&key_path).during(format!("reading {}", key_path.display()))?;
         let creds = Credentials {
             dir: dir.to_path_buf(),
             ca: certs("ca.pem")?,
@@ -95,48 +89,48 @@ impl Credentials {
         has_name(&self.chain[0], name)
     }
 
-    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, String> {
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, SetupError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in &self.ca {
             roots
                 .add(c.clone())
-                .map_err(|e| format!("the cluster CA in {}: {e}", self.dir.display()))?;
+                .during(format!("the cluster CA in {}", self.dir.display()))?;
         }
         Ok(Arc::new(roots))
     }
 
     /// A listener's TLS: our certificate, and a client certificate from the cluster CA
     /// required of every connection (which name it carries, the handlers check).
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, SetupError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
             .build()
-            .map_err(|e| format!("the cluster CA in {}: {e}", self.dir.display()))?;
+            .during(format!("the cluster CA in {}", self.dir.display()))?;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .during("setting up TLS")?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| format!("the certificate and key in {}: {e}", self.dir.display()))?;
+            .during(format!("the certificate and key in {}", self.dir.display()))?;
         Ok(Arc::new(config))
     }
 
     /// An HTTP client that presents our certificate and accepts only a server whose
     /// certificate is from the cluster CA, is valid for the URL's address, and names `peer`.
-    pub fn client(&self, peer: &str, timeout: Option<Duration>) -> Result<reqwest::Client, String> {
+    pub fn client(&self, peer: &str, timeout: Option<Duration>) -> Result<reqwest::Client, SetupError> {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
             .build()
-            .map_err(|e| format!("the cluster CA in {}: {e}", self.dir.display()))?;
+            .during(format!("the cluster CA in {}", self.dir.display()))?;
         let verifier = Arc::new(NamedPeer {
             inner,
             name: peer.to_string(),
         });
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .during("setting up TLS")?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| format!("the certificate and key in {}: {e}", self.dir.display()))?;
+            .during(format!("the certificate and key in {}", self.dir.display()))?;
         let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls(config)
             .https_only(true)
@@ -144,9 +138,7 @@ impl Credentials {
         if let Some(t) = timeout {
             builder = builder.timeout(t);
         }
-        builder
-            .build()
-            .map_err(|e| format!("making the cluster's HTTP client: {e}"))
+        builder.build().during("making the cluster's HTTP client")
     }
 }
 
@@ -225,7 +217,7 @@ fn ca_params() -> rcgen::CertificateParams {
     p
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+fn write_secret(path: &Path, text: &str) -> Result<(), SetupError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -233,28 +225,26 @@ fn write_secret(path: &Path, text: &str) -> Result<(), String> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        .during(format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes())
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .during(format!("writing {}", path.display()))
 }
 
-fn private_dir(path: &Path) -> Result<(), String> {
+fn private_dir(path: &Path) -> Result<(), SetupError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))
+        .during(format!("creating {}", path.display()))
 }
 
 /// A leaf certificate for `identity` (and the operator's `sans`: addresses and names the
 /// other side dials), signed by the CA in `dir`, written to `out`.
-fn issue(dir: &Path, out: &Path, identity: &str, sans: &[String]) -> Result<(), String> {
-    let ca_pem =
-        std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| format!("reading {}/ca.pem: {e}", dir.display()))?;
-    let ca_key_pem =
-        std::fs::read_to_string(dir.join("ca.key")).map_err(|e| format!("reading {}/ca.key: {e}", dir.display()))?;
-    let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem).map_err(|e| format!("{}/ca.key: {e}", dir.display()))?;
+fn issue(dir: &Path, out: &Path, identity: &str, sans: &[String]) -> Result<(), SetupError> {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).during(format!("reading {}/ca.pem", dir.display()))?;
+    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).during(format!("reading {}/ca.key", dir.display()))?;
+    let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem).during(format!("{}/ca.key", dir.display()))?;
     // The CA's subject and key identifier are derived from these parameters and its key, the
     // same as when it was made, so the issued certificate chains to ca.pem.
     let issuer = rcgen::Issuer::new(ca_params(), ca_key);
@@ -265,21 +255,21 @@ fn issue(dir: &Path, out: &Path, identity: &str, sans: &[String]) -> Result<(), 
             continue;
         }
         if s.to_ascii_lowercase().ends_with(RESERVED_SUFFIX) {
-            return Err(format!(
+            return Err(SetupError::refused(format!(
                 "--san {s:?}: names under {RESERVED_SUFFIX} are the cluster's own"
-            ));
+            )));
         }
         names.push(s.to_string());
     }
-    let mut p = rcgen::CertificateParams::new(names).map_err(|e| format!("--san: {e}"))?;
+    let mut p = rcgen::CertificateParams::new(names).during("--san")?;
     p.distinguished_name.push(rcgen::DnType::CommonName, identity);
     p.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
     p.use_authority_key_identifier_extension = true;
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::generate().during("setting up TLS")?;
+    let cert = p.signed_by(&key, &issuer).during("setting up TLS")?;
     private_dir(out)?;
     write_secret(&out.join("key.pem"), &key.serialize_pem())?;
     write_secret(&out.join("cert.pem"), &cert.pem())?;
@@ -297,13 +287,16 @@ fn default_sans(sans: &[String]) -> Vec<String> {
 
 /// `stasis cluster init`: the CA (`ca.pem`, `ca.key`) and the control plane's credentials
 /// (`control-plane/`). Returns the directory of the latter.
-pub fn init(dir: &Path, sans: &[String]) -> Result<PathBuf, String> {
+pub fn init(dir: &Path, sans: &[String]) -> Result<PathBuf, SetupError> {
     if dir.join("ca.key").exists() {
-        return Err(format!("{} already holds a cluster CA", dir.display()));
+        return Err(SetupError::refused(format!(
+            "{} already holds a cluster CA",
+            dir.display()
+        )));
     }
     private_dir(dir)?;
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let ca = ca_params().self_signed(&key).map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::generate().during("setting up TLS")?;
+    let ca = ca_params().self_signed(&key).during("setting up TLS")?;
     write_secret(&dir.join("ca.key"), &key.serialize_pem())?;
     write_secret(&dir.join("ca.pem"), &ca.pem())?;
     let out = dir.join("control-plane");
@@ -313,15 +306,18 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<PathBuf, String> {
 
 /// `stasis cluster add-host`: host `name`'s credentials in `hosts/NAME/` (and its name in
 /// `name`, so the host knows which it is).
-pub fn add_host(dir: &Path, name: &str, sans: &[String]) -> Result<PathBuf, String> {
+pub fn add_host(dir: &Path, name: &str, sans: &[String]) -> Result<PathBuf, SetupError> {
     if !valid_host_id(name) {
-        return Err(format!(
+        return Err(SetupError::refused(format!(
             "--name {name:?}: a host's name is 1 to 63 lowercase letters, digits and dashes"
-        ));
+        )));
     }
     let out = dir.join("hosts").join(name);
     if out.exists() {
-        return Err(format!("{} exists: host {name} has credentials already", out.display()));
+        return Err(SetupError::refused(format!(
+            "{} exists: host {name} has credentials already",
+            out.display()
+        )));
     }
     issue(dir, &out, &host_name(name), &default_sans(sans))?;
     write_secret(&out.join("name"), &format!("{name}\n"))?;

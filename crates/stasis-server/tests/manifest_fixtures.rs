@@ -43,6 +43,11 @@ fn manifests_of_every_earlier_version_read_and_say_how_they_restore() {
         assert_eq!(legacy.check(&host(10, 0), image), Ok(()), "{name}");
         let refused = legacy.check(&host(10, 0), "0123456789abcdef").unwrap_err();
         assert!(
+            matches!(&refused, Mismatch::Image { taken_on, .. } if taken_on == image),
+            "{name}"
+        );
+        let refused = refused.to_string();
+        assert!(
             refused.contains(&format!("taken on image {image}")) && refused.contains("0123456789abcdef"),
             "{name}: {refused}"
         );

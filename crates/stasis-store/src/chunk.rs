@@ -93,11 +93,10 @@ pub enum ChunkError {
     TooLarge { size: u64, max: u64 },
 }
 
-/// The most a stored chunk of a part with chunks of `chunk_size` bytes can take, plaintext or
-/// sealed: an object larger than this is refused unread.
-pub fn max_stored_len(chunk_size: u32) -> u64 {
+/// The most an encoded (plaintext) chunk of up to `chunk_size` raw bytes can take.
+pub fn max_encoded_len(chunk_size: u32) -> u64 {
     let raw = (chunk_size as usize).min(MAX_CHUNK_SIZE);
-    (zstd::zstd_safe::compress_bound(raw) + HEADER_LEN + crate::seal::CHUNK_OVERHEAD) as u64
+    (zstd::zstd_safe::compress_bound(raw) + HEADER_LEN) as u64
 }
 
 /// Decodes a stored chunk and checks it is exactly the chunk named `expected`.
@@ -184,8 +183,8 @@ mod tests {
         let raw: Vec<u8> = (0..65_536u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
             .collect();
-        assert!(encode(&raw, 19).len() as u64 <= max_stored_len(65_536));
-        assert!(max_stored_len(u32::MAX) < 2 * MAX_CHUNK_SIZE as u64);
+        assert!(encode(&raw, 19).len() as u64 <= max_encoded_len(65_536));
+        assert!(max_encoded_len(u32::MAX) < 2 * MAX_CHUNK_SIZE as u64);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use stasis_types::TenantId;
 
-use crate::chunk::{self, ChunkError, ChunkHash};
+use crate::chunk::{ChunkError, ChunkHash};
 use crate::codec::Codec;
 use crate::error::{io, modified, unauthentic};
 use crate::manifest::{Manifest, Part};
@@ -74,7 +74,7 @@ impl SnapshotStore {
             file,
             size: part.size,
             chunk_size: part.chunk_size as u64,
-            max_stored: chunk::max_stored_len(part.chunk_size),
+            max_stored: crate::seal::max_stored_len(part.chunk_size),
             codec,
             store: self.store.clone(),
             snapshot_id,

@@ -39,6 +39,13 @@ const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// What sealing adds to a chunk object: magic, version, nonce, tag.
 pub const CHUNK_OVERHEAD: usize = 4 + 1 + NONCE_LEN + TAG_LEN;
+
+/// The most a stored chunk of a part with chunks of `chunk_size` bytes can take, plaintext or
+/// sealed: an object larger than this is refused unread.
+pub fn max_stored_len(chunk_size: u32) -> u64 {
+    chunk::max_encoded_len(chunk_size) + CHUNK_OVERHEAD as u64
+}
+
 /// Longest tenant id a sealed manifest header may carry.
 const MAX_TENANT_LEN: usize = 256;
 
@@ -60,25 +67,28 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+/// A master key file that is not 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a master key is 64 hex digits (32 bytes), e.g. from `openssl rand -hex 32`; this is {chars} characters{}", if *all_hex { "" } else { ", not all hex digits" })]
+pub struct BadMasterKey {
+    pub chars: usize,
+    pub all_hex: bool,
+}
+
 impl MasterKey {
     pub fn from_bytes(bytes: [u8; 32]) -> MasterKey {
         MasterKey(bytes)
     }
 
     /// A key file's contents: 64 hex digits (surrounding whitespace ignored).
-    pub fn from_hex(text: &str) -> Result<MasterKey, String> {
+    pub fn from_hex(text: &str) -> Result<MasterKey, BadMasterKey> {
         let text = text.trim();
         let mut key = [0u8; 32];
         if text.len() != 64 || hex::decode_to_slice(text, &mut key).is_err() {
-            return Err(format!(
-                "a master key is 64 hex digits (32 bytes), e.g. from `openssl rand -hex 32`; this is {} characters{}",
-                text.len(),
-                if text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    ""
-                } else {
-                    ", not all hex digits"
-                }
-            ));
+            return Err(BadMasterKey {
+                chars: text.len(),
+                all_hex: text.bytes().all(|b| b.is_ascii_hexdigit()),
+            });
         }
         Ok(MasterKey(key))
     }
@@ -331,9 +341,13 @@ mod tests {
         assert!(master.unwrap("t1", &wrapped[..20]).is_none());
         // Key files.
         assert!(MasterKey::from_hex(&format!("  {}\n", "0f".repeat(32))).is_ok());
-        assert!(MasterKey::from_hex("abc").unwrap_err().contains("64 hex digits"));
+        assert!(MasterKey::from_hex("abc")
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex digits"));
         assert!(MasterKey::from_hex(&"zz".repeat(32))
             .unwrap_err()
+            .to_string()
             .contains("not all hex"));
         assert!(!format!("{master:?}").contains("abab"), "Debug shows the id only");
     }

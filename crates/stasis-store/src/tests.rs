@@ -725,7 +725,7 @@ async fn an_oversized_chunk_object_is_refused_from_its_size_unread() {
         .materialize(tid("t"), &m, &m.memory, &dir.path().join("out"), noop())
         .await
         .unwrap_err();
-    let max = chunk::max_stored_len(64 << 10);
+    let max = crate::seal::max_stored_len(64 << 10);
     assert!(
         matches!(&err, StoreError::Corrupt { chunk, source: ChunkError::TooLarge { size, max: m } }
             if *chunk == hash && *size == huge && *m == max),

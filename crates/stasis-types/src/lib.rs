@@ -3,7 +3,7 @@
 
 mod ids;
 
-pub use ids::{ComputerId, SnapshotId, TenantId};
+pub use ids::{BadHostId, ComputerId, HostId, SnapshotId, TenantId};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,8 @@ pub enum Size {
     Small,
     Medium,
     Large,
+    /// Also accepted as `xlarge`, as the SDK writes it.
+    #[serde(alias = "xlarge")]
     Xl,
 }
 
@@ -120,6 +122,21 @@ pub struct Computer {
     pub error: Option<String>,
     /// The snapshot this computer was restored from, if any.
     pub source_snapshot_id: Option<SnapshotId>,
+    /// Whether it has a network (a create with `"network": false` has none: its card has no
+    /// link).
+    #[serde(default = "has_network")]
+    pub network: bool,
+    /// The domain its preview URLs are under: port P is served at
+    /// `{scheme}://P-{slug}.sandbox.{preview_domain}/` (see `/computers/{id}/urls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_domain: Option<String>,
+    /// Its preview URL without a port: the lowest port it exposes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_url: Option<String>,
+}
+
+fn has_network() -> bool {
+    true
 }
 
 /// `GET /computers`
@@ -318,6 +335,10 @@ pub struct CreateComputerRequest {
     /// Free-form, at most 16 KiB of JSON.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `false`: no network at all (default `true`: outbound access under the platform's
+    /// egress policy).
+    #[schema(nullable = false)]
+    pub network: Option<bool>,
 }
 
 /// The templates a computer can be created from (all give the default image).
@@ -336,6 +357,7 @@ pub struct ExecRequest {
     pub command: String,
     /// Seconds before the command is killed (exit code 124); default 60, at most 3600.
     #[schema(minimum = 1, maximum = 3600, nullable = false)]
+    #[serde(default, deserialize_with = "whole_seconds")]
     pub timeout: Option<u64>,
 }
 
@@ -344,7 +366,36 @@ pub struct ExecRequest {
 pub struct ExecPythonRequest {
     pub code: String,
     #[schema(minimum = 1, maximum = 3600, nullable = false)]
+    #[serde(default, deserialize_with = "whole_seconds")]
     pub timeout: Option<u64>,
+}
+
+/// A whole number of seconds, also written as a float with no fraction (`30.0`, as some
+/// clients send numbers); null or absent is None.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(f) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => Ok(Some(f as u64)),
+        Some(f) => Err(D::Error::custom(format!("{f} is not a whole number of seconds"))),
+    }
+}
+
+/// `POST /computers/{id}/start`: no fields (the body may be empty; unknown fields are ignored).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StartRequest {}
+
+/// `POST /computers/{id}/restore/{snap_id}`: no fields (the body may be empty; unknown fields
+/// are ignored).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RestoreRequest {}
+
+/// `POST /sse/ticket`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct SseTicketRequest {
+    /// Binds the ticket to this snapshot's stream; without it, any of the tenant's.
+    #[schema(nullable = false)]
+    pub snapshot_id: Option<SnapshotId>,
 }
 
 /// `POST /computers/{id}/snapshots`.
@@ -459,10 +510,9 @@ impl SnapshotEventName {
     }
 }
 
-/// Templates this platform knows. `miosa-desktop` is what the official SDK sends by default;
-/// it gets the default image, as does `default`.
+/// The template every computer gets (the names a create accepts are [`Template`]'s:
+/// `miosa-desktop`, what the official SDK sends by default, `default` and `debian` too).
 pub const DEFAULT_TEMPLATE: &str = "debian-bookworm";
-pub const TEMPLATE_ALIASES: &[&str] = &["debian-bookworm", "default", "debian", "miosa-desktop"];
 
 #[cfg(test)]
 mod tests {
@@ -497,4 +547,81 @@ mod tests {
         assert_eq!(ComputerStatus::parse("ready"), None);
         assert_eq!(ComputerStatus::Destroying.as_str(), "destroying");
     }
+}
+
+/// Who may reach an exposed port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortVisibility {
+    /// The tenant's API key, or a signed link that expires.
+    Private,
+    /// Anyone with the URL.
+    Public,
+}
+
+/// A port of a computer its owner exposed, and where it is served.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Port {
+    pub port: u16,
+    pub visibility: PortVisibility,
+    pub public: bool,
+    pub name: Option<String>,
+    pub protocol: String,
+    /// The preview URL (`{scheme}://{port}-{slug}.sandbox.{preview_domain}/`).
+    pub url: String,
+    /// The same port under the API, for requests with the key.
+    pub path_url: String,
+    /// For a private port: a link anyone may open until `signed_url_expires_at` (it sets a
+    /// cookie for that host, so the page's own requests are let through too).
+    pub signed_url: Option<String>,
+    pub signed_url_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /computers/{id}/ports`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PortList {
+    pub ports: Vec<Port>,
+}
+
+/// `POST /computers/{id}/ports`. Unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatePortRequest {
+    /// 1 to 65535.
+    pub port: u32,
+    /// Default `private`.
+    #[schema(nullable = false)]
+    pub visibility: Option<PortVisibility>,
+    /// Shorthand: `true` for `public`, `false` for `private`.
+    #[schema(nullable = false)]
+    pub public: Option<bool>,
+    /// At most 64 characters.
+    pub name: Option<String>,
+}
+
+/// `PATCH /computers/{id}/ports/{port}`: what is given changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdatePortRequest {
+    #[schema(nullable = false)]
+    pub visibility: Option<PortVisibility>,
+    #[schema(nullable = false)]
+    pub public: Option<bool>,
+    pub name: Option<String>,
+}
+
+/// One preview URL of a computer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewUrl {
+    pub port: u16,
+    pub url: String,
+    pub visibility: PortVisibility,
+    pub name: Option<String>,
+    pub signed_url: Option<String>,
+}
+
+/// `GET /computers/{id}/urls`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UrlList {
+    pub urls: Vec<PreviewUrl>,
 }

@@ -11,6 +11,11 @@ pub enum Accel {
     Tcg,
 }
 
+/// An accelerator setting that is not `auto`, `kvm` or `tcg`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown accelerator {0:?}: use auto, kvm or tcg")]
+pub struct UnknownAccel(pub String);
+
 impl Accel {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -20,12 +25,12 @@ impl Accel {
     }
 
     /// `auto`, `kvm` or `tcg`.
-    pub fn choose(setting: &str) -> Result<Accel, String> {
+    pub fn choose(setting: &str) -> Result<Accel, UnknownAccel> {
         match setting {
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
             "auto" | "" => Ok(Self::detect()),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(UnknownAccel(other.to_string())),
         }
     }
 
@@ -131,6 +136,6 @@ mod tests {
     fn settings_are_validated() {
         assert_eq!(Accel::choose("tcg"), Ok(Accel::Tcg));
         assert_eq!(Accel::choose("kvm"), Ok(Accel::Kvm));
-        assert!(Accel::choose("xen").unwrap_err().contains("xen"));
+        assert!(Accel::choose("xen").unwrap_err().to_string().contains("xen"));
     }
 }

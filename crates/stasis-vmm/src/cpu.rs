@@ -13,6 +13,17 @@ use std::time::Duration;
 
 use crate::accel::Accel;
 
+/// The CPU model every TCG machine gets.
+pub const TCG_CPU_MODEL: &str = "max";
+
+/// The CPU model a machine gets under `accel` unless its config names one.
+pub fn default_cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Tcg => TCG_CPU_MODEL,
+        Accel::Kvm => "host",
+    }
+}
+
 /// One of QEMU's CPU models, as `query-cpu-definitions` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuModel {

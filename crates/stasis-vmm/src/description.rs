@@ -13,9 +13,11 @@ use crate::vm::MachineConfig;
 pub const FORMAT: u32 = 1;
 /// The machine type every computer runs.
 pub const MACHINE_TYPE: &str = "microvm";
-/// Version of the device line [`crate::vm::qemu_args`] builds: the devices, their ids and the
+/// Version of the device line `vm::qemu_args` builds: the devices, their ids and the
 /// options a saved device state records. Bump it with any change a saved state would notice.
-pub const DEVICE_LINE: u32 = 1;
+pub const DEVICE_LINE: u32 = 2;
+/// Every device line this platform builds: 1 had no network card, 2 adds a virtio-net card.
+pub const DEVICE_LINES: std::ops::RangeInclusive<u32> = 1..=DEVICE_LINE;
 
 /// A boot file (kernel, initrd) by content: BLAKE3 of the whole file, and its length.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,11 +111,15 @@ pub struct MachineDescription {
 impl MachineDescription {
     /// Describes the machine `config` runs (hashing its boot files: blocking, call off the
     /// async runtime).
-    pub fn describe(config: &MachineConfig) -> Result<MachineDescription, String> {
-        let qemu = crate::accel::qemu_version(&config.qemu_binary)
-            .ok_or_else(|| format!("{} did not report its version", config.qemu_binary.display()))?;
+    pub fn describe(config: &MachineConfig) -> Result<MachineDescription, DescribeError> {
+        let qemu = crate::accel::qemu_version(&config.qemu_binary).ok_or_else(|| DescribeError::QemuVersion {
+            binary: config.qemu_binary.clone(),
+        })?;
         let file = |path: &std::path::Path| {
-            BootFile::of_remembered(path).map_err(|e| format!("reading {}: {e}", path.display()))
+            BootFile::of_remembered(path).map_err(|source| DescribeError::BootFile {
+                path: path.to_path_buf(),
+                source,
+            })
         };
         Ok(MachineDescription::of(
             config,
@@ -133,7 +139,7 @@ impl MachineDescription {
             cpu_model: config.cpu_model(),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            device_line: DEVICE_LINE,
+            device_line: config.device_line,
             tsc_khz: config.tsc_khz,
             image_id: config.image_id.clone(),
             kernel,
@@ -151,7 +157,7 @@ impl MachineDescription {
                 snapshot: self.machine_type.clone(),
             });
         }
-        if self.device_line != DEVICE_LINE {
+        if !DEVICE_LINES.contains(&self.device_line) {
             return Err(Mismatch::DeviceLine {
                 snapshot: self.device_line,
             });
@@ -183,20 +189,11 @@ impl MachineDescription {
     }
 }
 
-/// The CPU model every TCG machine gets.
-pub const TCG_CPU_MODEL: &str = "max";
-
-/// The CPU model a machine gets under `accel` unless its config names one.
-pub fn default_cpu_model(accel: Accel) -> &'static str {
-    match accel {
-        Accel::Tcg => TCG_CPU_MODEL,
-        Accel::Kvm => "host",
-    }
-}
+pub use crate::cpu::{default_cpu_model, TCG_CPU_MODEL};
 
 /// What a host runs: its QEMU release (None: its QEMU did not say), whether it has KVM, and
-/// the CPU model its KVM machines get.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the CPU model its KVM machines get (hosts of a cluster report it in their heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostMachine {
     pub qemu: Option<QemuRelease>,
     pub kvm: bool,
@@ -214,6 +211,29 @@ impl HostMachine {
     }
 }
 
+/// Why the machine a capture was taken of could not be described.
+#[derive(Debug, thiserror::Error)]
+pub enum DescribeError {
+    #[error("{} did not report its version", binary.display())]
+    QemuVersion { binary: std::path::PathBuf },
+    #[error("reading {}: {source}", path.display())]
+    BootFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a manifest's `machine` does not read.
+#[derive(Debug, thiserror::Error)]
+#[error("its machine {} does not read: {source}", if *legacy { "record" } else { "description" })]
+pub struct Unreadable {
+    /// An object from before descriptions (no `format`).
+    pub legacy: bool,
+    #[source]
+    pub source: serde_json::Error,
+}
+
 /// Why a host cannot load a snapshot's machine state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mismatch {
@@ -221,7 +241,7 @@ pub enum Mismatch {
     Format { found: u32 },
     #[error("it was taken on a {snapshot} machine; this platform runs {MACHINE_TYPE} machines only")]
     MachineType { snapshot: String },
-    #[error("it was taken with device line {snapshot}; this platform builds device line {DEVICE_LINE}, and a saved device state loads only into the devices that saved it")]
+    #[error("it was taken with device line {snapshot}; this platform builds device lines 1 to {DEVICE_LINE}, and a saved device state loads only into the devices that saved it")]
     DeviceLine { snapshot: u32 },
     #[error("it was taken on QEMU {snapshot}; this host runs {}, and QEMU loads a saved machine only into the release that saved it (run QEMU {snapshot} here, with --qemu)", host.map_or("a QEMU whose release it does not report".to_string(), |h| format!("QEMU {h}")))]
     Qemu {
@@ -234,6 +254,10 @@ pub enum Mismatch {
     CpuModel { snapshot: String, host: String },
     #[error("its kernel or initrd is not named by a well-formed hash")]
     BootFiles,
+    #[error("it was taken with device model {model:?}, which this platform does not build")]
+    DeviceModel { model: String },
+    #[error("it predates machine descriptions and was taken on image {taken_on}, whose kernel this host no longer has (its image is {here}); restore it on a host that still has that image")]
+    Image { taken_on: String, here: String },
 }
 
 /// A manifest's `machine` as written before descriptions existed (manifest versions 1 and 2):
@@ -261,16 +285,13 @@ pub enum Described {
 impl Described {
     /// Reads a manifest's `machine` value: a description if it has a `format`, otherwise the
     /// older object.
-    pub fn parse(value: &serde_json::Value) -> Result<Described, String> {
-        if value.get("format").is_some() {
-            serde_json::from_value(value.clone())
-                .map(Described::Current)
-                .map_err(|e| format!("its machine description does not read: {e}"))
-        } else {
-            serde_json::from_value(value.clone())
-                .map(Described::Legacy)
-                .map_err(|e| format!("its machine record does not read: {e}"))
-        }
+    pub fn parse(value: &serde_json::Value) -> Result<Described, Unreadable> {
+        let legacy = value.get("format").is_none();
+        let read = match legacy {
+            false => serde_json::from_value(value.clone()).map(Described::Current),
+            true => serde_json::from_value(value.clone()).map(Described::Legacy),
+        };
+        read.map_err(|source| Unreadable { legacy, source })
     }
 
     pub fn vcpus(&self) -> u32 {
@@ -292,23 +313,20 @@ impl LegacyMachine {
     /// A snapshot from before machine descriptions restores only with the image it was booted
     /// from still on this host (its kernel is that image's), under the accelerator it ran on,
     /// with the one device line there was. Its QEMU release was not recorded.
-    pub fn check(&self, host: &HostMachine, image_id: &str) -> Result<(), String> {
+    pub fn check(&self, host: &HostMachine, image_id: &str) -> Result<(), Mismatch> {
         if let Some(model) = &self.device_model {
             if model != "microvm-1" {
-                return Err(format!(
-                    "it was taken with device model {model:?}, which this platform does not build"
-                ));
+                return Err(Mismatch::DeviceModel { model: model.clone() });
             }
         }
         if self.accel == Accel::Kvm && !host.kvm {
-            return Err("it was taken under kvm, which this host does not have".into());
+            return Err(Mismatch::Accel { snapshot: Accel::Kvm });
         }
         if self.image_id != image_id {
-            return Err(format!(
-                "it predates machine descriptions and was taken on image {}, whose kernel this host no longer has \
-                 (its image is {image_id}); restore it on a host that still has that image",
-                self.image_id
-            ));
+            return Err(Mismatch::Image {
+                taken_on: self.image_id.clone(),
+                here: image_id.to_string(),
+            });
         }
         Ok(())
     }
@@ -421,7 +439,7 @@ mod tests {
     #[test]
     fn both_ages_of_machine_record_read() {
         let current = serde_json::to_value(description()).unwrap();
-        assert_eq!(Described::parse(&current), Ok(Described::Current(description())));
+        assert_eq!(Described::parse(&current).unwrap(), Described::Current(description()));
         let legacy = serde_json::json!({"vcpus": 1, "memory_mib": 256, "accel": "tcg", "image_id": "img1",
             "size": "xs", "computer_name": "dev", "device_model": "microvm-1"});
         let Ok(Described::Legacy(l)) = Described::parse(&legacy) else {
@@ -432,9 +450,11 @@ mod tests {
         assert!(l
             .check(&host(10, 0), "img2")
             .unwrap_err()
+            .to_string()
             .contains("taken on image img1"));
-        assert!(Described::parse(&serde_json::json!({"format": 1})).is_err());
-        assert!(Described::parse(&serde_json::json!({"vcpus": 1})).is_err());
+        assert!(!Described::parse(&serde_json::json!({"format": 1})).unwrap_err().legacy);
+        let old = Described::parse(&serde_json::json!({"vcpus": 1})).unwrap_err();
+        assert!(old.legacy && old.to_string().starts_with("its machine record does not read"));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::vm::{is_machine_qemu, MachineConfig, Vm, VmError, VmPaths};
+use crate::network::Networks;
+use crate::vm::{is_machine_qemu, MachineConfig, Nic, Vm, VmError, VmPaths};
 
 /// Something that happened to a machine without being asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub struct Host {
     control_root: PathBuf,
     machines: Mutex<HashMap<String, Arc<Entry>>>,
     events: mpsc::UnboundedSender<HostEvent>,
+    /// Computers' networks (set once, where the platform can make namespaces).
+    networks: std::sync::OnceLock<Arc<Networks>>,
 }
 
 impl Host {
@@ -46,8 +49,71 @@ impl Host {
             control_root: control_root.into(),
             machines: Mutex::new(HashMap::new()),
             events,
+            networks: std::sync::OnceLock::new(),
         });
         (host, rx)
+    }
+
+    /// Gives machines networks of their own (see [`Networks`]); set once, before any boots.
+    pub fn set_networks(&self, networks: Arc<Networks>) {
+        let _ = self.networks.set(networks);
+    }
+
+    pub fn networks(&self) -> Option<&Arc<Networks>> {
+        self.networks.get()
+    }
+
+    /// Makes the network a machine's config asks for ([`Nic::Tap`]: its namespace, named
+    /// after the machine) before its QEMU starts.
+    async fn plug(&self, name: &str, mut config: MachineConfig) -> Result<MachineConfig, VmError> {
+        if let Some(Nic::Tap { netns }) = &mut config.nic {
+            let Some(networks) = self.networks.get().cloned() else {
+                return Err(VmError::Network(
+                    "this host makes no networks (not root, or --confine off)".into(),
+                ));
+            };
+            let machine = name.to_string();
+            let made = tokio::task::spawn_blocking(move || networks.ensure(&machine))
+                .await
+                .map_err(|e| VmError::Network(e.to_string()))?
+                .map_err(|e| VmError::Network(e.to_string()))?;
+            *netns = made.netns;
+        }
+        Ok(config)
+    }
+
+    /// Ties `name`'s network to its running QEMU (see [`Networks::release`]).
+    async fn release(&self, name: &str) {
+        if let Some(networks) = self.networks.get().cloned() {
+            let machine = name.to_string();
+            let _ = tokio::task::spawn_blocking(move || networks.release(&machine)).await;
+        }
+    }
+
+    /// Where this host reaches TCP port `port` of `name`'s guest: its namespace's address
+    /// (passed on to the guest there), or with user networking a forwarded loopback port.
+    pub async fn guest_port(&self, name: &str, port: u16) -> Result<std::net::SocketAddr, VmError> {
+        let vm = self
+            .get(name)
+            .ok_or_else(|| VmError::Invalid(format!("machine {name} is not running on this host")))?;
+        match vm.config().nic {
+            Some(Nic::Tap { .. }) => self
+                .networks
+                .get()
+                .and_then(|n| n.get(name))
+                .map(|a| std::net::SocketAddr::from((a.ip_address, port)))
+                .ok_or_else(|| VmError::Network(format!("machine {name} has no network on this host"))),
+            Some(Nic::User) => vm.user_forward(port).await,
+            Some(Nic::Unplugged) | None => Err(VmError::Network(format!("machine {name} has no network"))),
+        }
+    }
+
+    /// Forgets `name`'s network once its QEMU is gone.
+    async fn unplug(&self, name: &str) {
+        if let Some(networks) = self.networks.get().cloned() {
+            let machine = name.to_string();
+            let _ = tokio::task::spawn_blocking(move || networks.remove(&machine)).await;
+        }
     }
 
     pub fn dir(&self, name: &str) -> PathBuf {
@@ -100,9 +166,24 @@ impl Host {
 
     /// Cold-boots `name` (the disk chain is kept if it exists).
     pub async fn boot(self: &Arc<Self>, name: &str, config: MachineConfig) -> Result<Arc<Vm>, VmError> {
-        let config = self.place(name, config);
-        let vm = Vm::boot(config, self.paths(name)).await?;
-        Ok(self.adopt(name, vm))
+        let config = self.plug(name, self.place(name, config)).await?;
+        let started = Vm::boot(config, self.paths(name)).await;
+        self.started(name, started).await
+    }
+
+    /// Takes a machine that started (its network then lasts as long as its QEMU), or undoes
+    /// its network if it did not.
+    async fn started(self: &Arc<Self>, name: &str, started: Result<Vm, VmError>) -> Result<Arc<Vm>, VmError> {
+        match started {
+            Ok(vm) => {
+                self.release(name).await;
+                Ok(self.adopt(name, vm))
+            }
+            Err(e) => {
+                self.unplug(name).await;
+                Err(e)
+            }
+        }
     }
 
     /// Restores `name` from captured (or materialized) snapshot files: the restore path.
@@ -113,8 +194,9 @@ impl Host {
         state: &Path,
         memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::restore(config, self.paths(name), state, memory).await?;
-        Ok(self.adopt(name, vm))
+        let config = self.plug(name, config).await?;
+        let started = Vm::restore(config, self.paths(name), state, memory).await;
+        self.started(name, started).await
     }
 
     /// Re-attaches to a QEMU left running by an earlier platform process.
@@ -148,14 +230,21 @@ impl Host {
                 }
             };
             let Some(host) = host.upgrade() else { return };
-            let mut machines = host.lock();
             // Only forget the machine if the map still holds this very entry (a restart may
             // already have replaced it).
-            if machines.get(&name).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
-                machines.remove(&name);
-            }
-            drop(machines);
+            let ours = {
+                let mut machines = host.lock();
+                let ours = machines.get(&name).is_some_and(|e| Arc::ptr_eq(e, &entry));
+                if ours {
+                    machines.remove(&name);
+                }
+                ours
+            };
             if !entry.stopping.load(Ordering::SeqCst) {
+                // A stop removes the network itself; a machine that ended by itself leaves it.
+                if ours {
+                    host.unplug(&name).await;
+                }
                 let mut reason = format!("QEMU {how}");
                 // A guest that ended by itself (panic, power-off) says why on its console; a
                 // QEMU killed from outside does not, and old boot messages would mislead.
@@ -179,8 +268,17 @@ impl Host {
             Some(entry) => {
                 entry.stopping.store(true, Ordering::SeqCst);
                 entry.vm.shutdown().await;
+                self.unplug(name).await;
             }
-            None => self.kill_stray(name),
+            None => {
+                // Reading its files, then killing and waiting (up to KILL_WAIT) for it to go:
+                // not on the async runtime's threads.
+                let paths = self.paths(name);
+                if let Err(e) = tokio::task::spawn_blocking(move || kill_stray_at(&paths)).await {
+                    tracing::error!(name, error = %e, "stopping an untracked QEMU: the stopping task failed");
+                }
+                self.unplug(name).await;
+            }
         }
     }
 
@@ -213,6 +311,9 @@ impl Host {
     /// Returns once that QEMU is gone, so nothing of it can touch the machine's files after.
     pub fn kill_stray(&self, name: &str) {
         kill_stray_at(&self.paths(name));
+        if let Some(networks) = self.networks.get() {
+            networks.remove(name);
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 //!   computer's directory, no data directory, no home directory;
 //! - inside cgroups sized from the computer (CPU quota = its vCPUs, memory = its RAM plus
 //!   QEMU's own overhead), cgroup v2 where the host has it and v1 where it has not;
-//! - with QEMU's own seccomp filter (`-sandbox on,...`, see [`crate::vm::qemu_args`]).
+//! - with QEMU's own seccomp filter (`-sandbox on,...`, see `vm::qemu_args`).
 //!
 //! The namespaces, mounts and identity change are made in the forked child just before it
 //! executes QEMU, from a plan computed in the parent ([`JailPlan`]): the child only makes
@@ -360,6 +360,11 @@ pub struct Visible {
     pub ro_files: Vec<PathBuf>,
     /// Device nodes besides null, zero, random and urandom (`/dev/kvm`).
     pub devices: Vec<PathBuf>,
+    /// A network namespace the platform made (`/run/netns/NAME`) to join instead of an empty
+    /// one of its own: where the machine's tap is.
+    pub netns: Option<PathBuf>,
+    /// A `/dev/net/tun` of the jail's own (for the tap in `netns`).
+    pub tun: bool,
 }
 
 /// A confinement ready to be applied in the child.
@@ -373,6 +378,8 @@ pub struct JailPlan {
     workdir: CString,
     /// Whether the jail's root holds a device node of its own (then it cannot be `nodev`).
     has_nodes: bool,
+    /// The network namespace to join (opened by the parent; None: a new, empty one).
+    netns: Option<std::os::fd::OwnedFd>,
     /// The cgroup directories to remove once QEMU is gone.
     pub cgroup_dirs: Vec<PathBuf>,
 }
@@ -632,7 +639,7 @@ impl JailPlan {
         for f in visible.own_files.iter().chain(&visible.shared_rw_files) {
             bind_file(&absolute(f)?, Mount::Data { read_only: false }, &mut steps)?;
         }
-        let has_nodes = settings.userfaultfd.is_some();
+        let has_nodes = settings.userfaultfd.is_some() || visible.tun;
         if let Some((major, minor)) = settings.userfaultfd {
             steps.push(Step::CharDevice {
                 path: inside(Path::new("/dev/userfaultfd"))?,
@@ -640,7 +647,27 @@ impl JailPlan {
                 gid: settings.shared_gid,
             });
         }
+        if visible.tun {
+            // The host's node is root's alone; the jail's is the shared group's (the tap in the
+            // machine's namespace is that group's to attach to, and only that tap is there).
+            mkdirs(Path::new("/dev/net"), &mut steps)?;
+            steps.push(Step::CharDevice {
+                path: inside(Path::new("/dev/net/tun"))?,
+                dev: libc::makedev(10, 200),
+                gid: settings.shared_gid,
+            });
+        }
 
+        // Opened as root, before anything of the machine's can change what the name points at
+        // (only root writes /run/netns).
+        let netns = match &visible.netns {
+            Some(path) => {
+                Some(std::os::fd::OwnedFd::from(std::fs::File::open(path).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                })?))
+            }
+            None => None,
+        };
         let cgroup_dirs = settings.cgroups.create(machine, limits)?;
         let cgroup_procs = cgroup_dirs
             .iter()
@@ -655,6 +682,7 @@ impl JailPlan {
             cgroup_procs,
             workdir: cstr(absolute(workdir.unwrap_or(Path::new("/")))?)?,
             has_nodes,
+            netns,
             cgroup_dirs,
         })
     }
@@ -703,10 +731,15 @@ impl JailPlan {
                 libc::close(fd);
                 check(r as libc::c_int, "joining the cgroup")?;
             }
-            check(
-                libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS),
-                "unshare",
-            )?;
+            let mut namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            match &self.netns {
+                Some(fd) => check(
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(fd), libc::CLONE_NEWNET),
+                    "joining the machine's network namespace",
+                )?,
+                None => namespaces |= libc::CLONE_NEWNET,
+            }
+            check(libc::unshare(namespaces), "unshare")?;
             check(
                 libc::mount(
                     null,

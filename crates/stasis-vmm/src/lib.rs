@@ -3,15 +3,21 @@
 
 pub mod accel;
 pub mod agent;
+mod boot;
 pub mod cpu;
 pub mod description;
+pub mod dns;
 pub mod host;
 pub mod jail;
+pub mod network;
 pub mod process;
 pub mod qmp;
+mod restore;
 pub mod snapshot;
 pub mod vm;
 
 pub use accel::Accel;
+pub use boot::BOOT_TIMEOUT;
 pub use host::{Host, HostEvent};
+pub use restore::RestoreTimings;
 pub use vm::{MachineConfig, Vm, VmError, VmPaths};

@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 
 use crate::process::{Process, Signal};
 use crate::qmp::{Migration, Qmp};
-use crate::vm::{connect_qmp, spawn_qemu, Launch, MachineConfig, Vm, VmError, VmPaths};
+use crate::vm::{connect_qmp, spawn_qemu_off_runtime, Launch, MachineConfig, Vm, VmError, VmPaths};
 
 /// What a capture leaves in the staging directory.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ impl Vm {
             incoming: true,
             null_disk_bytes: Some(disk_bytes),
         };
-        let twin = spawn_qemu(&twin_config, &twin_paths, launch)?;
+        let twin = spawn_qemu_off_runtime(&twin_config, &twin_paths, launch).await?;
         let result = async {
             let twin_qmp = connect_qmp(&twin, &twin_paths, Duration::from_secs(30)).await?;
             // The stream runs through a socket pair handed to both QEMUs as descriptors: a
@@ -129,7 +129,10 @@ impl Vm {
         }
         .await;
         stop_twin(&twin).await;
-        let _ = std::fs::remove_dir_all(&twin_paths.control);
+        let twin_control = twin_paths.control.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(twin_control)).await {
+            tracing::warn!(error = %e, "removing the twin's directory: the removing task failed");
+        }
         let (frozen, paused) = result?;
         let mut machine = self.config();
         machine.disk = frozen.clone();
@@ -324,10 +327,15 @@ impl Vm {
             }
         }
         // The chain is now the top overlay over the base; the rest is nobody's.
-        for f in &stale {
-            let _ = std::fs::remove_file(f);
-        }
-        Ok(stale.len())
+        let count = stale.len();
+        tokio::task::spawn_blocking(move || {
+            for f in &stale {
+                let _ = std::fs::remove_file(f);
+            }
+        })
+        .await
+        .map_err(|e| VmError::Invalid(format!("deleting the folded overlays: the deleting task failed: {e}")))?;
+        Ok(count)
     }
 }
 
@@ -538,23 +546,32 @@ pub async fn flatten_disk(
             return Err(invalid(format!("owned by uid {uid}, not by a confined machine's user")));
         }
         let control = out.parent().unwrap_or(Path::new("/"));
-        let plan = crate::jail::JailPlan::prepare(
-            settings,
-            &format!("{}-flatten", crate::vm::cgroup_name(control)),
-            &crate::jail::Visible {
-                ro_dirs: vec![disks.to_path_buf()],
-                ro_files: vec![machine.base_disk.clone()],
-                own_files: vec![out.to_path_buf()],
-                ..Default::default()
-            },
-            crate::jail::Limits {
-                vcpus: 1,
-                memory_mib: 0,
-                disk: None,
-            },
-            None,
-            Some(uid),
-        )
+        let settings = settings.clone();
+        let name = format!("{}-flatten", crate::vm::cgroup_name(control));
+        let visible = crate::jail::Visible {
+            ro_dirs: vec![disks.to_path_buf()],
+            ro_files: vec![machine.base_disk.clone()],
+            own_files: vec![out.to_path_buf()],
+            ..Default::default()
+        };
+        // Group access to the shared files, the output's owner, cgroups: file system work,
+        // kept off the async runtime's threads.
+        let plan = tokio::task::spawn_blocking(move || {
+            crate::jail::JailPlan::prepare(
+                &settings,
+                &name,
+                &visible,
+                crate::jail::Limits {
+                    vcpus: 1,
+                    memory_mib: 0,
+                    disk: None,
+                },
+                None,
+                Some(uid),
+            )
+        })
+        .await
+        .map_err(|e| VmError::Invalid(format!("confining qemu-img: the preparing task failed: {e}")))?
         .map_err(|source| VmError::Io {
             context: "confining qemu-img".into(),
             source,

@@ -1,13 +1,15 @@
 //! One computer's virtual machine: a QEMU process (microvm, RAM in a shared file, a qcow2
 //! overlay over the read-only base disk), its QMP monitor and its guest agent.
 //!
-//! There are two ways to get a [`Vm`]: [`Vm::boot`] starts a fresh QEMU from the image, and
-//! [`Vm::attach`] takes over one that an earlier platform process left running.
+//! There are three ways to get a [`Vm`]: [`Vm::boot`] starts a fresh QEMU from the image
+//! (`boot.rs`), [`Vm::restore`] starts one from a snapshot (`restore.rs`), and [`Vm::attach`]
+//! takes over one that an earlier platform process left running (here). This file holds the
+//! machine's configuration, its files, the QEMU command line and process, and its logs.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use stasis_agent_proto::{ExecRequest, ExecResult, Op, Reply};
@@ -17,10 +19,6 @@ use crate::agent::{AgentClient, AgentError};
 use crate::jail::{JailPlan, JailSettings, Limits, Visible};
 use crate::process::{Exit, Process, Signal};
 use crate::qmp::{Qmp, QmpError};
-
-/// How long a cold boot may take before it is declared failed. TCG boots take ~4 s alone and
-/// several boots share two cores in the tests.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -44,32 +42,14 @@ pub enum VmError {
     BootTimeout(Duration, String),
     #[error("{0}")]
     Invalid(String),
+    /// The machine's network could not be made.
+    #[error("its network: {0}")]
+    Network(String),
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let context = context.into();
     move |source| VmError::Io { context, source }
-}
-
-/// Where the time of a restore went (also left in the machine's `restore-timings.json`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct RestoreTimings {
-    /// Overlay and config files.
-    pub prepare_ms: f64,
-    /// QEMU process start until its monitor answers.
-    pub qemu_start_ms: f64,
-    /// Loading the device state (RAM is mapped, not loaded).
-    pub state_load_ms: f64,
-    /// `cont`.
-    pub resume_ms: f64,
-    /// Connecting to the guest agent and its first answer (clock, RNG, hostname): the
-    /// guest's first page faults on the mapped RAM happen here.
-    pub agent_ms: f64,
-    pub total_ms: f64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// A ceiling on a machine's disk traffic, kept by its QEMU (`block_set_io_throttle` on the
@@ -89,6 +69,34 @@ impl DiskLimits {
         bytes_per_sec: 256 << 20,
         iops: 4000,
     };
+}
+
+/// What every guest sees of its network, whichever way it reaches the host
+/// (`stasis.net=ADDRESS/PREFIX,GATEWAY,DNS` on its kernel command line): the same in every
+/// computer and every clone, so a restore needs no re-addressing.
+pub const GUEST_NET: &str = "172.31.0.2/24,172.31.0.1,172.31.0.3";
+/// The guest's own address (the same in every computer: each has a namespace of its own).
+pub const GUEST_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(172, 31, 0, 2);
+/// The guest's network card's MAC address (the same everywhere, like its address).
+pub const GUEST_MAC: &str = "52:54:00:5a:00:02";
+/// The guest's gateway's MAC address, the same in every namespace (and the one QEMU's user
+/// networking gives its gateway, 172.31.0.1): a restored guest's neighbour entry for its
+/// gateway stays right in every clone, on either backend.
+pub const GATEWAY_MAC: &str = "52:55:ac:1f:00:01";
+/// The tap a machine's QEMU attaches to, inside the machine's network namespace.
+pub const TAP_NAME: &str = "tap0";
+
+/// How a machine's network card reaches the world.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Nic {
+    /// The tap [`TAP_NAME`] in the network namespace `/run/netns/<netns>`, which the
+    /// platform made and its confined QEMU joins.
+    Tap { netns: String },
+    /// QEMU's own user networking (QEMUs that are not confined).
+    User,
+    /// A card with no link (a computer created without a network, a capture's twin).
+    Unplugged,
 }
 
 /// Everything needed to start (or restart, or restore) the same machine.
@@ -129,6 +137,13 @@ pub struct MachineConfig {
     /// A restored machine gets the model its snapshot was taken with.
     #[serde(default)]
     pub cpu_model: Option<String>,
+    /// Which devices it has (see [`crate::description::DEVICE_LINE`]): a saved machine loads
+    /// only into the devices that saved it, so a restore keeps its snapshot's line.
+    #[serde(default = "first_device_line")]
+    pub device_line: u32,
+    /// Where its network card (device line 2 and later) is plugged in; None: unplugged.
+    #[serde(default)]
+    pub nic: Option<Nic>,
 }
 
 impl MachineConfig {
@@ -136,13 +151,18 @@ impl MachineConfig {
     pub fn cpu_model(&self) -> String {
         match &self.cpu_model {
             Some(model) => model.clone(),
-            None => crate::description::default_cpu_model(self.accel).into(),
+            None => crate::cpu::default_cpu_model(self.accel).into(),
         }
     }
 }
 
 fn shared_by_default() -> bool {
     true
+}
+
+/// Machines recorded before device lines were: the first line, with no network card.
+fn first_device_line() -> u32 {
+    1
 }
 
 /// How a QEMU is started besides its machine config.
@@ -221,7 +241,7 @@ impl VmPaths {
     }
 
     /// Makes the control directory (root's, owner-only) and the disks directory.
-    fn create(&self) -> Result<(), VmError> {
+    pub(crate) fn create(&self) -> Result<(), VmError> {
         use std::os::unix::fs::PermissionsExt;
         for d in [&self.control, &self.disks] {
             std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
@@ -307,6 +327,10 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
     cmdline.push_str(&format!(" stasis.hostname={}", cfg.name));
+    // A guest whose card has no link gets no address: its connections fail at once.
+    if cfg.device_line >= 2 && matches!(cfg.nic, Some(Nic::Tap { .. } | Nic::User)) {
+        cmdline.push_str(&format!(" stasis.net={GUEST_NET}"));
+    }
 
     push("-name");
     push(&process_name(paths, launch));
@@ -391,6 +415,41 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
     ));
     push("-device");
     push("virtio-rng-device");
+    if cfg.device_line >= 2 {
+        // A capture's twin has the card (its state loads into it) but never a link.
+        let nic = match launch.null_disk_bytes {
+            Some(_) => None,
+            None => cfg.nic.as_ref(),
+        };
+        let netdev = match nic {
+            Some(Nic::Tap { .. }) => Some(format!(
+                "tap,id=net0,ifname={TAP_NAME},script=no,downscript=no,vnet_hdr=off"
+            )),
+            // The guest's addresses as with a tap: gateway .1, resolver .3.
+            Some(Nic::User) => {
+                Some("user,id=net0,net=172.31.0.0/24,host=172.31.0.1,dns=172.31.0.3,dhcpstart=172.31.0.2".into())
+            }
+            Some(Nic::Unplugged) | None => None,
+        };
+        // No offloads and no virtio-net header on the tap (`vnet_hdr=off`): both depend on
+        // the backend (a tap offers them, user networking and a card with no link do not),
+        // and a saved card loads only where the same features and header are, so with them
+        // a machine could not move between backends (a capture's twin has none).
+        let mut device = format!(
+            "virtio-net-device,id=nic0,mac={GUEST_MAC},csum=off,gso=off,host_tso4=off,host_tso6=off,host_ecn=off,\
+             host_ufo=off,guest_csum=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off"
+        );
+        if crate::accel::qemu_version(&cfg.qemu_binary).is_some_and(|v| v >= (8, 2)) {
+            device.push_str(",host_uso=off,guest_uso4=off,guest_uso6=off");
+        }
+        if let Some(netdev) = netdev {
+            push("-netdev");
+            push(&netdev);
+            device.push_str(",netdev=net0");
+        }
+        push("-device");
+        push(&device);
+    }
     push("-chardev");
     push(&format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"));
     push("-mon");
@@ -411,120 +470,12 @@ pub struct Vm {
     process: Process,
     qmp: Arc<Qmp>,
     agent: Arc<AgentClient>,
+    /// With user networking: guest ports forwarded so far, to their port on the host's
+    /// loopback.
+    forwards: tokio::sync::Mutex<std::collections::HashMap<u16, u16>>,
 }
 
 impl Vm {
-    /// The boot path: a new QEMU from the image, on the machine's overlay (created if missing,
-    /// so a stopped computer boots again with its disk as it left it).
-    pub async fn boot(config: MachineConfig, paths: VmPaths) -> Result<Vm, VmError> {
-        paths.create()?;
-        check_socket_paths(&paths)?;
-        if !config.ram_path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&config.ram_path);
-        }
-        if !paths.holds_disk(&config.disk) {
-            let tmp = paths.control.join("overlay.tmp.qcow2");
-            let _ = std::fs::remove_file(&tmp);
-            create_overlay(&config.base_disk, &tmp).await?;
-            place_disk(&tmp, &paths, &config.disk)?;
-        }
-        write_config(&paths, &config)?;
-
-        let process = spawn_qemu(&config, &paths, Launch::default())?;
-        let started = Instant::now();
-        let vm = Self::connect(config, paths, process, BOOT_TIMEOUT).await?;
-        let remaining = BOOT_TIMEOUT.saturating_sub(started.elapsed());
-        vm.until_exit("while booting", async {
-            vm.agent.wait_ready(remaining).await.map_err(|e| match e {
-                AgentError::Timeout(d) => VmError::BootTimeout(d, vm.console_tail_suffix()),
-                other => other.into(),
-            })
-        })
-        .await?;
-        Ok(vm)
-    }
-
-    /// The restore path: a new QEMU started paused on captured device state, with a copy of
-    /// the captured RAM and a new overlay over the snapshot's disk (`config.base_disk`), then
-    /// resumed and given its own identity (clock, RNG seed, hostname).
-    pub async fn restore(config: MachineConfig, paths: VmPaths, state: &Path, memory: &Path) -> Result<Vm, VmError> {
-        paths.create()?;
-        check_socket_paths(&paths)?;
-        let t0 = Instant::now();
-        let mut timings = RestoreTimings::default();
-        let mut config = config;
-        // RAM: a private copy-on-write mapping of the snapshot's RAM file. Nothing is copied;
-        // pages are read when the guest touches them, and pages no clone has written stay
-        // shared between all clones in the page cache.
-        config.ram_path = memory.to_path_buf();
-        config.ram_shared = false;
-        config.disk = paths.disk();
-        new_overlay_from_template(&config.base_disk, &paths).await?;
-        write_config(&paths, &config)?;
-        timings.prepare_ms = ms(t0.elapsed());
-
-        let t = Instant::now();
-        let process = spawn_qemu(
-            &config,
-            &paths,
-            Launch {
-                incoming: true,
-                null_disk_bytes: None,
-            },
-        )?;
-        let qmp = connect_qmp(&process, &paths, Duration::from_secs(30)).await?;
-        timings.qemu_start_ms = ms(t.elapsed());
-        let incoming = async {
-            let t = Instant::now();
-            // RAM is not in the stream: it is in the snapshot's file.
-            qmp.set_migration(crate::qmp::Migration {
-                ignore_shared: true,
-                ..Default::default()
-            })
-            .await?;
-            qmp.migrate_in_from_file(state).await?;
-            crate::snapshot::wait_migration(&qmp, Duration::from_secs(120)).await?;
-            timings.state_load_ms = ms(t.elapsed());
-            let t = Instant::now();
-            qmp.execute("cont", serde_json::json!({})).await?;
-            timings.resume_ms = ms(t.elapsed());
-            Ok::<_, VmError>(())
-        };
-        if let Err(e) = race_exit(&process, &paths, "while restoring", incoming).await {
-            process.signal(Signal::KILL);
-            return Err(e);
-        }
-        // Only now: a host connecting to the agent port while the device state is still
-        // being loaded leaves the port throttled after the load.
-        let t = Instant::now();
-        let vm = Self::connect_agent(config, paths, process, qmp, Duration::from_secs(30)).await?;
-        vm.until_exit("while restoring", vm.take_identity()).await?;
-        timings.agent_ms = ms(t.elapsed());
-        timings.total_ms = ms(t0.elapsed());
-        tracing::info!(?timings, "restored");
-        let _ = std::fs::write(vm.paths.timings(), serde_json::to_vec(&timings).unwrap_or_default());
-        Ok(vm)
-    }
-
-    /// Makes a restored guest its own machine: steps its clock to now, reseeds its kernel RNG
-    /// with fresh host entropy, and sets its hostname.
-    pub async fn take_identity(&self) -> Result<(), VmError> {
-        let mut entropy = [0u8; 64];
-        rand::Rng::fill(&mut rand::thread_rng(), &mut entropy[..]);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let op = Op::Identity(stasis_agent_proto::IdentityRequest {
-            unix_time_ns: now.as_nanos() as u64,
-            entropy_hex: hex::encode(entropy),
-            hostname: Some(self.config().name),
-        });
-        match self.agent.call(op, Duration::from_secs(30)).await? {
-            Reply::Done => Ok(()),
-            other => Err(AgentError::Unexpected(Box::new(other)).into()),
-        }
-    }
-
     /// Takes over a QEMU started by an earlier platform process, if it is still ours and alive.
     pub async fn attach(paths: VmPaths) -> Result<Vm, VmError> {
         // The platform's own file, in a directory no QEMU can write.
@@ -568,12 +519,17 @@ impl Vm {
         Ok(vm)
     }
 
-    async fn connect(config: MachineConfig, paths: VmPaths, process: Process, wait: Duration) -> Result<Vm, VmError> {
+    pub(crate) async fn connect(
+        config: MachineConfig,
+        paths: VmPaths,
+        process: Process,
+        wait: Duration,
+    ) -> Result<Vm, VmError> {
         let qmp = connect_qmp(&process, &paths, wait).await?;
         Self::connect_agent(config, paths, process, qmp, wait).await
     }
 
-    async fn connect_agent(
+    pub(crate) async fn connect_agent(
         config: MachineConfig,
         paths: VmPaths,
         process: Process,
@@ -615,10 +571,11 @@ impl Vm {
             process,
             qmp,
             agent,
+            forwards: Default::default(),
         })
     }
 
-    async fn until_exit<T, E: Into<VmError>>(
+    pub(crate) async fn until_exit<T, E: Into<VmError>>(
         &self,
         phase: &'static str,
         fut: impl std::future::Future<Output = Result<T, E>>,
@@ -647,6 +604,37 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// With user networking: a port on the host's loopback that QEMU forwards to TCP port
+    /// `port` of the guest, set up on first use (`hostfwd_add`; a restored QEMU starts with
+    /// none).
+    pub async fn user_forward(&self, port: u16) -> Result<std::net::SocketAddr, VmError> {
+        let mut forwards = self.forwards.lock().await;
+        if let Some(hp) = forwards.get(&port) {
+            return Ok(std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *hp)));
+        }
+        let mut last = String::new();
+        // A free port is chosen here and taken by QEMU a moment later: another process may
+        // take it in between, so a few are tried.
+        for _ in 0..4 {
+            let hp = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(io("choosing a loopback port to forward"))?
+                .port();
+            let line = format!("hostfwd_add net0 tcp:127.0.0.1:{hp}-{GUEST_ADDR}:{port}");
+            let out = self
+                .qmp
+                .execute("human-monitor-command", serde_json::json!({ "command-line": line }))
+                .await?;
+            let text = out.as_str().unwrap_or_default().trim().to_string();
+            if text.is_empty() {
+                forwards.insert(port, hp);
+                return Ok(std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, hp)));
+            }
+            last = text;
+        }
+        Err(VmError::Network(format!("forwarding guest port {port}: {last}")))
     }
 
     pub fn qmp(&self) -> &Arc<Qmp> {
@@ -733,13 +721,9 @@ impl Vm {
     pub fn console_tail(&self, lines: usize) -> String {
         log_tail(&self.paths.console(), lines)
     }
-
-    fn console_tail_suffix(&self) -> String {
-        log_suffix(&self.paths)
-    }
 }
 
-fn check_socket_paths(paths: &VmPaths) -> Result<(), VmError> {
+pub(crate) fn check_socket_paths(paths: &VmPaths) -> Result<(), VmError> {
     for s in [paths.qmp(), paths.agent()] {
         if s.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VmError::Invalid(format!(
@@ -762,7 +746,7 @@ pub(crate) fn write_config(paths: &VmPaths, config: &MachineConfig) -> Result<()
 /// Moves a new overlay made in the control directory to `disk`, in the disks directory. A
 /// rename replaces whatever entry is there (a link an earlier QEMU left, say) without
 /// following it.
-fn place_disk(tmp: &Path, paths: &VmPaths, disk: &Path) -> Result<(), VmError> {
+pub(crate) fn place_disk(tmp: &Path, paths: &VmPaths, disk: &Path) -> Result<(), VmError> {
     if disk.parent() != Some(paths.disks.as_path()) {
         return Err(VmError::Invalid(format!(
             "disk {} is not in {}",
@@ -771,29 +755,6 @@ fn place_disk(tmp: &Path, paths: &VmPaths, disk: &Path) -> Result<(), VmError> {
         )));
     }
     std::fs::rename(tmp, disk).map_err(io(format!("placing {}", disk.display())))
-}
-
-/// A new empty overlay over `base` as the machine's first disk, copied from a template kept
-/// beside the base (creating a qcow2 file costs a `qemu-img` run; copying a small one costs
-/// nothing).
-pub(crate) async fn new_overlay_from_template(base: &Path, paths: &VmPaths) -> Result<(), VmError> {
-    let template = base.with_extension("overlay-template.qcow2");
-    if !template.exists() {
-        // Concurrent restores may race to make it: each writes its own, the last rename wins.
-        let tmp = base.with_extension(format!("overlay-template.{:016x}.tmp", rand::random::<u64>()));
-        create_overlay(base, &tmp).await?;
-        std::fs::rename(&tmp, &template).map_err(io("publishing the overlay template"))?;
-    }
-    let tmp = paths.control.join("overlay.tmp.qcow2");
-    let (from, to) = (template.clone(), tmp.clone());
-    tokio::task::spawn_blocking(move || {
-        let _ = std::fs::remove_file(&to);
-        std::fs::copy(&from, &to)
-    })
-    .await
-    .map_err(|e| VmError::Invalid(format!("copying the overlay template: {e}")))?
-    .map_err(io("copying the overlay template"))?;
-    place_disk(&tmp, paths, &paths.disk())
 }
 
 /// A new qcow2 overlay over a raw base.
@@ -832,6 +793,20 @@ fn open_log(path: &Path) -> Result<std::fs::File, VmError> {
 fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, VmError> {
     let _ = std::fs::remove_file(path);
     std::os::unix::net::UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))
+}
+
+/// [`spawn_qemu`] on the blocking pool: preparing a confined QEMU's jail hands its whole
+/// disks directory to a new user (a walk of the directory, removing whatever is not a plain
+/// file) and makes its cgroups, which must not hold up the async runtime's threads.
+pub(crate) async fn spawn_qemu_off_runtime(
+    config: &MachineConfig,
+    paths: &VmPaths,
+    launch: Launch,
+) -> Result<Process, VmError> {
+    let (config, paths) = (config.clone(), paths.clone());
+    tokio::task::spawn_blocking(move || spawn_qemu(&config, &paths, launch))
+        .await
+        .map_err(|e| VmError::Invalid(format!("starting QEMU: the spawning task failed: {e}")))?
 }
 
 /// Starts QEMU for `config`. It gets its monitor and agent sockets and its console as
@@ -937,6 +912,12 @@ fn visible_files(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vis
     if config.accel == Accel::Kvm {
         v.devices.push("/dev/kvm".into());
     }
+    if let (None, Some(Nic::Tap { netns })) = (launch.null_disk_bytes, &config.nic) {
+        if config.device_line >= 2 {
+            v.tun = true;
+            v.netns = Some(Path::new("/run/netns").join(netns));
+        }
+    }
     v
 }
 
@@ -993,7 +974,7 @@ pub(crate) async fn race_exit<T, E: Into<VmError>>(
     })
 }
 
-fn log_suffix(paths: &VmPaths) -> String {
+pub(crate) fn log_suffix(paths: &VmPaths) -> String {
     let qemu = log_tail(&paths.qemu_log(), 5);
     let console = log_tail(&paths.console(), 5);
     let mut s = String::new();
@@ -1137,6 +1118,8 @@ mod tests {
             jail: None,
             disk_limits: Some(DiskLimits::DEFAULT),
             cpu_model: None,
+            device_line: crate::description::DEVICE_LINE,
+            nic: None,
         }
     }
 

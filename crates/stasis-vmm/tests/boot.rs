@@ -26,6 +26,8 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         jail: None,
         disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
         cpu_model: None,
+        device_line: stasis_vmm::description::DEVICE_LINE,
+        nic: None,
     }
 }
 

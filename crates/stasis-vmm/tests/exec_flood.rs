@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 use stasis_agent_proto::ExecRequest;
 use stasis_vmm::{Accel, MachineConfig, Vm, VmPaths};
 
+/// How long QEMU is watched, after the flood, for dying late.
+const STAYS_UP_FOR: Duration = Duration::from_secs(2);
+
 fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig {
     let progress = |m: &str| eprintln!("image: {m}");
     let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &progress)
@@ -27,6 +30,8 @@ fn machine(dir: &std::path::Path, name: &str, memory_mib: u64) -> MachineConfig 
         jail: None,
         disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
         cpu_model: None,
+        device_line: stasis_vmm::description::DEVICE_LINE,
+        nic: None,
     }
 }
 
@@ -65,8 +70,9 @@ async fn control_byte_output_on_the_smallest_machine_is_truncated_and_the_machin
     assert!(r.truncated, "control bytes past the frame budget are cut");
     assert_eq!(r.exit_code, 0);
     assert!(r.stdout.bytes().all(|b| b == 1) && !r.stdout.is_empty());
-    // Still alive and answering afterwards.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Still alive and answering afterwards: QEMU is watched for a while (an observation window
+    // for something that must not happen, not synchronisation), then the agent asked.
+    tokio::time::sleep(STAYS_UP_FOR).await;
     assert!(vm.exited().is_none(), "QEMU still runs: {:?}", vm.exited());
     let r = vm
         .exec(bash("echo ok; grep -E 'VmHWM|VmRSS' /proc/1/status", 10_000))

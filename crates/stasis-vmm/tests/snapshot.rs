@@ -22,6 +22,36 @@ async fn out(vm: &stasis_vmm::Vm, cmd: &str) -> String {
     r.stdout.trim().to_string()
 }
 
+/// Polls `f` every 50 ms until it gives a value, and returns it; panics naming `what` and
+/// `limit` if it has not by then.
+async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "gave up waiting for {what} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The guest's in-memory counter, once it has moved past `from`.
+async fn counter_past(vm: &stasis_vmm::Vm, from: u64) -> u64 {
+    wait_until(
+        &format!("the counter to move on from {from}"),
+        Duration::from_secs(60),
+        move || async move {
+            let n: u64 = out(vm, "cat /tmp/n").await.parse().unwrap();
+            (n > from).then_some(n)
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_captured_guest_continues_in_its_restored_clones() {
     let image = stasis_image::ensure(&stasis_image::default_cache_dir(), &Default::default(), &|m: &str| {
@@ -52,6 +82,8 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         jail: None,
         disk_limits: Some(stasis_vmm::vm::DiskLimits::DEFAULT),
         cpu_model: None,
+        device_line: stasis_vmm::description::DEVICE_LINE,
+        nic: None,
     };
     let origin = host.boot("origin", config).await.unwrap();
     // A counter that exists only in a process's memory; it reports through a pipe on tmpfs.
@@ -96,13 +128,12 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         assert_eq!(out(clone, "cat /root/before").await, "on-disk");
         assert_eq!(out(clone, "test -e /root/after && echo yes || echo no").await, "no");
         let first: u64 = out(clone, "cat /tmp/n").await.parse().unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let later: u64 = out(clone, "cat /tmp/n").await.parse().unwrap();
         assert!(
             first + 50 >= at_snapshot && first <= at_snapshot + 100,
             "continues from {at_snapshot}: {first}"
         );
-        assert!(later > first, "still counting: {first} -> {later}");
+        // Still counting.
+        counter_past(clone, first).await;
         let skew: i64 = out(clone, "date +%s").await.parse().unwrap();
         let host_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -154,11 +185,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
         .unwrap();
     assert_eq!(out(&g, "cat /root/before /root/gen2").await, "on-disk\ngen2");
     let n1: u64 = out(&g, "cat /tmp/n").await.parse().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        out(&g, "cat /tmp/n").await.parse::<u64>().unwrap() > n1,
-        "the counter still runs"
-    );
+    counter_past(&g, n1).await; // the counter still runs
 
     // The original's chain holds three overlays now (two frozen); folding them into the top
     // leaves one file, and the guest's disk as it was, also across a restart.

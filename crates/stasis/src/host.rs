@@ -7,12 +7,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use stasis_server::cluster::{ClusterAuth, Heartbeat, Joined};
+use stasis_types::HostId;
 
 use crate::HostArgs;
 
 /// This host's lasting id. With credentials, the one they were made for (the control plane
 /// takes no other); otherwise kept in its data dir so a restarted host is the same host.
-fn host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<String> {
+fn host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<HostId> {
+    let id = read_host_id(data_dir, auth)?;
+    id.parse().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn read_host_id(data_dir: &std::path::Path, auth: &ClusterAuth) -> Result<String> {
     if let ClusterAuth::Tls(creds) = auth {
         let path = creds.dir.join("name");
         let id = std::fs::read_to_string(&path).with_context(|| {
@@ -147,6 +153,8 @@ pub async fn run(args: HostArgs) -> Result<()> {
         url: url.clone(),
         capacity_mib: args.machines.capacity_mib() as i64,
         vcpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as i64,
+        // Said once the platform is open (it resolves the QEMU and CPU model).
+        machine: None,
     };
 
     // Join: until the control plane answers (it may be starting too).
@@ -181,6 +189,12 @@ pub async fn run(args: HostArgs) -> Result<()> {
     let platform = stasis_server::Platform::open(&config)
         .await
         .map_err(anyhow::Error::msg)?;
+    let mut heartbeat = heartbeat;
+    heartbeat.machine = Some(platform.state.computers.host_machine());
+    // Said at once, so restores are placed by it from now on.
+    if let Err(e) = beat(&http, &args, &auth, &heartbeat).await {
+        tracing::warn!("heartbeat: {e}");
+    }
     println!(
         "stasis {} host {id} serving {url} for {}",
         env!("CARGO_PKG_VERSION"),

@@ -4,6 +4,7 @@
 
 mod bench;
 mod client;
+mod computer;
 mod host;
 mod snapshot;
 
@@ -57,7 +58,7 @@ enum Command {
         #[command(flatten)]
         conn: client::Connection,
         #[command(subcommand)]
-        command: client::ComputerCommand,
+        command: computer::ComputerCommand,
     },
     /// Snapshots of computers on a running platform: create (with --wait: a progress bar),
     /// list, get, delete, restore, events.
@@ -129,6 +130,18 @@ impl Database {
 pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", env = "STASIS_LISTEN")]
     listen: SocketAddr,
+    /// What preview URLs end in: port P of a computer is served at
+    /// `P-SLUG.sandbox.DOMAIN` on this listener (default `localhost:PORT` of --listen, which
+    /// needs no DNS: *.localhost is loopback).
+    #[arg(long, env = "STASIS_PREVIEW_DOMAIN")]
+    preview_domain: Option<String>,
+    /// The scheme preview URLs are given with: `http`, or `https` behind a proxy that
+    /// terminates TLS.
+    #[arg(long, default_value = "http", env = "STASIS_PREVIEW_SCHEME", value_parser = ["http", "https"])]
+    preview_scheme: String,
+    /// How long a private port's signed link lasts, in seconds.
+    #[arg(long, default_value_t = 3600, env = "STASIS_PREVIEW_LINK_TTL_SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    preview_link_ttl_secs: u64,
     #[command(flatten)]
     data: DataDir,
     #[command(flatten)]
@@ -282,6 +295,30 @@ struct Machines {
     /// Each computer's disk operations ceiling per second (0: none).
     #[arg(long, default_value_t = 4000, env = "STASIS_DISK_IOPS")]
     disk_iops: u64,
+    /// Where computers' host-side addresses (their ip_address) come from, a /30 each.
+    #[arg(long, default_value = "10.213.0.0/16", env = "STASIS_NETWORK_POOL")]
+    network_pool: stasis_vmm::network::Cidr,
+    /// A network computers may reach although the default policy refuses it (private,
+    /// loopback and link-local ranges, this host, other computers). Repeatable.
+    #[arg(
+        long = "egress-allow",
+        value_name = "CIDR",
+        env = "STASIS_EGRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    egress_allow: Vec<stasis_vmm::network::Cidr>,
+    /// A network computers may not reach, besides the default ones. Repeatable.
+    #[arg(
+        long = "egress-deny",
+        value_name = "CIDR",
+        env = "STASIS_EGRESS_DENY",
+        value_delimiter = ','
+    )]
+    egress_deny: Vec<stasis_vmm::network::Cidr>,
+    /// The resolver computers' DNS queries are sent to, ADDRESS:PORT (default: the host's
+    /// own, the first IPv4 nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "ADDRESS:PORT", env = "STASIS_DNS_UPSTREAM")]
+    dns_upstream: Option<std::net::SocketAddr>,
 }
 
 impl Machines {
@@ -442,6 +479,9 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(run(cli));
+    // Work left on the blocking pool (an image build told to stop, a wait for the image cache's
+    // lock) is not waited for: the process ends and the kernel closes what it held.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         let code = client::exit_code_of(&e);
@@ -542,7 +582,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&image)?);
             Ok(())
         }
-        Command::Computer { conn, command } => client::run_computer(conn, command).await,
+        Command::Computer { conn, command } => computer::run(conn, command).await,
         Command::Snapshot { conn, command } => snapshot::run(conn, command).await,
         Command::Clone { conn, id, name, wait } => {
             let api = client::Api::new(&conn)?;
@@ -643,6 +683,15 @@ impl Machines {
                 iops: self.disk_iops,
             }),
             master_key_file: None,
+            preview: None,
+            network: stasis_server::NetworkConfig {
+                pool: self.network_pool,
+                egress: stasis_vmm::network::EgressPolicy {
+                    allow: self.egress_allow.clone(),
+                    deny: self.egress_deny.clone(),
+                },
+                dns_upstream: self.dns_upstream,
+            },
         })
     }
 }
@@ -667,6 +716,16 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
         },
         limits: args.limits.limits(),
         master_key_file: args.encryption.master_key_file.clone(),
+        preview: Some(stasis_server::preview::PreviewConfig {
+            domain: args
+                .preview_domain
+                .clone()
+                .map(|d| d.trim().trim_matches('.').to_string())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| format!("localhost:{}", args.listen.port())),
+            scheme: args.preview_scheme.clone(),
+            link_ttl: std::time::Duration::from_secs(args.preview_link_ttl_secs),
+        }),
         role: match cluster_auth(
             args.cluster_credentials.as_deref(),
             args.cluster_token.as_deref(),
@@ -719,7 +778,7 @@ pub(crate) fn cluster_auth(
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = server_config(&args)?;
-    let platform = stasis_server::Platform::open(&config)
+    let mut platform = stasis_server::Platform::open(&config)
         .await
         .map_err(anyhow::Error::msg)?;
     let key = default_key(&platform.state.db, &config.data_dir).await?;
@@ -727,6 +786,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let base = format!("http://{}/api/v1", listener.local_addr()?);
+    // The default preview domain names the port actually listened on (--listen may say 0).
+    if args.preview_domain.is_none() {
+        if let Some(mut preview) = config.preview.clone() {
+            preview.domain = format!("localhost:{}", listener.local_addr()?.port());
+            platform = platform.with_preview(preview);
+        }
+    }
     let cluster = match &config.role {
         stasis_server::Role::ControlPlane { auth, .. } => {
             let tls = match auth {

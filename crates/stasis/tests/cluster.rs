@@ -20,18 +20,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::backends::{pg_database, s3_env, S3};
-use common::{data_dir, out, restore, running_computer, snapshot, Client, Server, BIN, SNAP};
+use common::{data_dir, free_port, out, restore, running_computer, snapshot, Client, Server, BIN, SNAP};
 use serde_json::{json, Value};
 
 const HOST_TIMEOUT_SECS: u64 = 6;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn stasis(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -236,6 +228,17 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
     let as_cp = Tls::new(&creds, Some(&creds.join("control-plane")));
     let anonymous = Tls::new(&creds, None);
 
+    // Each host says what it runs (its QEMU release, KVM, CPU model), which restores are
+    // placed by.
+    let said = common::wait_until("both hosts to report their machines", Duration::from_secs(30), || {
+        let said = psql(&db, "SELECT machine FROM hosts WHERE machine IS NOT NULL ORDER BY id");
+        (said.lines().count() == 2).then_some(said)
+    });
+    for line in said.lines() {
+        let m: Value = serde_json::from_str(line).unwrap();
+        assert!(m["qemu"]["major"].as_u64().is_some() && m["kvm"].is_boolean(), "{m}");
+    }
+
     // (5) A heartbeat's answer holds no secret: not the database's password, nor its URL.
     // (The test server's URL may have no password; then the URL itself must not show.)
     let password = db
@@ -347,7 +350,9 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         &db,
         &format!("UPDATE tenants SET max_computers = 2 WHERE id = '{tenant}'"),
     );
-    std::thread::sleep(Duration::from_millis(5500)); // hosts re-read overrides within 5 s
+    // Hosts keep a tenant's limits for OVERRIDES_FOR after reading them; no answer tells
+    // which they hold, so wait until every copy read before the update has expired.
+    std::thread::sleep(stasis_server::limits::OVERRIDES_FOR + Duration::from_millis(500));
     let racers: Vec<_> = (0..4)
         .map(|i| {
             let (creds, url, tenant) = (
@@ -430,12 +435,14 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     s3.proxy.set_down(true);
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(
-        api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None)
-            .body["data"]["status"],
-        "uploading",
-        "an unreachable store is retried, not given up on at once"
+    common::holds_for(
+        "an unreachable store is retried, not given up on at once",
+        Duration::from_secs(4),
+        || {
+            api.call("GET", &format!("/computers/{first}/snapshots/{snap}"), None)
+                .body["data"]["status"]
+                == "uploading"
+        },
     );
     s3.proxy.set_down(false);
     let data = api.wait_snapshot(&first, &snap, "ready", SNAP);
@@ -463,12 +470,48 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         continued >= 5 && continued < original,
         "restored counter {continued} continues from the snapshot (original now {original})"
     );
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(counter(&api, &moved) > continued, "and keeps counting on its own");
+    common::wait_until(
+        "the restored counter to keep counting on its own",
+        Duration::from_secs(20),
+        || (counter(&api, &moved) > continued).then_some(()),
+    );
     assert_eq!(
         out(&api, &moved, "cat /root/before; ls /root/after 2>/dev/null; echo"),
         "before"
     );
+
+    // A port of the restored computer, on the other host, reached through the control plane
+    // in both forms.
+    assert_eq!(
+        out(
+            &api,
+            &moved,
+            "mkdir -p /srv && echo served-from-the-other-host > /srv/x.txt && cd /srv && \
+             (setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 &) && \
+             for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && echo up && break; sleep 0.1; done"
+        ),
+        "up"
+    );
+    let listener = format!("127.0.0.1:{port}");
+    let bearer = format!("Bearer {key}");
+    let (status, _, body) = common::request(
+        &cp.base,
+        &listener,
+        &format!("/api/v1/computers/{moved}/ports/8000/proxy/x.txt"),
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!((status, body.as_str()), (200, "served-from-the-other-host"));
+    let r = api.call(
+        "POST",
+        &format!("/computers/{moved}/ports"),
+        Some(serde_json::json!({"port": 8000, "visibility": "public"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let url = r.body["url"].as_str().unwrap().to_string();
+    let preview_host = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    assert_eq!(preview_host.rsplit_once(':').unwrap().1, port.to_string(), "{url}");
+    let (status, _, body) = common::request(&cp.base, &preview_host, "/x.txt", &[]);
+    assert_eq!((status, body.as_str()), (200, "served-from-the-other-host"));
 
     // The control plane dies during an upload: the host finishes it; after a restart the
     // snapshot is ready (or failed), never stuck.
@@ -517,8 +560,9 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
             r.body
         );
     }
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(api.status(&first).0, "error");
+    common::holds_for("the lost host's computer staying error", Duration::from_secs(2), || {
+        api.status(&first).0 == "error"
+    });
     assert!(
         entries(&cp_dir.path().join("computers")).is_empty() && entries(&cp_dir.path().join("machines")).is_empty(),
         "the control plane holds machines: {:?} {:?}",

@@ -44,6 +44,40 @@ fn closed_within(conn: &mut TcpStream, limit: Duration) -> bool {
     false
 }
 
+/// How many connections on its listening port `server` holds open now: sockets among its file
+/// descriptors that `/proc/<pid>/net/tcp*` shows on that port and not listening. A connection
+/// counts from the moment the server accepts it until it closes it, as the cap does.
+fn server_connections(server: &Server) -> usize {
+    let pid = server.child.id();
+    let port = addr(server).rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| {
+            f.len() > 9
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && f[3] != "0A" // LISTEN
+                && inodes.contains(&f[9])
+        })
+        .count()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -157,6 +191,7 @@ fn a_body_sent_a_byte_at_a_time_gets_408_after_the_body_timeout() {
         let mut w = slow.try_clone().unwrap();
         std::thread::spawn(move || {
             for _ in 0..20 {
+                // The attack's pace (a byte every half second), not synchronisation.
                 std::thread::sleep(Duration::from_millis(500));
                 if w.write_all(b" ").is_err() {
                     break;
@@ -190,7 +225,11 @@ fn connections_over_the_cap_are_closed_at_once_and_the_server_recovers() {
         &[("STASIS_MAX_CONNECTIONS", "8"), ("STASIS_HEADER_TIMEOUT_SECS", "3")],
     );
     assert!(wait_health(&server.base, Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(300)); // the health checks' connections are gone
+    common::wait_until(
+        "the health checks' connections to be closed",
+        Duration::from_secs(30),
+        || (server_connections(&server) == 0).then_some(()),
+    );
     let mut held: Vec<TcpStream> = (0..8)
         .map(|_| {
             let mut c = TcpStream::connect(addr(&server)).unwrap();
@@ -198,7 +237,11 @@ fn connections_over_the_cap_are_closed_at_once_and_the_server_recovers() {
             c
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    common::wait_until(
+        "the server to take the 8 held connections",
+        Duration::from_secs(30),
+        || (server_connections(&server) == 8).then_some(()),
+    );
     let mut over = TcpStream::connect(addr(&server)).unwrap();
     let start = Instant::now();
     assert!(

@@ -129,11 +129,15 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
         401
     );
     assert_eq!(anon.call("GET", &format!("{snaps}/{s1}/events"), None).status, 401);
-    let stale = api.call("POST", "/sse/ticket", None).body["ticket"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    std::thread::sleep(Duration::from_millis(2500));
+    let stale = api.call("POST", "/sse/ticket", None).body;
+    // Trying the ticket would use it up, so wait for the expiry it states instead: that is
+    // given in whole seconds, cut down, so the ticket may last up to a second longer.
+    let expires: chrono::DateTime<chrono::Utc> = stale["expires_at"].as_str().unwrap().parse().unwrap();
+    let expired = expires + chrono::Duration::seconds(1);
+    common::wait_until("the ticket's stated expiry", Duration::from_secs(30), || {
+        (chrono::Utc::now() > expired).then_some(())
+    });
+    let stale = stale["ticket"].as_str().unwrap().to_string();
     assert_eq!(
         anon.call("GET", &format!("{snaps}/{s1}/events?ticket={stale}"), None)
             .status,

@@ -35,6 +35,12 @@ export interface Computer {
   error: string | null;
   /** The snapshot this computer was restored from, if any. */
   source_snapshot_id: string | null;
+  /** Whether it has a network (created with `network: false`, it has none). */
+  network: boolean;
+  /** What its preview URLs end in: port P is `http://P-{slug}.sandbox.{preview_domain}/`. */
+  preview_domain?: string;
+  /** Its preview URL without a port (the lowest port it exposes). */
+  sandbox_url?: string;
 }
 
 /** `GET /computers`. */
@@ -49,6 +55,8 @@ export interface CreateComputerParams {
   /** `debian-bookworm` (aliases `default`, `debian`, `miosa-desktop`). */
   template_type?: string;
   metadata?: Record<string, unknown>;
+  /** `false`: no network at all (default: outbound access under the egress policy). */
+  network?: boolean;
 }
 
 /** Answer of start / stop / restart / delete. */

@@ -12,17 +12,18 @@ use chrono::{SubsecRound, Utc};
 use serde_json::{Map, Value};
 use stasis_agent_proto::ExecRequest;
 use stasis_types::{
-    ActionResponse, Computer, ComputerId, ComputerStatus, ExecResponse, Size, SnapshotId, SnapshotStatus, TenantId,
-    DEFAULT_TEMPLATE, TEMPLATE_ALIASES,
+    ActionResponse, Computer, ComputerId, ComputerStatus, CreateComputerRequest, ExecResponse, Size, SnapshotId,
+    TenantId, DEFAULT_TEMPLATE,
 };
 use stasis_vmm::description::{Described, HostMachine};
+use stasis_vmm::vm::Nic;
 use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
 
 use crate::db::Db;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Resource, Result};
 use crate::images::Images;
 use crate::snapshots::boot_files::BootFiles;
-use crate::snapshots::events::{self, EventBus};
+use crate::snapshots::events::EventBus;
 use stasis_store::{Materialized, Materializer};
 
 /// Default and largest exec timeouts, in seconds.
@@ -45,7 +46,7 @@ pub struct RuntimeSettings {
     /// are refused (409 `INSUFFICIENT_CAPACITY`). None: no limit.
     pub capacity_mib: Option<u64>,
     /// This host's id when it is one of a control plane's hosts; None for the embedded platform.
-    pub host_id: Option<String>,
+    pub host_id: Option<stasis_types::HostId>,
 }
 
 /// This host's copies of what restores read: snapshots' materialized files, and the boot
@@ -62,23 +63,24 @@ pub struct NewComputer {
     pub size: Size,
     pub template_type: String,
     pub metadata: Map<String, Value>,
+    pub network: bool,
 }
 
 pub struct Computers {
-    db: Db,
-    host: Arc<Host>,
+    pub(crate) db: Db,
+    pub(crate) host: Arc<Host>,
     images: Arc<Images>,
     settings: RuntimeSettings,
-    materializer: Arc<Materializer>,
+    pub(crate) materializer: Arc<Materializer>,
     boot_files: Arc<BootFiles>,
-    events: Arc<EventBus>,
+    pub(crate) events: Arc<EventBus>,
     /// Bumped on every status change, for callers waiting for one.
     changes: tokio::sync::watch::Sender<u64>,
     /// Serializes lifecycle operations (boot, stop, destroy, capture) per computer.
     locks: Mutex<HashMap<ComputerId, Arc<tokio::sync::Mutex<()>>>>,
     /// This host's id when it is one of a control plane's hosts; None for the embedded
     /// platform. Computers are recorded under it, and only its own are reconciled.
-    host_id: Option<String>,
+    host_id: Option<stasis_types::HostId>,
     /// Held while a computer is admitted (memory checked, then recorded), so two requests
     /// cannot both take the last free memory.
     admission: tokio::sync::Mutex<()>,
@@ -140,14 +142,14 @@ impl Computers {
     }
 
     /// Refuses a computer of `size` that would take more memory than the platform lends.
-    async fn check_capacity(&self, size: Size) -> ApiResult<()> {
+    async fn check_capacity(&self, size: Size) -> Result<()> {
         let Some(capacity) = self.settings.capacity_mib else {
             return Ok(());
         };
-        let held = self.db.memory_held_mib(self.host_id.as_deref()).await?;
+        let held = self.db.memory_held_mib(self.host_id.as_ref()).await?;
         let need = size.memory_mib();
         if held + need > capacity {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 crate::error::Conflict::InsufficientCapacity,
                 format!(
                     "not enough memory for a {} computer ({need} MiB): {held} of {capacity} MiB are in use; \
@@ -160,17 +162,31 @@ impl Computers {
     }
 
     /// This host's id among a control plane's hosts (None: the embedded platform).
-    pub fn host_id(&self) -> Option<&str> {
-        self.host_id.as_deref()
+    pub fn host_id(&self) -> Option<&stasis_types::HostId> {
+        self.host_id.as_ref()
     }
 
-    async fn set_status(
+    pub(crate) async fn set_status(
         &self,
         id: ComputerId,
         status: ComputerStatus,
         error: Option<&str>,
     ) -> Result<bool, sqlx::Error> {
         let changed = self.db.set_status(id, status, error).await;
+        if status == ComputerStatus::Running {
+            // Its address on this host: the host end of its network, if it has one here.
+            // (A machine re-attached after a restart keeps the address recorded.)
+            let address = self
+                .host
+                .networks()
+                .and_then(|n| n.get(&id.to_string()))
+                .map(|a| a.ip_address.to_string());
+            if let Some(address) = address {
+                if let Err(e) = self.db.set_ip_address(id, Some(&address)).await {
+                    tracing::warn!(%id, error = %e, "recording a computer's address");
+                }
+            }
+        }
         self.changes.send_modify(|n| *n += 1);
         changed
     }
@@ -178,7 +194,7 @@ impl Computers {
     /// Waits (up to `limit`) while the computer is on its way up (`provisioning`,
     /// `starting`), so that an exec sent right after a create or restore runs as soon as the
     /// machine does instead of failing.
-    async fn settled(&self, tenant: TenantId, id: ComputerId, limit: std::time::Duration) -> ApiResult<Computer> {
+    async fn settled(&self, tenant: TenantId, id: ComputerId, limit: std::time::Duration) -> Result<Computer> {
         let mut changes = self.changes.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -190,6 +206,11 @@ impl Computers {
                 return Ok(c);
             }
         }
+    }
+
+    /// This host's kept kernels and initrds of snapshots.
+    pub(crate) fn boot_files(&self) -> &BootFiles {
+        &self.boot_files
     }
 
     /// Holds off other lifecycle operations on `id` (a snapshot capture takes it).
@@ -206,55 +227,39 @@ impl Computers {
             .clone()
     }
 
-    /// Validates a create body.
-    pub fn validate(body: &crate::body::JsonObject) -> ApiResult<NewComputer> {
-        let name = body.required_str("name")?;
-        let name = name.trim().to_string();
+    /// Checks what the types cannot say about a create request: the name's length and
+    /// characters, the metadata's size.
+    pub fn validate(req: CreateComputerRequest) -> Result<NewComputer> {
+        let name = req.name.trim().to_string();
         if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "name",
                 "name must be 1 to 128 characters without control characters",
             ));
         }
-        let size = match body.optional_str("size")? {
-            None => Size::Small,
-            Some(s) => Size::parse(&s).ok_or_else(|| {
-                ApiError::invalid(
-                    "size",
-                    format!("unknown size {s:?}; use one of xs, small, medium, large, xl"),
-                )
-            })?,
-        };
-        let template_type = match body.optional_str("template_type")? {
-            None => DEFAULT_TEMPLATE.to_string(),
-            Some(t) if TEMPLATE_ALIASES.contains(&t.as_str()) => DEFAULT_TEMPLATE.to_string(),
-            Some(t) => {
-                return Err(ApiError::invalid(
-                    "template_type",
-                    format!("unknown template_type {t:?}; this platform offers {DEFAULT_TEMPLATE}"),
-                ))
-            }
-        };
-        let metadata = body.optional_object("metadata")?.unwrap_or_default();
+        // Every template is the default image.
+        let _: Option<stasis_types::Template> = req.template_type;
+        let metadata = req.metadata.unwrap_or_default();
         if Value::Object(metadata.clone()).to_string().len() > 16 * 1024 {
-            return Err(ApiError::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
+            return Err(Error::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
         }
         Ok(NewComputer {
             name,
-            size,
-            template_type,
+            size: req.size.unwrap_or(Size::Small),
+            template_type: DEFAULT_TEMPLATE.to_string(),
             metadata,
+            network: req.network.unwrap_or(true),
         })
     }
 
-    pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> ApiResult<Computer> {
+    pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> Result<Computer> {
         let computer = self.insert(tenant, new, None).await?;
         self.spawn_boot(computer.id);
         Ok(computer)
     }
 
     /// Records a new computer in `provisioning`; `source` makes it a restore of that snapshot.
-    pub async fn insert(&self, tenant: TenantId, new: NewComputer, source: Option<SnapshotId>) -> ApiResult<Computer> {
+    pub async fn insert(&self, tenant: TenantId, new: NewComputer, source: Option<SnapshotId>) -> Result<Computer> {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
         let _admitted = self.admission.lock().await;
@@ -274,9 +279,19 @@ impl Computers {
             metadata: new.metadata,
             error: None,
             source_snapshot_id: source,
+            network: new.network,
+            preview_domain: None,
+            sandbox_url: None,
         };
-        self.db.insert_computer(&computer, self.host_id.as_deref()).await?;
+        let mut computer = computer;
+        computer.slug = self.db.insert_computer(&computer, self.host_id.as_ref()).await?;
         drop(quota);
+        // A restore or clone exposes the ports its source computer did.
+        if let Some(snapshot) = source {
+            if let Some(from) = self.db.get_snapshot(snapshot).await?.map(|s| s.snapshot.computer_id) {
+                self.db.copy_ports(from, computer.id).await?;
+            }
+        }
         Ok(computer)
     }
 
@@ -285,31 +300,8 @@ impl Computers {
         tokio::spawn(async move { this.boot(id).await });
     }
 
-    /// The restore job: boots a computer from its snapshot. The boot records its own outcome
-    /// (`running`, or `error` with the reason); run again after a crash, it starts over.
-    pub async fn restore_job(self: &Arc<Self>, target: &str) -> crate::jobs::Outcome {
-        let Ok(id) = target.parse::<ComputerId>() else {
-            return crate::jobs::Outcome::Failed(format!("{target:?} is not a computer id"));
-        };
-        self.host.kill_stray(&id.to_string());
-        self.clone().boot(id).await;
-        crate::jobs::Outcome::Done
-    }
-
-    /// Queues the restore job of a computer made from a snapshot, on this host.
-    pub async fn enqueue_restore(&self, jobs: &crate::jobs::Jobs, id: ComputerId) -> Result<(), sqlx::Error> {
-        jobs.enqueue(
-            crate::jobs::JobKind::Restore,
-            &id.to_string(),
-            self.host_id(),
-            2,
-            std::time::Duration::ZERO,
-        )
-        .await
-    }
-
     /// Boots a computer that is `provisioning` (new) or `starting` (start/restart).
-    async fn boot(self: Arc<Self>, id: ComputerId) {
+    pub(crate) async fn boot(self: Arc<Self>, id: ComputerId) {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let Ok(Some(computer)) = self.db.get_computer(id).await else {
@@ -322,7 +314,7 @@ impl Computers {
         let image = match self.images.get().await {
             Ok(image) => image,
             Err(e) => {
-                let _ = self.set_status(id, ComputerStatus::Error, Some(&e)).await;
+                let _ = self.set_status(id, ComputerStatus::Error, Some(&e.to_string())).await;
                 return;
             }
         };
@@ -351,8 +343,10 @@ impl Computers {
                     .await
                 {
                     Ok(machine) => config = machine,
-                    Err(reason) => {
-                        let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
+                    Err(refused) => {
+                        let _ = self
+                            .set_status(id, ComputerStatus::Error, Some(&refused.to_string()))
+                            .await;
                         return;
                     }
                 },
@@ -384,7 +378,7 @@ impl Computers {
     /// with: its tenant (whose keys alone open it), whether it was sealed, its manifest's
     /// hash. A computer restores only its own tenant's snapshots. A failed lookup fails the
     /// read (closed), without calling the snapshot damaged.
-    async fn recorded(
+    pub(crate) async fn recorded(
         &self,
         snapshot: SnapshotId,
         computer: &Computer,
@@ -424,11 +418,19 @@ impl Computers {
             jail: self.settings.jail.clone(),
             disk_limits: self.settings.disk_limits,
             cpu_model: self.settings.cpu_model.clone(),
+            device_line: stasis_vmm::description::DEVICE_LINE,
+            // A namespace and tap of its own where this host makes networks (the host runtime
+            // names and makes it); QEMU's user networking otherwise.
+            nic: Some(match (computer.network, &self.settings.jail, self.host.networks()) {
+                (false, _, _) => Nic::Unplugged,
+                (true, Some(_), Some(_)) => Nic::Tap { netns: String::new() },
+                (true, _, _) => Nic::User,
+            }),
         }
     }
 
-    /// What this host can run, for a snapshot's machine description to be checked against.
-    pub(crate) fn host_machine(&self) -> HostMachine {
+    /// What this host runs, for a snapshot's machine description to be checked against.
+    pub fn host_machine(&self) -> HostMachine {
         HostMachine {
             qemu: stasis_vmm::accel::qemu_version(&self.settings.qemu_binary).map(Into::into),
             kvm: self.settings.accel == Accel::Kvm,
@@ -443,42 +445,48 @@ impl Computers {
     /// The machine a snapshot was taken on, rebuilt from its manifest for `computer` on this
     /// host: its vCPUs, RAM, accelerator, CPU model and TSC, its own kernel and initrd, its
     /// disk; refused, naming the difference, where this host cannot load its state.
-    async fn snapshot_machine(
+    pub(crate) async fn snapshot_machine(
         &self,
         computer: &Computer,
         snapshot: SnapshotId,
         recorded: &stasis_store::Recorded,
         image: &stasis_image::Image,
         files: &Materialized,
-    ) -> Result<MachineConfig, String> {
-        let refused = |why: String| format!("snapshot {snapshot} cannot be restored on this host: {why}");
+    ) -> Result<MachineConfig> {
+        let refused = |why: &dyn std::fmt::Display| {
+            Error::conflict(
+                crate::error::Conflict::SnapshotIncompatible,
+                format!("snapshot {snapshot} cannot be restored on this host: {why}"),
+            )
+        };
         let manifest = &files.manifest;
         let mut config = self.machine_config(computer, image);
         config.base_disk = files.disk.clone();
         let host = self.host_machine();
-        match Described::parse(&manifest.machine).map_err(refused)? {
+        match Described::parse(&manifest.machine).map_err(|e| refused(&e))? {
             Described::Current(d) => {
-                d.check(&host).map_err(|m| refused(m.to_string()))?;
+                d.check(&host).map_err(|m| refused(&m))?;
                 let boot = manifest
                     .boot
                     .as_ref()
-                    .ok_or_else(|| refused("its manifest describes the machine but holds no boot files".into()))?;
+                    .ok_or_else(|| refused(&"its manifest describes the machine but holds no boot files"))?;
                 config.kernel = self
                     .boot_files
                     .ensure(recorded, manifest, "kernel", &d.kernel, &boot.kernel, &image.kernel)
                     .await
-                    .map_err(refused)?;
+                    .map_err(|e| refused(&e))?;
                 config.initrd = self
                     .boot_files
                     .ensure(recorded, manifest, "initrd", &d.initrd, &boot.initrd, &image.initrd)
                     .await
-                    .map_err(refused)?;
+                    .map_err(|e| refused(&e))?;
                 config.vcpus = d.vcpus;
                 config.memory_mib = d.memory_mib;
                 config.accel = d.accel;
                 config.cpu_model = Some(d.cpu_model);
                 config.tsc_khz = d.tsc_khz;
                 config.image_id = d.image_id;
+                config.device_line = d.device_line;
             }
             Described::Legacy(l) => {
                 // Its kernel and initrd are those of the image it was taken on, if this host
@@ -487,140 +495,34 @@ impl Computers {
                     Some(earlier) => earlier,
                     None => image.clone(),
                 };
-                l.check(&host, &taken_on.id).map_err(refused)?;
+                l.check(&host, &taken_on.id).map_err(|m| refused(&m))?;
                 config.kernel = taken_on.kernel;
                 config.initrd = taken_on.initrd;
                 config.image_id = taken_on.id;
                 config.vcpus = l.vcpus;
                 config.memory_mib = l.memory_mib;
                 config.accel = l.accel;
+                // Before descriptions there was one device line, without a network card.
+                config.device_line = 1;
             }
         }
         Ok(config)
     }
 
-    /// The restore path of a computer made from a snapshot: fetch (or reuse) the snapshot's
-    /// files on this host, start QEMU on them, resume. The snapshot was marked `restoring`
-    /// for this restore by whoever asked for it; it is released here, whatever happens.
-    async fn restore_machine(&self, computer: &Computer, snapshot: SnapshotId, image: stasis_image::Image) {
-        let id = computer.id;
-        let started = Instant::now();
-        let (tx, mut rx) = tokio::sync::watch::channel((0u64, 0u64));
-        let bus = self.events.clone();
-        let reporter = tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let (done, total) = *rx.borrow_and_update();
-                let mut e = events::data(snapshot, SnapshotStatus::Restoring);
-                e.step = Some(stasis_types::Step::Downloading);
-                e.computer_id = Some(id);
-                e.progress = Some(if total == 0 { 1.0 } else { done as f64 / total as f64 });
-                e.bytes_done = Some(done);
-                e.bytes_total = Some(total);
-                bus.progress(e).await;
-            }
-        });
-        let fetched = match self.recorded(snapshot, computer).await {
-            Ok(recorded) => self
-                .materializer
-                .ensure(snapshot, recorded.clone(), move |done, total| {
-                    let _ = tx.send((done, total));
-                })
-                .await
-                .map(|files| (files, recorded)),
-            Err(e) => {
-                drop(tx); // the reporter ends when the sender goes
-                Err(e)
-            }
-        };
-        let _ = reporter.await;
-        let fetched_ms = started.elapsed().as_millis() as u64;
-        let outcome: Result<(), (String, bool)> = match fetched {
-            Err(e) => {
-                let damaged = matches!(
-                    e,
-                    stasis_store::StoreError::Corrupt { .. }
-                        | stasis_store::StoreError::MissingChunk(_)
-                        | stasis_store::StoreError::Manifest { .. }
-                        | stasis_store::StoreError::MissingManifest(_)
-                        | stasis_store::StoreError::Tampered { .. }
-                );
-                let reason = if damaged {
-                    format!("snapshot {snapshot} is damaged and cannot be restored: {e}")
-                } else {
-                    format!("reading snapshot {snapshot}: {}", crate::encryption::explain(&e))
-                };
-                Err((reason, damaged))
-            }
-            Ok((files, recorded)) => {
-                let mut e = events::data(snapshot, SnapshotStatus::Restoring);
-                e.step = Some(stasis_types::Step::Starting);
-                e.computer_id = Some(id);
-                self.events.emit(e).await;
-                match self
-                    .snapshot_machine(computer, snapshot, &recorded, &image, &files)
-                    .await
-                {
-                    Err(refused) => Err((refused, false)),
-                    Ok(config) => match self
-                        .host
-                        .restore(&id.to_string(), config, &files.state, &files.memory)
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err((format!("restore failed: {e}"), false)),
-                    },
-                }
-            }
-        };
-        match outcome {
-            Ok(()) => {
-                let restored_ms = started.elapsed().as_millis() as u64;
-                let _ = self.set_status(id, ComputerStatus::Running, None).await;
-                tracing::info!(%id, %snapshot, fetched_ms, restored_ms, running_ms = started.elapsed().as_millis() as u64,
-                    "computer restored");
-                let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
-                let mut e = events::data(snapshot, status);
-                e.step = Some(stasis_types::Step::Restored);
-                e.computer_id = Some(id);
-                e.progress = Some(1.0);
-                self.events.emit(e).await;
-            }
-            Err((reason, damaged)) => {
-                tracing::warn!(%id, %snapshot, reason, "restore failed");
-                let _ = self.set_status(id, ComputerStatus::Error, Some(&reason)).await;
-                let mut status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
-                if damaged {
-                    let from = [SnapshotStatus::Ready, SnapshotStatus::Restoring];
-                    let _ = self
-                        .db
-                        .transition_snapshot(snapshot, &from, SnapshotStatus::Failed, Some(&reason))
-                        .await;
-                    self.materializer.evict(snapshot);
-                    status = SnapshotStatus::Failed;
-                }
-                let mut e = events::data(snapshot, status);
-                e.step = Some(stasis_types::Step::RestoreFailed);
-                e.computer_id = Some(id);
-                e.error = Some(reason);
-                self.events.emit(e).await;
-            }
-        }
-    }
-
     /// The computer if it exists and belongs to `tenant`; otherwise `404 computer not found`
     /// (another tenant's computer is not acknowledged to exist).
-    pub async fn get(&self, tenant: TenantId, id: ComputerId) -> ApiResult<Computer> {
+    pub async fn get(&self, tenant: TenantId, id: ComputerId) -> Result<Computer> {
         match self.db.get_computer(id).await? {
             Some(c) if c.tenant_id == tenant => Ok(c),
-            _ => Err(ApiError::NotFound { kind: "computer" }),
+            _ => Err(Error::not_found(Resource::Computer, id)),
         }
     }
 
-    pub async fn list(&self, tenant: TenantId) -> ApiResult<Vec<Computer>> {
+    pub async fn list(&self, tenant: TenantId) -> Result<Vec<Computer>> {
         Ok(self.db.list_computers(tenant).await?)
     }
 
-    pub async fn start(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+    pub async fn start(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
         let c = self.get(tenant, id).await?;
@@ -640,14 +542,14 @@ impl Computers {
                 self.spawn_boot(id);
                 Ok(action(ComputerStatus::Starting, "computer is starting"))
             }
-            other => Err(ApiError::conflict(
+            other => Err(Error::conflict(
                 crate::error::Conflict::ComputerBusy,
                 format!("computer is {}; try again when it has settled", other.as_str()),
             )),
         }
     }
 
-    pub async fn stop(&self, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+    pub async fn stop(&self, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let c = self.get(tenant, id).await?;
@@ -660,14 +562,14 @@ impl Computers {
         Ok(action(ComputerStatus::Stopped, "computer stopped"))
     }
 
-    pub async fn restart(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+    pub async fn restart(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
         self.stop(tenant, id).await?;
         let mut r = self.start(tenant, id).await?;
         r.message = "computer is restarting".into();
         Ok(r)
     }
 
-    pub async fn destroy(&self, tenant: TenantId, id: ComputerId) -> ApiResult<ActionResponse> {
+    pub async fn destroy(&self, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         self.get(tenant, id).await?;
@@ -677,6 +579,7 @@ impl Computers {
             tracing::warn!(%id, error = %e, "removing the computer's files");
         }
         self.set_status(id, ComputerStatus::Destroyed, None).await?;
+        self.db.delete_ports(id).await?;
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
@@ -689,12 +592,12 @@ impl Computers {
         program: &str,
         args: Vec<String>,
         timeout_secs: u64,
-    ) -> ApiResult<ExecResponse> {
+    ) -> Result<ExecResponse> {
         let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
         let vm = match (c.status, self.host.get(&id.to_string())) {
             (ComputerStatus::Running, Some(vm)) => vm,
             (ComputerStatus::Provisioning | ComputerStatus::Starting, _) => {
-                return Err(ApiError::conflict(
+                return Err(Error::conflict(
                     crate::error::Conflict::ComputerStarting,
                     "computer is still starting; retry shortly",
                 ))
@@ -723,7 +626,7 @@ impl Computers {
                 duration_ms: started.elapsed().as_millis() as u64,
             }),
             Err(VmError::Exited { .. }) => Err(not_running()),
-            Err(e) => Err(ApiError::Unavailable(format!("the guest agent did not answer: {e}"))),
+            Err(e) => Err(Error::Unavailable(format!("the guest agent did not answer: {e}"))),
         }
     }
 
@@ -749,7 +652,7 @@ impl Computers {
     /// After a platform restart: re-attach the QEMUs still running, mark the rest stopped,
     /// finish interrupted deletes, resume interrupted boots, kill any QEMU nobody owns.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), sqlx::Error> {
-        let live = self.db.computers_in(LIVE, self.host_id.as_deref()).await?;
+        let live = self.db.computers_in(LIVE, self.host_id.as_ref()).await?;
         let mut owned = std::collections::HashSet::new();
         for c in live {
             let name = c.id.to_string();
@@ -764,7 +667,7 @@ impl Computers {
                     if c.status == ComputerStatus::Creating {
                         self.set_status(c.id, ComputerStatus::Provisioning, None).await?;
                     }
-                    let restoring = self.db.job_pending(crate::jobs::JobKind::Restore, &name).await?;
+                    let restoring = self.db.job_pending(crate::db::JobKind::Restore, &name).await?;
                     if let (ComputerStatus::Provisioning | ComputerStatus::Creating, Some(snapshot), None) =
                         (c.status, c.source_snapshot_id, &self.host_id)
                     {
@@ -829,6 +732,10 @@ impl Computers {
             jail.cgroups.sweep();
             jail.cgroups.remove_parents();
         }
+        // And the host's egress table (every machine's network is gone already).
+        if let Some(networks) = self.host.networks().cloned() {
+            let _ = tokio::task::spawn_blocking(move || networks.close()).await;
+        }
     }
 
     async fn shutdown_machines(&self) {
@@ -843,7 +750,7 @@ impl Computers {
             }
         }
         // Boots still in flight: their QEMUs are not tracked yet, but their pid files are.
-        if let Ok(live) = self.db.computers_in(LIVE, self.host_id.as_deref()).await {
+        if let Ok(live) = self.db.computers_in(LIVE, self.host_id.as_ref()).await {
             for c in live {
                 self.host.kill_stray(&c.id.to_string());
                 if matches!(c.status, ComputerStatus::Provisioning | ComputerStatus::Starting) {
@@ -857,8 +764,8 @@ impl Computers {
     }
 }
 
-fn not_running() -> ApiError {
-    ApiError::conflict(crate::error::Conflict::ComputerNotRunning, "computer is not running")
+fn not_running() -> Error {
+    Error::conflict(crate::error::Conflict::ComputerNotRunning, "computer is not running")
 }
 
 fn action(status: ComputerStatus, message: &str) -> ActionResponse {
@@ -892,7 +799,8 @@ pub fn slugify(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::JsonObject;
+    use crate::body::Json;
+    use crate::http_error::ApiError;
 
     #[test]
     fn slugs_are_hostname_safe() {
@@ -902,13 +810,14 @@ mod tests {
         assert_eq!(slugify(&"a".repeat(100)).len(), 63);
     }
 
-    fn validate(json: &str) -> ApiResult<NewComputer> {
-        Computers::validate(&JsonObject::parse(json.as_bytes()).unwrap())
+    fn validate(json: &str) -> Result<NewComputer, ApiError> {
+        let Json(req) = Json::<CreateComputerRequest>::parse(json.as_bytes())?;
+        Ok(Computers::validate(req)?)
     }
 
     fn field_of(e: ApiError) -> String {
         match e {
-            ApiError::Invalid { field, .. } => field,
+            ApiError::Domain(Error::Invalid { field, .. }) => field,
             other => panic!("expected a 422, got {other:?}"),
         }
     }
@@ -918,6 +827,12 @@ mod tests {
         let ok = validate(r#"{"name":"dev","size":"xs","template_type":"miosa-desktop","metadata":{"a":1}}"#).unwrap();
         assert_eq!((ok.size, ok.template_type.as_str()), (Size::Xs, DEFAULT_TEMPLATE));
         assert_eq!(validate(r#"{"name":"dev"}"#).unwrap().size, Size::Small);
+        assert_eq!(validate(r#"{"name":"dev","size":"xlarge"}"#).unwrap().size, Size::Xl);
+        assert_eq!(
+            validate(r#"{"name":"dev","size":null,"metadata":null}"#).unwrap().size,
+            Size::Small
+        );
+        assert_eq!(field_of(validate(r#"{"name":null}"#).unwrap_err()), "name");
         assert_eq!(field_of(validate(r#"{"size":"xs"}"#).unwrap_err()), "name");
         assert_eq!(field_of(validate(r#"{"name":"  "}"#).unwrap_err()), "name");
         assert_eq!(

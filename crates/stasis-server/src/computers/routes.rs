@@ -4,35 +4,63 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use futures::future::BoxFuture;
 use stasis_types::{
     ActionResponse, Computer, ComputerId, ComputerList, CreateComputerRequest, ExecPythonRequest, ExecRequest,
-    ExecResponse,
+    ExecResponse, Size, StartRequest,
 };
-use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Computers, DEFAULT_EXEC_TIMEOUT_SECS, MAX_EXEC_TIMEOUT_SECS};
 use crate::auth::Tenant;
-use crate::body::JsonObject;
-use crate::error::{ApiError, ApiResult};
+use crate::body;
+use crate::endpoints::{Endpoint, Endpoints, IfLost, Params, Runs};
+use crate::error::{Error, Resource};
+use crate::http_error::{ApiError, ApiResult};
 use crate::openapi::{Errors, WriteErrors};
 use crate::AppState;
 
 /// The routes, each registered with its OpenAPI description.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create, list))
-        .routes(routes!(get_one, destroy))
-        .routes(routes!(start))
-        .routes(routes!(stop))
-        .routes(routes!(restart))
-        .routes(routes!(exec_bash))
-        .routes(routes!(exec_python))
+/// With several hosts, reads come from the shared database and everything that changes a
+/// machine runs on the host that runs it (see [`crate::endpoints`]).
+pub fn router() -> Endpoints {
+    let machine = Runs::OnOwner(IfLost::Unavailable);
+    Endpoints::new()
+        .add(Runs::Placed(create_needs), routes!(create))
+        .add(Runs::Anywhere, routes!(list))
+        .add(Runs::Anywhere, routes!(get_one))
+        // Deleting needs no machine: the control plane records it (its own runtime has no such
+        // machine to stop), and the host, when it is back, finds the computer gone and removes
+        // its QEMU and files.
+        .add(Runs::OnOwner(IfLost::AnswerHere), routes!(destroy))
+        .add(machine, routes!(start))
+        .add(machine, routes!(stop))
+        .add(machine, routes!(restart))
+        .add(Endpoint::from(machine).long(), routes!(exec_bash))
+        .add(Endpoint::from(machine).long(), routes!(exec_python))
+}
+
+/// A create needs the memory of the size it asks for (the smallest if none); the host
+/// validates the body properly.
+fn create_needs<'a>(
+    _: &'a AppState,
+    _: stasis_types::TenantId,
+    _: &'a Params,
+    body: &'a axum::body::Bytes,
+) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+    let size = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("size").and_then(|s| s.as_str()).and_then(Size::parse));
+    Box::pin(std::future::ready(Ok(crate::cluster::Wants {
+        memory_mib: size.unwrap_or(Size::Xs).memory_mib(),
+        machine: None,
+    })))
 }
 
 /// A computer id from the path; a malformed one cannot name any computer.
 pub fn computer_id(raw: &str) -> ApiResult<ComputerId> {
-    raw.parse().map_err(|_| ApiError::NotFound { kind: "computer" })
+    raw.parse()
+        .map_err(|_| Error::not_found(Resource::Computer, raw).into())
 }
 
 fn service(state: &AppState) -> &std::sync::Arc<Computers> {
@@ -45,10 +73,11 @@ fn service(state: &AppState) -> &std::sync::Arc<Computers> {
 async fn create(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    body: JsonObject,
+    crate::body::Json(req): crate::body::Json<CreateComputerRequest>,
 ) -> ApiResult<(StatusCode, Json<Computer>)> {
-    let new = Computers::validate(&body)?;
-    let computer = service(&state).create(tenant, new).await?;
+    let new = Computers::validate(req)?;
+    let mut computer = service(&state).create(tenant, new).await?;
+    state.previews.dress(&mut computer);
     Ok((StatusCode::CREATED, Json(computer)))
 }
 
@@ -56,7 +85,8 @@ async fn create(
 #[utoipa::path(get, path = "/computers", operation_id = "listComputers", tag = "computers",
     responses((status = 200, description = "The computers", body = ComputerList), Errors))]
 async fn list(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<ComputerList>> {
-    let computers = service(&state).list(tenant).await?;
+    let mut computers = service(&state).list(tenant).await?;
+    computers.iter_mut().for_each(|c| state.previews.dress(c));
     Ok(Json(ComputerList {
         total: computers.len(),
         computers,
@@ -71,7 +101,9 @@ async fn get_one(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Computer>> {
-    Ok(Json(service(&state).get(tenant, computer_id(&id)?).await?))
+    let mut computer = service(&state).get(tenant, computer_id(&id)?).await?;
+    state.previews.dress(&mut computer);
+    Ok(Json(computer))
 }
 
 /// Destroy a computer: its VM and disk go; its snapshots stay restorable.
@@ -86,13 +118,13 @@ async fn destroy(
 }
 
 /// Start a stopped (or errored) computer.
-#[utoipa::path(post, path = "/computers/{id}/start", operation_id = "startComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+#[utoipa::path(post, path = "/computers/{id}/start", operation_id = "startComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body(content = Option<StartRequest>),
     responses((status = 200, description = "Starting", body = ActionResponse), WriteErrors))]
 async fn start(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    _body: JsonObject,
+    body::Json(StartRequest {}): body::Json<StartRequest>,
 ) -> ApiResult<Json<ActionResponse>> {
     Ok(Json(service(&state).start(tenant, computer_id(&id)?).await?))
 }
@@ -119,10 +151,16 @@ async fn restart(
     Ok(Json(service(&state).restart(tenant, computer_id(&id)?).await?))
 }
 
-fn timeout(body: &JsonObject) -> ApiResult<u64> {
-    Ok(body
-        .optional_seconds("timeout", MAX_EXEC_TIMEOUT_SECS)?
-        .unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS))
+/// The timeout asked for, within `1..=MAX_EXEC_TIMEOUT_SECS` (default 60).
+fn timeout(asked: Option<u64>) -> ApiResult<u64> {
+    match asked {
+        None => Ok(DEFAULT_EXEC_TIMEOUT_SECS),
+        Some(s) if (1..=MAX_EXEC_TIMEOUT_SECS).contains(&s) => Ok(s),
+        Some(_) => Err(ApiError::invalid(
+            "timeout",
+            format!("timeout must be a whole number of seconds between 1 and {MAX_EXEC_TIMEOUT_SECS}"),
+        )),
+    }
 }
 
 /// Run a command under `bash -c` in the computer and answer with its output and exit code.
@@ -132,12 +170,11 @@ async fn exec_bash(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    body: JsonObject,
+    body::Json(req): body::Json<ExecRequest>,
 ) -> ApiResult<Json<ExecResponse>> {
     let id = computer_id(&id)?;
-    let command = body.required_str("command")?;
-    let timeout = timeout(&body)?;
-    let args = vec!["-c".to_string(), command];
+    let timeout = timeout(req.timeout)?;
+    let args = vec!["-c".to_string(), req.command];
     Ok(Json(
         service(&state).exec(tenant, id, "/bin/bash", args, timeout).await?,
     ))
@@ -150,11 +187,10 @@ async fn exec_python(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    body: JsonObject,
+    body::Json(req): body::Json<ExecPythonRequest>,
 ) -> ApiResult<Json<ExecResponse>> {
     let id = computer_id(&id)?;
-    let code = body.required_str("code")?;
-    let timeout = timeout(&body)?;
-    let args = vec!["-c".to_string(), code];
+    let timeout = timeout(req.timeout)?;
+    let args = vec!["-c".to_string(), req.code];
     Ok(Json(service(&state).exec(tenant, id, "python3", args, timeout).await?))
 }

@@ -4,6 +4,7 @@
 
 use chrono::{SecondsFormat, Utc};
 use sqlx::Row;
+use stasis_types::HostId;
 
 use super::{now, Backend, Db};
 
@@ -76,7 +77,7 @@ impl Db {
         &self,
         kind: JobKind,
         target: &str,
-        host: Option<&str>,
+        host: Option<&HostId>,
         max_attempts: i64,
         after: std::time::Duration,
     ) -> Result<bool, sqlx::Error> {
@@ -89,7 +90,7 @@ impl Db {
         .bind(uuid::Uuid::new_v4().to_string())
         .bind(kind.as_str())
         .bind(target)
-        .bind(host.map(str::to_string))
+        .bind(host.map(|h| h.as_str().to_string()))
         .bind(max_attempts)
         .bind(at(after))
         .bind(t.clone())
@@ -105,7 +106,7 @@ impl Db {
         &self,
         owner: &str,
         lease: std::time::Duration,
-        host: Option<&str>,
+        host: Option<&HostId>,
     ) -> Result<Option<JobRecord>, sqlx::Error> {
         let scope = if host.is_some() {
             "host_id = $4"
@@ -189,14 +190,14 @@ impl Db {
     }
 
     /// Fails the unfinished jobs bound to a host (it was lost).
-    pub async fn fail_jobs_of_host(&self, host: &str, reason: &str) -> Result<(), sqlx::Error> {
+    pub async fn fail_jobs_of_host(&self, host: &HostId, reason: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE jobs SET status = 'failed', last_error = $1, lease_owner = NULL, lease_until = NULL, updated_at = $2 \
              WHERE host_id = $3 AND status IN ('queued', 'running')",
         )
         .bind(reason)
         .bind(now())
-        .bind(host)
+        .bind(host.as_str())
         .execute(self.pool())
         .await?;
         Ok(())
@@ -235,9 +236,15 @@ mod tests {
                 .unwrap(),
             "one pending job per target"
         );
-        db.enqueue_job(JobKind::Snapshot, "s2", Some("host-b"), 3, Duration::ZERO)
-            .await
-            .unwrap();
+        db.enqueue_job(
+            JobKind::Snapshot,
+            "s2",
+            Some(&"host-b".parse().unwrap()),
+            3,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
 
         let job = db
             .claim_job("a/1", Duration::from_millis(300), None)
@@ -253,7 +260,7 @@ mod tests {
             "held"
         );
         let other = db
-            .claim_job("host-b/1", Duration::from_secs(30), Some("host-b"))
+            .claim_job("host-b/1", Duration::from_secs(30), Some(&"host-b".parse().unwrap()))
             .await
             .unwrap()
             .unwrap();
@@ -296,7 +303,7 @@ mod tests {
         // A restarted process takes back what its earlier run held.
         assert_eq!(db.release_jobs_of("host-b").await.unwrap(), 1);
         let back = db
-            .claim_job("host-b/2", Duration::from_secs(30), Some("host-b"))
+            .claim_job("host-b/2", Duration::from_secs(30), Some(&"host-b".parse().unwrap()))
             .await
             .unwrap()
             .unwrap();
@@ -382,7 +389,7 @@ mod tests {
         let db = Db::open(&format!("{base}/{name}")).await.unwrap();
         concurrent_enqueues_add_one_job(&db).await;
         db.pool().close().await;
-        sqlx::query(&format!("DROP DATABASE {name}"))
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .execute(&admin_pool)
             .await
             .unwrap();

@@ -4,7 +4,29 @@ use sqlx::Row;
 use stasis_types::TenantId;
 
 use super::Db;
-use crate::limits::TenantLimits;
+use serde::{Deserialize, Serialize};
+
+/// Limits of one tenant; None means no limit (or, as an override, the platform default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLimits {
+    pub max_computers: Option<u64>,
+    pub max_snapshots: Option<u64>,
+    pub max_stored_bytes: Option<u64>,
+    /// Requests per second, sustained; bursts of twice as many are let through.
+    pub rate_per_sec: Option<u64>,
+}
+
+impl TenantLimits {
+    /// These overrides over `defaults`.
+    pub fn over(self, defaults: TenantLimits) -> TenantLimits {
+        TenantLimits {
+            max_computers: self.max_computers.or(defaults.max_computers),
+            max_snapshots: self.max_snapshots.or(defaults.max_snapshots),
+            max_stored_bytes: self.max_stored_bytes.or(defaults.max_stored_bytes),
+            rate_per_sec: self.rate_per_sec.or(defaults.rate_per_sec),
+        }
+    }
+}
 
 /// What a tenant holds now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

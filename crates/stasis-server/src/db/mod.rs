@@ -5,17 +5,19 @@ mod hosts;
 mod jobs;
 mod keys;
 pub mod limits;
+mod ports;
 mod snapshots;
 
 pub use hosts::{HostRecord, HostStatus};
 pub use jobs::{JobEnd, JobKind, JobRecord};
 pub use keys::WrappedKey;
+pub use ports::PortRecord;
 pub use snapshots::{Idempotency, SnapshotRecord};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
-use stasis_types::{Computer, ComputerId, ComputerStatus, Size, SnapshotId, TenantId};
+use stasis_types::{Computer, ComputerId, ComputerStatus, HostId, Size, SnapshotId, TenantId};
 
 /// Schema migrations, in order: `migrations/NNNN_name.sql`, applied by sqlx (each once, inside a
 /// transaction, recorded with its checksum in `_sqlx_migrations`). They are written in the SQL
@@ -232,16 +234,56 @@ impl Db {
     // ---- computers ----
 
     /// Records a new computer, run by `host` (None: this platform itself).
-    pub async fn insert_computer(&self, c: &Computer, host: Option<&str>) -> Result<(), sqlx::Error> {
+    /// Records a new computer. Its slug names it in preview URLs, so live computers' slugs are
+    /// unique: when `c.slug` is taken, the id's first eight characters are appended. Returns
+    /// the slug it got.
+    pub async fn insert_computer(&self, c: &Computer, host: Option<&HostId>) -> Result<String, sqlx::Error> {
+        let suffixed = || {
+            let id = c.id.to_string();
+            let base: String = c.slug.chars().take(63 - 9).collect();
+            format!("{}-{}", base.trim_end_matches('-'), &id[..8])
+        };
+        let taken = self.slug_taken(&c.slug).await?;
+        let first = if taken { suffixed() } else { c.slug.clone() };
+        match self.insert_computer_as(c, host, &first).await {
+            Ok(()) => Ok(first),
+            // Taken between the check and the insert.
+            Err(_) if !taken => {
+                let slug = suffixed();
+                self.insert_computer_as(c, host, &slug).await?;
+                Ok(slug)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn slug_taken(&self, slug: &str) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM computers WHERE slug = $1 AND status <> 'destroyed'")
+            .bind(slug)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// A live computer by its slug, whatever its tenant (preview URLs carry no tenant).
+    pub async fn computer_by_slug(&self, slug: &str) -> Result<Option<Computer>, sqlx::Error> {
+        let row = sqlx::query(&format!("{SELECT_COMPUTER} WHERE slug = $1 AND status <> 'destroyed'"))
+            .bind(slug)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().and_then(computer_from_row))
+    }
+
+    async fn insert_computer_as(&self, c: &Computer, host: Option<&HostId>, slug: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO computers (id, tenant_id, name, slug, status, template_type, size, metadata, error, \
-             source_snapshot_id, created_at, updated_at, host_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             source_snapshot_id, created_at, updated_at, host_id, network) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(c.id.to_string())
         .bind(c.tenant_id.to_string())
         .bind(&c.name)
-        .bind(&c.slug)
+        .bind(slug)
         .bind(c.status.as_str())
         .bind(&c.template_type)
         .bind(c.size.as_str())
@@ -250,7 +292,8 @@ impl Db {
         .bind(c.source_snapshot_id.map(|s| s.to_string()))
         .bind(c.created_at.to_rfc3339_opts(SecondsFormat::Millis, true))
         .bind(c.updated_at.to_rfc3339_opts(SecondsFormat::Millis, true))
-        .bind(host.map(str::to_string))
+        .bind(host.map(|h| h.as_str().to_string()))
+        .bind(i64::from(c.network))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -299,7 +342,7 @@ impl Db {
     pub async fn computers_in(
         &self,
         statuses: &[ComputerStatus],
-        host: Option<&str>,
+        host: Option<&HostId>,
     ) -> Result<Vec<Computer>, sqlx::Error> {
         if statuses.is_empty() {
             return Ok(Vec::new());
@@ -332,8 +375,11 @@ impl Db {
         status: ComputerStatus,
         error: Option<&str>,
     ) -> Result<bool, sqlx::Error> {
+        // Only a running computer has an address.
         let done = sqlx::query(
-            "UPDATE computers SET status = $1, error = $2, updated_at = $3 WHERE id = $4 AND status <> 'destroyed'",
+            "UPDATE computers SET status = $1, error = $2, updated_at = $3, \
+             ip_address = CASE WHEN $1 = 'running' THEN ip_address ELSE NULL END \
+             WHERE id = $4 AND status <> 'destroyed'",
         )
         .bind(status.as_str())
         .bind(error.map(str::to_string))
@@ -342,6 +388,16 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Records the address a computer's network has on its host (None: it has none).
+    pub async fn set_ip_address(&self, id: ComputerId, address: Option<&str>) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE computers SET ip_address = $1 WHERE id = $2")
+            .bind(address.map(str::to_string))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -364,7 +420,7 @@ pub fn redact(url: &str) -> String {
 }
 
 const SELECT_COMPUTER: &str = "SELECT id, tenant_id, name, slug, status, template_type, size, metadata, error, \
-     source_snapshot_id, created_at, updated_at FROM computers";
+     source_snapshot_id, ip_address, network, created_at, updated_at FROM computers";
 
 fn computer_from_row(row: &AnyRow) -> Option<Computer> {
     let text = |col: &str| row.try_get::<String, _>(col).ok();
@@ -379,7 +435,7 @@ fn computer_from_row(row: &AnyRow) -> Option<Computer> {
         status: ComputerStatus::parse(&text("status")?)?,
         template_type: text("template_type")?,
         size: Size::parse(&text("size")?)?,
-        ip_address: None,
+        ip_address: row.try_get::<Option<String>, _>("ip_address").ok().flatten(),
         metadata,
         error: row.try_get::<Option<String>, _>("error").ok().flatten(),
         source_snapshot_id: row
@@ -389,6 +445,9 @@ fn computer_from_row(row: &AnyRow) -> Option<Computer> {
             .and_then(|s| s.parse::<SnapshotId>().ok()),
         created_at: parse_time(&text("created_at")?),
         updated_at: parse_time(&text("updated_at")?),
+        network: row.try_get::<i64, _>("network").map_or(true, |n| n != 0),
+        preview_domain: None,
+        sandbox_url: None,
     })
 }
 
@@ -412,6 +471,9 @@ mod tests {
             metadata: serde_json::Map::from_iter([("team".to_string(), serde_json::json!("a"))]),
             error: None,
             source_snapshot_id: None,
+            network: true,
+            preview_domain: None,
+            sandbox_url: None,
         }
     }
 
@@ -431,7 +493,7 @@ mod tests {
 
         let c = computer(t, "dev");
         db.insert_computer(&c, None).await.unwrap();
-        db.insert_computer(&computer(other, "theirs"), Some("host-b"))
+        db.insert_computer(&computer(other, "theirs"), Some(&"host-b".parse().unwrap()))
             .await
             .unwrap();
         assert_eq!(db.host_of(c.id).await.unwrap(), None);
@@ -444,7 +506,7 @@ mod tests {
             "reconciliation sees only its own host's computers"
         );
         assert_eq!(
-            db.computers_in(&[ComputerStatus::Provisioning], Some("host-b"))
+            db.computers_in(&[ComputerStatus::Provisioning], Some(&"host-b".parse().unwrap()))
                 .await
                 .unwrap()[0]
                 .name,
@@ -596,7 +658,10 @@ mod tests {
         }
         check_migrations(&format!("{base}/{}", names[0]), &format!("{base}/{}", names[1])).await;
         for n in &names {
-            sqlx::query(&format!("DROP DATABASE {n}")).execute(&pool).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE {n} WITH (FORCE)"))
+                .execute(&pool)
+                .await
+                .unwrap();
         }
     }
 

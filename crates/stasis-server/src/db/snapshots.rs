@@ -5,7 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use stasis_store::{ManifestHash, Recorded};
-use stasis_types::{ComputerId, Size, Snapshot, SnapshotId, SnapshotStatus, TenantId};
+use stasis_types::{ComputerId, HostId, Size, Snapshot, SnapshotId, SnapshotStatus, TenantId};
 
 use super::{now, parse_time, Db};
 
@@ -179,7 +179,7 @@ impl Db {
     pub async fn snapshots_in(
         &self,
         statuses: &[SnapshotStatus],
-        host: Option<&str>,
+        host: Option<&HostId>,
     ) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
         let placeholders: Vec<String> = (1..=statuses.len()).map(|i| format!("${i}")).collect();
         let scope = match host {
@@ -345,6 +345,24 @@ impl Db {
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(recorded_from_row).collect()
+    }
+
+    /// The machine descriptions recorded for the snapshots [`Db::live_snapshots`] lists (those
+    /// that have one): what names the boot files a host must keep.
+    pub async fn live_descriptions(&self) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+        let rows: Vec<Option<String>> = sqlx::query_scalar(
+            "SELECT machine FROM snapshots WHERE status <> 'deleted' OR id IN \
+             (SELECT source_snapshot_id FROM computers WHERE status <> 'destroyed') ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .flatten()
+            .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
+            .filter_map(|mut m| m.get_mut("description").map(serde_json::Value::take))
+            .filter(|d| !d.is_null())
+            .collect())
     }
 
     /// Whether a computer that is not destroyed was restored from `id` (its disk chain rests
@@ -635,6 +653,10 @@ mod tests {
             }
         );
         assert_eq!(db.live_snapshots().await.unwrap(), vec![recorded]);
+        assert_eq!(
+            db.live_descriptions().await.unwrap(),
+            vec![serde_json::json!({"format": 1, "vcpus": 1})]
+        );
         assert_eq!(db.snapshot_recorded(SnapshotId::new()).await.unwrap(), None);
         let r = db.get_snapshot(s.id).await.unwrap().unwrap();
         assert_eq!(
@@ -664,6 +686,10 @@ mod tests {
             .await
             .unwrap());
         assert!(db.list_snapshots(s.computer_id).await.unwrap().is_empty());
+        assert!(
+            db.live_descriptions().await.unwrap().is_empty(),
+            "a deleted snapshot's boot files go"
+        );
     }
 
     #[tokio::test]

@@ -3,27 +3,26 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use futures::future::BoxFuture;
 use stasis_types::{
-    CloneRequest, ComputerEnvelope, CreateSnapshotRequest, RestoreResponse, SnapshotEnvelope, SnapshotId, SnapshotList,
-    SnapshotStatus, SseTicket, TenantId,
+    CloneRequest, ComputerEnvelope, CreateSnapshotRequest, RestoreRequest, RestoreResponse, RestoringSnapshot,
+    SnapshotEnvelope, SnapshotId, SnapshotList, SnapshotStatus, SseTicket, SseTicketRequest, TenantId,
 };
 use tokio::sync::broadcast::error::RecvError;
-use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::events::{self, StoredEvent};
 use super::Snapshots;
-use crate::auth::{hash_key, Tenant};
-use crate::body::JsonObject;
+use crate::auth::{hash_key, StreamTenant, Tenant};
+use crate::body;
 use crate::computers::routes::computer_id;
-use crate::error::{ApiError, ApiResult};
+use crate::endpoints::{Endpoint, Endpoints, IfLost, Params, Runs};
+use crate::http_error::{ApiError, ApiResult};
 use crate::openapi::{Errors, WriteErrors};
 use crate::{idempotency, AppState};
 
@@ -36,18 +35,60 @@ fn ticket_ttl() -> Duration {
 }
 
 /// The routes, each registered with its OpenAPI description.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create, list))
-        .routes(routes!(get_one, delete))
-        .routes(routes!(stream))
-        .routes(routes!(restore))
-        .routes(routes!(clone))
-        .routes(routes!(ticket))
+/// With several hosts: a capture and a clone run where the computer runs, a restore on the
+/// host with the most room (the snapshot is in the store), the rest from the shared
+/// database (see [`crate::endpoints`]).
+pub fn router() -> Endpoints {
+    let machine = Runs::OnOwner(IfLost::Unavailable);
+    Endpoints::new()
+        .add(machine, routes!(create))
+        .add(Runs::Anywhere, routes!(list))
+        .add(Runs::Anywhere, routes!(get_one))
+        // Metadata: the control plane collects the store.
+        .add(Runs::Anywhere, routes!(delete))
+        // The host publishes a capture's progress; a lost host's snapshots are failed, their
+        // log and final state in the database, and the stream ends at once.
+        .add(
+            Endpoint::from(Runs::OnOwner(IfLost::AnswerHere)).long().with_tickets(),
+            routes!(stream),
+        )
+        .add(Runs::Placed(restore_needs), routes!(restore))
+        .add(machine, routes!(clone))
+        .add(Runs::Anywhere, routes!(ticket))
+}
+
+/// A restore needs the memory of the snapshot's machine.
+fn restore_needs<'a>(
+    state: &'a AppState,
+    tenant: TenantId,
+    params: &'a Params,
+    _: &'a axum::body::Bytes,
+) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+    Box::pin(async move {
+        use stasis_vmm::description::Described;
+        let computer = computer_id(params.get("id").unwrap_or_default())?;
+        let snap = snapshot_id(params.get("snap_id").unwrap_or_default())?;
+        let record = service(state).find(tenant, computer, snap).await?;
+        // Snapshots from before machine descriptions are checked by the host that restores.
+        let machine = match record.description.as_ref().map(Described::parse) {
+            Some(Ok(Described::Current(d))) => Some(d),
+            _ => None,
+        };
+        Ok(crate::cluster::Wants {
+            memory_mib: record.size.memory_mib(),
+            machine,
+        })
+    })
+}
+
+/// An answer as the JSON the idempotency record keeps.
+fn to_value(answer: impl serde::Serialize) -> ApiResult<serde_json::Value> {
+    serde_json::to_value(answer).map_err(|e| ApiError::internal(format!("serializing an answer: {e}")))
 }
 
 fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
-    raw.parse().map_err(|_| ApiError::NotFound { kind: "snapshot" })
+    raw.parse()
+        .map_err(|_| crate::error::Error::not_found(crate::error::Resource::Snapshot, raw).into())
 }
 
 fn service(state: &AppState) -> &std::sync::Arc<Snapshots> {
@@ -64,17 +105,17 @@ async fn create(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body::Json(req): body::Json<CreateSnapshotRequest>,
 ) -> ApiResult<Response> {
     let computer = computer_id(&id)?;
-    let comment = Snapshots::validate_comment(&body)?;
+    let comment = Snapshots::validate_comment(req.comment)?;
     let fingerprint = format!(
         "POST /computers/{computer}/snapshots {}",
         comment.clone().unwrap_or_default()
     );
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let s = service(&state).create(tenant, computer, comment).await?;
-        Ok((StatusCode::CREATED, json!({ "data": s })))
+        let data = service(&state).create(tenant, computer, comment).await?;
+        Ok((StatusCode::CREATED, to_value(SnapshotEnvelope { data })?))
     })
     .await
 }
@@ -86,9 +127,12 @@ async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let snapshots = service(&state).list(tenant, computer_id(&id)?).await?;
-    Ok(Json(json!({ "data": snapshots, "total": snapshots.len() })))
+) -> ApiResult<Json<SnapshotList>> {
+    let data = service(&state).list(tenant, computer_id(&id)?).await?;
+    Ok(Json(SnapshotList {
+        total: data.len(),
+        data,
+    }))
 }
 
 /// One snapshot.
@@ -99,11 +143,11 @@ async fn get_one(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path((id, snap)): Path<(String, String)>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<SnapshotEnvelope>> {
     let r = service(&state)
         .find(tenant, computer_id(&id)?, snapshot_id(&snap)?)
         .await?;
-    Ok(Json(json!({ "data": r.snapshot })))
+    Ok(Json(SnapshotEnvelope { data: r.snapshot }))
 }
 
 /// Delete a snapshot: it turns `deleted` at once, its stored objects are collected later.
@@ -113,31 +157,32 @@ async fn delete(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path((id, snap)): Path<(String, String)>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let s = service(&state)
+) -> ApiResult<Json<SnapshotEnvelope>> {
+    let data = service(&state)
         .delete(tenant, computer_id(&id)?, snapshot_id(&snap)?)
         .await?;
-    Ok(Json(json!({ "data": s })))
+    Ok(Json(SnapshotEnvelope { data }))
 }
 
 /// Restore a ready snapshot into a new running computer (the original is unchanged).
-#[utoipa::path(post, path = "/computers/{id}/restore/{snap_id}", operation_id = "restoreSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")),
+#[utoipa::path(post, path = "/computers/{id}/restore/{snap_id}", operation_id = "restoreSnapshot", tag = "snapshots", params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"), ("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key answers with the first answer")), request_body(content = Option<RestoreRequest>),
     responses((status = 201, description = "The new computer, `provisioning`", body = RestoreResponse), WriteErrors))]
 async fn restore(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path((id, snap)): Path<(String, String)>,
     headers: HeaderMap,
-    _body: JsonObject,
+    body::Json(RestoreRequest {}): body::Json<RestoreRequest>,
 ) -> ApiResult<Response> {
     let (computer, snap) = (computer_id(&id)?, snapshot_id(&snap)?);
     let fingerprint = format!("POST /computers/{computer}/restore/{snap}");
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let c = service(&state).restore(tenant, computer, snap).await?;
-        Ok((
-            StatusCode::CREATED,
-            json!({ "data": c, "snapshot": { "id": snap, "status": "restoring" } }),
-        ))
+        let data = service(&state).restore(tenant, computer, snap).await?;
+        let snapshot = RestoringSnapshot {
+            id: snap,
+            status: SnapshotStatus::Restoring,
+        };
+        Ok((StatusCode::CREATED, to_value(RestoreResponse { data, snapshot })?))
     })
     .await
 }
@@ -151,14 +196,14 @@ async fn clone(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: JsonObject,
+    body::Json(req): body::Json<CloneRequest>,
 ) -> ApiResult<Response> {
     let computer = computer_id(&id)?;
-    let name = body.optional_str("name")?;
+    let name = req.name;
     let fingerprint = format!("POST /computers/{computer}/clone {}", name.clone().unwrap_or_default());
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let c = service(&state).clone_computer(tenant, computer, name).await?;
-        Ok((StatusCode::CREATED, json!({ "data": c })))
+        let data = service(&state).clone_computer(tenant, computer, name).await?;
+        Ok((StatusCode::CREATED, to_value(ComputerEnvelope { data })?))
     })
     .await
 }
@@ -167,94 +212,23 @@ async fn clone(
 /// an Authorization header). With `{"snapshot_id": "..."}` it opens only that snapshot's
 /// stream; without it, whichever of the tenant's snapshots its one stream names.
 #[utoipa::path(post, path = "/sse/ticket", operation_id = "createSseTicket", tag = "snapshots",
-    request_body(content = Option<serde_json::Value>, description = "Optional: `{\"snapshot_id\": \"<uuid>\"}` binds the ticket to that snapshot"),
+    request_body(content = Option<SseTicketRequest>, description = "Optional: `{\"snapshot_id\": \"<uuid>\"}` binds the ticket to that snapshot"),
     responses((status = 201, description = "The ticket", body = SseTicket), WriteErrors))]
 async fn ticket(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    body: JsonObject,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let snapshot = match body.optional_str("snapshot_id")? {
-        None => None,
-        Some(s) => Some(
-            s.parse::<SnapshotId>()
-                .map_err(|_| ApiError::invalid("snapshot_id", "snapshot_id must be a snapshot's id (a UUID)"))?,
-        ),
-    };
+    body::Json(req): body::Json<SseTicketRequest>,
+) -> ApiResult<(StatusCode, Json<SseTicket>)> {
+    let snapshot = req.snapshot_id;
     let ticket = format!("sset_{}", &crate::auth::generate_key()["stasis_".len()..]);
-    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(ticket_ttl()).expect("a small duration");
+    // Whole seconds, as the wire has always carried it.
+    let expires_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 0)
+        + chrono::Duration::from_std(ticket_ttl()).expect("a small duration");
     state
         .db
         .insert_bound_ticket(&hash_key(&ticket), tenant, snapshot, expires_at)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "ticket": ticket,
-            "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        })),
-    ))
-}
-
-/// Who may open an event stream: a Bearer key, or a one-use ticket in `?ticket=` (browsers'
-/// `EventSource` cannot send headers), with the snapshot the ticket is bound to, if any.
-pub struct StreamTenant {
-    pub tenant: TenantId,
-    /// Set for a ticket: the snapshot it opens (None: any of its tenant's).
-    pub ticket: Option<Option<SnapshotId>>,
-}
-
-impl FromRequestParts<AppState> for StreamTenant {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        // On a host the control plane speaks for the tenant (it took the ticket).
-        if parts.headers.contains_key(axum::http::header::AUTHORIZATION) || state.host.is_some() {
-            return Tenant::from_request_parts(parts, state)
-                .await
-                .map(|t| StreamTenant {
-                    tenant: t.0,
-                    ticket: None,
-                })
-                .map_err(IntoResponse::into_response);
-        }
-        #[derive(serde::Deserialize)]
-        struct TicketQuery {
-            ticket: Option<String>,
-        }
-        let unauthorized = || ApiError::Unauthorized.into_response();
-        let Query(q) = Query::<TicketQuery>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| unauthorized())?;
-        let ticket = q
-            .ticket
-            .filter(|t| !t.is_empty() && t.len() <= 256)
-            .ok_or_else(unauthorized)?;
-        // Guessing tickets costs a lookup each, like guessing keys: the same budget applies.
-        let hash = hash_key(&ticket);
-        let peer = crate::auth::peer_of(&parts.extensions);
-        let failures = &state.guards.auth_failures;
-        if let Some(wait) = peer.and_then(|p| failures.blocked(p, &hash)) {
-            return Err(crate::net::auth_blocked(wait));
-        }
-        match state
-            .db
-            .consume_bound_ticket(&hash)
-            .await
-            .map_err(|e| ApiError::from(e).into_response())?
-        {
-            Some(grant) => Ok(StreamTenant {
-                tenant: grant.tenant,
-                ticket: Some(grant.snapshot),
-            }),
-            None => {
-                if let Some(p) = peer {
-                    failures.failed(p);
-                }
-                Err(unauthorized())
-            }
-        }
-    }
+    Ok((StatusCode::CREATED, Json(SseTicket { ticket, expires_at })))
 }
 
 fn to_event(e: &StoredEvent) -> Event {

@@ -111,6 +111,8 @@ impl LocalPlatform {
             disk_limits: bench_disk_limits(),
             cpu_model: std::env::var("STASIS_CPU_MODEL").unwrap_or_else(|_| "auto".into()),
             master_key_file,
+            preview: None,
+            network: Default::default(),
         };
         let platform = stasis_server::Platform::open(&config)
             .await

@@ -10,8 +10,9 @@ use reqwest::Method;
 use serde_json::json;
 use stasis_vmm::process::{Process, Signal};
 use stasis_vmm::qmp::Qmp;
-use stasis_vmm::vm::{spawn_qemu, Launch, RestoreTimings, VmPaths};
+use stasis_vmm::vm::{spawn_qemu, Launch, VmPaths};
 use stasis_vmm::MachineConfig;
+use stasis_vmm::RestoreTimings;
 
 use super::{exec_ok, median, prepare_image, snapshot, wait_snapshot, LocalPlatform};
 use crate::client::Api;

@@ -13,6 +13,46 @@ use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stasis");
 
+/// How often [`wait_until`] looks again.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `f` every [`POLL`] until it gives a value, and returns it; panics naming `what` and
+/// `limit` if it has not by then. For waiting on something the test can observe, instead of
+/// sleeping a fixed time and hoping it happened.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "gave up waiting for {what} after {limit:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Checks `f` every [`POLL`] for `span`, panicking naming `what` the first time it fails: a
+/// property that must hold for a while (a retried upload is not given up on), not a sleep.
+pub fn holds_for(what: &str, span: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < span {
+        assert!(f(), "{what} stopped holding after {:?}", start.elapsed());
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
 pub struct Server {
     pub child: Child,
     pub base: String,
@@ -434,4 +474,25 @@ pub fn out(api: &Client, computer: &str, cmd: &str) -> String {
     let r = api.exec(computer, cmd, None);
     assert_eq!(r.status, 200, "{}", r.body);
     r.body["output"].as_str().unwrap().trim().to_string()
+}
+
+/// One HTTP/1.1 request of the test's to the platform's listener at `base`, with `host` as its
+/// Host header: the status, the head and the body.
+pub fn request(base: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://").split('/').next().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.trim().to_string())
 }

@@ -1,0 +1,290 @@
+//! Carries one request to a port inside a guest, and the answer back: streamed both ways, and a
+//! WebSocket (any `Upgrade`) spliced through once the guest switches protocols.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+use hyper_util::rt::TokioIo;
+use stasis_types::{Computer, ComputerId, ComputerStatus};
+
+use super::{unreachable_port, TOKEN_COOKIE};
+use crate::error::{Conflict, Error};
+use crate::http_error::ApiError;
+use crate::AppState;
+
+/// How long a guest has to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a guest has to start answering a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Carries `req` to `port` of `computer` as `target` (a path and query): on a control plane
+/// through the host that runs it, elsewhere straight to the guest.
+pub async fn to_port(
+    state: &AppState,
+    computer: &Computer,
+    port: u16,
+    target: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if !computer.network {
+        return Err(Error::conflict(
+            Conflict::NoNetwork,
+            format!(
+                "computer {} was created with no network: none of its ports can be reached",
+                computer.id
+            ),
+        )
+        .into());
+    }
+    if let Some(cp) = &state.control_plane {
+        let host = match cp.host_of(&state.db, computer.id).await? {
+            Some(Some(h)) => h,
+            _ => {
+                return Err(ApiError::unavailable(format!(
+                    "the host running computer {} is unavailable",
+                    computer.id
+                )))
+            }
+        };
+        let path = format!("/api/v1/computers/{}/ports/{port}/proxy{target}", computer.id);
+        return Ok(cp.forward_raw(&host, computer.tenant_id, &path, req).await);
+    }
+    match computer.status {
+        ComputerStatus::Running => {}
+        ComputerStatus::Provisioning | ComputerStatus::Starting => {
+            return Err(Error::conflict(Conflict::ComputerStarting, "computer is starting; retry shortly").into())
+        }
+        _ => return Err(Error::conflict(Conflict::ComputerNotRunning, "computer is not running").into()),
+    }
+    let addr = state
+        .computers
+        .host
+        .guest_port(&computer.id.to_string(), port)
+        .await
+        .map_err(|e| Error::conflict(Conflict::ComputerNotRunning, e.to_string()))?;
+    relay(addr, computer.id, port, target, req).await
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &HeaderName, connection: &HeaderMap) -> bool {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let n = name.as_str();
+    HOP.contains(&n)
+        || connection
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(n))
+}
+
+/// Whether a request asks to switch protocols (a WebSocket).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The end-to-end headers of a request as they go on: not the platform's key, not the signed
+/// link's cookie, and the upgrade it asks for if it asks for one.
+pub fn onward_request_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in from {
+        if hop_by_hop(name, from) || name == header::AUTHORIZATION || name == header::COOKIE {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    let cookies: Vec<&str> = from
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(TOKEN_COOKIE))
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
+        if !cookies.is_empty() {
+            out.insert(header::COOKIE, v);
+        }
+    }
+    if wants_upgrade(from) {
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = from.get(header::UPGRADE) {
+            out.insert(header::UPGRADE, u.clone());
+        }
+    }
+    out
+}
+
+/// The end-to-end headers of an answer (and the upgrade, when it switches protocols).
+pub fn onward_response_headers(from: &HeaderMap, switching: bool) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in from {
+        if !hop_by_hop(name, from) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if switching {
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = from.get(header::UPGRADE) {
+            out.insert(header::UPGRADE, u.clone());
+        }
+    }
+    out
+}
+
+/// Splices two upgraded connections together until either side closes.
+pub fn splice<A, B>(a: A, b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let (mut a, mut b) = (a, b);
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    });
+}
+
+/// Sends `req` to the guest's port at `addr` (one connection per request) and its answer back.
+async fn relay(
+    addr: SocketAddr,
+    computer: ComputerId,
+    port: u16,
+    target: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(unreachable_port(
+                computer,
+                port,
+                "it did not accept a connection within 5 s",
+            ))
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(unreachable_port(
+                computer,
+                port,
+                "nothing listens there (connection refused)",
+            ))
+        }
+        Ok(Err(e)) => return Err(unreachable_port(computer, port, e)),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
+        .await
+        .map_err(|e| unreachable_port(computer, port, e))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let (mut parts, body) = req.into_parts();
+    let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let mut headers = onward_request_headers(&parts.headers);
+    // The guest sees the host the client asked for (a control plane passes it on as
+    // `X-Forwarded-Host`).
+    let forwarded = HeaderName::from_static("x-forwarded-host");
+    match headers.get(&forwarded).cloned() {
+        Some(h) => {
+            headers.insert(header::HOST, h);
+        }
+        None => {
+            if let Some(h) = parts.headers.get(header::HOST).cloned() {
+                headers.insert(forwarded, h);
+            }
+        }
+    }
+    if let Some(peer) = crate::auth::peer_of(&parts.extensions) {
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+    }
+    let mut onward = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(&target)
+        .body(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request cannot be passed on: {e}")))?;
+    *onward.headers_mut() = headers;
+    let mut resp = match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(onward)).await {
+        Err(_) => return Err(unreachable_port(computer, port, "no answer within 300 s")),
+        Ok(Err(e)) => return Err(unreachable_port(computer, port, e)),
+        Ok(Ok(r)) => r,
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let mut out = Response::builder().status(resp.status());
+    *out.headers_mut().expect("a new builder has headers") = onward_response_headers(resp.headers(), switching);
+    if switching {
+        let Some(client_side) = client_side else {
+            return Err(unreachable_port(
+                computer,
+                port,
+                "it switched protocols on a request that cannot",
+            ));
+        };
+        let guest_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(guest)) = (client_side.await, guest_side.await) {
+                let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(guest));
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+        return out
+            .body(Body::empty())
+            .map_err(|e| ApiError::internal(format!("an upgrade answer: {e}")));
+    }
+    out.body(Body::new(resp.into_body()))
+        .map_err(|e| ApiError::internal(format!("a proxied answer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_and_the_link_cookie_stay_behind() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer stasis_x".parse().unwrap());
+        h.insert(header::COOKIE, "a=1; stasis_preview_token=5.ff; b=2".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("accept", "text/html".parse().unwrap());
+        let out = onward_request_headers(&h);
+        assert!(out.get(header::AUTHORIZATION).is_none());
+        assert_eq!(out.get(header::COOKIE).unwrap(), "a=1; b=2");
+        assert!(out.get("x-private").is_none(), "named in Connection: this hop's only");
+        assert!(out.get(header::CONNECTION).is_none());
+        assert_eq!(out.get("accept").unwrap(), "text/html");
+    }
+
+    #[test]
+    fn an_upgrade_is_passed_on() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert!(wants_upgrade(&h));
+        let out = onward_request_headers(&h);
+        assert_eq!(out.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(out.get(header::UPGRADE).unwrap(), "websocket");
+        let mut only_cookie = HeaderMap::new();
+        only_cookie.insert(header::COOKIE, "stasis_preview_token=1.a".parse().unwrap());
+        assert!(onward_request_headers(&only_cookie).get(header::COOKIE).is_none());
+    }
+}
