@@ -296,6 +296,7 @@ impl ControlPlane {
         };
         let (mut parts, body) = req.into_parts();
         let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let held = parts.extensions.remove::<crate::net::HeldStream>();
         let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut headers = proxy::onward_request_headers(&parts.headers);
         headers.remove(axum::http::header::HOST);
@@ -333,7 +334,7 @@ impl ControlPlane {
             };
             tokio::spawn(async move {
                 if let (Ok(client), Ok(upstream)) = (client_side.await, resp.upgrade().await) {
-                    proxy::splice(hyper_util::rt::TokioIo::new(client), upstream);
+                    proxy::splice(hyper_util::rt::TokioIo::new(client), upstream, held);
                 }
             });
             return out

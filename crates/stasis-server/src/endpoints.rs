@@ -223,7 +223,11 @@ async fn boundary(how: Endpoint, req: Request, next: Next) -> Response {
     // A host's long requests were counted by its control plane.
     let permit = match (how.long, &state.host, parts.extensions.get::<Authenticated>()) {
         (true, None, Some(Authenticated(tenant))) => match state.guards.streams.acquire(*tenant) {
-            Ok(p) => Some(p),
+            Ok(p) => {
+                let p = std::sync::Arc::new(p);
+                parts.extensions.insert(crate::net::HeldStream(p.clone()));
+                Some(p)
+            }
             Err(e) => return e.into_response(),
         },
         // Ticket-authenticated streams have no tenant yet: their handler counts them.

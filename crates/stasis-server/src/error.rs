@@ -50,6 +50,8 @@ pub enum Conflict {
     IdempotencyInProgress,
     /// The computer was created with no network (a port cannot be reached).
     NoNetwork,
+    /// This host's computers run on QEMU's user networking, which no egress policy governs.
+    NoEgressPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -147,6 +147,7 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::WrongHost => "WRONG_HOST",
         Conflict::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
         Conflict::NoNetwork => "NO_NETWORK",
+        Conflict::NoEgressPolicy => "NO_EGRESS_POLICY",
     }
 }
 

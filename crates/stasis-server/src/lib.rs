@@ -15,6 +15,7 @@ pub mod images;
 pub mod jobs;
 pub mod limits;
 pub mod net;
+pub mod network_policy;
 pub mod openapi;
 pub mod preview;
 pub mod snapshots;
@@ -121,6 +122,9 @@ pub struct NetworkConfig {
     /// The resolver computers' queries go to (`--dns-upstream`); None: the host's own (the
     /// first IPv4 nameserver of /etc/resolv.conf).
     pub dns_upstream: Option<SocketAddr>,
+    /// Networks kept made ahead, so a start or restore does not wait for one
+    /// (`--network-ready`).
+    pub ready: usize,
 }
 
 impl Default for NetworkConfig {
@@ -132,6 +136,7 @@ impl Default for NetworkConfig {
             },
             egress: Default::default(),
             dns_upstream: None,
+            ready: 2,
         }
     }
 }
@@ -307,6 +312,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(computers::routes::router())
         .merge(snapshots::routes::router())
         .merge(preview::routes::router())
+        .merge(network_policy::router())
         .into_router()
 }
 
@@ -451,6 +457,7 @@ impl Platform {
                     .as_ref()
                     .and_then(|(s, _)| s.local_addr().ok())
                     .map(|a| a.port()),
+                ready: config.network.ready,
             };
             match tokio::task::spawn_blocking(move || stasis_vmm::network::Networks::open(network)).await {
                 Ok(Ok(networks)) => {
@@ -459,7 +466,7 @@ impl Platform {
                         tracing::info!(%upstream, "computers resolve names through the host's resolver");
                         tokio::spawn(stasis_vmm::dns::forward(socket, config.network.pool, upstream));
                     }
-                    host.set_networks(Arc::new(networks));
+                    host.set_networks(networks);
                 }
                 Ok(Err(e)) => tracing::warn!("computers get QEMU's user networking, without the egress policy: {e}"),
                 Err(e) => tracing::warn!("computers get QEMU's user networking: {e}"),

@@ -219,6 +219,11 @@ pub struct StreamPermit {
     tenant: TenantId,
 }
 
+/// A long request's place, put in its request for a handler that hands the connection on
+/// (a proxied WebSocket): it holds the place until the spliced connection closes.
+#[derive(Clone)]
+pub struct HeldStream(pub Arc<StreamPermit>);
+
 impl TenantStreams {
     pub fn new(max: usize) -> TenantStreams {
         TenantStreams {

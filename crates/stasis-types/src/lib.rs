@@ -625,3 +625,62 @@ pub struct PreviewUrl {
 pub struct UrlList {
     pub urls: Vec<PreviewUrl>,
 }
+
+/// What a computer's egress rule does with the traffic it matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyEffect {
+    /// Let it on to the platform's own policy (which may still refuse it).
+    #[default]
+    Allow,
+    /// Refuse it at once (a TCP reset, or an ICMP error).
+    Deny,
+}
+
+/// Which traffic an egress rule matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyProtocol {
+    Tcp,
+    Udp,
+    #[default]
+    Any,
+}
+
+/// One rule of a computer's egress policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkPolicyRule {
+    pub effect: PolicyEffect,
+    /// An IPv4 address or network (`10.0.0.0/8`). Names are not taken: a name's addresses
+    /// change, and a rule is enforced by address.
+    pub destination: String,
+    /// Destination ports: `443`, `80,443`, `8000-8100` (default: every port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<String>,
+    /// Default `any`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PolicyProtocol>,
+}
+
+/// A computer's egress policy: its rules in order (the first that matches decides), then
+/// `default_effect`. It narrows the platform's own policy, never widens it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetworkPolicy {
+    pub computer_id: ComputerId,
+    pub tenant_id: TenantId,
+    pub rules: Vec<NetworkPolicyRule>,
+    pub default_effect: PolicyEffect,
+    /// None while the computer has the default policy (allow everything the platform does).
+    pub inserted_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `PUT /computers/{id}/network-policy`: the whole policy, replacing the one before.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SetNetworkPolicyRequest {
+    pub rules: Vec<NetworkPolicyRule>,
+    /// Default `allow`.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub default_effect: Option<PolicyEffect>,
+}

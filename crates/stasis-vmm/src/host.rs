@@ -202,6 +202,16 @@ impl Host {
     /// Re-attaches to a QEMU left running by an earlier platform process.
     pub async fn attach(self: &Arc<Self>, name: &str) -> Result<Arc<Vm>, VmError> {
         let vm = Vm::attach(self.paths(name)).await?;
+        // Its network too: the namespace its QEMU joined names its slot.
+        if let (Some(Nic::Tap { netns }), Some(networks)) = (&vm.config().nic, self.networks.get()) {
+            if networks.adopt(name, netns).is_none() {
+                tracing::warn!(
+                    machine = name,
+                    netns,
+                    "a re-attached machine's network is not on this host"
+                );
+            }
+        }
         Ok(self.adopt(name, vm))
     }
 

@@ -319,6 +319,10 @@ struct Machines {
     /// own, the first IPv4 nameserver of /etc/resolv.conf).
     #[arg(long, value_name = "ADDRESS:PORT", env = "STASIS_DNS_UPSTREAM")]
     dns_upstream: Option<std::net::SocketAddr>,
+    /// Computers' networks kept made ahead, so that a start or restore takes one at once
+    /// (0: each is made when it is needed).
+    #[arg(long, default_value_t = 2, env = "STASIS_NETWORK_READY")]
+    network_ready: usize,
 }
 
 impl Machines {
@@ -691,6 +695,7 @@ impl Machines {
                     deny: self.egress_deny.clone(),
                 },
                 dns_upstream: self.dns_upstream,
+                ready: self.network_ready,
             },
         })
     }

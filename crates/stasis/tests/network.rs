@@ -155,6 +155,10 @@ fn namespaces() -> usize {
         .unwrap_or(0)
 }
 
+/// Networks a platform keeps made ahead (`--network-ready`'s default): named, each with its
+/// veth pair, until a computer takes one.
+const READY: usize = 2;
+
 /// The tests here count the host's networks: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -225,8 +229,13 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     let inside = "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.connect(('172.31.0.1',9));print(s.getsockname()[0])\"";
     assert_eq!(out(&api, &a, inside), "172.31.0.2");
     assert_eq!(out(&api, &b, inside), "172.31.0.2");
-    assert_eq!(namespaces(), before + 2, "one namespace a computer");
-    assert_eq!(named_namespaces(), 0, "a running computer's namespace has no name left");
+    // One network a computer, and the platform's made-ahead ones (named until taken: a
+    // running computer's has no name left), made again in the background.
+    common::wait_until(
+        "two computers' networks and the ready ones",
+        Duration::from_secs(30),
+        || (namespaces() == before + 2 + READY && named_namespaces() == READY).then_some(()),
+    );
 
     // Allowed: the test's server answers.
     let mut got = String::new();
@@ -315,17 +324,132 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
         fetch(&api, &c, &remote.addr(2), port, "hello.txt"),
         "hello from the test's own server"
     );
-    assert_eq!(namespaces(), before + 3);
+    common::wait_until("a third computer's network", Duration::from_secs(30), || {
+        (namespaces() == before + 3 + READY).then_some(())
+    });
 
-    // Deleting the computers takes their networks with them.
+    // A computer's own egress policy narrows the platform's, on its own veth: at once, for
+    // it alone, and in what is restored from it.
+    let policy =
+        |id: &str, body: serde_json::Value| api.call("PUT", &format!("/computers/{id}/network-policy"), Some(body));
+    let refused_fast = |id: &str, what: &str| {
+        let got = fetch(&api, id, &remote.addr(2), port, "hello.txt");
+        let (class, secs) = got.rsplit_once(' ').unwrap_or((&got, "99"));
+        assert_eq!(class, "ConnectionRefusedError", "{what}: {got}");
+        assert!(
+            secs.parse::<f64>().unwrap() < 2.0,
+            "{what}: refused only after {secs} s"
+        );
+    };
+    let fetched = |id: &str| fetch(&api, id, &remote.addr(2), port, "hello.txt");
+    let r = api.call("GET", &format!("/computers/{c}/network-policy"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (
+            r.body["default_effect"].as_str(),
+            r.body["rules"].as_array().map(Vec::len)
+        ),
+        (Some("allow"), Some(0))
+    );
+    let deny_server = serde_json::json!({"rules": [
+        {"effect": "deny", "destination": format!("{}/32", remote.addr(2)), "ports": port.to_string(), "protocol": "tcp"}
+    ]});
+    let r = policy(&c, deny_server.clone());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["rules"][0]["effect"], "deny");
+    assert!(r.body["updated_at"].is_string(), "{}", r.body);
+    refused_fast(&c, "a denied destination");
+    assert_eq!(
+        fetched(&b),
+        "hello from the test's own server",
+        "another computer is not governed by it"
+    );
+    // Allow-list mode: only what a rule allows (and the platform allows too).
+    let r = policy(
+        &c,
+        serde_json::json!({"default_effect": "deny", "rules": [
+            {"effect": "allow", "destination": remote.addr(2)}
+        ]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(fetched(&c), "hello from the test's own server");
+    let r = policy(&c, serde_json::json!({"default_effect": "deny", "rules": []}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused_fast(&c, "deny by default");
+    // An allow rule cannot widen the platform's policy: the host's own listener stays refused.
+    let r = policy(
+        &c,
+        serde_json::json!({"default_effect": "allow", "rules": [
+            {"effect": "allow", "destination": "0.0.0.0/0"}
+        ]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = fetch(&api, &c, &remote.addr(3), port, "hello.txt");
+    assert!(
+        got.starts_with("ConnectionRefusedError"),
+        "the platform still refuses: {got}"
+    );
+    // Bad rules are named.
+    for (body, field) in [
+        (
+            serde_json::json!({"rules": [{"effect": "deny", "destination": "example.com"}]}),
+            "rules[0].destination",
+        ),
+        (
+            serde_json::json!({"rules": [{"effect": "allow", "destination": "10.0.0.1"}, {"effect": "deny", "destination": "10.0.0.0/8", "ports": "70000"}]}),
+            "rules[1].ports",
+        ),
+    ] {
+        let r = policy(&c, body);
+        assert_eq!(r.status, 422, "{}", r.body);
+        assert_eq!(r.body["error"]["field"], field, "{}", r.body);
+    }
+    // What is restored from a computer keeps its policy.
+    assert_eq!(policy(&c, deny_server).status, 200);
+    let snap_c = common::snapshot(&api, &c, "with a policy");
+    api.wait_snapshot(&c, &snap_c, "ready", common::SNAP);
+    let e = common::restore(&api, &c, &snap_c);
+    api.wait_status(&e, "running", common::BOOT);
+    let inherited = api.call("GET", &format!("/computers/{e}/network-policy"), None);
+    assert_eq!(inherited.body["rules"][0]["effect"], "deny", "{}", inherited.body);
+    refused_fast(&e, "a restore of a computer with a policy");
+    assert_eq!(
+        api.call("DELETE", &format!("/computers/{e}/network-policy"), None)
+            .status,
+        204
+    );
+    assert_eq!(
+        fetched(&e),
+        "hello from the test's own server",
+        "reset: the platform's policy alone"
+    );
+    assert_eq!(api.call("DELETE", &format!("/computers/{e}"), None).status, 200);
+    assert_eq!(
+        api.call("DELETE", &format!("/computers/{c}/network-policy"), None)
+            .status,
+        204
+    );
+    assert_eq!(
+        api.call("DELETE", &format!("/computers/{c}/network-policy"), None)
+            .status,
+        204,
+        "idempotent"
+    );
+    assert_eq!(fetched(&c), "hello from the test's own server");
+
+    // Deleting the computers takes their networks with them, and stopping the platform the
+    // ones it made ahead.
     for id in [&a, &b, &c] {
         let r = api.call("DELETE", &format!("/computers/{id}"), None);
         assert_eq!(r.status, 200, "{}", r.body);
     }
     common::wait_until("the computers' namespaces to go", Duration::from_secs(30), || {
-        (namespaces() == before).then_some(())
+        (namespaces() == before + READY).then_some(())
     });
     drop(server);
+    common::wait_until("the ready networks to go", Duration::from_secs(30), || {
+        (namespaces() == before && named_namespaces() == 0).then_some(())
+    });
 
     // Unconfined, a computer gets QEMU's user networking: the same guest-side addresses, and
     // the way out through the QEMU process (no namespace, no kernel egress policy).
@@ -340,6 +464,13 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
         "hello from the test's own server"
     );
     assert_eq!(namespaces(), before, "no namespace for an unconfined computer");
+    let r = api.call(
+        "PUT",
+        &format!("/computers/{d}/network-policy"),
+        Some(serde_json::json!({"rules": [{"effect": "deny", "destination": "10.0.0.0/8"}]})),
+    );
+    assert_eq!(r.status, 409, "no kernel policy on user networking: {}", r.body);
+    assert_eq!(r.body["error"]["code"], "NO_EGRESS_POLICY");
     let address = api.call("GET", &format!("/computers/{d}"), None).body["ip_address"].clone();
     assert!(address.is_null(), "no host-side address: {address}");
     // Its ports are reached through QEMU's forwarding, set up on first use.
@@ -670,21 +801,30 @@ fn cycles() -> u32 {
 }
 
 #[test]
-fn create_delete_cycles_leave_the_hosts_network_as_it_was() {
-    if !common::is_root() {
-        eprintln!("not root: no namespaces to leak");
+fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was() {
+    let Some((_serial, _files, port, remote)) = with_remote(0, "no namespaces to leak") else {
         return;
-    }
-    let _serial = one_at_a_time();
+    };
+    let initial = host_network_counts();
     let dir = data_dir();
     let key = create_key(dir.path(), "cycles");
-    let server = Server::start(dir.path());
+    let allow = format!("{}/32", remote.addr(2));
+    let env = [("STASIS_EGRESS_ALLOW", allow.as_str())];
+    let mut server = Server::start_with(dir.path(), &env);
     let api = Client::new(&server.base, Some(&key));
-    // The platform's own table exists once it is up: counted from here.
-    common::wait_until("the platform's egress table", Duration::from_secs(30), || {
-        let out = Command::new("nft").args(["list", "tables"]).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).contains("stasis_").then_some(())
-    });
+    // The platform's own table and its ready networks exist once it is up: counted from here.
+    let up = || {
+        common::wait_until(
+            "the platform's egress table and ready networks",
+            Duration::from_secs(30),
+            || {
+                let out = Command::new("nft").args(["list", "tables"]).output().ok()?;
+                let tables = String::from_utf8_lossy(&out.stdout).contains("stasis_");
+                (tables && named_namespaces() == READY).then_some(())
+            },
+        )
+    };
+    up();
     let before = host_network_counts();
     let veths = namespaces();
     // Deleted at every stage: at once (provisioning: the network may be half made), a
@@ -706,4 +846,62 @@ fn create_delete_cycles_leave_the_hosts_network_as_it_was() {
         (host_network_counts() == before).then_some(())
     });
     assert_eq!(namespaces(), veths, "no computer's veth is left");
+
+    // A platform killed while a computer serves: the computer and its network live on, and
+    // the restarted platform takes them back (its port and its way out work again).
+    let kept = running_computer(&api, "outlives");
+    serve_in(&api, &kept);
+    let proxied = |server: &Server, key: &str| {
+        let host = server
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let path = format!("/api/v1/computers/{kept}/ports/8000/proxy/who.txt");
+        let (status, _, body) = request(
+            &server.base,
+            &host,
+            &path,
+            &[("Authorization", &format!("Bearer {key}"))],
+        );
+        (status, body)
+    };
+    assert_eq!(proxied(&server, &key), (200, kept.clone()));
+    server.kill9();
+    assert_eq!(namespaces(), veths + 1, "the running computer keeps its network");
+    let server = Server::start_with(dir.path(), &env);
+    let api = Client::new(&server.base, Some(&key));
+    api.wait_status(&kept, "running", common::BOOT);
+    up();
+    assert_eq!(
+        proxied(&server, &key),
+        (200, kept.clone()),
+        "its port, after the restart"
+    );
+    let mut got = String::new();
+    for _ in 0..30 {
+        got = fetch(&api, &kept, &remote.addr(2), port, "hello.txt");
+        if got.starts_with("hello") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        got, "hello from the test's own server",
+        "its way out, after the restart"
+    );
+    assert_eq!(api.call("DELETE", &format!("/computers/{kept}"), None).status, 200);
+    common::wait_until("the host's network to be as it was", Duration::from_secs(60), || {
+        (host_network_counts() == before).then_some(())
+    });
+
+    // And a clean stop leaves the host as it was before the platform started.
+    drop(server);
+    common::wait_until(
+        "the host's network as before the platform",
+        Duration::from_secs(30),
+        || (host_network_counts() == initial).then_some(()),
+    );
 }

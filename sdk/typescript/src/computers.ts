@@ -8,6 +8,11 @@ import type {
   ComputerList,
   CreateComputerParams,
   ExecResult,
+  ExposePortParams,
+  NetworkPolicy,
+  NetworkPolicyRule,
+  Port,
+  PreviewUrl,
 } from './types.js';
 
 export interface ExecOptions {
@@ -150,5 +155,79 @@ export class Computers {
       }
       await sleep(Math.min(intervalMs, left), opts.signal);
     }
+  }
+
+  /** The ports the computer exposes, each with its preview URL (and a fresh signed link if private). */
+  async ports(id: string, opts: { signal?: AbortSignal } = {}): Promise<Port[]> {
+    const r = await this.http.request<{ ports: Port[] }>('GET', `/computers/${enc(id)}/ports`, {
+      retry: true,
+      signal: opts.signal,
+    });
+    return r.ports;
+  }
+
+  /** Exposes `port` (private unless `visibility: 'public'`); exposing it again changes it. */
+  exposePort(id: string, port: number, params: ExposePortParams = {}, opts: { signal?: AbortSignal } = {}): Promise<Port> {
+    return this.http.request<Port>('POST', `/computers/${enc(id)}/ports`, {
+      body: { port, ...params },
+      signal: opts.signal,
+    });
+  }
+
+  /** Changes an exposed port's visibility or name. */
+  updatePort(id: string, port: number, params: ExposePortParams, opts: { signal?: AbortSignal } = {}): Promise<Port> {
+    return this.http.request<Port>('PATCH', `/computers/${enc(id)}/ports/${port}`, {
+      body: params,
+      signal: opts.signal,
+    });
+  }
+
+  /** Stops exposing `port`. */
+  async unexposePort(id: string, port: number, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    await this.http.request<undefined>('DELETE', `/computers/${enc(id)}/ports/${port}`, { signal: opts.signal });
+  }
+
+  /** The computer's preview URLs. */
+  async urls(id: string, opts: { signal?: AbortSignal } = {}): Promise<PreviewUrl[]> {
+    const r = await this.http.request<{ urls: PreviewUrl[] }>('GET', `/computers/${enc(id)}/urls`, {
+      retry: true,
+      signal: opts.signal,
+    });
+    return r.urls;
+  }
+
+  /** The computer's own egress policy (none set: no rules, `allow`). */
+  networkPolicy(id: string, opts: { signal?: AbortSignal } = {}): Promise<NetworkPolicy> {
+    return this.http.request<NetworkPolicy>('GET', `/computers/${enc(id)}/network-policy`, {
+      retry: true,
+      signal: opts.signal,
+    });
+  }
+
+  /**
+   * Replaces the computer's egress policy: rules in order (the first that matches decides),
+   * then `defaultEffect` (default `allow`). It narrows the platform's policy, never widens it.
+   */
+  setNetworkPolicy(
+    id: string,
+    rules: NetworkPolicyRule[],
+    defaultEffect?: 'allow' | 'deny',
+    opts: { signal?: AbortSignal } = {},
+  ): Promise<NetworkPolicy> {
+    const body: Record<string, unknown> = { rules };
+    if (defaultEffect !== undefined) body.default_effect = defaultEffect;
+    return this.http.request<NetworkPolicy>('PUT', `/computers/${enc(id)}/network-policy`, {
+      body,
+      retry: true,
+      signal: opts.signal,
+    });
+  }
+
+  /** Back to the default policy (everything the platform allows). Idempotent. */
+  async resetNetworkPolicy(id: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    await this.http.request<undefined>('DELETE', `/computers/${enc(id)}/network-policy`, {
+      retry: true,
+      signal: opts.signal,
+    });
   }
 }

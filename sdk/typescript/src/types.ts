@@ -175,3 +175,55 @@ export interface SseTicket {
   ticket: string;
   expires_at: string;
 }
+
+/** Who may reach an exposed port: the key or a signed link (`private`), or anyone (`public`). */
+export type PortVisibility = 'private' | 'public';
+
+/** A port of a computer its owner exposed, and where it is served. */
+export interface Port {
+  port: number;
+  visibility: PortVisibility;
+  public: boolean;
+  name: string | null;
+  protocol: string;
+  /** `{scheme}://{port}-{slug}.sandbox.{preview_domain}/` */
+  url: string;
+  /** The same port under the API, for requests with the key. */
+  path_url: string;
+  signed_url: string | null;
+  signed_url_expires_at: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface ExposePortParams {
+  visibility?: PortVisibility;
+  public?: boolean;
+  name?: string;
+}
+
+export interface PreviewUrl {
+  port: number;
+  url: string;
+  visibility: PortVisibility;
+  name: string | null;
+  signed_url: string | null;
+}
+
+export interface NetworkPolicyRule {
+  effect: 'allow' | 'deny';
+  /** An IPv4 address or network. */
+  destination: string;
+  /** `443`, `80,443`, `8000-8100` (default every port). */
+  ports?: string;
+  protocol?: 'tcp' | 'udp' | 'any';
+}
+
+export interface NetworkPolicy {
+  computer_id: string;
+  tenant_id: string;
+  rules: NetworkPolicyRule[];
+  default_effect: 'allow' | 'deny';
+  inserted_at: string | null;
+  updated_at: string | null;
+}

@@ -161,6 +161,28 @@ impl Computers {
         Ok(())
     }
 
+    /// Whether this host's computers get networks of their own (and so egress policies).
+    pub fn has_networks(&self) -> bool {
+        self.host.networks().is_some()
+    }
+
+    /// Applies computer `id`'s stored egress policy (or none) to its network on this host:
+    /// at once if it runs here, else when its network is next made.
+    pub(crate) async fn enforce_policy(&self, id: ComputerId) -> Result<()> {
+        let Some(networks) = self.host.networks().cloned() else {
+            return Ok(());
+        };
+        let policy = match self.db.network_policy(id).await? {
+            Some(p) => Some(crate::network_policy::compile(&p)?),
+            None => None,
+        };
+        let name = id.to_string();
+        tokio::task::spawn_blocking(move || networks.set_policy(&name, policy))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(format!("applying the egress policy: {e}")))
+    }
+
     /// This host's id among a control plane's hosts (None: the embedded platform).
     pub fn host_id(&self) -> Option<&stasis_types::HostId> {
         self.host_id.as_ref()
@@ -290,6 +312,7 @@ impl Computers {
         if let Some(snapshot) = source {
             if let Some(from) = self.db.get_snapshot(snapshot).await?.map(|s| s.snapshot.computer_id) {
                 self.db.copy_ports(from, computer.id).await?;
+                self.db.copy_network_policy(from, computer.id).await?;
             }
         }
         Ok(computer)
@@ -356,6 +379,10 @@ impl Computers {
                     return;
                 }
             }
+        }
+        if let Err(e) = self.enforce_policy(id).await {
+            let _ = self.set_status(id, ComputerStatus::Error, Some(&e.to_string())).await;
+            return;
         }
         match self.host.boot(&id.to_string(), config).await {
             Ok(_) => {
@@ -580,6 +607,7 @@ impl Computers {
         }
         self.set_status(id, ComputerStatus::Destroyed, None).await?;
         self.db.delete_ports(id).await?;
+        self.db.delete_network_policy(id).await?;
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
@@ -688,6 +716,10 @@ impl Computers {
                 }
                 ComputerStatus::Running | ComputerStatus::Paused => match self.host.attach(&name).await {
                     Ok(_) => {
+                        // The host's table was written anew: its own rules go back in.
+                        if let Err(e) = self.enforce_policy(c.id).await {
+                            tracing::warn!(id = %c.id, error = %e, "a re-attached computer's egress policy");
+                        }
                         tracing::info!(id = %c.id, "re-attached to running computer");
                         self.set_status(c.id, ComputerStatus::Running, None).await?;
                     }

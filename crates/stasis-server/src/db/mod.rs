@@ -5,6 +5,7 @@ mod hosts;
 mod jobs;
 mod keys;
 pub mod limits;
+mod policies;
 mod ports;
 mod snapshots;
 

@@ -14,6 +14,7 @@ use stasis_types::{Computer, ComputerId, ComputerStatus};
 use super::{unreachable_port, TOKEN_COOKIE};
 use crate::error::{Conflict, Error};
 use crate::http_error::ApiError;
+use crate::net::HeldStream;
 use crate::AppState;
 
 /// How long a guest has to accept a connection.
@@ -151,13 +152,15 @@ pub fn onward_response_headers(from: &HeaderMap, switching: bool) -> HeaderMap {
     out
 }
 
-/// Splices two upgraded connections together until either side closes.
-pub fn splice<A, B>(a: A, b: B)
+/// Splices two upgraded connections together until either side closes, holding the tenant's
+/// place for a long request (if it was counted) until then.
+pub fn splice<A, B>(a: A, b: B, held: Option<HeldStream>)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let _held = held;
         let (mut a, mut b) = (a, b);
         let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
     });
@@ -198,6 +201,7 @@ async fn relay(
     });
     let (mut parts, body) = req.into_parts();
     let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let held = parts.extensions.remove::<HeldStream>();
     let mut headers = onward_request_headers(&parts.headers);
     // The guest sees the host the client asked for (a control plane passes it on as
     // `X-Forwarded-Host`).
@@ -242,8 +246,7 @@ async fn relay(
         let guest_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(client), Ok(guest)) = (client_side.await, guest_side.await) {
-                let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(guest));
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                splice(TokioIo::new(client), TokioIo::new(guest), held);
             }
         });
         return out

@@ -223,13 +223,16 @@ impl Computers {
                     .await
                 {
                     Err(refused) => Err((refused.to_string(), false)),
-                    Ok(config) => match self
-                        .host
-                        .restore(&id.to_string(), config, &files.state, &files.memory)
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err((format!("restore failed: {e}"), false)),
+                    Ok(config) => match self.enforce_policy(id).await {
+                        Err(e) => Err((e.to_string(), false)),
+                        Ok(()) => match self
+                            .host
+                            .restore(&id.to_string(), config, &files.state, &files.memory)
+                            .await
+                        {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err((format!("restore failed: {e}"), false)),
+                        },
                     },
                 }
             }

@@ -177,7 +177,8 @@ async fn restore(
     let (computer, snap) = (computer_id(&id)?, snapshot_id(&snap)?);
     let fingerprint = format!("POST /computers/{computer}/restore/{snap}");
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let data = service(&state).restore(tenant, computer, snap).await?;
+        let mut data = service(&state).restore(tenant, computer, snap).await?;
+        state.previews.dress(&mut data);
         let snapshot = RestoringSnapshot {
             id: snap,
             status: SnapshotStatus::Restoring,
@@ -202,7 +203,8 @@ async fn clone(
     let name = req.name;
     let fingerprint = format!("POST /computers/{computer}/clone {}", name.clone().unwrap_or_default());
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let data = service(&state).clone_computer(tenant, computer, name).await?;
+        let mut data = service(&state).clone_computer(tenant, computer, name).await?;
+        state.previews.dress(&mut data);
         Ok((StatusCode::CREATED, to_value(ComputerEnvelope { data })?))
     })
     .await

@@ -13,6 +13,7 @@ use crate::client::Api;
 
 mod hardening;
 mod load;
+mod network;
 mod targets;
 
 #[derive(Subcommand)]
@@ -52,6 +53,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 32)]
         touch_mib: u64,
     },
+    /// Computers' own networks (namespace, tap, veth, NAT) against QEMU's user networking on
+    /// the same guest: guest->host TCP throughput and HTTP latency through the preview proxy;
+    /// and restore -> first exec of a networked computer against one without a network.
+    Network {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// MiB the guest sends in each throughput run.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// Requests through the preview proxy in each round, on each side.
+        #[arg(long, default_value_t = 20)]
+        requests: usize,
+    },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
     Snapshots {
         #[arg(long, default_value = "small")]
@@ -84,12 +98,30 @@ impl LocalPlatform {
         Self::start_with(database_url, confine, None).await
     }
 
+    /// A platform on SQLite with its QEMUs confined or not, and computers' networks made as
+    /// `network` says.
+    pub async fn start_custom(
+        confine: stasis_server::Confine,
+        network: stasis_server::NetworkConfig,
+    ) -> Result<LocalPlatform> {
+        Self::start_full(None, confine, None, network).await
+    }
+
     /// A platform on the given database, with its QEMUs confined or not, and snapshots
     /// encrypted with the master key in `master_key_file` or not.
     pub async fn start_with(
         database_url: Option<String>,
         confine: stasis_server::Confine,
         master_key_file: Option<PathBuf>,
+    ) -> Result<LocalPlatform> {
+        Self::start_full(database_url, confine, master_key_file, Default::default()).await
+    }
+
+    async fn start_full(
+        database_url: Option<String>,
+        confine: stasis_server::Confine,
+        master_key_file: Option<PathBuf>,
+        network: stasis_server::NetworkConfig,
     ) -> Result<LocalPlatform> {
         let data = tempfile::Builder::new().prefix("stasis-bench").tempdir_in("/tmp")?;
         let config = stasis_server::Config {
@@ -112,14 +144,16 @@ impl LocalPlatform {
             cpu_model: std::env::var("STASIS_CPU_MODEL").unwrap_or_else(|_| "auto".into()),
             master_key_file,
             preview: None,
-            network: Default::default(),
+            network,
         };
         let platform = stasis_server::Platform::open(&config)
             .await
             .map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        // Preview URLs on the port actually listened on, as `serve` makes them.
+        let platform = platform.with_preview(stasis_server::preview::PreviewConfig::local(listener.local_addr()?));
         let key = stasis_server::auth::create_key(&platform.state.db, "bench").await?;
         let state = platform.state.clone();
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}/api/v1", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -182,6 +216,9 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
         BenchCommand::Targets => targets::run().await,
+        BenchCommand::Network { rounds, mib, requests } => {
+            network::run(rounds.max(1), mib.max(1), requests.max(1)).await
+        }
         BenchCommand::Hardening { rounds, touch_mib } => hardening::run(rounds.max(1), touch_mib).await,
         BenchCommand::Load {
             postgres,

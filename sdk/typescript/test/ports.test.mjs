@@ -1,0 +1,86 @@
+// Ports, preview URLs and a computer's egress policy through the TypeScript SDK, against a real
+// server and a real running computer serving HTTP (python3 -m http.server). Requests go only to
+// the server this file started, on loopback: a preview host `*.localhost` is sent there with its
+// Host header, as a browser resolving *.localhost to loopback would.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import http from 'node:http';
+
+import { Miosa, ValidationError } from '@stasis/sdk';
+import { startServer } from '../testlib/server.mjs';
+
+let server;
+let client;
+const created = [];
+
+before(async () => {
+  server = await startServer();
+  client = new Miosa({ apiKey: server.key, baseUrl: server.baseUrl });
+});
+
+after(async () => {
+  for (const id of created) await client?.computers.delete(id).catch(() => {});
+  await server?.stop();
+});
+
+/** GET `url` from the platform's listener on loopback: { status, body }. */
+function fetchPreview(url) {
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const req = http.get(
+      { host: '127.0.0.1', port: Number(u.port), path: u.pathname + u.search, headers: { Host: u.host }, timeout: 30_000 },
+      (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c) => (body += c));
+        res.on('end', () => resolve({ status: res.statusCode, body }));
+      },
+    );
+    req.on('error', reject);
+    req.on('timeout', () => req.destroy(new Error('timed out')));
+  });
+}
+
+test('a guest server is reached through its preview URL; ports and policies through the SDK', { timeout: 150_000 }, async () => {
+  const c = await client.computers.create({ name: 'ts-web', size: 'xs' });
+  created.push(c.id);
+  await client.computers.waitUntilRunning(c.id, { timeoutMs: 90_000 });
+  const up = await client.computers.exec(
+    c.id,
+    `mkdir -p /srv && echo ${c.id} > /srv/who.txt && cd /srv && (setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 &) && ` +
+      'for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && echo up && break; sleep 0.1; done',
+  );
+  assert.equal(up.output.trim(), 'up', up.stderr);
+
+  const port = await client.computers.exposePort(c.id, 8000, { name: 'web' });
+  assert.equal(port.visibility, 'private');
+  assert.match(port.url, /^http:\/\/8000-[a-z0-9-]+\.sandbox\.localhost:\d+\/$/);
+  assert.equal((await fetchPreview(port.url + 'who.txt')).status, 401);
+  const signed = new URL(port.signed_url);
+  const viaLink = await fetchPreview(port.url + 'who.txt' + signed.search);
+  assert.deepEqual([viaLink.status, viaLink.body.trim()], [200, c.id]);
+
+  const pub = await client.computers.updatePort(c.id, 8000, { visibility: 'public' });
+  assert.equal(pub.public, true);
+  const open = await fetchPreview(pub.url + 'who.txt');
+  assert.deepEqual([open.status, open.body.trim()], [200, c.id]);
+  assert.deepEqual((await client.computers.ports(c.id)).map((p) => p.port), [8000]);
+  assert.deepEqual((await client.computers.urls(c.id)).map((u) => u.port), [8000]);
+  await client.computers.unexposePort(c.id, 8000);
+  assert.deepEqual(await client.computers.ports(c.id), []);
+
+  const none = await client.computers.networkPolicy(c.id);
+  assert.deepEqual([none.default_effect, none.rules], ['allow', []]);
+  if (process.getuid?.() === 0) {
+    const set = await client.computers.setNetworkPolicy(c.id, [{ effect: 'deny', destination: '192.0.2.0/24', ports: '80,443' }], 'allow');
+    assert.equal(set.rules[0].ports, '80,443');
+    assert.ok(set.updated_at);
+    await assert.rejects(
+      client.computers.setNetworkPolicy(c.id, [{ effect: 'deny', destination: 'example.com' }]),
+      (e) => e instanceof ValidationError && /not an IPv4 address/.test(e.message),
+    );
+    await client.computers.resetNetworkPolicy(c.id);
+    assert.deepEqual((await client.computers.networkPolicy(c.id)).rules, []);
+  }
+});
