@@ -311,6 +311,11 @@ pub fn abort_builds() {
     }
 }
 
+/// Whether [`abort_builds`] was called (a build failing after it was stopped, not broken).
+pub fn builds_aborted() -> bool {
+    ABORTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// An advisory lock held until dropped.
 struct FileLock {
     _file: std::fs::File,

@@ -647,8 +647,12 @@ impl Platform {
         // plane runs no computer).
         if state.control_plane.is_none() {
             tokio::spawn(async move {
-                if let Err(e) = images.get().await {
-                    tracing::error!("{e}");
+                match images.get().await {
+                    Err(e) if stasis_image::builds_aborted() => {
+                        tracing::info!("the guest image build stopped at shutdown ({e})")
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                    Ok(_) => {}
                 }
             });
         }
