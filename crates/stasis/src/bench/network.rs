@@ -318,7 +318,10 @@ async fn measure(
         snaps.push((id, snap["id"].as_str().context("no snapshot id")?.to_string()));
     }
     let mut restores: [Vec<Duration>; 2] = Default::default();
+    let mut phases: [Vec<stasis_vmm::RestoreTimings>; 2] = Default::default();
+    let mut pairs: Vec<f64> = Vec::new();
     for round in 0..rounds.max(3) * 2 {
+        let mut this_round = [Duration::ZERO; 2];
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let (computer, snap) = &snaps[i];
@@ -332,9 +335,22 @@ async fn measure(
             // The first round of each warms the host's snapshot cache: not counted.
             if round > 0 {
                 restores[i].push(took);
+                this_round[i] = took;
+                let at = sides[0]
+                    .platform
+                    .data_dir
+                    .join("machines")
+                    .join(&id)
+                    .join("restore-timings.json");
+                if let Some(t) = std::fs::read(at).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                    phases[i].push(t);
+                }
             }
             wait_snapshot(api, computer, snap).await?;
             api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
+        }
+        if round > 0 {
+            pairs.push(this_round[0].as_secs_f64() / this_round[1].as_secs_f64());
         }
     }
 
@@ -394,6 +410,36 @@ async fn measure(
         "<= 1.1x",
         cost <= 1.1,
     );
+    pairs.sort_by(f64::total_cmp);
+    println!(
+        "{:<44} {:>16} {:>16} {:>8}",
+        "  the same, median of per-round ratios",
+        "",
+        "",
+        format!("{:.2}x", pairs[pairs.len() / 2])
+    );
+    let phase = |v: &[stasis_vmm::RestoreTimings], f: fn(&stasis_vmm::RestoreTimings) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x.get(x.len() / 2).map_or("-".to_string(), |m| format!("{m:.1} ms"))
+    };
+    type Phase = (&'static str, fn(&stasis_vmm::RestoreTimings) -> f64);
+    let named: [Phase; 6] = [
+        ("prepare", |t| t.prepare_ms),
+        ("QEMU start", |t| t.qemu_start_ms),
+        ("device state load", |t| t.state_load_ms),
+        ("resume", |t| t.resume_ms),
+        ("agent (identity)", |t| t.agent_ms),
+        ("machine total", |t| t.total_ms),
+    ];
+    for (name, f) in named {
+        println!(
+            "{:<44} {:>16} {:>16}",
+            format!("  restore phase: {name}"),
+            phase(&phases[0], f),
+            phase(&phases[1], f)
+        );
+    }
     for (i, side) in sides.iter().enumerate() {
         println!(
             "{}: throughput {:?} MiB/s",
