@@ -65,6 +65,10 @@ pub enum BenchCommand {
         /// Requests through the preview proxy in each round, on each side.
         #[arg(long, default_value_t = 20)]
         requests: usize,
+        /// The computers' size: as many vCPUs as this host has cores keeps the confined side's
+        /// CPU quota (its vCPUs' worth) from binding where the unconfined side has none.
+        #[arg(long, default_value = "medium")]
+        size: String,
     },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
     Snapshots {
@@ -216,9 +220,12 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
         BenchCommand::Targets => targets::run().await,
-        BenchCommand::Network { rounds, mib, requests } => {
-            network::run(rounds.max(1), mib.max(1), requests.max(1)).await
-        }
+        BenchCommand::Network {
+            rounds,
+            mib,
+            requests,
+            size,
+        } => network::run(rounds.max(1), mib.max(1), requests.max(1), &size).await,
         BenchCommand::Hardening { rounds, touch_mib } => hardening::run(rounds.max(1), touch_mib).await,
         BenchCommand::Load {
             postgres,
