@@ -15,7 +15,8 @@ def fetch(url, headers=None):
     u = urllib.parse.urlsplit(url)
     port = u.port or 80
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", u.path or "/", headers={"Host": u.netloc, **(headers or {})})
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    conn.request("GET", target, headers={"Host": u.netloc, **(headers or {})})
     r = conn.getresponse()
     return r.status, r.read().decode()
 
