@@ -103,6 +103,31 @@ fn fetch(api: &Client, id: &str, host: &str, port: u16, path: &str) -> String {
     )
 }
 
+/// [`fetch`] of `hello.txt` from the remote's server, tried for up to 6 s (the server in the
+/// namespace may still be starting): the last answer.
+fn fetch_when_up(api: &Client, id: &str, remote: &Remote, port: u16) -> String {
+    let mut got = String::new();
+    for _ in 0..30 {
+        got = fetch(api, id, &remote.addr(2), port, "hello.txt");
+        if got.starts_with("hello") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    got
+}
+
+/// `HOST:PORT` of a platform's listener (the `Host` of its API requests).
+fn api_host(server: &Server) -> String {
+    server
+        .base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// A DNS server of the test's own on loopback: `name` has the A record `address`; any other
 /// name does not exist. Serves until the process ends.
 fn dns_server(name: &'static str, address: std::net::Ipv4Addr) -> std::net::SocketAddr {
@@ -238,15 +263,7 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     );
 
     // Allowed: the test's server answers.
-    let mut got = String::new();
-    for _ in 0..30 {
-        got = fetch(&api, &a, &remote.addr(2), port, "hello.txt");
-        if got.starts_with("hello") {
-            break;
-        }
-        // The server in the namespace may still be starting.
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = fetch_when_up(&api, &a, &remote, port);
     assert_eq!(got, "hello from the test's own server");
     assert_eq!(
         fetch(&api, &b, &remote.addr(2), port, "hello.txt"),
@@ -475,13 +492,7 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     assert!(address.is_null(), "no host-side address: {address}");
     // Its ports are reached through QEMU's forwarding, set up on first use.
     serve_in(&api, &d);
-    let host = server
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let host = api_host(&server);
     let (status, _, body) = request(
         &server.base,
         &host,
@@ -583,13 +594,7 @@ fn ports_are_served_through_the_api_and_preview_urls_and_clones_serve_at_once() 
     let computer = api.call("GET", &format!("/computers/{web}"), None).body;
     let slug = computer["slug"].as_str().unwrap().to_string();
     let domain = computer["preview_domain"].as_str().unwrap().to_string();
-    let api_host = server
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let api_host = api_host(&server);
     let listen_port = api_host.rsplit(':').next().unwrap().to_string();
     assert_eq!(domain, format!("localhost:{listen_port}"));
     assert_eq!(computer["sandbox_url"], format!("http://{slug}.sandbox.{domain}/"));
@@ -853,13 +858,7 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
     let kept = running_computer(&api, "outlives");
     serve_in(&api, &kept);
     let proxied = |server: &Server, key: &str| {
-        let host = server
-            .base
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+        let host = api_host(server);
         let path = format!("/api/v1/computers/{kept}/ports/8000/proxy/who.txt");
         let (status, _, body) = request(
             &server.base,
@@ -881,14 +880,7 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
         (200, kept.clone()),
         "its port, after the restart"
     );
-    let mut got = String::new();
-    for _ in 0..30 {
-        got = fetch(&api, &kept, &remote.addr(2), port, "hello.txt");
-        if got.starts_with("hello") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = fetch_when_up(&api, &kept, &remote, port);
     assert_eq!(
         got, "hello from the test's own server",
         "its way out, after the restart"
