@@ -218,8 +218,9 @@ pub enum NetworkError {
 struct State {
     /// Machines' networks, by machine name.
     machines: std::collections::BTreeMap<String, Attachment>,
-    /// Networks made ahead, no machine's yet.
-    ready: Vec<Attachment>,
+    /// Networks made ahead, no machine's yet: each namespace held only by its descriptor
+    /// here (it has no name), so they end with this process, however it ends.
+    ready: Vec<(Attachment, std::os::fd::OwnedFd)>,
     /// A thread is making networks ahead.
     filling: bool,
     /// The platform is shutting down: nothing more is made ahead.
@@ -312,28 +313,17 @@ impl Networks {
                 Some(a) if netns_exists(&a.netns) => return Ok(a.clone()),
                 _ => {}
             }
-            let mut taken = None;
-            while let Some(a) = state.ready.pop() {
-                // (One whose name someone removed is gone, its veth pair with it.)
-                if netns_exists(&a.netns) {
-                    taken = Some(a);
-                    break;
-                }
-            }
-            if let Some(a) = &taken {
-                state.machines.insert(machine.to_string(), a.clone());
-            }
-            taken
+            state.ready.pop()
         };
-        let a = match taken {
-            Some(a) => a,
-            None => {
-                let a = self.make_new()?;
-                self.lock().machines.insert(machine.to_string(), a.clone());
-                a
-            }
+        let (a, held) = match taken {
+            Some(ready) => ready,
+            None => self.make_new()?,
         };
         self.refill();
+        // Named now, for its QEMU to join (the name, not `held`, keeps it from here on).
+        name_netns(&held, &a.netns)?;
+        drop(held);
+        self.lock().machines.insert(machine.to_string(), a.clone());
         // Its own rules hold before its QEMU starts.
         let policy = self.lock().policies.get(machine).cloned();
         if let Some(policy) = policy {
@@ -348,7 +338,7 @@ impl Networks {
     /// A new network in a free slot. Other platforms on this host may draw from the same
     /// pool: a slot is free when no interface of the host holds an address in it and it is
     /// none of ours, checked and made under a lock all of them take.
-    fn make_new(&self) -> Result<Attachment, NetworkError> {
+    fn make_new(&self) -> Result<(Attachment, std::os::fd::OwnedFd), NetworkError> {
         let _host_wide = host_lock()?;
         let on_host = host_addresses()?;
         let slot = {
@@ -356,7 +346,7 @@ impl Networks {
             let used: std::collections::BTreeSet<u32> = state
                 .machines
                 .values()
-                .chain(state.ready.iter())
+                .chain(state.ready.iter().map(|(a, _)| a))
                 .map(|a| a.slot)
                 .collect();
             (0..self.slots_in_pool())
@@ -367,12 +357,23 @@ impl Networks {
                 .ok_or(NetworkError::PoolFull(self.settings.pool))?
         };
         let a = self.attachment(slot);
-        if let Err(e) = self.make(&a) {
-            remove_netns(&a.netns);
-            remove_link(&a.host_if);
-            return Err(e);
+        // Made under its name, then held by a descriptor alone.
+        let made = self.make(&a).and_then(|()| {
+            std::fs::File::open(Path::new("/run/netns").join(&a.netns))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| NetworkError::Command {
+                    what: format!("opening the network namespace {}", a.netns),
+                    detail: e.to_string(),
+                })
+        });
+        remove_netns(&a.netns);
+        match made {
+            Ok(held) => Ok((a, held)),
+            Err(e) => {
+                remove_link(&a.host_if);
+                Err(e)
+            }
         }
-        Ok(a)
     }
 
     /// Makes networks ahead, in a thread of its own, until `ready` are.
@@ -391,12 +392,9 @@ impl Networks {
                 let made = me.make_new();
                 let mut state = me.lock();
                 let done = match made {
-                    Ok(a) if state.closed => {
-                        remove_netns(&a.netns);
-                        true
-                    }
-                    Ok(a) => {
-                        state.ready.push(a);
+                    Ok(_) if state.closed => true,
+                    Ok(made) => {
+                        state.ready.push(made);
                         state.ready.len() >= me.settings.ready
                     }
                     Err(e) => {
@@ -674,14 +672,51 @@ impl Networks {
             }
             std::mem::take(&mut state.ready)
         };
-        for a in ready {
-            remove_netns(&a.netns);
-        }
+        // Their descriptors were all that held them.
+        drop(ready);
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &self.table()])
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Names the namespace `held` holds `/run/netns/<netns>`, as `ip netns add` names a new one:
+/// a bind mount of it on an empty file of that name.
+fn name_netns(held: &std::os::fd::OwnedFd, netns: &str) -> Result<(), NetworkError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |detail: String| NetworkError::Command {
+        what: format!("naming the network namespace {netns}"),
+        detail,
+    };
+    let path = Path::new("/run/netns").join(netns);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o000)
+        .open(&path)
+        .map_err(|e| failed(e.to_string()))?;
+    let from =
+        std::ffi::CString::new(format!("/proc/self/fd/{}", held.as_raw_fd())).map_err(|e| failed(e.to_string()))?;
+    let to = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| failed(e.to_string()))?;
+    // SAFETY: mount reads two NUL-terminated paths that live across the call (no file system
+    // type or data for a bind mount); on failure nothing is mounted.
+    let rc = unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&path);
+        return Err(failed(e.to_string()));
+    }
+    Ok(())
 }
 
 fn netns_exists(netns: &str) -> bool {

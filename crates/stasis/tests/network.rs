@@ -180,8 +180,8 @@ fn namespaces() -> usize {
         .unwrap_or(0)
 }
 
-/// Networks a platform keeps made ahead (`--network-ready`'s default): named, each with its
-/// veth pair, until a computer takes one.
+/// Networks a platform keeps made ahead (`--network-ready`'s default), each with its veth
+/// pair: held by the platform's process alone (no name), they end with it.
 const READY: usize = 2;
 
 /// The tests here count the host's networks: one at a time.
@@ -191,17 +191,26 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn named_namespaces() -> usize {
+/// Platforms' named namespaces on this host (a platform's networks made ahead, until a
+/// computer takes one; a platform killed outright leaves its own until it starts again).
+fn named_set() -> std::collections::BTreeSet<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {
             d.flatten()
-                .filter(|e| {
-                    e.file_name().to_string_lossy().starts_with("stasis-")
-                        && !e.file_name().to_string_lossy().starts_with("stasis-test")
-                })
-                .count()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("stasis-") && !n.starts_with("stasis-test"))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+fn named_namespaces() -> usize {
+    named_set().len()
+}
+
+/// Named namespaces besides `others` (what other platforms, killed by earlier tests, left).
+fn named_besides(others: &std::collections::BTreeSet<String>) -> usize {
+    named_set().difference(others).count()
 }
 
 type Serial = std::sync::MutexGuard<'static, ()>;
@@ -236,6 +245,7 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     let dir = data_dir();
     let key = create_key(dir.path(), "net");
     let before = namespaces();
+    let others = named_set();
     let allow = format!("{}/32", remote.addr(2));
     let resolver = dns_server("files.test", remote.addr(2).parse().unwrap()).to_string();
     let server = Server::start_with(
@@ -254,12 +264,13 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     let inside = "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.connect(('172.31.0.1',9));print(s.getsockname()[0])\"";
     assert_eq!(out(&api, &a, inside), "172.31.0.2");
     assert_eq!(out(&api, &b, inside), "172.31.0.2");
-    // One network a computer, and the platform's made-ahead ones (named until taken: a
-    // running computer's has no name left), made again in the background.
+    // One network a computer, and the platform's made-ahead ones (made again in the
+    // background); none has a name (a running computer's ends with its QEMU, a made-ahead one
+    // with the platform).
     common::wait_until(
         "two computers' networks and the ready ones",
         Duration::from_secs(30),
-        || (namespaces() == before + 2 + READY && named_namespaces() == READY).then_some(()),
+        || (namespaces() == before + 2 + READY && named_besides(&others) == 0).then_some(()),
     );
 
     // Allowed: the test's server answers.
@@ -465,7 +476,7 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     });
     drop(server);
     common::wait_until("the ready networks to go", Duration::from_secs(30), || {
-        (namespaces() == before && named_namespaces() == 0).then_some(())
+        (namespaces() == before && named_besides(&others) == 0).then_some(())
     });
 
     // Unconfined, a computer gets QEMU's user networking: the same guest-side addresses, and
@@ -812,6 +823,7 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
         return;
     };
     let initial = host_network_counts();
+    let others = named_set();
     let dir = data_dir();
     let key = create_key(dir.path(), "cycles");
     let allow = format!("{}/32", remote.addr(2));
@@ -826,7 +838,7 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
             || {
                 let out = Command::new("nft").args(["list", "tables"]).output().ok()?;
                 let tables = String::from_utf8_lossy(&out.stdout).contains("stasis_");
-                (tables && named_namespaces() == READY).then_some(())
+                (tables && named_besides(&others) == 0 && namespaces() >= READY).then_some(())
             },
         )
     };
@@ -870,7 +882,12 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
     };
     assert_eq!(proxied(&server, &key), (200, kept.clone()));
     server.kill9();
-    assert_eq!(namespaces(), veths + 1, "the running computer keeps its network");
+    // The networks made ahead end with the process; the running computer keeps its own.
+    common::wait_until(
+        "the killed platform's ready networks to go",
+        Duration::from_secs(30),
+        || (namespaces() == veths - READY + 1 && named_besides(&others) == 0).then_some(()),
+    );
     let server = Server::start_with(dir.path(), &env);
     let api = Client::new(&server.base, Some(&key));
     api.wait_status(&kept, "running", common::BOOT);
