@@ -18,16 +18,6 @@ use std::time::{Duration, Instant};
 use common::{create_key, data_dir, Server};
 use serde_json::Value;
 
-fn addr(server: &Server) -> String {
-    server
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// Waits (bounded) for the server to close `conn`: true if it did within `limit`.
 fn closed_within(conn: &mut TcpStream, limit: Duration) -> bool {
     conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -49,7 +39,7 @@ fn closed_within(conn: &mut TcpStream, limit: Duration) -> bool {
 /// counts from the moment the server accepts it until it closes it, as the cap does.
 fn server_connections(server: &Server) -> usize {
     let pid = server.child.id();
-    let port = addr(server).rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let port = server.host().rsplit(':').next().unwrap().parse::<u16>().unwrap();
     let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
@@ -141,12 +131,12 @@ fn half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
     let server = Server::start_with(dir.path(), &[("STASIS_HEADER_TIMEOUT_SECS", "2")]);
     assert!(wait_health(&server.base, Duration::from_secs(30)));
     // Half a request line, then nothing (slowloris).
-    let mut half = TcpStream::connect(addr(&server)).unwrap();
+    let mut half = TcpStream::connect(server.host()).unwrap();
     half.write_all(b"GET /api/v1/health HT").unwrap();
     // Nothing at all.
-    let mut silent = TcpStream::connect(addr(&server)).unwrap();
+    let mut silent = TcpStream::connect(server.host()).unwrap();
     // One request answered, then the connection kept alive and idle.
-    let mut idle = TcpStream::connect(addr(&server)).unwrap();
+    let mut idle = TcpStream::connect(server.host()).unwrap();
     idle.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -177,7 +167,7 @@ fn a_body_sent_a_byte_at_a_time_gets_408_after_the_body_timeout() {
     assert!(wait_health(&server.base, Duration::from_secs(30)));
     // An authenticated create whose 100-byte body trickles in: a byte now and then, each well
     // within the header timeout, never finishing.
-    let mut slow = TcpStream::connect(addr(&server)).unwrap();
+    let mut slow = TcpStream::connect(server.host()).unwrap();
     slow.write_all(
         format!(
             "POST /api/v1/computers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
@@ -232,7 +222,7 @@ fn connections_over_the_cap_are_closed_at_once_and_the_server_recovers() {
     );
     let mut held: Vec<TcpStream> = (0..8)
         .map(|_| {
-            let mut c = TcpStream::connect(addr(&server)).unwrap();
+            let mut c = TcpStream::connect(server.host()).unwrap();
             c.write_all(b"GET / HT").unwrap();
             c
         })
@@ -242,7 +232,7 @@ fn connections_over_the_cap_are_closed_at_once_and_the_server_recovers() {
         Duration::from_secs(30),
         || (server_connections(&server) == 8).then_some(()),
     );
-    let mut over = TcpStream::connect(addr(&server)).unwrap();
+    let mut over = TcpStream::connect(server.host()).unwrap();
     let start = Instant::now();
     assert!(
         closed_within(&mut over, Duration::from_secs(2)),
@@ -294,7 +284,7 @@ fn shutdown_does_not_wait_for_open_streams() {
     let mut server = Server::start_with(dir.path(), &[("STASIS_SHUTDOWN_GRACE_SECS", "1")]);
     assert!(wait_health(&server.base, Duration::from_secs(30)));
     // An event stream of a snapshot that never finishes, and an idle connection.
-    let mut stream = TcpStream::connect(addr(&server)).unwrap();
+    let mut stream = TcpStream::connect(server.host()).unwrap();
     write!(
         stream,
         "GET /api/v1/computers/{computer}/snapshots/{snap}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n"
@@ -334,7 +324,7 @@ fn long_requests_are_capped_per_tenant() {
     let server = Server::start_with(dir.path(), &[("STASIS_MAX_STREAMS_PER_TENANT", "2")]);
     assert!(wait_health(&server.base, Duration::from_secs(30)));
     let open = |key: &str, c: &str, s: &str| {
-        let mut conn = TcpStream::connect(addr(&server)).unwrap();
+        let mut conn = TcpStream::connect(server.host()).unwrap();
         write!(
             conn,
             "GET /api/v1/computers/{c}/snapshots/{s}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n"

@@ -117,17 +117,6 @@ fn fetch_when_up(api: &Client, id: &str, remote: &Remote, port: u16) -> String {
     got
 }
 
-/// `HOST:PORT` of a platform's listener (the `Host` of its API requests).
-fn api_host(server: &Server) -> String {
-    server
-        .base
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// A DNS server of the test's own on loopback: `name` has the A record `address`; any other
 /// name does not exist. Serves until the process ends.
 fn dns_server(name: &'static str, address: std::net::Ipv4Addr) -> std::net::SocketAddr {
@@ -503,7 +492,7 @@ fn a_computer_reaches_what_the_policy_allows_and_is_refused_fast_elsewhere() {
     assert!(address.is_null(), "no host-side address: {address}");
     // Its ports are reached through QEMU's forwarding, set up on first use.
     serve_in(&api, &d);
-    let host = api_host(&server);
+    let host = server.host();
     let (status, _, body) = request(
         &server.base,
         &host,
@@ -605,7 +594,7 @@ fn ports_are_served_through_the_api_and_preview_urls_and_clones_serve_at_once() 
     let computer = api.call("GET", &format!("/computers/{web}"), None).body;
     let slug = computer["slug"].as_str().unwrap().to_string();
     let domain = computer["preview_domain"].as_str().unwrap().to_string();
-    let api_host = api_host(&server);
+    let api_host = server.host();
     let listen_port = api_host.rsplit(':').next().unwrap().to_string();
     assert_eq!(domain, format!("localhost:{listen_port}"));
     assert_eq!(computer["sandbox_url"], format!("http://{slug}.sandbox.{domain}/"));
@@ -870,7 +859,7 @@ fn create_delete_cycles_and_a_killed_platform_leave_the_hosts_network_as_it_was(
     let kept = running_computer(&api, "outlives");
     serve_in(&api, &kept);
     let proxied = |server: &Server, key: &str| {
-        let host = api_host(server);
+        let host = server.host();
         let path = format!("/api/v1/computers/{kept}/ports/8000/proxy/who.txt");
         let (status, _, body) = request(
             &server.base,

@@ -327,6 +327,17 @@ pub(crate) async fn exec_ok(api: &Api, id: &str, command: &str) -> Result<serde_
     Ok(r)
 }
 
+/// Restores `snap` of `computer`: API call → first exec answered, and the new computer.
+pub(crate) async fn restore_to_first_exec(api: &Api, computer: &str, snap: &str) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    let r = api
+        .call(Method::POST, &format!("/computers/{computer}/restore/{snap}"), None)
+        .await?;
+    let id = r["data"]["id"].as_str().context("no restored id")?.to_string();
+    exec_ok(api, &id, "true").await?;
+    Ok((t.elapsed(), id))
+}
+
 /// Takes a snapshot of `computer` and waits until it is ready.
 pub(crate) async fn snapshot(api: &Api, computer: &str) -> Result<serde_json::Value> {
     let s = api

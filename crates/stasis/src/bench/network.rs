@@ -336,13 +336,7 @@ async fn measure(
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let (computer, snap) = &snaps[i];
-            let t = Instant::now();
-            let r = api
-                .call(Method::POST, &format!("/computers/{computer}/restore/{snap}"), None)
-                .await?;
-            let id = r["data"]["id"].as_str().context("no restored id")?.to_string();
-            exec_ok(api, &id, "true").await?;
-            let took = t.elapsed();
+            let (took, id) = super::restore_to_first_exec(api, computer, snap).await?;
             // The first round of each warms the host's snapshot cache: not counted.
             if round > 0 {
                 restores[i].push(took);

@@ -51,13 +51,7 @@ async fn cold_boot(api: &Api, name: &str, size: &str) -> Result<(Duration, Strin
 
 /// Restore API call → first exec answered.
 async fn restore(api: &Api, computer: &str, snap: &str) -> Result<(Duration, String)> {
-    let t = Instant::now();
-    let r = api
-        .call(Method::POST, &format!("/computers/{computer}/restore/{snap}"), None)
-        .await?;
-    let id = r["data"]["id"].as_str().context("no restored id")?.to_string();
-    exec_ok(api, &id, "true").await?;
-    Ok((t.elapsed(), id))
+    super::restore_to_first_exec(api, computer, snap).await
 }
 
 async fn wait_ready_again(api: &Api, computer: &str, snap: &str) -> Result<()> {

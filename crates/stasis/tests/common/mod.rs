@@ -138,6 +138,16 @@ impl Server {
         }
     }
 
+    /// `HOST:PORT` of its listener (what to connect to, and the `Host` of API requests).
+    pub fn host(&self) -> String {
+        self.base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
