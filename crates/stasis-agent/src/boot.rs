@@ -170,6 +170,9 @@ pub fn root_stage() -> io::Result<()> {
                 if let Err(e) = crate::net::configure(&net) {
                     crate::log(&format!("configuring eth0: {e}"));
                 }
+                if let Err(e) = crate::net::accept_fast_open() {
+                    crate::log(&format!("enabling TCP Fast Open: {e}"));
+                }
             }
             None => crate::log(&format!(
                 "stasis.net={value} does not read as ADDRESS/PREFIX,GATEWAY,DNS"

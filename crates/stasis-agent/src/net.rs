@@ -54,6 +54,19 @@ pub fn configure(net: &GuestNet) -> io::Result<()> {
     Ok(())
 }
 
+/// `net.ipv4.tcp_fastopen` as the agent sets it: clients may use Fast Open as usual (1), and
+/// every listener takes data in a SYN (2) without a cookie (0x200) and without asking for it
+/// (0x400). The platform's preview proxy sends a request in its SYN, which saves the guest one
+/// round trip of a handshake a connection; only the host can reach a guest's listeners from
+/// outside it (the egress policy keeps other computers away). A user can set it back.
+pub const FAST_OPEN: u32 = 0x1 | 0x2 | 0x200 | 0x400;
+
+/// Sets [`FAST_OPEN`], before any service of the root disk listens (a listener takes the
+/// setting when it starts listening).
+pub fn accept_fast_open() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", format!("{FAST_OPEN}\n"))
+}
+
 /// An AF_INET datagram socket, for the interface and route ioctls.
 struct Socket(libc::c_int);
 

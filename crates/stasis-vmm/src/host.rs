@@ -11,6 +11,16 @@ use tokio::sync::mpsc;
 use crate::network::Networks;
 use crate::vm::{is_machine_qemu, MachineConfig, Nic, Vm, VmError, VmPaths};
 
+/// How this host reaches one TCP port of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestPort {
+    pub addr: std::net::SocketAddr,
+    /// The guest's own kernel answers there (a tap), and it takes a request's first bytes in
+    /// its SYN (TCP Fast Open without a cookie; the guest agent sets that up at boot). QEMU's
+    /// user networking accepts for the guest and takes none.
+    pub fast_open: bool,
+}
+
 /// Something that happened to a machine without being asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostEvent {
@@ -92,7 +102,7 @@ impl Host {
 
     /// Where this host reaches TCP port `port` of `name`'s guest: its namespace's address
     /// (passed on to the guest there), or with user networking a forwarded loopback port.
-    pub async fn guest_port(&self, name: &str, port: u16) -> Result<std::net::SocketAddr, VmError> {
+    pub async fn guest_port(&self, name: &str, port: u16) -> Result<GuestPort, VmError> {
         let vm = self
             .get(name)
             .ok_or_else(|| VmError::Invalid(format!("machine {name} is not running on this host")))?;
@@ -101,9 +111,15 @@ impl Host {
                 .networks
                 .get()
                 .and_then(|n| n.get(name))
-                .map(|a| std::net::SocketAddr::from((a.ip_address, port)))
+                .map(|a| GuestPort {
+                    addr: std::net::SocketAddr::from((a.ip_address, port)),
+                    fast_open: true,
+                })
                 .ok_or_else(|| VmError::Network(format!("machine {name} has no network on this host"))),
-            Some(Nic::User) => vm.user_forward(port).await,
+            Some(Nic::User) => vm
+                .user_forward(port)
+                .await
+                .map(|addr| GuestPort { addr, fast_open: false }),
             Some(Nic::Unplugged) | None => Err(VmError::Network(format!("machine {name} has no network"))),
         }
     }

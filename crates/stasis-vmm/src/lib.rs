@@ -18,6 +18,6 @@ pub mod vm;
 
 pub use accel::Accel;
 pub use boot::BOOT_TIMEOUT;
-pub use host::{Host, HostEvent};
+pub use host::{GuestPort, Host, HostEvent};
 pub use restore::RestoreTimings;
 pub use vm::{MachineConfig, Vm, VmError, VmPaths};

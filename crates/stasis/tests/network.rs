@@ -606,6 +606,24 @@ fn ports_are_served_through_the_api_and_preview_urls_and_clones_serve_at_once() 
     let (status, _, body) = request(&server.base, &api_host, &path, &[("Authorization", &bearer)]);
     assert_eq!((status, body.as_str()), (200, web.as_str()));
     assert_eq!(request(&server.base, &api_host, &path, &[]).0, 401);
+    // Each request reached the guest in its SYN: its kernel counts the connections it took
+    // that way (TCP Fast Open, set up by the agent; the proxy sends the request's head with
+    // the SYN).
+    let fast_opened = || -> u64 {
+        out(
+            &api,
+            &web,
+            "awk '/^TcpExt:/{if(!h){split($0,k);h=1}else{split($0,v);for(i in k)if(k[i]==\"TCPFastOpenPassive\")print v[i]}}' /proc/net/netstat",
+        )
+        .parse()
+        .expect("the guest counts Fast Open connections")
+    };
+    let before = fast_opened();
+    for _ in 0..3 {
+        let (status, _, body) = request(&server.base, &api_host, &path, &[("Authorization", &bearer)]);
+        assert_eq!((status, body.as_str()), (200, web.as_str()));
+    }
+    assert!(fast_opened() >= before + 3, "three proxied requests, each in its SYN");
     let someone_else = format!("Bearer {other}");
     assert_eq!(
         request(&server.base, &api_host, &path, &[("Authorization", &someone_else)]).0,

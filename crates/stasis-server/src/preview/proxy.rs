@@ -166,31 +166,102 @@ where
     });
 }
 
-/// Sends `req` to the guest's port at `addr` (one connection per request) and its answer back.
+/// A connection to a guest's port, and for one opened with TCP Fast Open a second descriptor
+/// of its socket, to ask later whether the guest ever took it.
+struct GuestConnection {
+    stream: tokio::net::TcpStream,
+    probe: Option<std::os::fd::OwnedFd>,
+}
+
+/// Opens a connection to `to`. A guest's own kernel gets the request's first bytes in its SYN
+/// (Fast Open without a cookie, which the guest agent accepts; see its `accept_fast_open`): the
+/// connect returns at once and the handshake goes with the first write, so whether the guest
+/// accepts shows in the answer (a refusal, or no answer: see [`settled`]).
+async fn connect(to: stasis_vmm::GuestPort) -> std::io::Result<GuestConnection> {
+    use std::os::fd::{AsFd, AsRawFd};
+    if !to.fast_open {
+        let stream = tokio::net::TcpStream::connect(to.addr).await?;
+        return Ok(GuestConnection { stream, probe: None });
+    }
+    let socket = match to.addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    for option in [libc::TCP_FASTOPEN_CONNECT, libc::TCP_FASTOPEN_NO_COOKIE] {
+        let on: libc::c_int = 1;
+        // SAFETY: the descriptor is the socket's own and `on` an int that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                option,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            // An older kernel: an ordinary connection.
+            let stream = tokio::net::TcpStream::connect(to.addr).await?;
+            return Ok(GuestConnection { stream, probe: None });
+        }
+    }
+    let stream = socket.connect(to.addr).await?;
+    let probe = stream.as_fd().try_clone_to_owned().ok();
+    Ok(GuestConnection { stream, probe })
+}
+
+/// Whether the guest answered the handshake of the connection `probe` is a descriptor of (it
+/// left SYN-SENT): for a Fast Open connection, the connect itself did not wait for that.
+fn settled(probe: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the descriptor is ours, `info` and `len` are valid for writes of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    const TCP_SYN_SENT: u8 = 2;
+    rc == 0 && info.tcpi_state != TCP_SYN_SENT
+}
+
+/// Whether `e` (a hyper error, or one it wraps) is a refused connection.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        at = e.source();
+    }
+    false
+}
+
+/// Sends `req` to the guest's port at `to` (one connection per request) and its answer back.
 async fn relay(
-    addr: SocketAddr,
+    to: stasis_vmm::GuestPort,
     computer: ComputerId,
     port: u16,
     target: String,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-        Err(_) => {
-            return Err(unreachable_port(
-                computer,
-                port,
-                "it did not accept a connection within 5 s",
-            ))
-        }
+    const REFUSED: &str = "nothing listens there (connection refused)";
+    const NOT_ACCEPTED: &str = "it did not accept a connection within 5 s";
+    let GuestConnection { stream, probe } = match tokio::time::timeout(CONNECT_TIMEOUT, connect(to)).await {
+        Err(_) => return Err(unreachable_port(computer, port, NOT_ACCEPTED)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(unreachable_port(
-                computer,
-                port,
-                "nothing listens there (connection refused)",
-            ))
+            return Err(unreachable_port(computer, port, REFUSED))
         }
         Ok(Err(e)) => return Err(unreachable_port(computer, port, e)),
-        Ok(Ok(s)) => s,
+        Ok(Ok(c)) => c,
     };
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
@@ -227,8 +298,22 @@ async fn relay(
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("the request cannot be passed on: {e}")))?;
     *onward.headers_mut() = headers;
-    let mut resp = match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(onward)).await {
+    let answer = sender.send_request(onward);
+    tokio::pin!(answer);
+    let answered = match &probe {
+        None => tokio::time::timeout(ANSWER_TIMEOUT, &mut answer).await,
+        // A Fast Open connection is handshaken by the request itself: a guest that takes
+        // neither within the connect's time is answered as one that did not accept.
+        Some(probe) => match tokio::time::timeout(CONNECT_TIMEOUT, &mut answer).await {
+            Err(_) if !settled(probe) => return Err(unreachable_port(computer, port, NOT_ACCEPTED)),
+            Err(_) => tokio::time::timeout(ANSWER_TIMEOUT - CONNECT_TIMEOUT, &mut answer).await,
+            Ok(r) => Ok(r),
+        },
+    };
+    drop(probe);
+    let mut resp = match answered {
         Err(_) => return Err(unreachable_port(computer, port, "no answer within 300 s")),
+        Ok(Err(e)) if refused(&e) => return Err(unreachable_port(computer, port, REFUSED)),
         Ok(Err(e)) => return Err(unreachable_port(computer, port, e)),
         Ok(Ok(r)) => r,
     };
@@ -275,6 +360,64 @@ mod tests {
         assert!(out.get("x-private").is_none(), "named in Connection: this hop's only");
         assert!(out.get(header::CONNECTION).is_none());
         assert_eq!(out.get("accept").unwrap(), "text/html");
+    }
+
+    #[tokio::test]
+    async fn a_fast_open_connection_tells_a_guest_that_took_it_from_one_that_did_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let fast = |addr| stasis_vmm::GuestPort { addr, fast_open: true };
+        // One that accepts: the request's bytes arrive and the handshake is over.
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = connect(fast(open.local_addr().unwrap())).await.unwrap();
+        let probe = c.probe.take().expect("a Fast Open connection keeps a probe");
+        c.stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (mut theirs, _) = open.accept().await.unwrap();
+        let mut got = [0u8; 18];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(settled(&probe));
+
+        // One whose queue is full drops the SYN: the connect still returns at once (the
+        // handshake waits for the first write), and the probe sees it never settle.
+        let full = tokio::net::TcpSocket::new_v4().unwrap();
+        full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = full.listen(0).unwrap();
+        let addr = full.local_addr().unwrap();
+        let _filler = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::time::timeout(Duration::from_secs(1), connect(fast(addr)))
+            .await
+            .expect("a Fast Open connect does not wait for the handshake")
+            .unwrap();
+        c.stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !settled(c.probe.as_ref().unwrap()),
+            "the SYN was dropped: still SYN-SENT"
+        );
+
+        // Nothing listening: refused, and the refusal is found inside what wraps it.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let mut c = connect(fast(addr)).await.unwrap();
+        let _ = c.stream.write_all(b"x").await;
+        let e = c.stream.read(&mut [0u8; 1]).await.unwrap_err();
+        let wrapped: Box<dyn std::error::Error> = Box::new(Wrapped(e));
+        assert!(refused(wrapped.as_ref()));
+        assert!(!refused(&std::io::Error::other("something else")));
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "connection error")
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     #[test]
