@@ -10,6 +10,8 @@ pub enum Resource {
     Snapshot,
     /// A port a computer does not expose.
     Port,
+    /// An environment variable a computer does not have.
+    EnvVar,
 }
 
 impl Resource {
@@ -18,6 +20,7 @@ impl Resource {
             Resource::Computer => "computer",
             Resource::Snapshot => "snapshot",
             Resource::Port => "port",
+            Resource::EnvVar => "environment variable",
         }
     }
 }
@@ -52,6 +55,8 @@ pub enum Conflict {
     NoNetwork,
     /// This host's computers run on QEMU's user networking, which no egress policy governs.
     NoEgressPolicy,
+    /// The computer has a variable of that name already (change it with a `PATCH`).
+    EnvVarExists,
 }
 
 #[derive(Debug, thiserror::Error)]

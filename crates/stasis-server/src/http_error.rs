@@ -148,6 +148,7 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
         Conflict::NoNetwork => "NO_NETWORK",
         Conflict::NoEgressPolicy => "NO_EGRESS_POLICY",
+        Conflict::EnvVarExists => "ENV_VAR_EXISTS",
     }
 }
 

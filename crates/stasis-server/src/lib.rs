@@ -8,6 +8,7 @@ pub mod computers;
 pub mod db;
 pub mod encryption;
 pub mod endpoints;
+pub mod env;
 pub mod error;
 pub mod http_error;
 pub mod idempotency;
@@ -313,6 +314,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(snapshots::routes::router())
         .merge(preview::routes::router())
         .merge(network_policy::router())
+        .merge(env::router())
         .into_router()
 }
 

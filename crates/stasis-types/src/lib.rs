@@ -339,6 +339,10 @@ pub struct CreateComputerRequest {
     /// egress policy).
     #[schema(nullable = false)]
     pub network: Option<bool>,
+    /// Environment variables every exec in the computer sees (see `/computers/{id}/env`).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The templates a computer can be created from (all give the default image).
@@ -381,9 +385,64 @@ fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, 
     }
 }
 
-/// `POST /computers/{id}/start`: no fields (the body may be empty; unknown fields are ignored).
+/// `POST /computers/{id}/start`: the body may be empty; unknown fields are ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct StartRequest {}
+pub struct StartRequest {
+    /// Environment variables to set (added or replaced) before it starts; they stay set.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `PATCH /computers/{id}`: what changes (absent fields stay as they are).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdateComputerRequest {
+    /// 1 to 128 characters, no control characters. The slug (and so the preview URLs) stays.
+    #[serde(default)]
+    #[schema(nullable = false, min_length = 1, max_length = 128)]
+    pub name: Option<String>,
+    /// Replaces the metadata whole; at most 16 KiB of JSON.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One environment variable of a computer's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /computers/{id}/env`: a new variable.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SetEnvRequest {
+    /// Letters, digits and `_`, not starting with a digit; at most 128 characters.
+    #[schema(min_length = 1, max_length = 128)]
+    pub name: String,
+    /// At most 32 KiB, no NUL.
+    pub value: String,
+}
+
+/// `PATCH /computers/{id}/env/{name}`: a variable's new value.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpdateEnvRequest {
+    pub value: String,
+}
+
+/// A computer's variables, by name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnvList {
+    pub data: Vec<EnvVar>,
+}
+
+/// One variable, as written.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnvEnvelope {
+    pub data: EnvVar,
+}
 
 /// `POST /computers/{id}/restore/{snap_id}`: no fields (the body may be empty; unknown fields
 /// are ignored).

@@ -8,11 +8,13 @@ import type {
   ComputerList,
   CreateComputerParams,
   ExecResult,
+  EnvVar,
   ExposePortParams,
   NetworkPolicy,
   NetworkPolicyRule,
   Port,
   PreviewUrl,
+  UpdateComputerParams,
 } from './types.js';
 
 export interface ExecOptions {
@@ -79,8 +81,48 @@ export class Computers {
   }
 
   /** Boots a stopped computer; answers at once with `starting` (see `waitUntilRunning`). */
-  start(id: string, opts: { signal?: AbortSignal } = {}): Promise<ActionResult> {
-    return this.http.request<ActionResult>('POST', `/computers/${enc(id)}/start`, { body: {}, signal: opts.signal });
+  /** Starts a stopped computer; `env` variables are set first (added or replaced, and kept). */
+  start(id: string, opts: { env?: Record<string, string>; signal?: AbortSignal } = {}): Promise<ActionResult> {
+    const body = opts.env ? { env: opts.env } : {};
+    return this.http.request<ActionResult>('POST', `/computers/${enc(id)}/start`, { body, signal: opts.signal });
+  }
+
+  /** Renames a computer and/or replaces its metadata. */
+  update(id: string, params: UpdateComputerParams, opts: { signal?: AbortSignal } = {}): Promise<Computer> {
+    return this.http.request<Computer>('PATCH', `/computers/${enc(id)}`, { body: params, retry: true, signal: opts.signal });
+  }
+
+  /** The computer's environment variables, by name. */
+  async env(id: string, opts: { signal?: AbortSignal } = {}): Promise<EnvVar[]> {
+    const r = await this.http.request<{ data: EnvVar[] }>('GET', `/computers/${enc(id)}/env`, {
+      retry: true,
+      signal: opts.signal,
+    });
+    return r.data;
+  }
+
+  /** Adds a variable (one of that name already: a 409 `ENV_VAR_EXISTS`; change it with `updateEnv`). */
+  async setEnv(id: string, name: string, value: string, opts: { signal?: AbortSignal } = {}): Promise<EnvVar> {
+    const r = await this.http.request<{ data: EnvVar }>('POST', `/computers/${enc(id)}/env`, {
+      body: { name, value },
+      signal: opts.signal,
+    });
+    return r.data;
+  }
+
+  /** Changes a variable's value. */
+  async updateEnv(id: string, name: string, value: string, opts: { signal?: AbortSignal } = {}): Promise<EnvVar> {
+    const r = await this.http.request<{ data: EnvVar }>('PATCH', `/computers/${enc(id)}/env/${enc(name)}`, {
+      body: { value },
+      retry: true,
+      signal: opts.signal,
+    });
+    return r.data;
+  }
+
+  /** Removes a variable. */
+  async deleteEnv(id: string, name: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    await this.http.request<undefined>('DELETE', `/computers/${enc(id)}/env/${enc(name)}`, { signal: opts.signal });
   }
 
   /** Stops the computer (synchronously: its file systems are synced, the VM quits; the disk stays). */

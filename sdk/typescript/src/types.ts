@@ -57,6 +57,23 @@ export interface CreateComputerParams {
   metadata?: Record<string, unknown>;
   /** `false`: no network at all (default: outbound access under the egress policy). */
   network?: boolean;
+  /** Environment variables every exec in the computer sees. */
+  env?: Record<string, string>;
+}
+
+/** `computers.update`: what changes (absent fields stay). The slug, and so preview URLs, stay. */
+export interface UpdateComputerParams {
+  name?: string;
+  /** Replaces the metadata whole. */
+  metadata?: Record<string, unknown>;
+}
+
+/** One environment variable of a computer's. */
+export interface EnvVar {
+  name: string;
+  value: string;
+  created_at: string;
+  updated_at: string;
 }
 
 /** Answer of start / stop / restart / delete. */

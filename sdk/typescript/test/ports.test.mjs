@@ -84,3 +84,23 @@ test('a guest server is reached through its preview URL; ports and policies thro
     assert.deepEqual((await client.computers.networkPolicy(c.id)).rules, []);
   }
 });
+
+test('environment variables reach every exec; update renames', { timeout: 150_000 }, async () => {
+  const c = await client.computers.create({ name: 'ts-env', size: 'xs', env: { GREETING: 'hi there' } });
+  created.push(c.id);
+  await client.computers.waitUntilRunning(c.id, { timeoutMs: 90_000 });
+  const seen = async () => (await client.computers.exec(c.id, 'echo "$GREETING|${TOKEN-unset}"')).output.trim();
+  assert.equal(await seen(), 'hi there|unset');
+  const made = await client.computers.setEnv(c.id, 'TOKEN', 'a=b');
+  assert.deepEqual([made.name, made.value], ['TOKEN', 'a=b']);
+  await assert.rejects(client.computers.setEnv(c.id, 'TOKEN', 'again'), (e) => e.status === 409 && e.code === 'ENV_VAR_EXISTS');
+  await assert.rejects(client.computers.setEnv(c.id, 'NOT-A-NAME', 'x'), (e) => e instanceof ValidationError);
+  assert.equal(await seen(), 'hi there|a=b');
+  assert.equal((await client.computers.updateEnv(c.id, 'TOKEN', 'c')).value, 'c');
+  await client.computers.deleteEnv(c.id, 'GREETING');
+  assert.deepEqual((await client.computers.env(c.id)).map((v) => [v.name, v.value]), [['TOKEN', 'c']]);
+  assert.equal(await seen(), '|c');
+
+  const renamed = await client.computers.update(c.id, { name: 'ts-env-2', metadata: { k: 1 } });
+  assert.deepEqual([renamed.name, renamed.metadata, renamed.slug], ['ts-env-2', { k: 1 }, c.slug]);
+});

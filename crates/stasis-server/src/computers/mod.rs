@@ -64,6 +64,8 @@ pub struct NewComputer {
     pub template_type: String,
     pub metadata: Map<String, Value>,
     pub network: bool,
+    /// Variables it starts with (a restore or clone has its snapshot's instead).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Computers {
@@ -252,26 +254,38 @@ impl Computers {
     /// Checks what the types cannot say about a create request: the name's length and
     /// characters, the metadata's size.
     pub fn validate(req: CreateComputerRequest) -> Result<NewComputer> {
-        let name = req.name.trim().to_string();
-        if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                "name",
-                "name must be 1 to 128 characters without control characters",
-            ));
-        }
+        let name = check_name(&req.name)?;
         // Every template is the default image.
         let _: Option<stasis_types::Template> = req.template_type;
         let metadata = req.metadata.unwrap_or_default();
-        if Value::Object(metadata.clone()).to_string().len() > 16 * 1024 {
-            return Err(Error::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
-        }
+        check_metadata(&metadata)?;
+        let env = crate::env::validate("env", req.env)?;
         Ok(NewComputer {
             name,
             size: req.size.unwrap_or(Size::Small),
             template_type: DEFAULT_TEMPLATE.to_string(),
             metadata,
             network: req.network.unwrap_or(true),
+            env,
         })
+    }
+
+    /// Renames a computer and/or replaces its metadata; answers it as it is now.
+    pub async fn update(
+        &self,
+        tenant: TenantId,
+        id: ComputerId,
+        req: stasis_types::UpdateComputerRequest,
+    ) -> Result<Computer> {
+        let name = req.name.as_deref().map(check_name).transpose()?;
+        if let Some(m) = &req.metadata {
+            check_metadata(m)?;
+        }
+        self.get(tenant, id).await?;
+        self.db
+            .update_computer(id, name.as_deref(), req.metadata.as_ref())
+            .await?;
+        self.get(tenant, id).await
     }
 
     pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> Result<Computer> {
@@ -308,12 +322,15 @@ impl Computers {
         let mut computer = computer;
         computer.slug = self.db.insert_computer(&computer, self.host_id.as_ref()).await?;
         drop(quota);
+        self.db.set_env_vars(computer.id, &new.env).await?;
         // A restore or clone exposes the ports its source computer did.
         if let Some(snapshot) = source {
             if let Some(from) = self.db.get_snapshot(snapshot).await?.map(|s| s.snapshot.computer_id) {
                 self.db.copy_ports(from, computer.id).await?;
                 self.db.copy_network_policy(from, computer.id).await?;
             }
+            // The variables as they were when the snapshot was taken.
+            self.db.restore_env(snapshot, computer.id).await?;
         }
         Ok(computer)
     }
@@ -549,10 +566,18 @@ impl Computers {
         Ok(self.db.list_computers(tenant).await?)
     }
 
-    pub async fn start(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
+    /// Starts a stopped (or errored) computer, with `env` set first (added or replaced, and
+    /// kept), whatever state it is in.
+    pub async fn start(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        id: ComputerId,
+        env: Vec<(String, String)>,
+    ) -> Result<ActionResponse> {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
         let c = self.get(tenant, id).await?;
+        crate::env::set_all(&self.db, "env", id, &env).await?;
         match c.status {
             ComputerStatus::Running | ComputerStatus::Starting | ComputerStatus::Provisioning => {
                 Ok(action(c.status, "computer is already running or starting"))
@@ -591,7 +616,7 @@ impl Computers {
 
     pub async fn restart(self: &Arc<Self>, tenant: TenantId, id: ComputerId) -> Result<ActionResponse> {
         self.stop(tenant, id).await?;
-        let mut r = self.start(tenant, id).await?;
+        let mut r = self.start(tenant, id, Vec::new()).await?;
         r.message = "computer is restarting".into();
         Ok(r)
     }
@@ -608,6 +633,7 @@ impl Computers {
         self.set_status(id, ComputerStatus::Destroyed, None).await?;
         self.db.delete_ports(id).await?;
         self.db.delete_network_policy(id).await?;
+        self.db.delete_env(id).await?;
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
@@ -632,12 +658,19 @@ impl Computers {
             }
             _ => return Err(not_running()),
         };
+        let env = self
+            .db
+            .env_vars(id)
+            .await?
+            .into_iter()
+            .map(|v| (v.name, v.value))
+            .collect();
         let started = Instant::now();
         let result = vm
             .exec(ExecRequest {
                 program: program.into(),
                 args,
-                env: vec![],
+                env,
                 cwd: None,
                 stdin: None,
                 timeout_ms: timeout_secs * 1000,
@@ -808,6 +841,25 @@ fn action(status: ComputerStatus, message: &str) -> ActionResponse {
     }
 }
 
+/// A computer's name as given (trimmed): 1 to 128 characters, no control characters.
+fn check_name(raw: &str) -> Result<String> {
+    let name = raw.trim().to_string();
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "name",
+            "name must be 1 to 128 characters without control characters",
+        ));
+    }
+    Ok(name)
+}
+
+fn check_metadata(metadata: &Map<String, Value>) -> Result<()> {
+    if Value::Object(metadata.clone()).to_string().len() > 16 * 1024 {
+        return Err(Error::invalid("metadata", "metadata must be at most 16 KiB of JSON"));
+    }
+    Ok(())
+}
+
 /// A hostname-safe slug of a name: lowercase ASCII letters, digits and dashes, at most 63.
 pub fn slugify(name: &str) -> String {
     let mut slug = String::new();
@@ -879,6 +931,19 @@ mod tests {
         assert_eq!(
             field_of(validate(r#"{"name":"dev","metadata":[1]}"#).unwrap_err()),
             "metadata"
+        );
+        let with_env = validate(r#"{"name":"dev","env":{"B":"2","A":"x y"}}"#).unwrap();
+        assert_eq!(
+            with_env.env,
+            vec![("A".to_string(), "x y".to_string()), ("B".to_string(), "2".to_string())]
+        );
+        assert_eq!(
+            field_of(validate(r#"{"name":"dev","env":{"1A":"x"}}"#).unwrap_err()),
+            "env.1A"
+        );
+        assert_eq!(
+            field_of(validate(r#"{"name":"dev","env":{"A":1}}"#).unwrap_err()),
+            "env.A"
         );
     }
 }

@@ -7,7 +7,7 @@ use axum::Json;
 use futures::future::BoxFuture;
 use stasis_types::{
     ActionResponse, Computer, ComputerId, ComputerList, CreateComputerRequest, ExecPythonRequest, ExecRequest,
-    ExecResponse, Size, StartRequest,
+    ExecResponse, Size, StartRequest, UpdateComputerRequest,
 };
 use utoipa_axum::routes;
 
@@ -29,6 +29,7 @@ pub fn router() -> Endpoints {
         .add(Runs::Placed(create_needs), routes!(create))
         .add(Runs::Anywhere, routes!(list))
         .add(Runs::Anywhere, routes!(get_one))
+        .add(Runs::OnOwner(IfLost::AnswerHere), routes!(update))
         // Deleting needs no machine: the control plane records it (its own runtime has no such
         // machine to stop), and the host, when it is back, finds the computer gone and removes
         // its QEMU and files.
@@ -124,9 +125,25 @@ async fn start(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    body::Json(StartRequest {}): body::Json<StartRequest>,
+    body::Json(req): body::Json<StartRequest>,
 ) -> ApiResult<Json<ActionResponse>> {
-    Ok(Json(service(&state).start(tenant, computer_id(&id)?).await?))
+    let id = computer_id(&id)?;
+    let env = crate::env::validate("env", req.env)?;
+    Ok(Json(service(&state).start(tenant, id, env).await?))
+}
+
+/// Rename a computer or replace its metadata. Its slug, and so its preview URLs, stay.
+#[utoipa::path(patch, path = "/computers/{id}", operation_id = "updateComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = UpdateComputerRequest,
+    responses((status = 200, description = "The computer", body = Computer), WriteErrors))]
+async fn update(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body::Json(req): body::Json<UpdateComputerRequest>,
+) -> ApiResult<Json<Computer>> {
+    let mut computer = service(&state).update(tenant, computer_id(&id)?, req).await?;
+    state.previews.dress(&mut computer);
+    Ok(Json(computer))
 }
 
 /// Stop a computer (its disk is kept).

@@ -1,6 +1,7 @@
 //! Metadata in SQL: tenants, API keys, computers. Written against sqlx's `Any` driver with
 //! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
 
+mod env;
 mod hosts;
 mod jobs;
 mod keys;
@@ -389,6 +390,27 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Renames a computer and/or replaces its metadata (what is `None` stays).
+    pub async fn update_computer(
+        &self,
+        id: ComputerId,
+        name: Option<&str>,
+        metadata: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(), sqlx::Error> {
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        sqlx::query(
+            "UPDATE computers SET name = COALESCE($1, name), metadata = COALESCE($2, metadata), updated_at = $3 \
+             WHERE id = $4",
+        )
+        .bind(name.map(str::to_string))
+        .bind(metadata.map(|m| serde_json::Value::Object(m.clone()).to_string()))
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records the address a computer's network has on its host (None: it has none).

@@ -246,6 +246,7 @@ impl Snapshots {
             updated_at: now,
         };
         self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
+        self.db.snapshot_env(c.id, snapshot.id).await?;
         drop((quota, admitted));
         let mut e = events::data(snapshot.id, SnapshotStatus::Creating);
         e.step = Some(stasis_types::Step::Queued);
@@ -287,6 +288,8 @@ impl Snapshots {
                 "snapshot is not in a deletable state",
             ));
         }
+        // No restore can be made of it now: the variables it kept go.
+        self.db.delete_snapshot_env(id).await?;
         self.events.emit(events::data(id, SnapshotStatus::Deleted)).await;
         self.schedule_collection(std::time::Duration::ZERO).await;
         self.sweep_local_copies().await;

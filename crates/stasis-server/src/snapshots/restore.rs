@@ -17,6 +17,7 @@ impl Snapshots {
             metadata: Default::default(),
             // As its snapshot's computer had (or has) it.
             network: self.db.get_computer_any(computer).await?.is_none_or(|c| c.network),
+            env: Vec::new(),
         };
         if !self.db.begin_restore(id).await? {
             // A snapshot still being taken is restored as soon as it is ready (the seed's
@@ -95,6 +96,7 @@ impl Snapshots {
             template_type: original.template_type.clone(),
             metadata: original.metadata.clone(),
             network: original.network,
+            env: Vec::new(),
         };
         let clone = self.computers.insert(tenant, new, Some(snapshot.id)).await?;
         self.restore_when_ready(snapshot.id, clone.id, "clone");
