@@ -1,7 +1,9 @@
 """The official Python SDK (miosa 2.19.2), unchanged: a computer's environment variables
-(`create(env=)`, `start(env=)`, `computer.env`) and `computers.update`."""
+(`create(env=)`, `start(env=)`, `computer.env`), `computers.update`, commands with a working
+directory and stdin (`commands.run_computer`, `helpers.exec_command`), and `resize`."""
 import pytest
-from miosa.errors import MiosaError, NotFoundError, ValidationError
+from miosa import helpers
+from miosa.errors import MiosaError, NotFoundError, ResourceStateError, ValidationError
 
 
 def env_of(computer, *names):
@@ -58,7 +60,7 @@ def test_variables_reach_every_exec_persist_and_are_kept_by_a_snapshot(client):
             restored.destroy()
 
 
-def test_update_renames_and_replaces_metadata(client):
+def test_update_commands_in_a_directory_and_resize(client):
     computer = client.computers.create(name="sdk-update", size="xs", metadata={"team": "a"})
     try:
         updated = client.computers.update(computer.id, name="sdk-renamed", metadata={"team": "b", "n": 2})
@@ -70,5 +72,30 @@ def test_update_renames_and_replaces_metadata(client):
         assert client.computers.get(computer.id).name == "sdk-renamed"
         with pytest.raises(ValidationError):
             client.computers.update(computer.id, name="   ")
+
+        computer.wait_until_ready(timeout=180)
+        r = helpers.exec_command(client, computer.id, "pwd; ls", cwd="/etc/apt")
+        assert (r.exit_code, r.output.splitlines()[0]) == (0, "/etc/apt"), r
+        assert "sources.list.d" in r.output
+        ran = client.commands.run_computer(computer.id, "tr a-z A-Z; exit 3", stdin="shout\n", timeout_seconds=30)
+        assert (ran["exit_code"], ran["output"]) == (3, "SHOUT\n")
+        nowhere = helpers.exec_command(client, computer.id, "pwd", cwd="/no/such/dir")
+        assert nowhere.exit_code == 127 and "/no/such/dir is not a directory" in nowhere.stderr, nowhere
+        with pytest.raises(ValidationError):
+            client.commands.run_computer(computer.id, "true", cwd="relative/dir")
+
+        # Resize: a running computer must be stopped first; a stopped one starts with its new size.
+        with pytest.raises(ResourceStateError) as running:
+            computer.resize("small")
+        assert "stop it" in str(running.value)
+        with pytest.raises(ValidationError):
+            computer.resize(cpu_count=2)
+        computer.stop()
+        assert computer.resize(cpu_count=1, memory_mb=512).data.size.value == "small"
+        assert client.computers.get(computer.id).data.size.value == "small"
+        computer.start()
+        computer.wait_until_ready(timeout=180)
+        kib = int(computer.exec.bash("awk '/MemTotal/ {print $2}' /proc/meminfo").output)
+        assert 300 * 1024 < kib <= 512 * 1024, kib
     finally:
         computer.destroy()

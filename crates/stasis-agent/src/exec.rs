@@ -39,6 +39,14 @@ fn into_text(buf: Vec<u8>) -> String {
 }
 
 fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
+    if let Some(dir) = &req.cwd {
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("working directory {dir} is not a directory"),
+            ));
+        }
+    }
     let cwd = req.cwd.clone().unwrap_or_else(|| "/root".into());
     let mut cmd = Command::new(&req.program);
     cmd.args(&req.args)

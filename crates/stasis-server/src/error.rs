@@ -57,6 +57,8 @@ pub enum Conflict {
     NoEgressPolicy,
     /// The computer has a variable of that name already (change it with a `PATCH`).
     EnvVarExists,
+    /// The change needs the computer stopped.
+    MustBeStopped,
 }
 
 #[derive(Debug, thiserror::Error)]

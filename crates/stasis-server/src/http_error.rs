@@ -149,6 +149,7 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::NoNetwork => "NO_NETWORK",
         Conflict::NoEgressPolicy => "NO_EGRESS_POLICY",
         Conflict::EnvVarExists => "ENV_VAR_EXISTS",
+        Conflict::MustBeStopped => "RESOURCE_STATE",
     }
 }
 

@@ -365,6 +365,47 @@ pub struct ExecRequest {
     pub timeout: Option<u64>,
 }
 
+/// `POST /computers/{id}/commands` (the SDK's `commands.run_computer`, and
+/// `helpers.exec_command` with a `cwd`): a command run under `bash -c`, waited for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CommandRequest {
+    pub command: String,
+    /// Working directory (default `/root`); one that is not a directory fails the command
+    /// (exit code 127, saying so on stderr).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub cwd: Option<String>,
+    /// Seconds before the command is killed (exit code 124); default 60, at most 3600.
+    #[schema(minimum = 1, maximum = 3600, nullable = false)]
+    #[serde(default, deserialize_with = "whole_seconds")]
+    pub timeout_seconds: Option<u64>,
+    /// Written to the command's stdin, which is then closed (default: empty).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub stdin: Option<String>,
+}
+
+/// `POST /computers/{id}/resize`: a size, or the vCPUs and memory of one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ResizeRequest {
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub size: Option<Size>,
+    /// With `memory_mb`, names the size that has exactly these.
+    #[serde(default)]
+    #[schema(nullable = false, minimum = 1)]
+    pub cpu_count: Option<u32>,
+    #[serde(default)]
+    #[schema(nullable = false, minimum = 1)]
+    pub memory_mb: Option<u64>,
+}
+
+/// A computer, as `resize` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ComputerData {
+    pub data: Computer,
+}
+
 /// `POST /computers/{id}/exec/python`: code run by `python3 -c`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ExecPythonRequest {

@@ -68,6 +68,30 @@ pub struct NewComputer {
     pub env: Vec<(String, String)>,
 }
 
+/// A command for [`Computers::exec`].
+pub struct Run {
+    pub program: String,
+    pub args: Vec<String>,
+    pub timeout_secs: u64,
+    /// Default `/root`.
+    pub cwd: Option<String>,
+    /// Default: none (`/dev/null`).
+    pub stdin: Option<String>,
+}
+
+impl Run {
+    /// `program args...` with no stdin, in `/root`.
+    pub fn new(program: &str, args: Vec<String>, timeout_secs: u64) -> Run {
+        Run {
+            program: program.into(),
+            args,
+            timeout_secs,
+            cwd: None,
+            stdin: None,
+        }
+    }
+}
+
 pub struct Computers {
     pub(crate) db: Db,
     pub(crate) host: Arc<Host>,
@@ -286,6 +310,31 @@ impl Computers {
             .update_computer(id, name.as_deref(), req.metadata.as_ref())
             .await?;
         self.get(tenant, id).await
+    }
+
+    /// Gives a stopped (or errored) computer another size, which it starts with next time.
+    /// A running one answers 409 unless it has that size already (then nothing changes).
+    pub async fn resize(&self, tenant: TenantId, id: ComputerId, req: stasis_types::ResizeRequest) -> Result<Computer> {
+        let size = size_asked(&req)?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let c = self.get(tenant, id).await?;
+        if c.size == size {
+            return Ok(c);
+        }
+        match c.status {
+            ComputerStatus::Stopped | ComputerStatus::Error => {
+                self.db.set_size(id, size).await?;
+                self.get(tenant, id).await
+            }
+            other => Err(Error::conflict(
+                crate::error::Conflict::MustBeStopped,
+                format!(
+                    "computer is {}: stop it to resize it (a stopped computer starts with its new size)",
+                    other.as_str()
+                ),
+            )),
+        }
     }
 
     pub async fn create(self: &Arc<Self>, tenant: TenantId, new: NewComputer) -> Result<Computer> {
@@ -638,15 +687,15 @@ impl Computers {
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
 
-    /// Runs `program args...` in the guest.
-    pub async fn exec(
-        &self,
-        tenant: TenantId,
-        id: ComputerId,
-        program: &str,
-        args: Vec<String>,
-        timeout_secs: u64,
-    ) -> Result<ExecResponse> {
+    /// Runs `run` in the guest, with the computer's variables.
+    pub async fn exec(&self, tenant: TenantId, id: ComputerId, run: Run) -> Result<ExecResponse> {
+        let Run {
+            program,
+            args,
+            timeout_secs,
+            cwd,
+            stdin,
+        } = run;
         let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
         let vm = match (c.status, self.host.get(&id.to_string())) {
             (ComputerStatus::Running, Some(vm)) => vm,
@@ -668,11 +717,11 @@ impl Computers {
         let started = Instant::now();
         let result = vm
             .exec(ExecRequest {
-                program: program.into(),
+                program,
                 args,
                 env,
-                cwd: None,
-                stdin: None,
+                cwd,
+                stdin,
                 timeout_ms: timeout_secs * 1000,
             })
             .await;
@@ -841,6 +890,63 @@ fn action(status: ComputerStatus, message: &str) -> ActionResponse {
     }
 }
 
+/// The size a resize asks for: `size`, or the one size with the `cpu_count` and `memory_mb`
+/// given (and, with `size` too, that they agree with it).
+fn size_asked(req: &stasis_types::ResizeRequest) -> Result<Size> {
+    let table = || {
+        Size::ALL
+            .iter()
+            .map(|s| format!("{} ({} vCPU, {} MB)", s.as_str(), s.vcpus(), s.memory_mib()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let fits =
+        |s: &Size| req.cpu_count.is_none_or(|c| c == s.vcpus()) && req.memory_mb.is_none_or(|m| m == s.memory_mib());
+    if let Some(size) = req.size {
+        if !fits(&size) {
+            return Err(Error::invalid(
+                "size",
+                format!(
+                    "size {} has {} vCPU and {} MB, not what cpu_count/memory_mb ask; the sizes: {}",
+                    size.as_str(),
+                    size.vcpus(),
+                    size.memory_mib(),
+                    table()
+                ),
+            ));
+        }
+        return Ok(size);
+    }
+    if req.cpu_count.is_none() && req.memory_mb.is_none() {
+        return Err(Error::invalid("size", format!("say which size: {}", table())));
+    }
+    let matching: Vec<Size> = Size::ALL.into_iter().filter(fits).collect();
+    match matching.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(Error::invalid(
+            if req.memory_mb.is_some() {
+                "memory_mb"
+            } else {
+                "cpu_count"
+            },
+            format!(
+                "{} of the sizes match{}; the sizes: {}",
+                if matching.is_empty() {
+                    "none".to_string()
+                } else {
+                    matching.len().to_string()
+                },
+                if matching.is_empty() {
+                    ""
+                } else {
+                    " (give memory_mb too, or size)"
+                },
+                table()
+            ),
+        )),
+    }
+}
+
 /// A computer's name as given (trimmed): 1 to 128 characters, no control characters.
 fn check_name(raw: &str) -> Result<String> {
     let name = raw.trim().to_string();
@@ -932,6 +1038,14 @@ mod tests {
             field_of(validate(r#"{"name":"dev","metadata":[1]}"#).unwrap_err()),
             "metadata"
         );
+        let ask = |json: &str| size_asked(&serde_json::from_str(json).unwrap());
+        assert_eq!(ask(r#"{"size":"large"}"#).unwrap(), Size::Large);
+        assert_eq!(ask(r#"{"cpu_count":2,"memory_mb":1024}"#).unwrap(), Size::Medium);
+        assert_eq!(ask(r#"{"memory_mb":256}"#).unwrap(), Size::Xs);
+        assert!(matches!(ask(r#"{"cpu_count":2}"#), Err(Error::Invalid { field, .. }) if field == "cpu_count"));
+        assert!(matches!(ask(r#"{"memory_mb":3}"#), Err(Error::Invalid { field, .. }) if field == "memory_mb"));
+        assert!(matches!(ask(r#"{"size":"xs","cpu_count":4}"#), Err(Error::Invalid { field, .. }) if field == "size"));
+        assert!(matches!(ask(r#"{}"#), Err(Error::Invalid { field, .. }) if field == "size"));
         let with_env = validate(r#"{"name":"dev","env":{"B":"2","A":"x y"}}"#).unwrap();
         assert_eq!(
             with_env.env,

@@ -6,12 +6,12 @@ use axum::http::StatusCode;
 use axum::Json;
 use futures::future::BoxFuture;
 use stasis_types::{
-    ActionResponse, Computer, ComputerId, ComputerList, CreateComputerRequest, ExecPythonRequest, ExecRequest,
-    ExecResponse, Size, StartRequest, UpdateComputerRequest,
+    ActionResponse, CommandRequest, Computer, ComputerData, ComputerId, ComputerList, CreateComputerRequest,
+    ExecPythonRequest, ExecRequest, ExecResponse, ResizeRequest, Size, StartRequest, UpdateComputerRequest,
 };
 use utoipa_axum::routes;
 
-use super::{Computers, DEFAULT_EXEC_TIMEOUT_SECS, MAX_EXEC_TIMEOUT_SECS};
+use super::{Computers, Run, DEFAULT_EXEC_TIMEOUT_SECS, MAX_EXEC_TIMEOUT_SECS};
 use crate::auth::Tenant;
 use crate::body;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Params, Runs};
@@ -39,6 +39,8 @@ pub fn router() -> Endpoints {
         .add(machine, routes!(restart))
         .add(Endpoint::from(machine).long(), routes!(exec_bash))
         .add(Endpoint::from(machine).long(), routes!(exec_python))
+        .add(Endpoint::from(machine).long(), routes!(run_command))
+        .add(Runs::OnOwner(IfLost::AnswerHere), routes!(resize))
 }
 
 /// A create needs the memory of the size it asks for (the smallest if none); the host
@@ -170,14 +172,69 @@ async fn restart(
 
 /// The timeout asked for, within `1..=MAX_EXEC_TIMEOUT_SECS` (default 60).
 fn timeout(asked: Option<u64>) -> ApiResult<u64> {
+    timeout_in("timeout", asked)
+}
+
+fn timeout_in(field: &str, asked: Option<u64>) -> ApiResult<u64> {
     match asked {
         None => Ok(DEFAULT_EXEC_TIMEOUT_SECS),
         Some(s) if (1..=MAX_EXEC_TIMEOUT_SECS).contains(&s) => Ok(s),
         Some(_) => Err(ApiError::invalid(
-            "timeout",
-            format!("timeout must be a whole number of seconds between 1 and {MAX_EXEC_TIMEOUT_SECS}"),
+            field,
+            format!("{field} must be a whole number of seconds between 1 and {MAX_EXEC_TIMEOUT_SECS}"),
         )),
     }
+}
+
+/// Run a command under `bash -c` in a working directory, with stdin, and wait for it (the
+/// SDK's `commands.run_computer`, and `helpers.exec_command` with a `cwd`).
+#[utoipa::path(post, path = "/computers/{id}/commands", operation_id = "runCommand", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = CommandRequest,
+    responses((status = 200, description = "The command ran (see exit_code)", body = ExecResponse), WriteErrors))]
+async fn run_command(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body::Json(req): body::Json<CommandRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    let id = computer_id(&id)?;
+    let timeout = timeout_in("timeout_seconds", req.timeout_seconds)?;
+    if let Some(cwd) = &req.cwd {
+        if !cwd.starts_with('/') || cwd.contains('\0') || cwd.len() > 4096 {
+            return Err(ApiError::invalid(
+                "cwd",
+                "cwd must be an absolute path (at most 4096 bytes)",
+            ));
+        }
+    }
+    let args = vec!["-c".to_string(), req.command];
+    Ok(Json(
+        service(&state)
+            .exec(
+                tenant,
+                id,
+                Run {
+                    cwd: req.cwd,
+                    stdin: req.stdin,
+                    ..Run::new("/bin/bash", args, timeout)
+                },
+            )
+            .await?,
+    ))
+}
+
+/// Give a stopped computer another size, which it starts with next time (`size`, or the
+/// `cpu_count` and `memory_mb` of one). A running computer answers 409 `RESOURCE_STATE`.
+#[utoipa::path(post, path = "/computers/{id}/resize", operation_id = "resizeComputer", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = ResizeRequest,
+    responses((status = 200, description = "The computer, with its size", body = ComputerData), WriteErrors))]
+async fn resize(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body::Json(req): body::Json<ResizeRequest>,
+) -> ApiResult<Json<ComputerData>> {
+    let mut computer = service(&state).resize(tenant, computer_id(&id)?, req).await?;
+    state.previews.dress(&mut computer);
+    Ok(Json(ComputerData { data: computer }))
 }
 
 /// Run a command under `bash -c` in the computer and answer with its output and exit code.
@@ -193,7 +250,9 @@ async fn exec_bash(
     let timeout = timeout(req.timeout)?;
     let args = vec!["-c".to_string(), req.command];
     Ok(Json(
-        service(&state).exec(tenant, id, "/bin/bash", args, timeout).await?,
+        service(&state)
+            .exec(tenant, id, Run::new("/bin/bash", args, timeout))
+            .await?,
     ))
 }
 
@@ -209,5 +268,9 @@ async fn exec_python(
     let id = computer_id(&id)?;
     let timeout = timeout(req.timeout)?;
     let args = vec!["-c".to_string(), req.code];
-    Ok(Json(service(&state).exec(tenant, id, "python3", args, timeout).await?))
+    Ok(Json(
+        service(&state)
+            .exec(tenant, id, Run::new("python3", args, timeout))
+            .await?,
+    ))
 }

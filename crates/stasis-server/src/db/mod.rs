@@ -392,6 +392,18 @@ impl Db {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Gives a (stopped) computer another size, for its next start.
+    pub async fn set_size(&self, id: ComputerId, size: stasis_types::Size) -> Result<(), sqlx::Error> {
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        sqlx::query("UPDATE computers SET size = $1, updated_at = $2 WHERE id = $3")
+            .bind(size.as_str())
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Renames a computer and/or replaces its metadata (what is `None` stays).
     pub async fn update_computer(
         &self,
