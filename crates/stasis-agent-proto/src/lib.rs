@@ -12,14 +12,17 @@
 
 use serde::{Deserialize, Serialize};
 
+mod fs;
 mod line;
+pub use fs::{FileMeta, FsErrorKind, FsOp, FsReply, FILES_SINCE, FILE_CHUNK_BYTES, MAX_LIST_ENTRIES};
 pub use line::{LineReader, Next, OVERSIZED_HEAD_BYTES};
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "stasis.agent";
 
 /// Protocol version, reported by the agent in [`Reply::Hello`] and [`Reply::Pong`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: file operations ([`Op::Fs`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either end accepts; longer lines are skipped (by [`LineReader`], without
 /// being held in memory). Room for [`EXEC_OUTPUT_BUDGET`] plus the rest of an exec reply.
@@ -55,6 +58,8 @@ pub enum Op {
     /// Make a restored guest a distinct machine: step the clock, reseed the kernel RNG,
     /// and optionally take a new hostname. Answered with [`Reply::Done`].
     Identity(IdentityRequest),
+    /// A file operation (since [`FILES_SINCE`]); answered with [`Reply::Fs`].
+    Fs(FsOp),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +118,7 @@ pub enum Reply {
         uptime_ms: u64,
     },
     Exec(ExecResult),
+    Fs(FsReply),
     /// The request completed and has nothing to report.
     Done,
     /// A repeated request whose first copy is still executing.

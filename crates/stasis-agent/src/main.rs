@@ -9,6 +9,7 @@
 mod boot;
 mod connections;
 mod exec;
+mod fs;
 mod hooks;
 mod identity;
 mod net;
@@ -36,6 +37,16 @@ fn main() {
             Ok(p) => p,
             Err(e) => fatal(&format!("agent port: {e}")),
         };
+        // The console is the computer's log (`GET /computers/{id}/logs`): say it is up.
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        log(&format!(
+            "booted: kernel {}, up {} s; serving the host (protocol {}) on {}",
+            kernel.trim(),
+            uptime.split_whitespace().next().unwrap_or("?"),
+            stasis_agent_proto::PROTOCOL_VERSION,
+            port.display()
+        ));
         serve::serve_port(&port);
         fatal("agent port closed");
     }

@@ -146,6 +146,32 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
             send(&writer, &encode(&Response { id, reply: pong }));
             continue;
         }
+        // A chunk of a file read or written, a stat, a listing: run again if asked again,
+        // not remembered (a guest may have little memory, and chunks are large).
+        // (A repeat while it runs is told so, as for any request, rather than run beside it.)
+        if let Op::Fs(fs) = &op {
+            if fs.idempotent() {
+                let first = seen.lock().unwrap_or_else(|p| p.into_inner()).running.insert(id);
+                if !first {
+                    send(
+                        &writer,
+                        &encode(&Response {
+                            id,
+                            reply: Reply::Running,
+                        }),
+                    );
+                    continue;
+                }
+                let writer = writer.clone();
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let reply = handle(op);
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).running.remove(&id);
+                    send(&writer, &encode(&Response { id, reply }));
+                });
+                continue;
+            }
+        }
         let admission = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(id);
         match admission {
             Admission::Running => send(
@@ -176,6 +202,7 @@ fn handle(op: Op) -> Reply {
     match op {
         Op::Ping => Reply::Done,
         Op::Exec(req) => Reply::Exec(crate::exec::run(&req)),
+        Op::Fs(op) => Reply::Fs(crate::fs::run(op)),
         Op::Sync => {
             // SAFETY: sync takes no arguments.
             unsafe { libc::sync() };
@@ -183,6 +210,10 @@ fn handle(op: Op) -> Reply {
         }
         Op::Identity(req) => match crate::identity::apply(&req) {
             Ok(()) => {
+                crate::log(&format!(
+                    "restored as a new machine{}",
+                    req.hostname.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
+                ));
                 // Only a restore sends an identity: the clone's processes learn of it now.
                 crate::hooks::after_restore(req.hostname.clone());
                 Reply::Done

@@ -24,18 +24,23 @@ pub struct BodyDeadline {
 
 /// Reads a whole body within the request's deadline and [`MAX_BODY_BYTES`].
 pub async fn read_within(body: axum::body::Body, deadline: Option<BodyDeadline>) -> ApiResult<Bytes> {
+    read_limited(body, deadline, MAX_BODY_BYTES).await
+}
+
+/// Reads a whole body within the request's deadline and `limit` bytes.
+pub async fn read_limited(body: axum::body::Body, deadline: Option<BodyDeadline>, limit: usize) -> ApiResult<Bytes> {
     let deadline = deadline.unwrap_or(BodyDeadline {
         at: tokio::time::Instant::now() + BODY_TIMEOUT,
         after: BODY_TIMEOUT,
     });
-    match tokio::time::timeout_at(deadline.at, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+    match tokio::time::timeout_at(deadline.at, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::BodyTimeout(deadline.after.as_secs())),
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => {
             // to_bytes fails on the length limit or on the connection.
             let e = e.into_inner();
             if e.is::<http_body_util::LengthLimitError>() {
-                Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES))
+                Err(ApiError::PayloadTooLarge(limit))
             } else {
                 Err(ApiError::BadRequest(format!("reading the request body: {e}")))
             }

@@ -59,6 +59,9 @@ pub enum Conflict {
     EnvVarExists,
     /// The change needs the computer stopped.
     MustBeStopped,
+    /// The computer's guest agent is older than the request needs (restored from an older
+    /// snapshot).
+    AgentTooOld,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,13 @@ pub enum Error {
     /// A part the request needs (a host, the guest agent, the image) cannot serve it now.
     #[error("{0}")]
     Unavailable(String),
+    /// A file operation in a computer failed: why (its `errno` kind), and a message naming
+    /// the path.
+    #[error("{message}")]
+    File {
+        kind: stasis_agent_proto::FsErrorKind,
+        message: String,
+    },
     /// A fault of the platform's own: logged in full, never shown to a client.
     #[error("internal error: {0}")]
     Internal(String),

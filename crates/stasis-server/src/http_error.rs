@@ -97,6 +97,7 @@ impl ApiError {
                 Error::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
                 Error::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED"),
                 Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+                Error::File { kind, .. } => file_status(*kind),
                 Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
             },
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "INVALID_JSON"),
@@ -134,6 +135,22 @@ impl ApiError {
     }
 }
 
+/// The status and code of a failed file operation (`INVALID_PATH` is the SDK's).
+fn file_status(kind: stasis_agent_proto::FsErrorKind) -> (StatusCode, &'static str) {
+    use stasis_agent_proto::FsErrorKind as K;
+    match kind {
+        K::NotFound => (StatusCode::NOT_FOUND, "FILE_NOT_FOUND"),
+        K::NotADirectory => (StatusCode::CONFLICT, "NOT_A_DIRECTORY"),
+        K::IsADirectory => (StatusCode::CONFLICT, "IS_A_DIRECTORY"),
+        K::PermissionDenied => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+        K::AlreadyExists => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
+        K::NotEmpty => (StatusCode::CONFLICT, "NOT_EMPTY"),
+        K::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "DISK_FULL"),
+        K::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH"),
+        K::Other => (StatusCode::CONFLICT, "FILE_OPERATION_FAILED"),
+    }
+}
+
 /// The wire code of a conflict: the official SDK's where it has one.
 fn conflict_code(state: Conflict) -> &'static str {
     match state {
@@ -150,6 +167,7 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::NoEgressPolicy => "NO_EGRESS_POLICY",
         Conflict::EnvVarExists => "ENV_VAR_EXISTS",
         Conflict::MustBeStopped => "RESOURCE_STATE",
+        Conflict::AgentTooOld => "AGENT_TOO_OLD",
     }
 }
 

@@ -10,11 +10,14 @@ pub mod encryption;
 pub mod endpoints;
 pub mod env;
 pub mod error;
+pub mod files;
 pub mod http_error;
 pub mod idempotency;
 pub mod images;
 pub mod jobs;
 pub mod limits;
+pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod network_policy;
 pub mod openapi;
@@ -315,6 +318,9 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(preview::routes::router())
         .merge(network_policy::router())
         .merge(env::router())
+        .merge(files::router())
+        .merge(logs::router())
+        .merge(metrics::router())
         .into_router()
 }
 

@@ -784,3 +784,103 @@ pub struct SetNetworkPolicyRequest {
     #[schema(nullable = false)]
     pub default_effect: Option<PolicyEffect>,
 }
+
+/// One file or directory, as `GET /computers/{id}/files` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileInfo {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    pub is_dir: bool,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /computers/{id}/files`: a directory's entries, by name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileList {
+    pub data: Vec<FileInfo>,
+    /// The directory holds more than one listing answers with (10 000 entries).
+    pub truncated: bool,
+}
+
+/// `POST /computers/{id}/files/stat`: what a path is (`lstat`: a symlink is described, not
+/// followed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileStat {
+    pub path: String,
+    pub size: u64,
+    /// The whole `st_mode` (type and permission bits).
+    pub mode: u32,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    pub symlink_target: Option<String>,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// One entry of `GET /computers/{id}/files/readdir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DirEntry {
+    pub name: String,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    pub size: u64,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirEntries {
+    pub entries: Vec<DirEntry>,
+    pub truncated: bool,
+}
+
+/// `GET /computers/{id}/files/readdir`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub data: DirEntries,
+}
+
+/// A path in a computer: absolute, at most 4096 bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PathRequest {
+    pub path: String,
+}
+
+/// `POST /computers/{id}/files/mkdir`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MkdirRequest {
+    pub path: String,
+    /// Make missing parents too (default `true`, as `mkdir -p`).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub recursive: Option<bool>,
+    /// Octal, like `"0755"` (the default).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub mode: Option<String>,
+}
+
+/// `POST /computers/{id}/files/rename` and `/copy`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MoveRequest {
+    pub from: String,
+    pub to: String,
+    /// `copy` only: a directory with all it holds (default `false`).
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub recursive: Option<bool>,
+}
+
+/// `POST /computers/{id}/files/chmod`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChmodRequest {
+    pub path: String,
+    /// Octal, like `"0644"`.
+    pub mode: String,
+}
+
+/// `POST /computers/{id}/files/write`: a whole file, base64 (for larger files, `upload`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WriteFileRequest {
+    pub path: String,
+    pub content_base64: String,
+}

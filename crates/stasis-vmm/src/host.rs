@@ -252,7 +252,10 @@ impl Host {
                     changed = exit.changed() => if changed.is_err() {
                         return;
                     },
-                    _ = rotate.tick() => entry.vm.rotate_logs(),
+                    _ = rotate.tick() => {
+                        entry.vm.rotate_logs();
+                        entry.vm.sample();
+                    }
                 }
             };
             let Some(host) = host.upgrade() else { return };
@@ -343,8 +346,8 @@ impl Host {
     }
 }
 
-/// How often a running machine's logs are checked against their cap.
-const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a running machine's logs are checked against their cap (and its use sampled).
+const LOG_CHECK: std::time::Duration = crate::vm::SAMPLE_EVERY;
 
 /// How long a killed QEMU may take to be gone.
 const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -357,7 +360,7 @@ fn kill_stray_at(paths: &VmPaths) {
         .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok());
     let legacy_name = config.as_ref().map(|c| c.name.as_str());
     for pidfile in [paths.pidfile(), paths.disks.join("qemu.pid")] {
-        let Some(pid) = read_small(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
+        let Some(pid) = crate::vm::read_small_file(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
             continue;
         };
         let legacy_qmp = paths.disks.join("qmp.sock");
@@ -379,24 +382,6 @@ fn kill_stray_at(paths: &VmPaths) {
             let _ = std::fs::remove_file(config.ram_path);
         }
     }
-}
-
-/// A small file (a pid), read without following a link, blocking on a FIFO or reading more
-/// than a few bytes, whoever could have put it there.
-fn read_small(path: &Path) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    if !f.metadata().ok()?.file_type().is_file() {
-        return None;
-    }
-    let mut s = String::new();
-    f.take(64).read_to_string(&mut s).ok()?;
-    Some(s)
 }
 
 /// The top overlay of a machine last run by a version that kept its `machine.json` among its

@@ -473,6 +473,62 @@ pub struct Vm {
     /// With user networking: guest ports forwarded so far, to their port on the host's
     /// loopback.
     forwards: tokio::sync::Mutex<std::collections::HashMap<u16, u16>>,
+    /// What its QEMU used, sampled now and then (the newest last; an hour's worth kept).
+    samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+}
+
+/// What a machine's QEMU had used at one moment, as the host's kernel counts it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub at: std::time::SystemTime,
+    /// CPU time (user and system), seconds since QEMU started.
+    pub cpu_secs: f64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+}
+
+/// Samples kept a machine: an hour's at [`SAMPLE_EVERY`].
+pub const SAMPLES_KEPT: usize = 1800;
+/// How often a running machine is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// The CPU time and resident memory of process `pid` (from `/proc`, the kernel's).
+pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some((ticks as f64 / hz, rss_pages * page))
+}
+
+impl Vm {
+    /// Takes a sample of its QEMU's use (called now and then while it runs).
+    pub fn sample(&self) {
+        if let Some((cpu_secs, rss_bytes)) = process_usage(self.pid()) {
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            samples.push_back(Sample {
+                at: std::time::SystemTime::now(),
+                cpu_secs,
+                rss_bytes,
+            });
+            while samples.len() > SAMPLES_KEPT {
+                samples.pop_front();
+            }
+        }
+    }
+
+    /// The samples taken since `since`, oldest first.
+    pub fn samples_since(&self, since: std::time::SystemTime) -> Vec<Sample> {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        samples.iter().filter(|s| s.at >= since).copied().collect()
+    }
 }
 
 impl Vm {
@@ -572,6 +628,7 @@ impl Vm {
             qmp,
             agent,
             forwards: Default::default(),
+            samples: Default::default(),
         })
     }
 
@@ -667,6 +724,34 @@ impl Vm {
         }
     }
 
+    /// The protocol version the guest's agent speaks (older snapshots hold older agents).
+    pub async fn agent_version(&self) -> Result<u32, VmError> {
+        let reply = self
+            .until_exit_keep("asking the agent", self.agent.call(Op::Ping, Duration::from_secs(30)))
+            .await?;
+        match reply {
+            Reply::Pong { version, .. } => Ok(version),
+            other => Err(AgentError::Unexpected(Box::new(other)).into()),
+        }
+    }
+
+    /// One file operation in the guest (its agent must speak
+    /// [`stasis_agent_proto::FILES_SINCE`] or later: see [`Vm::agent_version`]).
+    pub async fn fs(&self, op: stasis_agent_proto::FsOp) -> Result<stasis_agent_proto::FsReply, VmError> {
+        // A chunk is a MiB; a copy or removal of a large tree takes what it takes.
+        let limit = match op {
+            stasis_agent_proto::FsOp::Copy { .. } | stasis_agent_proto::FsOp::Remove { .. } => Duration::from_secs(600),
+            _ => Duration::from_secs(60),
+        };
+        let reply = self
+            .until_exit_keep("during a file operation", self.agent.call(Op::Fs(op), limit))
+            .await?;
+        match reply {
+            Reply::Fs(r) => Ok(r),
+            other => Err(AgentError::Unexpected(Box::new(other)).into()),
+        }
+    }
+
     /// Like `until_exit` but leaves the machine alone on failure (an exec timing out is the
     /// user's business, not a reason to kill the machine).
     async fn until_exit_keep<T, E: Into<VmError>>(
@@ -705,10 +790,12 @@ impl Vm {
 
     /// Cuts the machine's logs back to [`LOG_CAP_BYTES`] (called now and then while it runs).
     pub fn rotate_logs(&self) {
-        for log in [self.paths.console(), self.paths.qemu_log()] {
-            if let Err(e) = rotate_log(&log, LOG_CAP_BYTES) {
-                tracing::debug!(log = %log.display(), error = %e, "rotating a log");
-            }
+        if let Err(e) = crate::console::cut(&self.paths.console(), LOG_CAP_BYTES) {
+            tracing::debug!(error = %e, "rotating the console log");
+        }
+        let log = self.paths.qemu_log();
+        if let Err(e) = rotate_log(&log, LOG_CAP_BYTES) {
+            tracing::debug!(log = %log.display(), error = %e, "rotating a log");
         }
     }
 
@@ -817,6 +904,7 @@ pub fn spawn_qemu(config: &MachineConfig, paths: &VmPaths, launch: Launch) -> Re
     let log = open_log(&paths.qemu_log())?;
     let log2 = log.try_clone().map_err(io("duplicating qemu.log"))?;
     let console = open_log(&paths.console())?;
+    crate::console::restart(&paths.console());
     let qmp = bind_socket(&paths.qmp())?;
     let agent = bind_socket(&paths.agent())?;
     let mut fds = crate::process::FdMap::new();
@@ -993,7 +1081,25 @@ const TAIL_BYTES: u64 = 64 * 1024;
 /// Opens a log for reading without following a link or blocking on a FIFO, and only if it is
 /// a regular file (the logs are the platform's own, in its control directory; this is the
 /// second line of defence).
-fn open_regular(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+/// A small file (a pid), read without following a link, blocking on a FIFO or reading more
+/// than a few bytes, whoever could have put it there.
+pub(crate) fn read_small_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    let mut s = String::new();
+    f.take(64).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+pub(crate) fn open_regular(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -1038,12 +1144,13 @@ fn log_tail(path: &Path, n: usize) -> String {
 
 /// Once `path` passes `cap` bytes: its last `cap / 2` go to `<path>.1` and it starts again
 /// empty. QEMU appends (`O_APPEND`), so it goes on writing at the new end.
-fn rotate_log(path: &Path, cap: u64) -> std::io::Result<()> {
+/// Answers how many bytes the file had when cut (none: it was within `cap`).
+pub(crate) fn rotate_log(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
     use std::os::unix::fs::FileExt;
     let f = open_regular(path, true)?;
     let len = f.metadata()?.len();
     if len <= cap {
-        return Ok(());
+        return Ok(None);
     }
     let keep = cap / 2;
     let mut tail = vec![0u8; keep as usize];
@@ -1055,7 +1162,8 @@ fn rotate_log(path: &Path, cap: u64) -> std::io::Result<()> {
     tmp.push(".tmp");
     std::fs::write(&tmp, &tail)?;
     std::fs::rename(&tmp, &rotated)?;
-    f.set_len(0)
+    f.set_len(0)?;
+    Ok(Some(len))
 }
 
 #[cfg(test)]

@@ -250,6 +250,39 @@ impl Api {
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.key)
     }
+
+    /// Sends `req` (`what` names it in errors); an error answer is an [`ApiFailure`].
+    pub async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<reqwest::Response> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let value: Value = serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+        Err(ApiFailure {
+            status: status.as_u16(),
+            code: value["error"]["code"].as_str().unwrap_or("").to_string(),
+            message: value["error"]["message"]
+                .as_str()
+                .unwrap_or(status.canonical_reason().unwrap_or("request failed"))
+                .to_string(),
+            request_id: value["error"]["request_id"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(request_id),
+            what: what.to_string(),
+        }
+        .into())
+    }
 }
 
 pub fn print(output: Output, value: &Value, text: impl FnOnce() -> String) {

@@ -74,6 +74,51 @@ fn the_cli_does_the_seed_recipes_with_progress_json_and_exit_codes() {
     // exec ends with the command's own exit code.
     assert_eq!(code(&cli.run(&["computer", "exec", &id, "--", "exit 7"])), 7);
 
+    // cp both ways: the bytes come back as they went.
+    let local = dir.path().join("up.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &bytes).unwrap();
+    let remote = format!("{id}:/root/cp/up.bin");
+    let out = cli.run(&["computer", "cp", local.to_str().unwrap(), &remote]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let back = dir.path().join("back.bin");
+    let out = cli.run(&["computer", "cp", &remote, back.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the downloaded bytes are the uploaded ones"
+    );
+    let missing = cli.run(&["computer", "cp", &format!("{id}:/root/none"), back.to_str().unwrap()]);
+    assert_eq!(
+        code(&missing),
+        3,
+        "a missing file is not found: {}",
+        text(&missing.stderr)
+    );
+    assert!(
+        text(&missing.stderr).contains("/root/none"),
+        "{}",
+        text(&missing.stderr)
+    );
+    // env: set, seen by exec, listed, unset.
+    let out = cli.run(&["computer", "env", &id, "--set", "STAGE=cli", "--set", "N=1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "N=1\nSTAGE=cli");
+    let out = cli.run(&["computer", "exec", &id, "--", "echo $STAGE"]);
+    assert_eq!(text(&out.stdout).trim(), "cli");
+    let out = cli.run(&["computer", "env", &id, "--unset", "N"]);
+    assert_eq!(text(&out.stdout).trim(), "STAGE=cli");
+    // logs: the agent's boot line is on the console.
+    let out = cli.run(&["computer", "logs", &id, "-n", "50"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("stasis-agent: booted"),
+        "{}",
+        text(&out.stdout)
+    );
+
     // Recipe: snapshot and wait for it, with progress on stderr (not a terminal here: lines).
     let out = cli.run(&["snapshot", "create", &id, "--comment", "before-deploy-v2", "--wait"]);
     let err = text(&out.stderr);

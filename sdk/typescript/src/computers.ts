@@ -10,6 +10,8 @@ import type {
   ExecResult,
   EnvVar,
   ExposePortParams,
+  FileInfo,
+  FileStat,
   NetworkPolicy,
   NetworkPolicyRule,
   Port,
@@ -90,6 +92,73 @@ export class Computers {
   /** Renames a computer and/or replaces its metadata. */
   update(id: string, params: UpdateComputerParams, opts: { signal?: AbortSignal } = {}): Promise<Computer> {
     return this.http.request<Computer>('PATCH', `/computers/${enc(id)}`, { body: params, retry: true, signal: opts.signal });
+  }
+
+  /** Writes a whole file (text as UTF-8), making missing parent directories. Up to 12 MiB; larger: `upload`. */
+  async writeFile(id: string, path: string, content: string | Uint8Array, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    const bytes = typeof content === 'string' ? Buffer.from(content, 'utf8') : Buffer.from(content);
+    await this.http.request<unknown>('POST', `/computers/${enc(id)}/files/write`, {
+      body: { path, content_base64: bytes.toString('base64') },
+      signal: opts.signal,
+    });
+  }
+
+  /** Uploads bytes to `path` (streamed to the guest; it replaces what was there once complete). */
+  async upload(id: string, path: string, data: Blob | Uint8Array, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<void> {
+    const form = new FormData();
+    form.set('path', path);
+    form.set('file', data instanceof Blob ? data : new Blob([data]), path.split('/').pop() || 'file');
+    const res = await this.http.raw('POST', `/computers/${enc(id)}/files/upload`, {
+      body: form,
+      signal: opts.signal,
+      timeoutMs: opts.timeoutMs ?? 600_000,
+    });
+    await res.arrayBuffer();
+  }
+
+  /** A file's bytes. */
+  async readFile(id: string, path: string, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Uint8Array> {
+    const res = await this.http.raw('GET', `/computers/${enc(id)}/files/download`, {
+      query: { path },
+      signal: opts.signal,
+      timeoutMs: opts.timeoutMs,
+    });
+    return new Uint8Array(await res.arrayBuffer());
+  }
+
+  /** A file's bytes as a stream (for large files). */
+  async download(id: string, path: string, opts: { signal?: AbortSignal } = {}): Promise<ReadableStream<Uint8Array>> {
+    const res = await this.http.raw('GET', `/computers/${enc(id)}/files/download`, { query: { path }, signal: opts.signal });
+    if (!res.body) throw new Error('the download has no body');
+    return res.body;
+  }
+
+  /** A directory's entries, by name (default `/root`). */
+  async listFiles(id: string, path?: string, opts: { signal?: AbortSignal } = {}): Promise<FileInfo[]> {
+    const r = await this.http.request<{ data: FileInfo[] }>('GET', `/computers/${enc(id)}/files`, {
+      query: { path },
+      retry: true,
+      signal: opts.signal,
+    });
+    return r.data;
+  }
+
+  /** What a path is. */
+  stat(id: string, path: string, opts: { signal?: AbortSignal } = {}): Promise<FileStat> {
+    return this.http.request<FileStat>('POST', `/computers/${enc(id)}/files/stat`, { body: { path }, signal: opts.signal });
+  }
+
+  /** Makes a directory (with missing parents unless `recursive: false`; mode like `'0755'`). */
+  async mkdir(id: string, path: string, opts: { recursive?: boolean; mode?: string; signal?: AbortSignal } = {}): Promise<void> {
+    await this.http.request<unknown>('POST', `/computers/${enc(id)}/files/mkdir`, {
+      body: { path, recursive: opts.recursive ?? true, mode: opts.mode ?? '0755' },
+      signal: opts.signal,
+    });
+  }
+
+  /** Deletes a file, or a directory with all it holds. */
+  async deletePath(id: string, path: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    await this.http.request<unknown>('DELETE', `/computers/${enc(id)}/files`, { body: { path }, signal: opts.signal });
   }
 
   /** The computer's environment variables, by name. */

@@ -180,6 +180,42 @@ export class Transport {
     }
   }
 
+  /**
+   * Sends a request with a body of its own (bytes, a form) and resolves with the raw answer of
+   * a 2xx (to read as bytes or a stream); throws a typed error otherwise. Not retried.
+   */
+  async raw(
+    method: string,
+    path: string,
+    opts: { query?: Record<string, string | number | undefined>; body?: FormData | Blob | Uint8Array | string; timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<Response> {
+    const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
+    const timer = new AbortController();
+    const t = setTimeout(() => timer.abort(), timeoutMs);
+    const signal = opts.signal ? AbortSignal.any([opts.signal, timer.signal]) : timer.signal;
+    const url = this.url(path, opts.query);
+    let res: Response;
+    try {
+      res = await fetch(url, { method, headers: this.headers(), body: opts.body, signal, duplex: 'half' } as RequestInit);
+    } catch (e) {
+      throw this.failure(e, method, url, timeoutMs, opts.signal, timer.signal);
+    } finally {
+      // The timeout is for the answer's head; its body is the caller's to read (or abort).
+      clearTimeout(t);
+    }
+    if (!res.ok) {
+      const text = await res.text().catch(() => '');
+      let parsed: unknown = undefined;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        // not JSON: the status says it
+      }
+      throw errorFromResponse(res.status, res.headers, parsed, text);
+    }
+    return res;
+  }
+
   /** Maps a `fetch` failure to a typed error, or passes the caller's own abort through. */
   failure(
     e: unknown,

@@ -68,6 +68,27 @@ export interface UpdateComputerParams {
   metadata?: Record<string, unknown>;
 }
 
+/** One entry of a directory in a computer. */
+export interface FileInfo {
+  name: string;
+  path: string;
+  size: number;
+  is_dir: boolean;
+  modified_at: string | null;
+}
+
+/** What a path in a computer is (`lstat`: a symlink is described, not followed). */
+export interface FileStat {
+  path: string;
+  size: number;
+  /** The whole `st_mode` (type and permission bits). */
+  mode: number;
+  is_dir: boolean;
+  is_symlink: boolean;
+  symlink_target: string | null;
+  modified_at: string | null;
+}
+
 /** One environment variable of a computer's. */
 export interface EnvVar {
   name: string;

@@ -6,6 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import { randomBytes } from 'node:crypto';
 
 import { Miosa, ValidationError } from '@stasis/sdk';
 import { startServer } from '../testlib/server.mjs';
@@ -103,4 +104,22 @@ test('environment variables reach every exec; update renames', { timeout: 150_00
 
   const renamed = await client.computers.update(c.id, { name: 'ts-env-2', metadata: { k: 1 } });
   assert.deepEqual([renamed.name, renamed.metadata, renamed.slug], ['ts-env-2', { k: 1 }, c.slug]);
+
+  // Files: bytes in and out unchanged, listed, described, removed; a missing one is a 404.
+  await client.computers.writeFile(c.id, '/root/ts/hello.txt', 'héllo');
+  assert.equal(Buffer.from(await client.computers.readFile(c.id, '/root/ts/hello.txt')).toString('utf8'), 'héllo');
+  const random = randomBytes(3 * 1024 * 1024 + 17);
+  await client.computers.upload(c.id, '/root/ts/random.bin', random);
+  assert.ok(Buffer.from(await client.computers.readFile(c.id, '/root/ts/random.bin')).equals(random));
+  await client.computers.mkdir(c.id, '/root/ts/sub', { mode: '0700' });
+  assert.deepEqual((await client.computers.listFiles(c.id, '/root/ts')).map((f) => [f.name, f.is_dir]), [
+    ['hello.txt', false],
+    ['random.bin', false],
+    ['sub', true],
+  ]);
+  const st = await client.computers.stat(c.id, '/root/ts/random.bin');
+  assert.equal(st.size, random.length);
+  assert.equal(st.is_dir, false);
+  await client.computers.deletePath(c.id, '/root/ts');
+  await assert.rejects(client.computers.readFile(c.id, '/root/ts/hello.txt'), (e) => e.status === 404 && /no such file/.test(e.message));
 });

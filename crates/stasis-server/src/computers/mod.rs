@@ -687,6 +687,20 @@ impl Computers {
         Ok(action(ComputerStatus::Destroyed, "computer destroyed"))
     }
 
+    /// The machine of a running computer of the tenant's (waiting a while for one that is
+    /// starting): a 409 saying why not otherwise.
+    pub async fn running_vm(&self, tenant: TenantId, id: ComputerId) -> Result<Arc<stasis_vmm::Vm>> {
+        let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
+        match (c.status, self.host.get(&id.to_string())) {
+            (ComputerStatus::Running, Some(vm)) => Ok(vm),
+            (ComputerStatus::Provisioning | ComputerStatus::Starting, _) => Err(Error::conflict(
+                crate::error::Conflict::ComputerStarting,
+                "computer is still starting; retry shortly",
+            )),
+            _ => Err(not_running()),
+        }
+    }
+
     /// Runs `run` in the guest, with the computer's variables.
     pub async fn exec(&self, tenant: TenantId, id: ComputerId, run: Run) -> Result<ExecResponse> {
         let Run {
@@ -696,17 +710,7 @@ impl Computers {
             cwd,
             stdin,
         } = run;
-        let c = self.settled(tenant, id, std::time::Duration::from_secs(120)).await?;
-        let vm = match (c.status, self.host.get(&id.to_string())) {
-            (ComputerStatus::Running, Some(vm)) => vm,
-            (ComputerStatus::Provisioning | ComputerStatus::Starting, _) => {
-                return Err(Error::conflict(
-                    crate::error::Conflict::ComputerStarting,
-                    "computer is still starting; retry shortly",
-                ))
-            }
-            _ => return Err(not_running()),
-        };
+        let vm = self.running_vm(tenant, id).await?;
         let env = self
             .db
             .env_vars(id)

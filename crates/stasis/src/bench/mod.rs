@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::client::Api;
 
+mod files;
 mod hardening;
 mod load;
 mod network;
@@ -68,6 +69,18 @@ pub enum BenchCommand {
         /// The computers' size: as many vCPUs as this host has cores keeps the confined side's
         /// CPU quota (its vCPUs' worth) from binding where the unconfined side has none.
         #[arg(long, default_value = "medium")]
+        size: String,
+    },
+    /// Files in and out of a computer through the files API against the same bytes through
+    /// one-shot exec, and the process's peak memory while a large file goes up and down.
+    Files {
+        /// MiB moved each way by each method.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// MiB of the large file whose transfer the memory is watched over.
+        #[arg(long, default_value_t = 1024)]
+        big_mib: u64,
+        #[arg(long, default_value = "small")]
         size: String,
     },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
@@ -226,6 +239,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             requests,
             size,
         } => network::run(rounds.max(1), mib.max(1), requests.max(1), &size).await,
+        BenchCommand::Files { mib, big_mib, size } => files::run(mib.max(1), big_mib.max(1), &size).await,
         BenchCommand::Hardening { rounds, touch_mib } => hardening::run(rounds.max(1), touch_mib).await,
         BenchCommand::Load {
             postgres,
