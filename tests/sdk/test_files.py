@@ -74,7 +74,7 @@ def test_files_are_written_listed_moved_and_removed(computer, client):
     assert link.is_symlink and link.symlink_target == "/root/w/hello.txt"
 
     listed = {f.name: f for f in computer.files.list("/root/w")}
-    assert sorted(listed) == ["bin.dat", "copy", "hello.txt", "link", "sub"]
+    assert sorted(listed) == ["bin.dat", "copy", "empty", "hello.txt", "link", "sub"]
     assert listed["bin.dat"].size == len(binary) and not listed["bin.dat"].is_dir
     assert listed["sub"].is_dir and listed["bin.dat"].path == "/root/w/bin.dat"
     entries = {e.name: e for e in computer.files.readdir("/root/w")}

@@ -1,8 +1,8 @@
 //! File operations ([`crate::Op::Fs`]): what the host asks of the guest's file system, one
 //! bounded step at a time. File contents move in chunks of at most [`FILE_CHUNK_BYTES`]
 //! (base64 in the frame), so neither end ever holds a whole file; a transfer is many reads or
-//! writes at increasing offsets. Reads and writes at an offset are idempotent, so a request
-//! resent after a restore, or answered twice, does no harm.
+//! writes at increasing offsets. A request resent (after a restore, or while slow) is answered
+//! once: reads are simply run again, everything else is answered from the agent's memory.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,13 +45,12 @@ pub enum FsOp {
 }
 
 impl FsOp {
-    /// Whether running it twice does what running it once does (the agent runs these without
-    /// remembering their answers, which for reads are large).
-    pub fn idempotent(&self) -> bool {
-        matches!(
-            self,
-            FsOp::Stat { .. } | FsOp::List { .. } | FsOp::Read { .. } | FsOp::Write { .. }
-        )
+    /// Whether it only reads, so that running it again (a request resent after its answer)
+    /// changes nothing: the agent does not remember these answers, which can be large. A
+    /// write's answer is remembered as any other's: run again after the upload was renamed
+    /// into place, it would make the partial file anew.
+    pub fn only_reads(&self) -> bool {
+        matches!(self, FsOp::Stat { .. } | FsOp::List { .. } | FsOp::Read { .. })
     }
 }
 

@@ -146,11 +146,11 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
             send(&writer, &encode(&Response { id, reply: pong }));
             continue;
         }
-        // A chunk of a file read or written, a stat, a listing: run again if asked again,
-        // not remembered (a guest may have little memory, and chunks are large).
-        // (A repeat while it runs is told so, as for any request, rather than run beside it.)
+        // A chunk of a file read, a stat, a listing: run again if asked again after its
+        // answer, not remembered (a guest may have little memory, and chunks are large). A
+        // repeat while it runs is told so, as for any request, rather than run beside it.
         if let Op::Fs(fs) = &op {
-            if fs.idempotent() {
+            if fs.only_reads() {
                 let first = seen.lock().unwrap_or_else(|p| p.into_inner()).running.insert(id);
                 if !first {
                     send(

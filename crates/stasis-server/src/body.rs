@@ -233,3 +233,22 @@ mod tests {
         assert_eq!(body(r#"{"t": null}"#).optional_seconds("t", 60).unwrap(), None);
     }
 }
+
+/// A query string of type `T`, failing in the API's error format (a 422 naming the query)
+/// rather than axum's plain text.
+#[derive(Debug, Default)]
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(q)) => Ok(Query(q)),
+            Err(e) => Err(ApiError::invalid(
+                "query",
+                format!("the query string cannot be read: {}", e.body_text()),
+            )),
+        }
+    }
+}

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::Json;
@@ -31,7 +31,7 @@ use crate::computers::routes::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Runs};
 use crate::error::{Conflict, Error};
 use crate::http_error::{ApiError, ApiResult};
-use crate::openapi::{Errors, WriteErrors};
+use crate::openapi::{FileWriteErrors, ReadErrors};
 use crate::AppState;
 
 /// Longest path taken.
@@ -160,12 +160,12 @@ pub struct PathQuery {
 /// A directory's entries (default `/root`).
 #[utoipa::path(get, path = "/computers/{id}/files", operation_id = "listFiles", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("path" = Option<String>, Query, description = "An absolute path (default /root)")),
-    responses((status = 200, description = "The entries, by name", body = FileList), Errors))]
+    responses((status = 200, description = "The entries, by name", body = FileList), ReadErrors))]
 async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    crate::body::Query(q): crate::body::Query<PathQuery>,
 ) -> ApiResult<Json<FileList>> {
     let path = checked("path", q.path.as_deref().unwrap_or("/root"))?;
     let vm = machine(&state, tenant, &id).await?;
@@ -188,12 +188,12 @@ async fn list(
 /// A directory's entries with their kinds.
 #[utoipa::path(get, path = "/computers/{id}/files/readdir", operation_id = "readDir", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("path" = String, Query, description = "An absolute path")),
-    responses((status = 200, description = "The entries, by name", body = DirListing), Errors))]
+    responses((status = 200, description = "The entries, by name", body = DirListing), ReadErrors))]
 async fn readdir(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    crate::body::Query(q): crate::body::Query<PathQuery>,
 ) -> ApiResult<Json<DirListing>> {
     let path = checked("path", q.path.as_deref().unwrap_or("/root"))?;
     let vm = machine(&state, tenant, &id).await?;
@@ -218,7 +218,7 @@ async fn readdir(
 /// What a path is (a symlink is described, not followed).
 #[utoipa::path(post, path = "/computers/{id}/files/stat", operation_id = "statFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = PathRequest,
-    responses((status = 200, description = "The path", body = FileStat), WriteErrors))]
+    responses((status = 200, description = "The path", body = FileStat), FileWriteErrors))]
 async fn stat(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -242,7 +242,7 @@ async fn stat(
 /// Make a directory (by default with its missing parents, mode 0755).
 #[utoipa::path(post, path = "/computers/{id}/files/mkdir", operation_id = "makeDir", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = MkdirRequest,
-    responses((status = 200, description = "Made", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Made", body = ActionResponse), FileWriteErrors))]
 async fn mkdir(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -267,7 +267,7 @@ async fn mkdir(
 /// Rename or move a path (a file at `to` is replaced).
 #[utoipa::path(post, path = "/computers/{id}/files/rename", operation_id = "renameFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = MoveRequest,
-    responses((status = 200, description = "Renamed", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Renamed", body = ActionResponse), FileWriteErrors))]
 async fn rename(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -290,7 +290,7 @@ async fn rename(
 /// Copy a file, or with `recursive` a directory and all it holds.
 #[utoipa::path(post, path = "/computers/{id}/files/copy", operation_id = "copyFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = MoveRequest,
-    responses((status = 200, description = "Copied", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Copied", body = ActionResponse), FileWriteErrors))]
 async fn copy(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -314,7 +314,7 @@ async fn copy(
 /// Change a path's permission bits.
 #[utoipa::path(post, path = "/computers/{id}/files/chmod", operation_id = "chmodFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = ChmodRequest,
-    responses((status = 200, description = "Changed", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Changed", body = ActionResponse), FileWriteErrors))]
 async fn chmod(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -338,7 +338,7 @@ async fn chmod(
 /// Delete a file, or a directory with all it holds.
 #[utoipa::path(delete, path = "/computers/{id}/files", operation_id = "deleteFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = PathRequest,
-    responses((status = 200, description = "Deleted", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Deleted", body = ActionResponse), FileWriteErrors))]
 async fn delete(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -361,7 +361,7 @@ async fn delete(
 /// Check that a file can be downloaded; answers where (`GET .../files/download?path=`).
 #[utoipa::path(post, path = "/computers/{id}/files/export", operation_id = "exportFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = PathRequest,
-    responses((status = 200, description = "Where to download it", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Where to download it", body = ActionResponse), FileWriteErrors))]
 async fn export(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -398,7 +398,7 @@ fn url_encode(s: &str) -> String {
 /// `upload`.
 #[utoipa::path(post, path = "/computers/{id}/files/write", operation_id = "writeFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = WriteFileRequest,
-    responses((status = 200, description = "Written", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Written", body = ActionResponse), FileWriteErrors))]
 async fn write(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -422,12 +422,12 @@ async fn write(
 /// The bytes of a regular file, streamed.
 #[utoipa::path(get, path = "/computers/{id}/files/download", operation_id = "downloadFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id"), ("path" = String, Query, description = "An absolute path")),
-    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>), Errors))]
+    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>), ReadErrors))]
 async fn download(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    crate::body::Query(q): crate::body::Query<PathQuery>,
 ) -> ApiResult<Response> {
     let Some(raw) = q.path.as_deref() else {
         return Err(ApiError::invalid("path", "say which file: ?path=/absolute/path"));
@@ -665,7 +665,7 @@ impl Drop for RemoveOnDrop {
 #[utoipa::path(post, path = "/computers/{id}/files/upload", operation_id = "uploadFile", tag = "files",
     params(("id" = uuid::Uuid, Path, description = "The computer's id")),
     request_body(content_type = "multipart/form-data", description = "`path` (an absolute path), then `file`"),
-    responses((status = 200, description = "Uploaded", body = ActionResponse), WriteErrors))]
+    responses((status = 200, description = "Uploaded", body = ActionResponse), FileWriteErrors))]
 async fn upload(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

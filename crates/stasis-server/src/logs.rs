@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ use crate::computers::routes::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Runs};
 use crate::error::Error;
 use crate::http_error::{ApiError, ApiResult};
-use crate::openapi::Errors;
+use crate::openapi::ReadErrors;
 use crate::AppState;
 
 /// Lines a page has by default, and at most.
@@ -51,6 +51,41 @@ pub struct LogLine {
     pub cursor: u64,
     /// Its text (invalid UTF-8 replaced; the line's end, and a `\r` before it, dropped).
     pub text: String,
+}
+
+/// Lines were cut away (the console is kept bounded) before they could be sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogGap {
+    /// Where the stream was.
+    pub from: u64,
+    /// Where it goes on.
+    pub to: u64,
+}
+
+/// The `data` of a logs stream event: a `log` event's line, or a `gap` event's gap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum LogEventData {
+    Line(LogLine),
+    Gap(LogGap),
+}
+
+/// One server-sent event of a logs stream, as it travels: `event:` is `log` or `gap`, `id:`
+/// the position after it, `data:` a [`LogEventData`] in JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogStreamEvent {
+    pub event: LogEventName,
+    pub id: String,
+    /// JSON: a `LogEventData` (a `LogLine` for `log`, a `LogGap` for `gap`).
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogEventName {
+    Log,
+    Gap,
 }
 
 /// A page of a computer's logs.
@@ -155,12 +190,12 @@ async fn read(
     params(("id" = uuid::Uuid, Path, description = "The computer's id"),
         ("lines" = Option<u32>, Query, description = "Lines on the page (default 200, at most 10000)"),
         ("since" = Option<u64>, Query, description = "The cursor of an earlier page: the lines after it")),
-    responses((status = 200, description = "A page of the console", body = LogsEnvelope), Errors))]
+    responses((status = 200, description = "A page of the console", body = LogsEnvelope), ReadErrors))]
 async fn get_logs(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    crate::body::Query(q): crate::body::Query<LogsQuery>,
 ) -> ApiResult<Json<LogsEnvelope>> {
     let want = lines_asked(q.lines.as_deref())?;
     let since = cursor_asked(q.since.as_deref())?;
@@ -218,12 +253,12 @@ async fn get_logs(
     params(("id" = uuid::Uuid, Path, description = "The computer's id"),
         ("since" = Option<u64>, Query, description = "A cursor: the lines after it"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
-    responses((status = 200, description = "The console, followed", content_type = "text/event-stream", body = LogLine), Errors))]
+    responses((status = 200, description = "The console, followed", content_type = "text/event-stream", body = LogStreamEvent), ReadErrors))]
 async fn stream_logs(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    crate::body::Query(q): crate::body::Query<LogsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let resume = headers
@@ -253,22 +288,24 @@ async fn stream_logs(
                 Err(_) => return,
             };
             if r.start > at {
+                let gap = LogEventData::Gap(LogGap { from: at, to: r.start });
                 let gap = Event::default()
                     .event("gap")
                     .id(r.start.to_string())
-                    .data(format!("{{\"from\":{at},\"to\":{}}}", r.start));
+                    .data(serde_json::to_string(&gap).unwrap_or_default());
                 if tx.send(Ok(gap)).await.is_err() {
                     return;
                 }
             }
             let (lines, end) = split_lines(&r.bytes, r.start, false);
-            at = if lines.is_empty() { r.start.max(at) } else { end };
+            // (A cursor past the end, say from before a restart, goes on from the end.)
+            at = if lines.is_empty() { r.start } else { end };
             let ends: Vec<u64> = lines.iter().skip(1).map(|l| l.cursor).chain([end]).collect();
             for (line, next) in lines.into_iter().zip(ends) {
                 let e = Event::default()
                     .event("log")
                     .id(next.to_string())
-                    .data(serde_json::to_string(&line).unwrap_or_default());
+                    .data(serde_json::to_string(&LogEventData::Line(line)).unwrap_or_default());
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }

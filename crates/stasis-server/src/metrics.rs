@@ -3,7 +3,7 @@
 //! host's kernel counts them, sampled every 2 s while it runs, an hour kept), and memory,
 //! disk and network from the guest's side (its own kernel's counters, read when asked).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use crate::computers::Run;
 use crate::endpoints::{Endpoints, IfLost, Runs};
 use crate::error::Error;
 use crate::http_error::ApiResult;
-use crate::openapi::Errors;
+use crate::openapi::ReadErrors;
 use crate::AppState;
 
 /// The longest window; samples are kept an hour.
@@ -189,12 +189,12 @@ fn parse_guest(text: &str) -> GuestView {
 #[utoipa::path(get, path = "/computers/{id}/metrics", operation_id = "getMetrics", tag = "computers",
     params(("id" = uuid::Uuid, Path, description = "The computer's id"),
         ("window" = Option<String>, Query, description = "How far back: 30s, 5m, 1h (default 1h)")),
-    responses((status = 200, description = "The metrics", body = MetricsEnvelope), Errors))]
+    responses((status = 200, description = "The metrics", body = MetricsEnvelope), ReadErrors))]
 async fn get_metrics(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    Query(q): Query<MetricsQuery>,
+    crate::body::Query(q): crate::body::Query<MetricsQuery>,
 ) -> ApiResult<Json<MetricsEnvelope>> {
     let window = q.window.unwrap_or_else(|| "1h".into());
     let secs = window_secs(&window)?;

@@ -77,6 +77,26 @@ impl IntoResponses for Errors {
     }
 }
 
+/// The error answers of reads of a running computer's insides (its files, logs, metrics):
+/// also a query that is wrong, a computer not running, its guest not answering.
+pub struct ReadErrors;
+
+impl IntoResponses for ReadErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut r = Errors::responses();
+        r.insert("400".into(), error("The request cannot be read"));
+        r.insert("403".into(), error("Permission denied in the guest"));
+        r.insert(
+            "409".into(),
+            error("Not possible in the current state, or the path is not what the call needs"),
+        );
+        r.insert("422".into(), error("A query or path is not valid (`field` names it)"));
+        r.insert("503".into(), error("The computer's guest agent is not answering"));
+        r.insert("507".into(), error("The computer's disk is full"));
+        r
+    }
+}
+
 /// The error answers of calls that take a JSON body or change state.
 pub struct WriteErrors;
 
@@ -97,6 +117,18 @@ impl IntoResponses for WriteErrors {
             "422".into(),
             error("A field is missing, of the wrong type or out of range (`field` names it)"),
         );
+        r
+    }
+}
+
+/// The error answers of calls that change files in a running computer.
+pub struct FileWriteErrors;
+
+impl IntoResponses for FileWriteErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut r = WriteErrors::responses();
+        r.extend(ReadErrors::responses());
+        r.insert("408".into(), error("The upload stopped arriving"));
         r
     }
 }
