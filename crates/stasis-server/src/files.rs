@@ -107,6 +107,13 @@ async fn machine(state: &AppState, tenant: TenantId, id: &str) -> ApiResult<Arc<
     Ok(vm)
 }
 
+/// Runs `op` (which answers nothing) in the computer; answers `said`.
+async fn act(state: &AppState, tenant: TenantId, id: &str, op: FsOp, said: String) -> ApiResult<Json<ActionResponse>> {
+    let vm = machine(state, tenant, id).await?;
+    done(&vm, op).await?;
+    Ok(ok(said))
+}
+
 /// Runs `op`; a failure in the guest is a [`Error::File`].
 async fn run(vm: &Vm, op: FsOp) -> ApiResult<FsReply> {
     match vm.fs(op).await {
@@ -251,17 +258,19 @@ async fn mkdir(
 ) -> ApiResult<Json<ActionResponse>> {
     let path = checked("path", &req.path)?;
     let mode = mode("mode", req.mode.as_deref().unwrap_or("0755"))?;
-    let vm = machine(&state, tenant, &id).await?;
-    done(
-        &vm,
+    let said = format!("made {path}");
+    act(
+        &state,
+        tenant,
+        &id,
         FsOp::Mkdir {
-            path: path.clone(),
+            path,
             recursive: req.recursive.unwrap_or(true),
             mode,
         },
+        said,
     )
-    .await?;
-    Ok(ok(format!("made {path}")))
+    .await
 }
 
 /// Rename or move a path (a file at `to` is replaced).
@@ -275,16 +284,8 @@ async fn rename(
     body::Json(req): body::Json<MoveRequest>,
 ) -> ApiResult<Json<ActionResponse>> {
     let (from, to) = (checked("from", &req.from)?, checked("to", &req.to)?);
-    let vm = machine(&state, tenant, &id).await?;
-    done(
-        &vm,
-        FsOp::Rename {
-            from: from.clone(),
-            to: to.clone(),
-        },
-    )
-    .await?;
-    Ok(ok(format!("renamed {from} to {to}")))
+    let said = format!("renamed {from} to {to}");
+    act(&state, tenant, &id, FsOp::Rename { from, to }, said).await
 }
 
 /// Copy a file, or with `recursive` a directory and all it holds.
@@ -298,17 +299,19 @@ async fn copy(
     body::Json(req): body::Json<MoveRequest>,
 ) -> ApiResult<Json<ActionResponse>> {
     let (from, to) = (checked("from", &req.from)?, checked("to", &req.to)?);
-    let vm = machine(&state, tenant, &id).await?;
-    done(
-        &vm,
+    let said = format!("copied {from} to {to}");
+    act(
+        &state,
+        tenant,
+        &id,
         FsOp::Copy {
-            from: from.clone(),
-            to: to.clone(),
+            from,
+            to,
             recursive: req.recursive.unwrap_or(false),
         },
+        said,
     )
-    .await?;
-    Ok(ok(format!("copied {from} to {to}")))
+    .await
 }
 
 /// Change a path's permission bits.
@@ -323,16 +326,8 @@ async fn chmod(
 ) -> ApiResult<Json<ActionResponse>> {
     let path = checked("path", &req.path)?;
     let mode = mode("mode", &req.mode)?;
-    let vm = machine(&state, tenant, &id).await?;
-    done(
-        &vm,
-        FsOp::Chmod {
-            path: path.clone(),
-            mode,
-        },
-    )
-    .await?;
-    Ok(ok(format!("{path} is mode {mode:04o}")))
+    let said = format!("{path} is mode {mode:04o}");
+    act(&state, tenant, &id, FsOp::Chmod { path, mode }, said).await
 }
 
 /// Delete a file, or a directory with all it holds.
@@ -346,16 +341,8 @@ async fn delete(
     body::Json(req): body::Json<PathRequest>,
 ) -> ApiResult<Json<ActionResponse>> {
     let path = checked("path", &req.path)?;
-    let vm = machine(&state, tenant, &id).await?;
-    done(
-        &vm,
-        FsOp::Remove {
-            path: path.clone(),
-            recursive: true,
-        },
-    )
-    .await?;
-    Ok(ok(format!("deleted {path}")))
+    let said = format!("deleted {path}");
+    act(&state, tenant, &id, FsOp::Remove { path, recursive: true }, said).await
 }
 
 /// Check that a file can be downloaded; answers where (`GET .../files/download?path=`).

@@ -175,43 +175,13 @@ impl Api {
     }
 
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(&self.key);
+        let mut req = self.request(method.clone(), path);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
-        let status = resp.status();
-        let request_id = resp
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let resp = self.send(req, &format!("{method} {path}")).await?;
         let text = resp.text().await?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            return Err(ApiFailure {
-                status: status.as_u16(),
-                code: value["error"]["code"].as_str().unwrap_or("").to_string(),
-                message: value["error"]["message"]
-                    .as_str()
-                    .unwrap_or(status.canonical_reason().unwrap_or("request failed"))
-                    .to_string(),
-                request_id: value["error"]["request_id"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or(request_id),
-                what: format!("{method} {path}"),
-            }
-            .into());
-        }
-        Ok(value)
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn get_computer(&self, id: &str) -> Result<Computer> {
