@@ -1,5 +1,8 @@
 """The OpenAPI document at /api/v1/openapi.json, checked against the live server by schemathesis:
-no 5xx, and every status code, content type and body (SSE events included) as the document says."""
+no 5xx, and every status code, content type and body (SSE events included) as the document says.
+The port proxy is left out: what it answers is whatever a program in the guest answers (any
+status, type and body), and a port nothing listens on is a 502 by design; its own answers are
+checked by the network tests."""
 import json
 import os
 import subprocess
@@ -48,6 +51,7 @@ def test_the_document_describes_every_route():
                 "--workers", "2",
                 "--request-timeout", "60",
                 "--seed", "1",
+                "--exclude-path-regex", r"/ports/\{port\}/proxy",
             ],
             capture_output=True, text=True, timeout=900,
         )
