@@ -14,15 +14,20 @@ use serde::{Deserialize, Serialize};
 
 mod fs;
 mod line;
+mod session;
 pub use fs::{FileMeta, FsErrorKind, FsOp, FsReply, FILES_SINCE, FILE_CHUNK_BYTES, MAX_LIST_ENTRIES};
 pub use line::{LineReader, Next, OVERSIZED_HEAD_BYTES};
+pub use session::{
+    signal_number, SessionErrorKind, SessionInfo, SessionOp, SessionReply, SessionStart, WinSize, MAX_READ_WAIT_MS,
+    MAX_SESSIONS, ORPHAN_AFTER_MS, SESSIONS_SINCE, SESSION_BUFFER_BYTES, SESSION_CHUNK_BYTES,
+};
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "stasis.agent";
 
 /// Protocol version, reported by the agent in [`Reply::Hello`] and [`Reply::Pong`].
-/// 2: file operations ([`Op::Fs`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 2: file operations ([`Op::Fs`]). 3: sessions ([`Op::Session`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either end accepts; longer lines are skipped (by [`LineReader`], without
 /// being held in memory). Room for [`EXEC_OUTPUT_BUDGET`] plus the rest of an exec reply.
@@ -60,6 +65,21 @@ pub enum Op {
     Identity(IdentityRequest),
     /// A file operation (since [`FILES_SINCE`]); answered with [`Reply::Fs`].
     Fs(FsOp),
+    /// A long-running program and its streams (since [`SESSIONS_SINCE`]); answered with
+    /// [`Reply::Session`].
+    Session(SessionOp),
+}
+
+impl Op {
+    /// Whether running it again changes nothing, so the agent need not remember its answer
+    /// (see [`FsOp::only_reads`], [`SessionOp::only_reads`]).
+    pub fn only_reads(&self) -> bool {
+        match self {
+            Op::Fs(op) => op.only_reads(),
+            Op::Session(op) => op.only_reads(),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +139,7 @@ pub enum Reply {
     },
     Exec(ExecResult),
     Fs(FsReply),
+    Session(SessionReply),
     /// The request completed and has nothing to report.
     Done,
     /// A repeated request whose first copy is still executing.

@@ -38,8 +38,16 @@ fn into_text(buf: Vec<u8>) -> String {
     String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
-    if let Some(dir) = &req.cwd {
+/// A command as every program the host starts sees it: a clean environment (the agent's
+/// defaults, then the request's variables), `cwd` or `/root`, in its own process group.
+pub(crate) fn command(
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+    term: &str,
+) -> std::io::Result<Command> {
+    if let Some(dir) = cwd {
         if !std::path::Path::new(dir).is_dir() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -47,31 +55,32 @@ fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
             ));
         }
     }
-    let cwd = req.cwd.clone().unwrap_or_else(|| "/root".into());
-    let mut cmd = Command::new(&req.program);
-    cmd.args(&req.args)
+    let cwd = cwd.unwrap_or("/root");
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", "/root")
         .env("USER", "root")
         .env("LOGNAME", "root")
         .env("SHELL", "/bin/bash")
-        .env("TERM", "dumb")
+        .env("TERM", term)
         .env("LANG", "C.UTF-8")
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(if std::path::Path::new(&cwd).is_dir() {
-            cwd.as_str()
-        } else {
-            "/"
-        })
-        .stdin(if req.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(if std::path::Path::new(cwd).is_dir() { cwd } else { "/" });
+    Ok(cmd)
+}
+
+fn run_inner(req: &ExecRequest) -> std::io::Result<ExecResult> {
+    let mut cmd = command(&req.program, &req.args, &req.env, req.cwd.as_deref(), "dumb")?;
+    cmd.stdin(if req.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
     let (mut child, exited) = crate::reaper::spawn(&mut cmd)?;
     let pgid = child.id() as libc::pid_t;
 

@@ -15,6 +15,7 @@ mod identity;
 mod net;
 mod reaper;
 mod serve;
+mod sessions;
 
 use std::path::PathBuf;
 

@@ -146,31 +146,30 @@ fn serve(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>, eof_is_fin
             send(&writer, &encode(&Response { id, reply: pong }));
             continue;
         }
-        // A chunk of a file read, a stat, a listing: run again if asked again after its
-        // answer, not remembered (a guest may have little memory, and chunks are large). A
-        // repeat while it runs is told so, as for any request, rather than run beside it.
-        if let Op::Fs(fs) = &op {
-            if fs.only_reads() {
-                let first = seen.lock().unwrap_or_else(|p| p.into_inner()).running.insert(id);
-                if !first {
-                    send(
-                        &writer,
-                        &encode(&Response {
-                            id,
-                            reply: Reply::Running,
-                        }),
-                    );
-                    continue;
-                }
-                let writer = writer.clone();
-                let seen = seen.clone();
-                std::thread::spawn(move || {
-                    let reply = handle(op);
-                    seen.lock().unwrap_or_else(|p| p.into_inner()).running.remove(&id);
-                    send(&writer, &encode(&Response { id, reply }));
-                });
+        // A chunk of a file read, a stat, a listing, a session's output: run again if asked
+        // again after its answer, not remembered (a guest may have little memory, and chunks
+        // are large). A repeat while it runs is told so, as for any request, rather than run
+        // beside it.
+        if op.only_reads() {
+            let first = seen.lock().unwrap_or_else(|p| p.into_inner()).running.insert(id);
+            if !first {
+                send(
+                    &writer,
+                    &encode(&Response {
+                        id,
+                        reply: Reply::Running,
+                    }),
+                );
                 continue;
             }
+            let writer = writer.clone();
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let reply = handle(op);
+                seen.lock().unwrap_or_else(|p| p.into_inner()).running.remove(&id);
+                send(&writer, &encode(&Response { id, reply }));
+            });
+            continue;
         }
         let admission = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(id);
         match admission {
@@ -203,6 +202,7 @@ fn handle(op: Op) -> Reply {
         Op::Ping => Reply::Done,
         Op::Exec(req) => Reply::Exec(crate::exec::run(&req)),
         Op::Fs(op) => Reply::Fs(crate::fs::run(op)),
+        Op::Session(op) => Reply::Session(crate::sessions::run(op)),
         Op::Sync => {
             // SAFETY: sync takes no arguments.
             unsafe { libc::sync() };
@@ -216,6 +216,11 @@ fn handle(op: Op) -> Reply {
                 ));
                 // Only a restore sends an identity: the clone's processes learn of it now.
                 crate::hooks::after_restore(req.hostname.clone());
+                // The original's clients streamed those; the clone has none of them.
+                let ended = crate::sessions::end_attached();
+                if ended > 0 {
+                    crate::log(&format!("ended {ended} streamed session(s) of the original machine"));
+                }
                 Reply::Done
             }
             Err(e) => Reply::Error {

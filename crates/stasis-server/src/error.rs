@@ -12,6 +12,10 @@ pub enum Resource {
     Port,
     /// An environment variable a computer does not have.
     EnvVar,
+    /// A terminal or streamed session a computer does not have (it ended).
+    Session,
+    /// A background command a computer does not have.
+    Command,
 }
 
 impl Resource {
@@ -21,6 +25,8 @@ impl Resource {
             Resource::Snapshot => "snapshot",
             Resource::Port => "port",
             Resource::EnvVar => "environment variable",
+            Resource::Session => "session",
+            Resource::Command => "command",
         }
     }
 }
@@ -62,11 +68,16 @@ pub enum Conflict {
     /// The computer's guest agent is older than the request needs (restored from an older
     /// snapshot).
     AgentTooOld,
+    /// A terminal has a client attached already.
+    SessionAttached,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `id` names no `kind` of this tenant's.
+    /// The computer runs as many sessions (streams, terminals, background commands) as it may.
+    #[error("{0}")]
+    TooManySessions(String),
     #[error("{kind} {id} not found")]
     NotFound { kind: Resource, id: String },
     /// The state of something forbids the request; the message says which.

@@ -88,18 +88,29 @@ fn mode(field: &str, raw: &str) -> Result<u32, Error> {
 
 /// The running machine of the computer, if its agent does files.
 async fn machine(state: &AppState, tenant: TenantId, id: &str) -> ApiResult<Arc<Vm>> {
-    let id: ComputerId = computer_id(id)?;
+    machine_speaking(state, tenant, computer_id(id)?, FILES_SINCE, "file operations").await
+}
+
+/// The running machine of the computer, if its agent speaks protocol `since` (for `what`)
+/// or later: 409 `AGENT_TOO_OLD` otherwise.
+pub(crate) async fn machine_speaking(
+    state: &AppState,
+    tenant: TenantId,
+    id: ComputerId,
+    since: u32,
+    what: &str,
+) -> ApiResult<Arc<Vm>> {
     let vm = state.computers.running_vm(tenant, id).await?;
     let version = vm
         .agent_version()
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))?;
-    if version < FILES_SINCE {
+    if version < since {
         return Err(Error::conflict(
             Conflict::AgentTooOld,
             format!(
-                "computer {id} runs a guest agent of protocol {version}, from before file operations \
-                 (it was restored from an older snapshot); files need protocol {FILES_SINCE}"
+                "computer {id} runs a guest agent of protocol {version}, from before {what} \
+                 (it was restored from an older snapshot); {what} need protocol {since}"
             ),
         )
         .into());

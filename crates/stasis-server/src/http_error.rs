@@ -53,6 +53,9 @@ pub enum ApiError {
     /// 429: the tenant has the most long requests (exec calls, event streams) open it may.
     #[error("this tenant already has {0} exec calls and event streams open, the most it may have at once; retry when one has finished")]
     TooManyStreams(usize),
+    /// 426: a WebSocket endpoint asked without the upgrade.
+    #[error("this endpoint is a WebSocket: connect with an Upgrade: websocket request")]
+    UpgradeRequired,
     /// 429: too many requests with a bad key from one address.
     #[error("too many requests with a missing or invalid API key from this address; retry in {0} s")]
     AuthBlocked(u64),
@@ -95,6 +98,7 @@ impl ApiError {
                 Error::Conflict { state, .. } => (StatusCode::CONFLICT, conflict_code(*state)),
                 Error::Quota(_) => (StatusCode::FORBIDDEN, "QUOTA_EXCEEDED"),
                 Error::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
+                Error::TooManySessions(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_SESSIONS"),
                 Error::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED"),
                 Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
                 Error::File { kind, .. } => file_status(*kind),
@@ -110,6 +114,7 @@ impl ApiError {
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "PORT_UNREACHABLE"),
             ApiError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS"),
             ApiError::AuthBlocked(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_FAILED_KEYS"),
+            ApiError::UpgradeRequired => (StatusCode::UPGRADE_REQUIRED, "WEBSOCKET_REQUIRED"),
         };
         (status, code.to_string())
     }
@@ -119,6 +124,7 @@ impl ApiError {
         match self {
             ApiError::Domain(Error::Throttled { retry_after_secs, .. }) => Some(*retry_after_secs),
             ApiError::TooManyStreams(_) => Some(1),
+            ApiError::Domain(Error::TooManySessions(_)) => Some(5),
             ApiError::AuthBlocked(secs) => Some(*secs),
             _ => None,
         }
@@ -168,6 +174,7 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::EnvVarExists => "ENV_VAR_EXISTS",
         Conflict::MustBeStopped => "RESOURCE_STATE",
         Conflict::AgentTooOld => "AGENT_TOO_OLD",
+        Conflict::SessionAttached => "SESSION_ATTACHED",
     }
 }
 

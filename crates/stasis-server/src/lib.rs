@@ -22,6 +22,7 @@ pub mod net;
 pub mod network_policy;
 pub mod openapi;
 pub mod preview;
+pub mod sessions;
 pub mod snapshots;
 pub mod tls;
 pub mod web;
@@ -319,6 +320,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(network_policy::router())
         .merge(env::router())
         .merge(files::router())
+        .merge(sessions::router())
         .merge(logs::router())
         .merge(metrics::router())
         .into_router()

@@ -383,6 +383,12 @@ pub struct CommandRequest {
     #[serde(default)]
     #[schema(nullable = false)]
     pub stdin: Option<String>,
+    /// Run in the background: answered at once (202, the command's `pid`), the command runs
+    /// until it exits or is killed (`/commands/{pid}`, `/logs`, `/kill`). `timeout_seconds`
+    /// and `stdin` do not apply.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub detached: Option<bool>,
 }
 
 /// `POST /computers/{id}/resize`: a size, or the vCPUs and memory of one.

@@ -752,6 +752,29 @@ impl Vm {
         }
     }
 
+    /// One session operation in the guest (its agent must speak
+    /// [`stasis_agent_proto::SESSIONS_SINCE`] or later: see [`Vm::agent_version`]).
+    pub async fn session(
+        &self,
+        op: stasis_agent_proto::SessionOp,
+    ) -> Result<stasis_agent_proto::SessionReply, VmError> {
+        use stasis_agent_proto::SessionOp;
+        let limit = match &op {
+            SessionOp::Read { wait_ms, .. } => Duration::from_millis(*wait_ms as u64) + Duration::from_secs(30),
+            // Input waits for as long as the program takes to read it; the caller drops the
+            // call when its client goes.
+            SessionOp::Write { .. } => Duration::from_secs(24 * 3600),
+            _ => Duration::from_secs(30),
+        };
+        let reply = self
+            .until_exit_keep("during a session", self.agent.call(Op::Session(op), limit))
+            .await?;
+        match reply {
+            Reply::Session(r) => Ok(r),
+            other => Err(AgentError::Unexpected(Box::new(other)).into()),
+        }
+    }
+
     /// Like `until_exit` but leaves the machine alone on failure (an exec timing out is the
     /// user's business, not a reason to kill the machine).
     async fn until_exit_keep<T, E: Into<VmError>>(

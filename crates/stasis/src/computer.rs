@@ -72,6 +72,10 @@ pub enum ComputerCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// An interactive terminal in a running computer (a login shell); exits with its code.
+    Shell {
+        id: String,
+    },
     /// A computer's environment variables (every exec sees them): listed, or set and unset.
     Env {
         id: String,
@@ -156,6 +160,7 @@ pub async fn run(conn: Connection, command: ComputerCommand) -> Result<()> {
             let v = api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;
             print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
         }
+        ComputerCommand::Shell { id } => crate::shell::shell(&api, &id).await?,
         ComputerCommand::Cp { from, to } => {
             let v = match (remote(&from), remote(&to)) {
                 (None, Some((id, path))) => upload(&api, &from, id, path).await?,

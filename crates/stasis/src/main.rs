@@ -6,6 +6,7 @@ mod bench;
 mod client;
 mod computer;
 mod host;
+mod shell;
 mod snapshot;
 
 use std::net::SocketAddr;

@@ -3,6 +3,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::BoxFuture;
 use stasis_types::{
@@ -187,15 +188,18 @@ fn timeout_in(field: &str, asked: Option<u64>) -> ApiResult<u64> {
 }
 
 /// Run a command under `bash -c` in a working directory, with stdin, and wait for it (the
-/// SDK's `commands.run_computer`, and `helpers.exec_command` with a `cwd`).
+/// SDK's `commands.run_computer`, and `helpers.exec_command` with a `cwd`); with
+/// `"detached": true`, start it in the background and answer at once.
 #[utoipa::path(post, path = "/computers/{id}/commands", operation_id = "runCommand", tag = "computers", params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = CommandRequest,
-    responses((status = 200, description = "The command ran (see exit_code)", body = ExecResponse), WriteErrors))]
+    responses((status = 200, description = "The command ran (see exit_code)", body = ExecResponse),
+        (status = 202, description = "The command runs in the background", body = crate::sessions::BackgroundCommand),
+        (status = 429, description = "The computer runs as many sessions as it may", body = stasis_types::ErrorBody), WriteErrors))]
 async fn run_command(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     body::Json(req): body::Json<CommandRequest>,
-) -> ApiResult<Json<ExecResponse>> {
+) -> ApiResult<Response> {
     let id = computer_id(&id)?;
     let timeout = timeout_in("timeout_seconds", req.timeout_seconds)?;
     if let Some(cwd) = &req.cwd {
@@ -206,20 +210,23 @@ async fn run_command(
             ));
         }
     }
+    if req.detached == Some(true) {
+        let started = crate::sessions::start_background(&state, tenant, id, req.command, req.cwd).await?;
+        return Ok((StatusCode::ACCEPTED, Json(started)).into_response());
+    }
     let args = vec!["-c".to_string(), req.command];
-    Ok(Json(
-        service(&state)
-            .exec(
-                tenant,
-                id,
-                Run {
-                    cwd: req.cwd,
-                    stdin: req.stdin,
-                    ..Run::new("/bin/bash", args, timeout)
-                },
-            )
-            .await?,
-    ))
+    let ran = service(&state)
+        .exec(
+            tenant,
+            id,
+            Run {
+                cwd: req.cwd,
+                stdin: req.stdin,
+                ..Run::new("/bin/bash", args, timeout)
+            },
+        )
+        .await?;
+    Ok(Json(ran).into_response())
 }
 
 /// Give a stopped computer another size, which it starts with next time (`size`, or the
