@@ -143,17 +143,28 @@ pub async fn serve(
                     cert: None,
                 }));
                 let mut app = app.clone();
-                async move { tower::Service::call(&mut app, req).await }
+                async move {
+                    let mut resp = tower::Service::call(&mut app, req).await?;
+                    // One request per connection. With keep-alive, the header timer that also
+                    // closes idle connections left clients that reuse one (the end-to-end
+                    // suites, on PostgreSQL) with a request the server never read, cut off after
+                    // the timeout; until that is understood, a connection answers once and
+                    // closes. Said per response rather than by turning keep-alive off, which
+                    // would make a WebSocket's 101 say `Connection: upgrade, close` (strict
+                    // clients refuse that: the upgrade must be the one token).
+                    if resp.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                        resp.headers_mut().insert(
+                            axum::http::header::CONNECTION,
+                            axum::http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            // One request per connection. With keep-alive, the header timer that also closes
-            // idle connections left clients that reuse one (the end-to-end suites, on
-            // PostgreSQL) with a request the server never read, cut off after the timeout; until
-            // that is understood, a connection answers once and closes.
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(false);
+                .header_read_timeout(header_timeout);
             let conn = builder
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .with_upgrades();

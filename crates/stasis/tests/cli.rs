@@ -119,6 +119,32 @@ fn the_cli_does_the_seed_recipes_with_progress_json_and_exit_codes() {
         text(&out.stdout)
     );
 
+    // shell: a terminal fed from a pipe runs what it is given and exits with the shell's code
+    // (the arithmetic shows the shell ran it: the echoed input has no 42).
+    let mut shell = Command::new(BIN)
+        .args(["computer", "shell", &id])
+        .env("MIOSA_API_KEY", &key)
+        .env("MIOSA_BASE_URL", &cli.base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().unwrap();
+        stdin
+            .write_all(b"echo \"in $PWD as $(id -un): $((6*7))\"\nexit 5\n")
+            .unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    assert_eq!(code(&out), 5, "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("in /root as root: 42"),
+        "{}",
+        text(&out.stdout)
+    );
+
     // Recipe: snapshot and wait for it, with progress on stderr (not a terminal here: lines).
     let out = cli.run(&["snapshot", "create", &id, "--comment", "before-deploy-v2", "--wait"]);
     let err = text(&out.stderr);
