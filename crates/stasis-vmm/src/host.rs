@@ -381,6 +381,11 @@ fn kill_stray_at(paths: &VmPaths) {
         if config.ram_shared && !config.ram_path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(config.ram_path);
         }
+        // And its cgroups, which nobody else removes now that no process watches its QEMU
+        // (only empty ones go: a QEMU still there keeps them).
+        if let Some(jail) = &config.jail {
+            crate::jail::JailPlan::remove_cgroups(&jail.cgroups.dirs(&crate::vm::cgroup_name(&paths.control)));
+        }
     }
 }
 

@@ -81,8 +81,18 @@ impl JailSettings {
     pub fn detect(tag: &str, qemu_opens_userfaultfd_device: bool) -> std::io::Result<JailSettings> {
         let root_dir = PathBuf::from("/run/stasis/jail-root");
         std::fs::create_dir_all(&root_dir)?;
+        // The lease first, so that no other platform's sweep takes the cgroups made next for
+        // those of a platform that is gone.
+        let leases = Path::new(CGROUP_LEASES);
+        if let Err(e) = take_lease(leases, &cgroup_parent_name(tag)) {
+            tracing::warn!("other platforms starting may remove this one's empty cgroups: {e}");
+        }
         let cgroups = Cgroups::detect(Path::new("/sys/fs/cgroup"), tag);
         cgroups.sweep();
+        let others = cgroups.sweep_others(leases);
+        if others > 0 {
+            tracing::info!(removed = others, "removed the empty cgroups of platforms that are gone");
+        }
         let userfaultfd = if qemu_opens_userfaultfd_device {
             char_device_numbers(Path::new("/dev/userfaultfd"))
         } else {
@@ -129,7 +139,7 @@ pub fn can_confine() -> bool {
 
 impl Cgroups {
     pub fn detect(mount: &Path, tag: &str) -> Cgroups {
-        let name = format!("stasis-{tag}");
+        let name = cgroup_parent_name(tag);
         let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         if has("cpu") && has("memory") {
@@ -249,10 +259,13 @@ impl Cgroups {
     }
 
     /// Removes the platform's parent cgroups (only empty ones can go: a live machine keeps
-    /// its parent).
+    /// its parent) and gives up its lease on them: for a platform that is stopping.
     pub fn remove_parents(&self) {
         for parent in self.parents() {
             let _ = std::fs::remove_dir(parent);
+        }
+        if let Some(name) = self.parents().first().and_then(|p| p.file_name()) {
+            release_lease(&name.to_string_lossy());
         }
     }
 
@@ -274,6 +287,160 @@ impl Cgroups {
             }
         }
         removed
+    }
+
+    /// Removes what other platforms that are gone left in the hierarchies this platform's
+    /// cgroups are in: their parents (`stasis-<tag>`, one per data directory) and the empty
+    /// cgroups of their machines. Returns how many directories were removed.
+    ///
+    /// A platform killed (SIGKILL, a crash, a host lost) keeps its parents, and the cgroups of
+    /// its machines that end meanwhile, until a platform on the same data directory starts and
+    /// sweeps them; one whose data directory is never used again would keep them for good.
+    ///
+    /// Only directories are removed, never a process signalled: removing a cgroup that has
+    /// processes inside fails (EBUSY), so the QEMUs a killed platform left running keep theirs
+    /// (for the platform that re-attaches them). What must not go is the empty cgroup of a
+    /// platform that is alive: its parent between machines, or a machine's cgroup made an
+    /// instant before its QEMU joins it. So each platform holds a lease on its cgroups for as
+    /// long as it lives, an exclusive `flock` on `<leases>/stasis-<tag>` taken before it makes
+    /// them ([`take_lease`]); the kernel drops the lock when the process ends, however it ends.
+    /// Another platform's cgroups are swept only while the sweeper holds their lease, taken
+    /// without waiting (held, it means a live platform: its cgroups are left alone); the lease
+    /// file goes with them. A platform starting on that data directory meanwhile waits for the
+    /// lease (a sweep takes milliseconds), then makes its cgroups anew. Names other than
+    /// `stasis-` and 16 hex digits are never touched.
+    pub fn sweep_others(&self, leases: &Path) -> usize {
+        let own: Vec<&std::ffi::OsStr> = self.parents().iter().filter_map(|p| p.file_name()).collect();
+        let mut roots: Vec<&Path> = self.parents().iter().filter_map(|p| p.parent()).collect();
+        roots.dedup();
+        let mut names = std::collections::BTreeSet::new();
+        for root in &roots {
+            for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if is_parent_name(&name.to_string_lossy())
+                    && !own.contains(&name.as_os_str())
+                    && entry.file_type().is_ok_and(|t| t.is_dir())
+                {
+                    names.insert(name);
+                }
+            }
+        }
+        let mut removed = 0;
+        for name in names {
+            let name = name.to_string_lossy();
+            // Held: its platform is alive (or, for a moment, another one sweeping it).
+            let Some(lease) = Lease::try_take(leases, &name) else {
+                continue;
+            };
+            for root in &roots {
+                let parent = root.join(&*name);
+                for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) && std::fs::remove_dir(entry.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+                if std::fs::remove_dir(&parent).is_ok() {
+                    removed += 1;
+                }
+            }
+            lease.remove();
+        }
+        removed
+    }
+}
+
+/// Where platforms hold the leases on their cgroups (see [`Cgroups::sweep_others`]).
+pub const CGROUP_LEASES: &str = "/run/stasis/cgroups";
+
+/// How long a starting platform waits for its lease (held a moment by another platform
+/// sweeping; held longer, by another platform on the same data directory).
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The name of a platform's parent cgroups, from its data directory's tag.
+fn cgroup_parent_name(tag: &str) -> String {
+    format!("stasis-{tag}")
+}
+
+/// Whether `name` is one [`cgroup_parent_name`] makes from a data directory's tag.
+fn is_parent_name(name: &str) -> bool {
+    name.strip_prefix("stasis-")
+        .is_some_and(|t| t.len() == 16 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The leases this process holds, for as long as it runs (or until it gives them up).
+static LEASES_HELD: std::sync::Mutex<Vec<Lease>> = std::sync::Mutex::new(Vec::new());
+
+/// An exclusive lock on the lease file `<leases>/<name>`.
+struct Lease {
+    name: String,
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Lease {
+    /// The lease, if no process holds it now.
+    fn try_take(dir: &Path, name: &str) -> Option<Lease> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .ok()?;
+        file.try_lock().ok()?;
+        // The file may have been removed by the one that held it before (or removed and made
+        // anew): a lock on it then guards nothing.
+        use std::os::unix::fs::MetadataExt;
+        let (held, named) = (file.metadata().ok()?, std::fs::metadata(&path).ok()?);
+        (held.dev() == named.dev() && held.ino() == named.ino()).then(|| Lease {
+            name: name.to_string(),
+            path,
+            _file: file,
+        })
+    }
+
+    /// Removes the lease file, then lets go of it (in that order: whoever opened it meanwhile
+    /// finds it is no longer the one at its path).
+    fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the lease on the cgroups named `name` for as long as this process runs, waiting
+/// [`LEASE_WAIT`] at most for another process to let go of it.
+pub fn take_lease(dir: &Path, name: &str) -> std::io::Result<()> {
+    let mut held = LEASES_HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if held.iter().any(|l| l.name == name) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(lease) = Lease::try_take(dir, name) {
+            held.push(lease);
+            return Ok(());
+        }
+        if start.elapsed() > LEASE_WAIT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "another process holds the lease {} (another platform on the same data directory?)",
+                    dir.join(name).display()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Gives up the lease on the cgroups named `name`, if this process holds it.
+fn release_lease(name: &str) {
+    let mut held = LEASES_HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = held.iter().position(|l| l.name == name) {
+        held.swap_remove(i).remove();
     }
 }
 
@@ -936,6 +1103,82 @@ mod tests {
             std::fs::read_to_string(dirs[1].join("memory.limit_in_bytes")).unwrap(),
             ((2048 + QEMU_OVERHEAD_MIB) << 20).to_string()
         );
+    }
+
+    #[test]
+    fn a_sweep_removes_what_platforms_that_are_gone_left_and_nothing_of_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mount, leases) = (dir.path().join("cgroup"), dir.path().join("leases"));
+        for c in ["cpu", "memory", "pids"] {
+            std::fs::create_dir_all(mount.join(c)).unwrap();
+        }
+        std::fs::write(mount.join("cgroup.controllers"), "").unwrap();
+        std::fs::write(mount.join("cpu/cpu.cfs_quota_us"), "-1").unwrap();
+        std::fs::write(mount.join("memory/memory.limit_in_bytes"), "0").unwrap();
+        std::fs::write(mount.join("pids/pids.max"), "max").unwrap();
+        let own = Cgroups::detect(&mount, "00000000000000aa");
+        assert!(matches!(own, Cgroups::V1 { pids: Some(_), .. }), "{own:?}");
+        // This platform's own cgroups, a machine's among them, empty as one is an instant
+        // before its QEMU joins it.
+        own.create("machines-mine", Limits::default()).unwrap();
+        // A platform that is gone: its parents, an empty machine cgroup (its QEMU ended after
+        // the platform was killed), a lease file it left.
+        let gone = "stasis-00000000000000bb";
+        for c in ["cpu", "memory", "pids"] {
+            std::fs::create_dir_all(mount.join(c).join(gone).join("machines-ended")).unwrap();
+        }
+        std::fs::create_dir_all(&leases).unwrap();
+        std::fs::write(leases.join(gone), "").unwrap();
+        // A platform gone whose QEMU lives on (on a real cgroupfs its processes keep the
+        // cgroup; here a file inside does).
+        let survived = "stasis-00000000000000cc";
+        std::fs::create_dir_all(mount.join("cpu").join(survived).join("machines-live")).unwrap();
+        std::fs::write(mount.join("cpu").join(survived).join("machines-live/qemu"), "").unwrap();
+        std::fs::create_dir_all(mount.join("memory").join(survived).join("machines-ended")).unwrap();
+        // A platform that is alive, between machines (its parent empty) and making one.
+        let live = "stasis-00000000000000dd";
+        take_lease(&leases, live).unwrap();
+        for c in ["cpu", "memory"] {
+            std::fs::create_dir_all(mount.join(c).join(live).join("machines-starting")).unwrap();
+        }
+        std::fs::create_dir_all(mount.join("pids").join(live)).unwrap();
+        // Not a platform's name at all.
+        std::fs::create_dir_all(mount.join("cpu/stasis-other")).unwrap();
+
+        assert_eq!(own.sweep_others(&leases), 8);
+        for c in ["cpu", "memory", "pids"] {
+            assert!(!mount.join(c).join(gone).exists(), "{c}/{gone} left");
+            assert!(mount.join(c).join("stasis-00000000000000aa/machines-mine").exists());
+        }
+        assert!(!leases.join(gone).exists(), "the lease file of a platform that is gone");
+        assert!(mount.join("cpu").join(survived).join("machines-live").exists());
+        assert!(!mount.join("memory").join(survived).exists());
+        for c in ["cpu", "memory"] {
+            assert!(mount.join(c).join(live).join("machines-starting").exists());
+        }
+        assert!(mount.join("pids").join(live).exists());
+        assert!(mount.join("cpu/stasis-other").exists());
+        assert!(leases.join(live).exists());
+
+        // The live one stops: it removes its parents and gives up its lease; what it left
+        // (here its machines' cgroups, which it would have removed) goes with the next sweep.
+        let stopped = Cgroups::V1 {
+            cpu: mount.join("cpu").join(live),
+            memory: mount.join("memory").join(live),
+            pids: Some(mount.join("pids").join(live)),
+        };
+        stopped.remove_parents();
+        assert!(!mount.join("pids").join(live).exists());
+        assert!(!leases.join(live).exists(), "the lease given up");
+        assert_eq!(own.sweep_others(&leases), 4);
+        for c in ["cpu", "memory"] {
+            assert!(!mount.join(c).join(live).exists());
+        }
+        // A lease can be taken again (a platform starting on that data directory).
+        take_lease(&leases, live).unwrap();
+        assert!(Lease::try_take(&leases, live).is_none(), "a lease is exclusive");
+        release_lease(live);
+        assert!(Lease::try_take(&leases, live).is_some());
     }
 
     #[test]

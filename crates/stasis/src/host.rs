@@ -186,6 +186,8 @@ pub async fn run(args: HostArgs) -> Result<()> {
         },
         ..base
     };
+    // Caught from here on, before anything is set up on the host (joining made nothing).
+    let shutdown = crate::shutdown_signal();
     let platform = stasis_server::Platform::open(&config)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -216,8 +218,6 @@ pub async fn run(args: HostArgs) -> Result<()> {
             }
         }
     });
-    platform
-        .serve_on(None, Some(listener), crate::shutdown_signal())
-        .await?;
+    platform.serve_on(None, Some(listener), shutdown).await?;
     Ok(())
 }

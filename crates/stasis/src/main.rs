@@ -784,6 +784,8 @@ pub(crate) fn cluster_auth(
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = server_config(&args)?;
+    // Caught from here on, before anything is set up on the host.
+    let shutdown = shutdown_signal();
     let mut platform = stasis_server::Platform::open(&config)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -840,7 +842,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     platform
         .with_http(args.http.settings())
-        .serve_on(Some(listener), cluster, shutdown_signal())
+        .serve_on(Some(listener), cluster, shutdown)
         .await?;
     Ok(())
 }
@@ -875,11 +877,19 @@ async fn default_key(db: &stasis_server::db::Db, data_dir: &std::path::Path) -> 
     Ok(DefaultKey::New(key))
 }
 
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM or SIGINT, caught from the call on (not from the first poll): one that comes while
+/// the platform is still starting is acted on as soon as it serves, and stops it as cleanly as
+/// any. Left to their default action, they would end the process at once, leaving behind what
+/// it had set up on the host (cgroups, networks) for nobody to remove.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }

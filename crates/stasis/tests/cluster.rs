@@ -615,6 +615,10 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
         );
     }
     drop(back);
+    // Nor any cgroup of the killed host: the returning one swept them at start, removed the
+    // deleted computer's with its QEMU, and its own when it stopped.
+    let left = common::cgroups_left(doomed_dir);
+    assert!(left.is_empty(), "the killed host's cgroups are still there: {left:?}");
 
     // The dead host's machines are nobody's now: stop them as its next start would.
     for entry in std::fs::read_dir(doomed_dir.join("machines"))
@@ -628,6 +632,14 @@ fn snapshots_move_between_hosts_and_survive_lost_processes() {
                 rustix::process::Signal::KILL,
             );
         }
+    }
+    // Every platform stopped (the control plane killed once, then restarted), nothing of any
+    // is left in the cgroup hierarchies.
+    drop(hosts);
+    drop(cp);
+    for dir in [cp_dir.path(), a_dir.path(), b_dir.path()] {
+        let left = common::cgroups_left(dir);
+        assert!(left.is_empty(), "cgroups left behind: {left:?}");
     }
 }
 

@@ -254,6 +254,9 @@ fn restarts_reattach_running_machines_and_shutdown_leaves_no_qemu_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!alive(qemu), "no QEMU outlives a clean shutdown");
+    // Nor a cgroup of the killed platform or of the one that stopped.
+    let left = common::cgroups_left(dir.path());
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
     let server = Server::start(dir.path());
     let api = Client::new(&server.base, Some(&key));
     let (status, body) = api.status(&id);

@@ -405,10 +405,14 @@ fn serve_banner(dir: &Path) -> String {
             Err(_) => break,
         }
     }
+    // At once: a SIGTERM while it is still starting stops it cleanly all the same.
     let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        if child.try_wait().unwrap().is_some() {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "serve ended by {status} on SIGTERM");
+            let left = common::cgroups_left(dir);
+            assert!(left.is_empty(), "the stopped platform left its cgroups: {left:?}");
             return banner;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -442,6 +442,28 @@ pub fn as_qemu_user(pid: i32, inside: bool) -> Command {
     cmd
 }
 
+/// The tag a platform names what it makes on the host after (its cgroups `stasis-<tag>`): the
+/// first 16 hex digits of its data directory's SHA-256.
+pub fn data_dir_tag(data_dir: &Path) -> String {
+    let out = Command::new("sh")
+        .args(["-c", "printf '%s' \"$1\" | sha256sum | cut -c1-16", "sh"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The cgroups of the platform on `data_dir` still on the host: its parent `stasis-<tag>` in
+/// the unified hierarchy or in any legacy one (its machines' cgroups are inside).
+pub fn cgroups_left(data_dir: &Path) -> Vec<PathBuf> {
+    let name = format!("stasis-{}", data_dir_tag(data_dir));
+    ["", "cpu", "memory", "pids"]
+        .iter()
+        .map(|h| Path::new("/sys/fs/cgroup").join(h).join(&name))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
