@@ -1,7 +1,9 @@
 import { randomUUID } from 'node:crypto';
 
-import { ComputerFailedError, TimeoutError } from './errors.js';
+import { ComputerFailedError, ConnectionError, MiosaError, TimeoutError } from './errors.js';
 import { sleep, type Transport } from './http.js';
+import { openSocket, SpawnedProcess, type SpawnOptions } from './process.js';
+import { readEventStream } from './sse.js';
 import type {
   ActionResult,
   Computer,
@@ -11,6 +13,8 @@ import type {
   EnvVar,
   ExposePortParams,
   FileInfo,
+  LogLine,
+  LogPage,
   FileStat,
   NetworkPolicy,
   NetworkPolicyRule,
@@ -192,6 +196,65 @@ export class Computers {
   /** Removes a variable. */
   async deleteEnv(id: string, name: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
     await this.http.request<undefined>('DELETE', `/computers/${enc(id)}/env/${enc(name)}`, { signal: opts.signal });
+  }
+
+  /**
+   * Runs a program with its streams over a WebSocket (the official SDK's `exec.spawn`):
+   * without `args`, `command` is a command line for `bash -c`. Its output arrives as written
+   * (`for await (const c of p.output())`), `wait()` gives its exit code, and closing the
+   * stream kills it. A computer runs at most 16 sessions at once.
+   */
+  async spawn(id: string, command: string, opts: SpawnOptions = {}): Promise<SpawnedProcess> {
+    const Ctor = opts.WebSocket ?? (globalThis as { WebSocket?: SpawnOptions['WebSocket'] }).WebSocket;
+    if (Ctor === undefined) {
+      throw new MiosaError('spawn needs a WebSocket: pass { WebSocket } (Node 20: run with --experimental-websocket)');
+    }
+    // A browser's WebSocket sends no Authorization header: a one-use ticket stands for the key.
+    const { ticket } = await this.http.request<{ ticket: string }>('POST', '/sse/ticket', { body: {}, retry: true });
+    const url = this.http
+      .url(`/computers/${enc(id)}/exec/stream`, {
+        command,
+        args: opts.args?.join(','),
+        cwd: opts.cwd,
+        env: opts.env === undefined ? undefined : JSON.stringify(opts.env),
+        rows: opts.rows,
+        cols: opts.cols,
+        ticket,
+      })
+      .replace(/^http/, 'ws');
+    return new SpawnedProcess(await openSocket(Ctor, url, `spawning in computer ${id}`));
+  }
+
+  /** A page of the computer's console log: its last `lines` lines, or those after a cursor. */
+  logs(id: string, opts: { lines?: number; since?: number; signal?: AbortSignal } = {}): Promise<LogPage> {
+    return this.http
+      .request<{ data: LogPage }>('GET', `/computers/${enc(id)}/logs`, {
+        query: { lines: opts.lines, since: opts.since },
+        retry: true,
+        signal: opts.signal,
+      })
+      .then((r) => r.data);
+  }
+
+  /**
+   * The console log followed as the computer prints it (from the newest line, or after the
+   * cursor `since`), until `signal` aborts. Lines cut away before they could be sent are
+   * skipped; `gap` says so.
+   */
+  async *followLogs(
+    id: string,
+    opts: { since?: number; signal?: AbortSignal; onGap?: (from: number, to: number) => void } = {},
+  ): AsyncGenerator<LogLine, void, undefined> {
+    const url = this.http.url(`/computers/${enc(id)}/logs/stream`, { since: opts.since });
+    const res = await fetch(url, { headers: this.http.headers({ Accept: 'text/event-stream' }), signal: opts.signal });
+    if (!res.ok || res.body === null) {
+      throw new ConnectionError(`following the logs of computer ${id}: HTTP ${res.status} ${await res.text()}`);
+    }
+    for await (const raw of readEventStream(res.body)) {
+      const data = JSON.parse(raw.data) as LogLine & { from?: number; to?: number };
+      if (raw.event === 'gap') opts.onGap?.(data.from ?? 0, data.to ?? 0);
+      else if (raw.event === 'log') yield { cursor: data.cursor, text: data.text };
+    }
   }
 
   /** Stops the computer (synchronously: its file systems are synced, the VM quits; the disk stays). */

@@ -19,4 +19,5 @@ export {
 } from './errors.js';
 export { normalizeBaseUrl, DEFAULT_BASE_URL, SDK_VERSION } from './http.js';
 export { SseParser, type RawSseEvent } from './sse.js';
+export { SpawnedProcess, type OutputChunk, type SpawnOptions, type WebSocketConstructor } from './process.js';
 export type * from './types.js';

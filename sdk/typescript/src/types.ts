@@ -265,3 +265,22 @@ export interface NetworkPolicy {
   inserted_at: string | null;
   updated_at: string | null;
 }
+
+/** One line of a computer's console. */
+export interface LogLine {
+  /** Where it starts: pass as `since` for what comes after. */
+  cursor: number;
+  text: string;
+}
+
+/** A page of a computer's console (`GET /computers/{id}/logs`). */
+export interface LogPage {
+  computer_id: string;
+  source: string;
+  lines: LogLine[];
+  /** Where the page ends: `since` this for what comes next. */
+  cursor: number;
+  /** The oldest position still kept. */
+  first_cursor: number;
+  truncated: boolean;
+}

@@ -7,6 +7,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import { Miosa, ValidationError } from '@stasis/sdk';
 import { startServer } from '../testlib/server.mjs';
@@ -122,4 +123,35 @@ test('environment variables reach every exec; update renames', { timeout: 150_00
   assert.equal(st.is_dir, false);
   await client.computers.deletePath(c.id, '/root/ts');
   await assert.rejects(client.computers.readFile(c.id, '/root/ts/hello.txt'), (e) => e.status === 404 && /no such file/.test(e.message));
+
+  // spawn: input in, both streams out in order, the exit code; a terminal size; kill.
+  const p = await client.computers.spawn(c.id, 'read l; echo "out $l $TOKEN"; echo err >&2; exit 6');
+  p.write('typed\n');
+  const chunks = [];
+  for await (const chunk of p.output()) chunks.push(chunk);
+  assert.equal(await p.wait(), 6);
+  assert.equal(chunks.filter((x) => x.stream === 'stdout').map((x) => x.data).join(''), 'out typed c\n');
+  assert.equal(chunks.filter((x) => x.stream === 'stderr').map((x) => x.data).join(''), 'err\n');
+  const tty = await client.computers.spawn(c.id, 'stty size', { rows: 12, cols: 34 });
+  let shown = '';
+  for await (const chunk of tty.output()) shown += chunk.data;
+  assert.match(shown, /12 34/);
+  assert.equal(await tty.wait(), 0);
+  const sleeper = await client.computers.spawn(c.id, 'sleep', { args: ['600'] });
+  sleeper.kill('SIGTERM');
+  assert.equal(await sleeper.wait(), 128 + 15);
+
+  // logs: a page with the boot line, then followed while the guest prints to its console.
+  const page = await client.computers.logs(c.id, { lines: 100 });
+  assert.ok(page.lines.some((l) => l.text.includes('stasis-agent: booted')), JSON.stringify(page.lines.slice(-5)));
+  const stop = new AbortController();
+  const followed = (async () => {
+    for await (const line of client.computers.followLogs(c.id, { since: page.cursor, signal: stop.signal })) {
+      if (line.text.includes('ts-console-mark')) return line.text;
+    }
+  })();
+  await client.computers.exec(c.id, 'echo ts-console-mark > /dev/console');
+  const mark = await Promise.race([followed, sleep(30_000).then(() => 'timed out')]);
+  stop.abort();
+  assert.match(mark, /ts-console-mark/);
 });
