@@ -10,7 +10,8 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -204,7 +205,7 @@ before(async () => {
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
   page = await context.newPage();
   page.setDefaultTimeout(30_000);
   page.on('request', (req) => {
@@ -286,6 +287,64 @@ test('the dashboard drives computers and snapshots end to end', { timeout: 170_0
     await openComputer(ids.original);
     const r = await runCommand(`echo ${MARKER} > /root/marker`);
     assert.equal(r.exit, 'exit 0');
+  });
+
+  await step('a terminal runs a shell in the computer (xterm.js, served as npm publishes it)', async () => {
+    const served = await fetch(`${server.origin}/dashboard/vendor/xterm.mjs`).then((r) => r.arrayBuffer());
+    const published = readFileSync(path.join(here, 'node_modules/@xterm/xterm/lib/xterm.mjs'));
+    assert.ok(Buffer.from(served).equals(published), 'the served terminal is @xterm/xterm 6.0.0 as published');
+    await page.click('#terminal-open');
+    await page.locator('#terminal[data-state="open"]').waitFor();
+    await page.locator('#terminal .xterm-helper-textarea').focus();
+    // The arithmetic shows the shell ran it: the echoed input has no 42.
+    await page.keyboard.type('echo "term-$((6*7))-$(cat /root/marker)"');
+    await page.keyboard.press('Enter');
+    await page.waitForFunction(
+      () => document.querySelector('#terminal .xterm-rows')?.textContent.includes('term-42-hello-from-web'),
+      null,
+      { timeout: 60_000 },
+    );
+    await page.locator('#terminal').screenshot({ path: '/tmp/dashboard-terminal.png' });
+    await page.keyboard.type('exit 4');
+    await page.keyboard.press('Enter');
+    await page.locator('#terminal[data-state="exited"]').waitFor({ timeout: 60_000 });
+    assert.equal(await page.textContent('#terminal-status'), 'exited (code 4)');
+    await page.click('#terminal-close');
+    assert.equal(await page.isVisible('#terminal'), false);
+  });
+
+  await step('the file browser lists, opens, uploads, downloads and deletes', async () => {
+    const id = ids.original;
+    await runCommand('mkdir -p /root/webdir && echo inner > /root/webdir/inner.txt');
+    await page.click('#files-refresh');
+    await page.locator('#files-body tr[data-path="/root/marker"]').waitFor();
+    await page.locator('#files-body tr[data-path="/root/webdir"] [data-action="open"]').click();
+    await page.locator('#files-body tr[data-path="/root/webdir/inner.txt"]').waitFor();
+    assert.equal(await page.textContent('#files-path'), '/root/webdir');
+    await page.click('#files-up');
+    await page.locator('#files-body tr[data-path="/root/marker"]').waitFor();
+    assert.equal(await page.textContent('#files-path'), '/root');
+
+    const bytes = randomBytes(300_000);
+    await page.setInputFiles('#files-upload-input', { name: 'web-upload.bin', mimeType: 'application/octet-stream', buffer: bytes });
+    await page.click('#files-upload-submit');
+    const row = page.locator('#files-body tr[data-path="/root/web-upload.bin"]');
+    await row.waitFor();
+    const [download] = await Promise.all([page.waitForEvent('download'), row.locator('[data-action="download"]').click()]);
+    assert.equal(download.suggestedFilename(), 'web-upload.bin');
+    const got = readFileSync(await download.path());
+    assert.equal(createHash('sha256').update(got).digest('hex'), createHash('sha256').update(bytes).digest('hex'));
+
+    await row.locator('[data-action="delete"]').click();
+    await row.waitFor({ state: 'detached' });
+    const gone = await api('GET', `/computers/${id}/files/download?path=/root/web-upload.bin`);
+    assert.equal(gone.status, 404);
+    // A path that is not there is named in the browser's error line.
+    await page.evaluate(() => loadFiles('/root/no-such-dir'));
+    await page.locator('#files-error').waitFor();
+    assert.match(await page.textContent('#files-error'), /no-such-dir/);
+    await page.click('#files-refresh');
+    await page.locator('#files-error').waitFor({ state: 'hidden' });
   });
 
   await step('take a snapshot and follow its progress live to ready', async () => {

@@ -601,6 +601,10 @@ function selectComputer(id) {
     $('exec-result').hidden = true;
     $('exec-result').dataset.state = '';
     $('panel-error').hidden = true;
+    closeTerminal();
+    files.path = '/root';
+    $('files-body').replaceChildren();
+    showFilesError(null);
   }
   $('computer-panel').hidden = false;
   $('computer-panel').dataset.computerId = id;
@@ -613,11 +617,13 @@ function selectComputer(id) {
   showTrackersFor(id);
   if (changed) {
     refreshSnapshots().catch((err) => actionFailed(err, 'Could not list snapshots'));
+    if (state.computers.get(id).status === 'running') loadFiles('/root');
     $('computer-panel').scrollIntoView({ behavior: 'smooth', block: 'nearest' });
   }
 }
 
 function deselect() {
+  closeTerminal();
   state.selectedId = null;
   sessionStorage.removeItem(SELECTED_STORAGE);
   state.snapshots.clear();
@@ -1222,6 +1228,226 @@ function confirmDialog(title, text, okLabel) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Terminal: a login shell in the computer (POST /terminal), attached over a WebSocket with a
+// one-use ticket, drawn by xterm.js (served from this page's own files).
+
+const TERMINAL_ROWS = 24;
+const TERMINAL_COLS = 100;
+const terminal = { term: null, ws: null };
+
+function terminalSend(frame) {
+  if (terminal.ws && terminal.ws.readyState === WebSocket.OPEN) terminal.ws.send(JSON.stringify(frame));
+}
+
+async function openTerminal() {
+  const id = state.selectedId;
+  if (!id) return;
+  closeTerminal();
+  const status = $('terminal-status');
+  const host = $('terminal');
+  setText(status, 'opening…');
+  $('terminal-open').disabled = true;
+  try {
+    const { Terminal } = await import('./vendor/xterm.mjs');
+    const made = await api('POST', `${computerPath(id)}/terminal`, { rows: TERMINAL_ROWS, cols: TERMINAL_COLS });
+    const { ticket } = await api('POST', '/sse/ticket', {});
+    if (state.selectedId !== id) return;
+    host.hidden = false;
+    host.replaceChildren();
+    const term = new Terminal({ rows: TERMINAL_ROWS, cols: TERMINAL_COLS, fontSize: 13, cursorBlink: true });
+    term.open(host);
+    const url = new URL(made.stream_url, location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    url.searchParams.set('ticket', ticket);
+    const ws = new WebSocket(url);
+    terminal.term = term;
+    terminal.ws = ws;
+    host.dataset.sessionId = made.session_id;
+    ws.addEventListener('open', () => {
+      setText(status, 'connected');
+      host.dataset.state = 'open';
+      term.focus();
+    });
+    ws.addEventListener('message', (ev) => {
+      let f;
+      try {
+        f = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (f.type === 'stdout' || f.type === 'stderr') term.write(f.data);
+      else if (f.type === 'exit') {
+        term.write(`\r\n[the shell exited with code ${f.code}]\r\n`);
+        setText(status, `exited (code ${f.code})`);
+        host.dataset.state = 'exited';
+      } else if (f.type === 'error') term.write(`\r\n[${f.message}]\r\n`);
+    });
+    ws.addEventListener('close', () => {
+      if (host.dataset.state !== 'exited') {
+        setText(status, 'disconnected');
+        host.dataset.state = 'closed';
+      }
+      $('terminal-open').disabled = false;
+    });
+    term.onData((data) => terminalSend({ type: 'stdin', data }));
+    term.onResize(({ rows, cols }) => terminalSend({ type: 'resize', rows, cols }));
+    $('terminal-close').hidden = false;
+  } catch (err) {
+    setText(status, '');
+    $('terminal-open').disabled = false;
+    actionFailed(err, 'Could not open a terminal');
+  }
+}
+
+/** Ends the shell (hang-up, as a closed terminal does) and takes the terminal away. */
+function closeTerminal() {
+  terminalSend({ type: 'signal', signal: 'SIGHUP' });
+  terminal.ws?.close();
+  terminal.term?.dispose();
+  terminal.ws = null;
+  terminal.term = null;
+  const host = $('terminal');
+  host.hidden = true;
+  host.replaceChildren();
+  delete host.dataset.state;
+  delete host.dataset.sessionId;
+  $('terminal-close').hidden = true;
+  $('terminal-open').disabled = false;
+  setText($('terminal-status'), '');
+}
+
+// ---------------------------------------------------------------------------------------
+// Files: a directory of the computer, with downloads, uploads (multipart, streamed by the
+// server into the guest) and deletes.
+
+const files = { path: '/root' };
+
+function parentOf(p) {
+  const trimmed = p.replace(/\/+$/, '');
+  const i = trimmed.lastIndexOf('/');
+  return i <= 0 ? '/' : trimmed.slice(0, i);
+}
+
+const joinPath = (dir, name) => (dir === '/' ? `/${name}` : `${dir}/${name}`);
+
+function showFilesError(err) {
+  const el = $('files-error');
+  setText(el, err ? `${err.message}${err.requestId ? ` (request id ${err.requestId})` : ''}` : '');
+  el.hidden = !err;
+}
+
+async function loadFiles(path = files.path) {
+  const id = state.selectedId;
+  if (!id) return;
+  try {
+    const r = await api('GET', `${computerPath(id)}/files?path=${enc(path)}`);
+    if (state.selectedId !== id) return;
+    files.path = path;
+    setText($('files-path'), path);
+    showFilesError(null);
+    $('files-body').replaceChildren(...r.data.map(fileRow));
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return actionFailed(err);
+    showFilesError(err);
+  }
+}
+
+function fileRow(f) {
+  const name = f.is_dir
+    ? h('button', { type: 'button', class: 'linkish', dataset: { action: 'open' } }, `${f.name}/`)
+    : f.name;
+  return h(
+    'tr',
+    { dataset: { path: f.path, testid: 'file-row', dir: f.is_dir ? 'yes' : 'no' } },
+    h('td', { dataset: { testid: 'file-name' } }, name),
+    h('td', { class: 'muted small' }, f.is_dir ? '' : fmtBytes(f.size)),
+    h(
+      'td',
+      { class: 'actions-col' },
+      f.is_dir ? null : h('button', { type: 'button', class: 'btn ghost small', dataset: { action: 'download' } }, 'Download'),
+      h('button', { type: 'button', class: 'btn ghost small danger', dataset: { action: 'delete' } }, 'Delete'),
+    ),
+  );
+}
+
+async function onFileAction(ev) {
+  const button = ev.target.closest('button[data-action]');
+  const row = ev.target.closest('tr[data-path]');
+  const id = state.selectedId;
+  if (!button || !row || !id) return;
+  const path = row.dataset.path;
+  try {
+    if (button.dataset.action === 'open') await loadFiles(path);
+    else if (button.dataset.action === 'download') await downloadFile(id, path);
+    else if (button.dataset.action === 'delete') {
+      await api('DELETE', `${computerPath(id)}/files`, { path });
+      await loadFiles();
+    }
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return actionFailed(err);
+    showFilesError(err);
+  }
+}
+
+/** Fetches the file with the key (a plain link could not send it) and saves it. */
+async function downloadFile(id, path) {
+  const res = await fetch(`${API}${computerPath(id)}/files/download?path=${enc(path)}`, {
+    headers: { Authorization: `Bearer ${state.key}` },
+    cache: 'no-store',
+  });
+  if (!res.ok) {
+    let e = {};
+    try {
+      e = (await res.json()).error || {};
+    } catch {
+      e = {};
+    }
+    throw new ApiError(res.status, e.code || `http_${res.status}`, e.message || res.statusText, e.request_id);
+  }
+  const url = URL.createObjectURL(await res.blob());
+  const a = h('a', { href: url, download: path.split('/').pop() || 'download' });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+async function onUploadSubmit(ev) {
+  ev.preventDefault();
+  const id = state.selectedId;
+  const input = $('files-upload-input');
+  const file = input.files && input.files[0];
+  if (!id || !file) return;
+  const button = $('files-upload-submit');
+  button.disabled = true;
+  button.textContent = 'Uploading…';
+  try {
+    const form = new FormData();
+    // The path first: the server streams the file into the guest as it arrives.
+    form.append('path', joinPath(files.path, file.name));
+    form.append('file', file, file.name);
+    const res = await fetch(`${API}${computerPath(id)}/files/upload`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${state.key}` },
+      body: form,
+    });
+    if (!res.ok) {
+      const e = (await res.json().catch(() => ({}))).error || {};
+      throw new ApiError(res.status, e.code || `http_${res.status}`, e.message || res.statusText, e.request_id);
+    }
+    input.value = '';
+    notify(`Uploaded ${file.name} (${fmtBytes(file.size)}) to ${files.path}`);
+    await loadFiles();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return actionFailed(err);
+    showFilesError(err);
+  } finally {
+    button.disabled = false;
+    button.textContent = 'Upload';
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Start
 
 function init() {
@@ -1238,6 +1464,12 @@ function init() {
   $('snapshot-form').addEventListener('submit', onSnapshotSubmit);
   $('snapshot-comment').addEventListener('input', updateCommentCount);
   $('snapshots-body').addEventListener('click', onSnapshotAction);
+  $('terminal-open').addEventListener('click', openTerminal);
+  $('terminal-close').addEventListener('click', closeTerminal);
+  $('files-body').addEventListener('click', onFileAction);
+  $('files-up').addEventListener('click', () => loadFiles(parentOf(files.path)));
+  $('files-refresh').addEventListener('click', () => loadFiles());
+  $('files-upload-form').addEventListener('submit', onUploadSubmit);
   updateCommentCount();
 
   const saved = sessionStorage.getItem(KEY_STORAGE);
