@@ -227,3 +227,45 @@ def test_a_socket_endpoint_asked_without_an_upgrade_says_so(server, computer):
     assert status == 426 and body["error"]["code"] == "WEBSOCKET_REQUIRED", body
     status, body = http(server, "GET", f"/computers/{computer.id}/exec/stream")
     assert status == 422 and "command" in body["error"]["message"], body
+
+
+def test_a_restored_clone_keeps_background_commands_and_ends_streamed_ones(server, computer):
+    """A snapshot of a computer with a background command and a spawn running: its clone runs
+    the background command on (its output goes on from where it was), while the spawn, whose
+    client belongs to the original, is ended in the clone and goes on in the original."""
+    status, bg = http(server, "POST", f"/computers/{computer.id}/commands",
+                      {"command": "i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done", "detached": True})
+    assert status == 202, bg
+
+    async def main():
+        async with AsyncMiosa(api_key=server.key, base_url=server.base_url) as client:
+            c = await client.computers.get(computer.id)
+            proc = await c.exec.spawn("echo $$ > /tmp/streamed.pid; echo up; sleep 600")
+            async for chunk in proc.stdout():
+                if "up" in chunk:
+                    break
+            pid = (await asyncio.to_thread(computer.exec.bash, "cat /tmp/streamed.pid")).output.strip()
+            snap = await asyncio.to_thread(computer.checkpoints.create, comment="sessions")
+            clone = await asyncio.to_thread(computer.checkpoints.restore, snap.id)
+            try:
+                await asyncio.to_thread(clone.wait_until_ready, timeout=180)
+                deadline = time.monotonic() + 30
+                while (await asyncio.to_thread(clone.exec.bash, f"kill -0 {pid} 2>/dev/null")).exit_code == 0:
+                    assert time.monotonic() < deadline, "the clone kept a streamed program of the original"
+                    await asyncio.sleep(0.5)
+                assert (await asyncio.to_thread(computer.exec.bash, f"kill -0 {pid}")).exit_code == 0, \
+                    "the original's spawn runs on"
+                status, listed = http(server, "GET", f"/computers/{clone.id}/commands")
+                assert status == 200, listed
+                mine = [x for x in listed["data"] if x["pid"] == bg["pid"]]
+                assert mine and mine[0]["status"] == "running", listed
+                first = http(server, "GET", f"/computers/{clone.id}/commands/{bg['pid']}/logs")[1]["stdout"]
+                await asyncio.sleep(3)
+                later = http(server, "GET", f"/computers/{clone.id}/commands/{bg['pid']}/logs")[1]["stdout"]
+                assert later.startswith(first) and len(later.splitlines()) > len(first.splitlines()), (first, later)
+            finally:
+                await asyncio.to_thread(clone.destroy)
+                await proc.kill()
+                http(server, "POST", f"/computers/{computer.id}/commands/{bg['pid']}/kill")
+
+    asyncio.run(main())
