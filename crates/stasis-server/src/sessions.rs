@@ -208,6 +208,7 @@ async fn exec_stream(
     StreamTenant { tenant, .. }: StreamTenant,
     Path(id): Path<String>,
     body::Query(q): body::Query<SpawnQuery>,
+    held: Option<axum::Extension<crate::net::HeldStream>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let id = computer_id(&id)?;
@@ -251,7 +252,11 @@ async fn exec_stream(
     )
     .await?;
     Ok(upgrade
-        .on_upgrade(move |socket| stream(socket, vm, id, session, OnClose::Kill))
+        .on_upgrade(move |socket| async move {
+            // The tenant's place among its long requests, for as long as the socket lives.
+            let _held = held;
+            stream(socket, vm, id, session, OnClose::Kill).await
+        })
         .into_response())
 }
 
@@ -400,6 +405,7 @@ async fn pty_stream(
     State(state): State<AppState>,
     StreamTenant { tenant, .. }: StreamTenant,
     Path((id, sid)): Path<(String, String)>,
+    held: Option<axum::Extension<crate::net::HeldStream>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let id = computer_id(&id)?;
@@ -427,7 +433,7 @@ async fn pty_stream(
     let guard = Attached(id, session);
     Ok(upgrade
         .on_upgrade(move |socket| async move {
-            let _guard = guard;
+            let (_guard, _held) = (guard, held);
             stream(socket, vm, id, session, OnClose::Leave).await
         })
         .into_response())
