@@ -30,6 +30,7 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use stasis_agent_proto::{
     signal_number, SessionErrorKind, SessionInfo, SessionOp, SessionReply, SessionStart, WinSize, SESSIONS_SINCE,
+    SESSION_BUFFER_BYTES, SESSION_CHUNK_BYTES,
 };
 use stasis_types::{ComputerId, TenantId};
 use stasis_vmm::{Vm, VmError};
@@ -846,7 +847,11 @@ async fn command_logs(
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let (mut out_from, mut err_from) = (0u64, 0u64);
     let (mut out_dropped, mut err_dropped) = (None, None);
-    let exit_code = loop {
+    // The agent keeps a MiB a stream and answers a quarter of one a read: a few reads take it
+    // all, and a guest that answers without end is not read without end.
+    let reads = 2 * SESSION_BUFFER_BYTES / SESSION_CHUNK_BYTES + 2;
+    let mut exit_code = None;
+    for _ in 0..reads {
         let reply = run(
             &vm,
             id,
@@ -867,7 +872,7 @@ async fn command_logs(
             stdout_at,
             stderr,
             stderr_at,
-            exit_code,
+            exit_code: code,
         } = reply
         else {
             return Err(ApiError::unavailable(
@@ -885,10 +890,11 @@ async fn command_logs(
         err_from = stderr_at + e.len() as u64;
         out.extend(o);
         err.extend(e);
-        if done || exit_code.is_some() {
-            break exit_code;
+        if done || code.is_some() {
+            exit_code = code;
+            break;
         }
-    };
+    }
     Ok(Json(CommandLogs {
         pid: pid.to_string(),
         stdout: String::from_utf8_lossy(&out).into_owned(),
