@@ -16,6 +16,8 @@ pub enum Resource {
     Session,
     /// A background command a computer does not have.
     Command,
+    /// A name that pins no snapshot of the tenant's.
+    NamedSnapshot,
 }
 
 impl Resource {
@@ -27,6 +29,7 @@ impl Resource {
             Resource::EnvVar => "environment variable",
             Resource::Session => "session",
             Resource::Command => "command",
+            Resource::NamedSnapshot => "named snapshot",
         }
     }
 }
@@ -70,6 +73,10 @@ pub enum Conflict {
     AgentTooOld,
     /// A terminal has a client attached already.
     SessionAttached,
+    /// The tenant has a named snapshot of that name already (names are never replaced).
+    NameTaken,
+    /// The snapshot is pinned by a name already.
+    SnapshotAlreadyNamed,
 }
 
 #[derive(Debug, thiserror::Error)]

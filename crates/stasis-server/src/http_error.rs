@@ -175,6 +175,8 @@ fn conflict_code(state: Conflict) -> &'static str {
         Conflict::MustBeStopped => "RESOURCE_STATE",
         Conflict::AgentTooOld => "AGENT_TOO_OLD",
         Conflict::SessionAttached => "SESSION_ATTACHED",
+        Conflict::NameTaken => "NAME_TAKEN",
+        Conflict::SnapshotAlreadyNamed => "SNAPSHOT_ALREADY_NAMED",
     }
 }
 

@@ -115,6 +115,8 @@ pub struct Config {
     pub network: NetworkConfig,
     /// How preview URLs are made (None: `localhost:PORT` of `listen`).
     pub preview: Option<preview::PreviewConfig>,
+    /// How long a snapshot is kept when its create names no expiry (None: until deleted).
+    pub snapshot_ttl: Option<std::time::Duration>,
 }
 
 /// How computers reach the network (see [`stasis_vmm::network`]).
@@ -175,6 +177,8 @@ impl std::str::FromStr for Confine {
 
 /// How often a host looks for local copies of snapshots that are gone.
 const LOCAL_COPY_SWEEP: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often expired snapshots are looked for (one indexed query).
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The confinement of this platform's QEMUs, as `--confine` asks and the host allows.
 fn jail_settings(
@@ -316,6 +320,7 @@ fn api_router() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .add(endpoints::Runs::Anywhere, utoipa_axum::routes!(health))
         .merge(computers::routes::router())
         .merge(snapshots::routes::router())
+        .merge(snapshots::history_routes::router())
         .merge(preview::routes::router())
         .merge(network_policy::router())
         .merge(env::router())
@@ -545,6 +550,7 @@ impl Platform {
             jobs.clone(),
             // Staging, and whether other processes upload to the same store.
             (config.data_dir.join("staging"), !matches!(config.role, Role::Embedded)),
+            config.snapshot_ttl,
         );
         let clustered = !matches!(config.role, Role::Embedded);
         if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {
@@ -573,6 +579,8 @@ impl Platform {
         });
         if !matches!(config.role, Role::Host { .. }) {
             snapshots.schedule_collection(std::time::Duration::ZERO).await;
+            // Expired snapshots are deleted where the store is collected.
+            snapshots.spawn_expiry(EXPIRY_SWEEP);
         }
         let control_plane = match &config.role {
             Role::ControlPlane { auth, host_timeout } => {

@@ -37,6 +37,7 @@ pub mod manifest;
 mod manifest_io;
 pub mod materialize;
 pub mod naming;
+mod reader;
 pub mod seal;
 mod upload;
 
@@ -53,6 +54,7 @@ pub use manifest::{ChunkNames, Manifest, ManifestError, ManifestHash, Part, MANI
 pub use manifest_io::{Recorded, StoredManifest};
 pub use materialize::cache::{host_memory_bytes, secure_dir, Materialized, Materializer};
 pub use naming::{MemoryNamingKeys, NamingKey, NamingKeys};
+pub use reader::PartReader;
 pub use seal::{Keyring, MasterKey, MemoryKeyring, TenantKey};
 pub use upload::UploadStats;
 

@@ -20,18 +20,103 @@ use crate::error::{io, modified, unauthentic};
 use crate::manifest::{Manifest, Part};
 use crate::{read_bounded, Progress, SnapshotStore, StoreError, PARALLEL};
 
+/// Fetching and opening the chunks of one snapshot: each stored object size-checked before
+/// its body is read, then verified against its name (and opened with the tenant's key).
+#[derive(Clone)]
+pub(crate) struct ChunkSource {
+    /// `None` when the part has no stored chunk (nothing to open).
+    codec: Option<Codec>,
+    store: Arc<dyn ObjectStore>,
+    /// The most a stored chunk of the part can take.
+    max_stored: u64,
+    /// For messages.
+    snapshot_id: Arc<str>,
+}
+
 /// What every chunk of one part's materialization shares.
 struct PartWriter {
     file: std::fs::File,
     size: u64,
     chunk_size: u64,
-    /// The most a stored chunk of this part can take.
-    max_stored: u64,
-    /// `None` when the part has no stored chunk (nothing to open).
-    codec: Option<Codec>,
-    store: Arc<dyn ObjectStore>,
-    /// For messages.
-    snapshot_id: Arc<str>,
+    source: ChunkSource,
+}
+
+impl SnapshotStore {
+    /// The chunk source of `part` of `manifest`, with `tenant`'s keys: the snapshot's tenant as
+    /// the platform recorded it (a manifest naming another is refused).
+    pub(crate) async fn chunk_source(
+        &self,
+        tenant: TenantId,
+        manifest: &Manifest,
+        part: &Part,
+    ) -> Result<ChunkSource, StoreError> {
+        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
+        let tenant = tenant.to_string();
+        if manifest.tenant_id != tenant {
+            return Err(modified(
+                &snapshot_id,
+                format!(
+                    "names tenant {}, but the snapshot is tenant {tenant}'s",
+                    manifest.tenant_id
+                ),
+            ));
+        }
+        let codec = if part.chunks.iter().any(Option::is_some) {
+            Some(self.codec(manifest.chunk_names, &tenant, false, &snapshot_id).await?)
+        } else {
+            None
+        };
+        Ok(ChunkSource {
+            codec,
+            store: self.store.clone(),
+            max_stored: crate::seal::max_stored_len(part.chunk_size),
+            snapshot_id,
+        })
+    }
+}
+
+impl ChunkSource {
+    /// The stored object of chunk `hash`, refused unread when it is larger than any chunk.
+    async fn fetch(&self, hash: ChunkHash) -> Result<impl AsRef<[u8]> + Send + 'static, StoreError> {
+        let got = match self.store.get(&ObjectPath::from(hash.key())).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
+            Err(e) => return Err(e.into()),
+        };
+        let max = self.max_stored;
+        read_bounded(got, max).await?.map_err(|size| StoreError::Corrupt {
+            chunk: hash,
+            source: ChunkError::TooLarge { size, max },
+        })
+    }
+
+    /// Opens (verifies) a stored chunk that must hold `len` bytes.
+    fn open(&self, hash: ChunkHash, stored: &[u8], len: u64) -> Result<Vec<u8>, StoreError> {
+        let snapshot_id = &self.snapshot_id;
+        let Some(codec) = &self.codec else {
+            return Err(StoreError::MissingChunk(hash));
+        };
+        let raw = codec.open(stored, hash).map_err(|source| match source {
+            ChunkError::Authentication => unauthentic(snapshot_id, format!("chunk {hash} of snapshot {snapshot_id}")),
+            source => StoreError::Corrupt { chunk: hash, source },
+        })?;
+        if raw.len() as u64 != len {
+            return Err(StoreError::Corrupt {
+                chunk: hash,
+                source: ChunkError::Length(raw.len()),
+            });
+        }
+        Ok(raw)
+    }
+
+    /// Chunk `hash` of `len` bytes, fetched and verified (off the async runtime's threads).
+    pub(crate) async fn get(&self, hash: ChunkHash, len: u64) -> Result<Vec<u8>, StoreError> {
+        let stored = self.fetch(hash).await?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.open(hash, stored.as_ref(), len))
+            .await
+            .expect("opening a chunk does not panic")
+    }
 }
 
 impl SnapshotStore {
@@ -47,17 +132,7 @@ impl SnapshotStore {
         dest: &Path,
         progress: Progress,
     ) -> Result<(), StoreError> {
-        let snapshot_id: Arc<str> = manifest.snapshot_id.as_str().into();
-        let tenant = tenant.to_string();
-        if manifest.tenant_id != tenant {
-            return Err(modified(
-                &snapshot_id,
-                format!(
-                    "names tenant {}, but the snapshot is tenant {tenant}'s",
-                    manifest.tenant_id
-                ),
-            ));
-        }
+        let source = self.chunk_source(tenant, manifest, part).await?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -65,19 +140,11 @@ impl SnapshotStore {
             .open(dest)
             .map_err(io(format!("creating {}", dest.display())))?;
         file.set_len(part.size).map_err(io("sizing the file"))?;
-        let codec = if part.chunks.iter().any(Option::is_some) {
-            Some(self.codec(manifest.chunk_names, &tenant, false, &snapshot_id).await?)
-        } else {
-            None
-        };
         let writer = Arc::new(PartWriter {
             file,
             size: part.size,
             chunk_size: part.chunk_size as u64,
-            max_stored: crate::seal::max_stored_len(part.chunk_size),
-            codec,
-            store: self.store.clone(),
-            snapshot_id,
+            source,
         });
         let done = Arc::new(AtomicU64::new(0));
         // Owned items and handles: futures that borrow from the iterator are not `Send` for
@@ -104,44 +171,17 @@ impl PartWriter {
     async fn chunk(self: Arc<Self>, index: usize, hash: Option<ChunkHash>) -> Result<u64, StoreError> {
         let offset = index as u64 * self.chunk_size;
         let len = (self.size - offset).min(self.chunk_size);
-        let (Some(hash), Some(codec)) = (hash, self.codec.clone()) else {
+        let Some(hash) = hash else {
             return Ok(len); // a hole: the sized file reads zeros there already
         };
-        let stored = self.fetch(hash).await?;
-        tokio::task::spawn_blocking(move || self.write(&codec, hash, stored.as_ref(), offset, len))
-            .await
-            .expect("chunk writer does not panic")?;
-        Ok(len)
-    }
-
-    /// The stored object of chunk `hash`, refused unread when it is larger than any chunk.
-    async fn fetch(&self, hash: ChunkHash) -> Result<impl AsRef<[u8]> + Send + 'static, StoreError> {
-        let got = match self.store.get(&ObjectPath::from(hash.key())).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::MissingChunk(hash)),
-            Err(e) => return Err(e.into()),
-        };
-        let max = self.max_stored;
-        read_bounded(got, max).await?.map_err(|size| StoreError::Corrupt {
-            chunk: hash,
-            source: ChunkError::TooLarge { size, max },
+        let stored = self.source.fetch(hash).await?;
+        tokio::task::spawn_blocking(move || {
+            let raw = self.source.open(hash, stored.as_ref(), len)?;
+            self.file.write_all_at(&raw, offset).map_err(io("writing a chunk"))
         })
-    }
-
-    /// Opens (verifies) a chunk of `len` bytes and writes it at `offset`.
-    fn write(&self, codec: &Codec, hash: ChunkHash, stored: &[u8], offset: u64, len: u64) -> Result<(), StoreError> {
-        let snapshot_id = &self.snapshot_id;
-        let raw = codec.open(stored, hash).map_err(|source| match source {
-            ChunkError::Authentication => unauthentic(snapshot_id, format!("chunk {hash} of snapshot {snapshot_id}")),
-            source => StoreError::Corrupt { chunk: hash, source },
-        })?;
-        if raw.len() as u64 != len {
-            return Err(StoreError::Corrupt {
-                chunk: hash,
-                source: ChunkError::Length(raw.len()),
-            });
-        }
-        self.file.write_all_at(&raw, offset).map_err(io("writing a chunk"))
+        .await
+        .expect("chunk writer does not panic")?;
+        Ok(len)
     }
 }
 

@@ -148,6 +148,59 @@ async fn upload_then_materialize_gives_back_the_same_bytes_and_skips_zeros() {
 }
 
 #[tokio::test]
+async fn a_part_reader_reads_any_range_from_the_store_and_fails_closed_on_a_bad_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = SnapshotStore::local(&root).unwrap();
+    let random: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let src = sparse_file(
+        dir.path(),
+        "disk",
+        4 << 20,
+        &[(10, b"head"), ((1 << 20) - 150_000, &random), ((4 << 20) - 4, b"end!")],
+    );
+    let (part, _) = store
+        .upload_file(&store.pin().await, tid("t"), &src, 1 << 20, noop())
+        .await
+        .unwrap();
+    let m = manifest("s", part.clone());
+    let reader = store.part_reader(tid("t"), &m, &part).await.unwrap();
+    assert_eq!(reader.size(), 4 << 20);
+    let whole = std::fs::read(&src).unwrap();
+    // Within a chunk, across a chunk boundary, in a hole (never stored), at the very end.
+    for (at, len) in [
+        (0u64, 64usize),
+        ((1 << 20) - 150_000 - 7, 300_014),
+        (2 << 20, 4096),
+        ((4 << 20) - 10, 10),
+    ] {
+        let mut buf = vec![0xAA; len];
+        reader.read_at(at, &mut buf).await.unwrap();
+        assert_eq!(buf, whole[at as usize..][..len], "{len} bytes at {at}");
+    }
+    let mut past = [0u8; 2];
+    assert!(reader.read_at((4 << 20) - 1, &mut past).await.is_err(), "past the end");
+    // Another tenant's key does not open it.
+    assert!(store.part_reader(tid("other"), &m, &part).await.is_err());
+    // A chunk changed in the store is refused, never read as data.
+    let hash = part.chunks[1].unwrap();
+    let on_disk = root.join(hash.key());
+    let mut bytes = std::fs::read(&on_disk).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&on_disk, bytes).unwrap();
+    let fresh = store.part_reader(tid("t"), &m, &part).await.unwrap();
+    let mut buf = vec![0u8; 16];
+    let err = fresh.read_at(1 << 20, &mut buf).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Corrupt { chunk, .. } if chunk == hash),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_corrupted_chunk_fails_the_materialization_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");

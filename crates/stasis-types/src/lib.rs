@@ -1,8 +1,10 @@
 //! The public API's types, shared by the server, the CLI and the tests: typed ids, computer
 //! sizes and statuses, and the JSON shapes of the Miosa computers API (`shared/API.md`).
 
+mod history;
 mod ids;
 
+pub use history::*;
 pub use ids::{BadHostId, ComputerId, HostId, SnapshotId, TenantId};
 
 use chrono::{DateTime, Utc};
@@ -248,10 +250,19 @@ pub struct Snapshot {
     pub pause_ms: Option<u64>,
     pub s3_bucket: Option<String>,
     pub s3_prefix: Option<String>,
+    /// The snapshot this one descends from: the computer's previous snapshot, or, for the
+    /// first snapshot of a restored or cloned computer, the snapshot it was restored from.
     pub parent_snapshot_id: Option<SnapshotId>,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When it is deleted by itself (null: kept until deleted). A name pins it: a named
+    /// snapshot does not expire while the name stands.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The name that pins it (see `/named-snapshots`), if one does.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Where a snapshot's capture or a restore from it has got to (`step` of its events).
@@ -273,6 +284,8 @@ pub enum Step {
     Starting,
     Restored,
     RestoreFailed,
+    /// Deleted by itself: its `expires_at` passed.
+    Expired,
     /// A step this client does not know (a newer server's).
     #[serde(other)]
     Other,
@@ -290,6 +303,7 @@ impl Step {
             Step::Starting => "starting",
             Step::Restored => "restored",
             Step::RestoreFailed => "restore_failed",
+            Step::Expired => "expired",
             Step::Other => "other",
         }
     }
@@ -510,6 +524,13 @@ pub struct CreateSnapshotRequest {
     /// A human-readable label.
     #[schema(max_length = 500)]
     pub comment: Option<String>,
+    /// Delete it by itself this many seconds after it is taken (at least 1); without it (and
+    /// without `expires_at`) the platform's default applies, if it has one.
+    #[schema(nullable = false, minimum = 1)]
+    pub ttl_seconds: Option<u64>,
+    /// Delete it by itself at this time (RFC 3339, in the future); not with `ttl_seconds`.
+    #[schema(nullable = false)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// `POST /computers/{id}/clone`.

@@ -48,6 +48,16 @@ impl Vm {
     /// can be write-protected for its own later snapshots).
     pub async fn capture(&self, staging: &Path, memory: &Path) -> Result<Capture, VmError> {
         let _one_at_a_time = self.ops().lock().await;
+        // The guest's file systems flushed first (before the pause, not in it): the disk then
+        // holds what the guest wrote, so the snapshot's files can be read from its disk alone
+        // (`/snapshots/{id}/files`). A guest whose agent does not answer is captured as it is.
+        if let Err(e) = self
+            .agent()
+            .call(stasis_agent_proto::Op::Sync, Duration::from_secs(10))
+            .await
+        {
+            tracing::debug!(error = %e, "the guest did not flush its file systems before the capture");
+        }
         let qmp = self.qmp().clone();
         let config = self.config();
         let disk_bytes = disk_size(&qmp).await?;

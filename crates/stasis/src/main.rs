@@ -143,6 +143,10 @@ pub struct ServeArgs {
     /// How long a private port's signed link lasts, in seconds.
     #[arg(long, default_value_t = 3600, env = "STASIS_PREVIEW_LINK_TTL_SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
     preview_link_ttl_secs: u64,
+    /// How long a snapshot is kept when its create names no expiry, in seconds (0: until it
+    /// is deleted). Named snapshots never expire.
+    #[arg(long, default_value_t = 0, env = "STASIS_SNAPSHOT_TTL_SECS")]
+    snapshot_ttl_secs: u64,
     #[command(flatten)]
     data: DataDir,
     #[command(flatten)]
@@ -689,6 +693,7 @@ impl Machines {
             }),
             master_key_file: None,
             preview: None,
+            snapshot_ttl: None,
             network: stasis_server::NetworkConfig {
                 pool: self.network_pool,
                 egress: stasis_vmm::network::EgressPolicy {
@@ -732,6 +737,7 @@ pub(crate) fn server_config(args: &ServeArgs) -> Result<stasis_server::Config> {
             scheme: args.preview_scheme.clone(),
             link_ttl: std::time::Duration::from_secs(args.preview_link_ttl_secs),
         }),
+        snapshot_ttl: (args.snapshot_ttl_secs > 0).then(|| std::time::Duration::from_secs(args.snapshot_ttl_secs)),
         role: match cluster_auth(
             args.cluster_credentials.as_deref(),
             args.cluster_token.as_deref(),

@@ -77,6 +77,7 @@ fn config(dir: &std::path::Path, db: &str, s3: &S3, role: Role) -> Config {
         cpu_model: "auto".into(),
         master_key_file: None,
         preview: None,
+        snapshot_ttl: None,
         network: Default::default(),
     }
 }

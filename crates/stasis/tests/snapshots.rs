@@ -259,7 +259,8 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
 fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     let dir = data_dir();
     let key = create_key(dir.path(), "default");
-    let server = Server::start(dir.path());
+    // A platform default expiry: a day for snapshots whose create names none.
+    let server = Server::start_with(dir.path(), &[("STASIS_SNAPSHOT_TTL_SECS", "86400")]);
     let api = Client::new(&server.base, Some(&key));
     let id = running_computer(&api, "keeper");
     out(&api, &id, "echo one > /root/one");
@@ -305,12 +306,121 @@ fn deleting_keeps_shared_chunks_and_caches_are_only_caches() {
     let c = snapshot(&api, &restored, "second generation");
     let c_data = api.wait_snapshot(&restored, &c, "ready", SNAP);
     assert!(c_data["pause_ms"].as_u64().is_some(), "{c_data}");
-    let grandchild = restore(&api, &restored, &c);
+    graph_on_this_backend(&api, &store, (&id, &b), (&restored, &c, &c_data));
+}
+
+/// The snapshot graph on this test's backend (SQLite and a local store, or PostgreSQL and S3
+/// with encryption at rest): lineage across a restore, the account-wide history, a name that
+/// pins and deploys, the disk read from the store without a restore, expiry.
+fn graph_on_this_backend(
+    api: &Client,
+    store: &common::backends::Store,
+    (original, b): (&str, &str),
+    (restored, c, c_data): (&str, &str, &Value),
+) {
+    // The platform's default expiry applies to a snapshot whose create names none.
+    let created = chrono::DateTime::parse_from_rfc3339(c_data["created_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(c_data["expires_at"].as_str().unwrap()).unwrap();
+    assert!(((expires - created).num_seconds() - 86400).abs() <= 1, "{c_data}");
+    // The restored computer's first snapshot descends from the one it came from.
+    assert_eq!(c_data["parent_snapshot_id"], b, "{c_data}");
+    let r = api.call("GET", &format!("/snapshots/{b}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["children"], json!([c]), "{}", r.body);
+    assert!(
+        r.body["computers"].as_array().unwrap().iter().any(|x| x == restored),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["data"]["resource"]["id"], original);
+    let r = api.call("GET", &format!("/computers/{restored}"), None);
+    assert_eq!(r.body["metadata"]["source_snapshot_id"], b, "{}", r.body);
+    let r = api.call("GET", "/snapshots?q=KEEPER-restored&limit=1", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["total"].clone(), r.body["data"][0]["id"].clone()),
+        (json!(1), json!(c)),
+        "{}",
+        r.body
+    );
+
+    // A name pins c (and keeps it out of the history); a deploy by name restores it.
+    let r = api.call(
+        "POST",
+        "/named-snapshots",
+        Some(json!({"name": "gen2", "snapshot_id": c})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = api.call(
+        "POST",
+        "/named-snapshots",
+        Some(json!({"name": "gen2", "snapshot_id": b})),
+    );
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("NAME_TAKEN")),
+        "{}",
+        r.body
+    );
+    let r = api.call("DELETE", &format!("/snapshots/{c}"), None);
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (409, Some("SNAPSHOT_IN_USE")),
+        "{}",
+        r.body
+    );
+    assert_eq!(api.call("GET", "/snapshots?q=KEEPER-restored", None).body["total"], 0);
+    let r = api.call("POST", "/named-snapshots/gen2/deploy", None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let grandchild = r.body["data"]["id"].as_str().unwrap().to_string();
     api.wait_status(&grandchild, "running", BOOT);
     assert_eq!(
-        out(&api, &grandchild, "cat /root/one /root/two /root/three"),
+        out(api, &grandchild, "cat /root/one /root/two /root/three"),
         "one\ntwo\nthree"
     );
+
+    // c's disk, read from the store (no restore): its folder and a file.
+    let r = api.call("GET", &format!("/snapshots/{c}/tree?path=/root"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names: Vec<&str> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        ["one", "two", "three", "noise"].iter().all(|n| names.contains(n)),
+        "{names:?}"
+    );
+    let r = api.raw("GET", &format!("/snapshots/{c}/files?path=/root/three"), None, None);
+    assert_eq!((r.status, r.body.clone()), (200, json!("three\n")));
+    let r = api.call("GET", &format!("/snapshots/{c}/files?path=/root/nope"), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // An expiry of its own: deleted by itself, its manifest collected.
+    let r = api.call(
+        "POST",
+        &format!("/computers/{grandchild}/snapshots"),
+        Some(json!({"comment": "brief", "ttl_seconds": 2})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let d = r.body["data"]["id"].as_str().unwrap().to_string();
+    api.wait_snapshot(&grandchild, &d, "ready", SNAP);
+    common::wait_until("the expired snapshot deleted", Duration::from_secs(60), || {
+        (api.call("GET", &format!("/snapshots/{d}"), None).status == 404).then_some(())
+    });
+    common::wait_until("the expired snapshot collected", Duration::from_secs(60), || {
+        (!store.has_manifest(&d)).then_some(())
+    });
+    // The name still pins c, and removing it releases c into the history.
+    let r = api.call("DELETE", "/named-snapshots/gen2", None);
+    assert_eq!(
+        (r.status, r.body["outcome"].as_str()),
+        (200, Some("released")),
+        "{}",
+        r.body
+    );
+    assert_eq!(api.call("GET", "/snapshots?q=KEEPER-restored", None).body["total"], 1);
 }
 
 #[test]

@@ -64,8 +64,11 @@ pub struct NewComputer {
     pub template_type: String,
     pub metadata: Map<String, Value>,
     pub network: bool,
-    /// Variables it starts with (a restore or clone has its snapshot's instead).
+    /// Variables it starts with (a restore or clone has its snapshot's instead, unless
+    /// `env_from_snapshot` is off).
     pub env: Vec<(String, String)>,
+    /// A computer made from a snapshot starts with the variables the snapshot kept.
+    pub env_from_snapshot: bool,
 }
 
 /// A command for [`Computers::exec`].
@@ -291,6 +294,7 @@ impl Computers {
             metadata,
             network: req.network.unwrap_or(true),
             env,
+            env_from_snapshot: false,
         })
     }
 
@@ -347,6 +351,7 @@ impl Computers {
     pub async fn insert(&self, tenant: TenantId, new: NewComputer, source: Option<SnapshotId>) -> Result<Computer> {
         // Millisecond precision, as stored: the create answer matches later reads.
         let now = Utc::now().trunc_subsecs(3);
+        let new_env_from_snapshot = new.env_from_snapshot;
         let _admitted = self.admission.lock().await;
         let quota = self.limits.admit(tenant, crate::limits::Want::Computer).await?;
         self.check_capacity(new.size).await?;
@@ -379,7 +384,9 @@ impl Computers {
                 self.db.copy_network_policy(from, computer.id).await?;
             }
             // The variables as they were when the snapshot was taken.
-            self.db.restore_env(snapshot, computer.id).await?;
+            if new_env_from_snapshot {
+                self.db.restore_env(snapshot, computer.id).await?;
+            }
         }
         Ok(computer)
     }
@@ -952,7 +959,7 @@ fn size_asked(req: &stasis_types::ResizeRequest) -> Result<Size> {
 }
 
 /// A computer's name as given (trimmed): 1 to 128 characters, no control characters.
-fn check_name(raw: &str) -> Result<String> {
+pub(crate) fn check_name(raw: &str) -> Result<String> {
     let name = raw.trim().to_string();
     if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(Error::invalid(

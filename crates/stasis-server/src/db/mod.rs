@@ -2,6 +2,7 @@
 //! portable SQL, so the same queries serve SQLite (the embedded default) and PostgreSQL.
 
 mod env;
+mod history;
 mod hosts;
 mod jobs;
 mod keys;
@@ -10,6 +11,7 @@ mod policies;
 mod ports;
 mod snapshots;
 
+pub use history::{ComputerNow, HistoryFilter, NameConflict, NameRecord};
 pub use hosts::{HostRecord, HostStatus};
 pub use jobs::{JobEnd, JobKind, JobRecord};
 pub use keys::WrappedKey;

@@ -26,7 +26,15 @@ pub struct SnapshotRecord {
 const SELECT_SNAPSHOT: &str =
     "SELECT id, computer_id, tenant_id, comment, status, state_size_bytes, memory_size_bytes, \
      rootfs_size_bytes, compressed_size_bytes, uploaded_bytes, pause_ms, s3_bucket, s3_prefix, parent_snapshot_id, \
-     error, restores_active, machine, created_at, updated_at FROM snapshots";
+     error, restores_active, machine, created_at, updated_at, expires_at, \
+     (SELECT n.name FROM named_snapshots n WHERE n.snapshot_id = snapshots.id) AS pinned_name FROM snapshots";
+
+/// The same columns, of `snapshots s` (for queries that join other tables).
+pub(super) const SNAPSHOT_COLUMNS_S: &str =
+    "s.id, s.computer_id, s.tenant_id, s.comment, s.status, s.state_size_bytes, s.memory_size_bytes, \
+     s.rootfs_size_bytes, s.compressed_size_bytes, s.uploaded_bytes, s.pause_ms, s.s3_bucket, s.s3_prefix, \
+     s.parent_snapshot_id, s.error, s.restores_active, s.machine, s.created_at, s.updated_at, s.expires_at, \
+     (SELECT n.name FROM named_snapshots n WHERE n.snapshot_id = s.id) AS pinned_name";
 
 fn opt_u64(row: &AnyRow, col: &str) -> Option<u64> {
     row.try_get::<Option<i64>, _>(col)
@@ -39,7 +47,7 @@ fn opt_text(row: &AnyRow, col: &str) -> Option<String> {
     row.try_get::<Option<String>, _>(col).ok().flatten()
 }
 
-fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
+pub(super) fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
     let text = |c: &str| row.try_get::<String, _>(c).ok();
     let machine: serde_json::Value = opt_text(row, "machine")
         .and_then(|m| serde_json::from_str(&m).ok())
@@ -63,6 +71,8 @@ fn record_from_row(row: &AnyRow) -> Option<SnapshotRecord> {
             error: opt_text(row, "error"),
             created_at: parse_time(&text("created_at")?),
             updated_at: parse_time(&text("updated_at")?),
+            expires_at: opt_text(row, "expires_at").map(|t| parse_time(&t)),
+            name: opt_text(row, "pinned_name"),
         },
         restores_active: row.try_get::<i64, _>("restores_active").unwrap_or(0),
         size: machine
@@ -105,7 +115,7 @@ fn recorded_from_row(row: &AnyRow) -> Result<Recorded, sqlx::Error> {
     })
 }
 
-fn ts(t: DateTime<Utc>) -> String {
+pub(super) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -126,7 +136,7 @@ impl Db {
     pub async fn insert_snapshot(&self, s: &Snapshot, size: Size, computer_name: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO snapshots (id, computer_id, tenant_id, comment, status, parent_snapshot_id, machine, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             created_at, updated_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(s.id.to_string())
         .bind(s.computer_id.to_string())
@@ -137,6 +147,7 @@ impl Db {
         .bind(serde_json::json!({"size": size.as_str(), "name": computer_name}).to_string())
         .bind(ts(s.created_at))
         .bind(ts(s.updated_at))
+        .bind(s.expires_at.map(ts))
         .execute(self.pool())
         .await?;
         Ok(())
@@ -205,11 +216,12 @@ impl Db {
             .collect())
     }
 
-    /// The newest `ready` (or being restored) snapshot of a computer: the parent of its next.
-    pub async fn latest_ready_snapshot(&self, computer: ComputerId) -> Result<Option<SnapshotId>, sqlx::Error> {
+    /// The newest snapshot of a computer that did not fail (deleted ones too: lineage outlives
+    /// a deletion): the parent of its next.
+    pub async fn latest_snapshot(&self, computer: ComputerId) -> Result<Option<SnapshotId>, sqlx::Error> {
         let id: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM snapshots WHERE computer_id = $1 AND status IN ('ready', 'restoring') \
-             ORDER BY created_at DESC LIMIT 1",
+            "SELECT id FROM snapshots WHERE computer_id = $1 AND status <> 'failed' \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
         )
         .bind(computer.to_string())
         .fetch_optional(self.pool())
@@ -605,6 +617,8 @@ mod tests {
             error: None,
             created_at: now,
             updated_at: now,
+            expires_at: None,
+            name: None,
         }
     }
 

@@ -3,8 +3,12 @@
 //! computers; soft delete with background collection of chunks nobody needs.
 
 pub mod boot_files;
+pub mod browse;
 mod capture;
 pub mod events;
+pub mod history;
+pub mod history_routes;
+pub mod named;
 mod restore;
 pub mod routes;
 
@@ -70,6 +74,36 @@ pub struct Snapshots {
     /// Whether other processes (hosts) upload to the same store: then collection waits for
     /// their uploads and spares chunks younger than `SHARED_GRACE`.
     shared_store: bool,
+    /// How long a snapshot is kept when its create names no expiry (None: until deleted).
+    default_ttl: Option<std::time::Duration>,
+    /// Readers of the disks of snapshots being browsed.
+    browsing: browse::Browsing,
+}
+
+/// When a new snapshot expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expiry {
+    /// The platform's default (`--snapshot-ttl-secs`).
+    #[default]
+    Default,
+    At(chrono::DateTime<Utc>),
+    /// Kept until deleted, whatever the default (a name will pin it).
+    Never,
+}
+
+/// Why a snapshot is deleted (its deletion event says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deletion {
+    Asked,
+    /// Its `expires_at` passed.
+    Expired,
+}
+
+/// What a snapshot create asks for besides its computer.
+#[derive(Debug, Clone, Default)]
+pub struct NewSnapshot {
+    pub comment: Option<String>,
+    pub expiry: Expiry,
 }
 
 /// Chunks younger than this are never collected from a store several processes write.
@@ -125,6 +159,7 @@ impl Snapshots {
         materializer: Arc<stasis_store::Materializer>,
         jobs: Arc<crate::jobs::Jobs>,
         (staging, shared_store): (PathBuf, bool),
+        default_ttl: Option<std::time::Duration>,
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
             db,
@@ -137,6 +172,8 @@ impl Snapshots {
             admission: tokio::sync::Mutex::new(()),
             jobs,
             shared_store,
+            default_ttl,
+            browsing: Default::default(),
         })
     }
 
@@ -203,12 +240,50 @@ impl Snapshots {
         Ok(comment)
     }
 
+    /// When a snapshot asked with `expiry` at `now` expires.
+    fn expires_at(&self, expiry: Expiry, now: chrono::DateTime<Utc>) -> Option<chrono::DateTime<Utc>> {
+        match expiry {
+            Expiry::At(t) => Some(t),
+            Expiry::Never => None,
+            Expiry::Default => self
+                .default_ttl
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| now + d),
+        }
+    }
+
+    /// The expiry a create asks for: `ttl_seconds` or `expires_at` (not both), in the future.
+    pub fn validate_expiry(ttl_seconds: Option<u64>, expires_at: Option<chrono::DateTime<Utc>>) -> Result<Expiry> {
+        const MAX_TTL: u64 = 100 * 365 * 24 * 3600;
+        match (ttl_seconds, expires_at) {
+            (Some(_), Some(_)) => Err(Error::invalid(
+                "ttl_seconds",
+                "give ttl_seconds or expires_at, not both",
+            )),
+            (Some(0), None) => Err(Error::invalid("ttl_seconds", "ttl_seconds must be at least 1")),
+            (Some(s), None) if s > MAX_TTL => Err(Error::invalid(
+                "ttl_seconds",
+                format!("ttl_seconds must be at most {MAX_TTL} (100 years); got {s}"),
+            )),
+            (Some(s), None) => Ok(Expiry::At(
+                Utc::now().trunc_subsecs(3) + chrono::Duration::seconds(s as i64),
+            )),
+            (None, Some(t)) if t <= Utc::now() => Err(Error::invalid(
+                "expires_at",
+                format!("expires_at must be in the future; {} has passed", t.to_rfc3339()),
+            )),
+            (None, Some(t)) => Ok(Expiry::At(t.trunc_subsecs(3))),
+            (None, None) => Ok(Expiry::Default),
+        }
+    }
+
     pub async fn create(
         self: &Arc<Self>,
         tenant: TenantId,
         computer: ComputerId,
-        comment: Option<String>,
+        new: NewSnapshot,
     ) -> Result<Snapshot> {
+        let NewSnapshot { comment, expiry } = new;
         let c = match self.db.get_computer(computer).await? {
             Some(c) if c.tenant_id == tenant => c,
             _ => return Err(Error::not_found(Resource::Computer, computer)),
@@ -240,10 +315,17 @@ impl Snapshots {
             pause_ms: None,
             s3_bucket: None,
             s3_prefix: None,
-            parent_snapshot_id: self.db.latest_ready_snapshot(c.id).await?,
+            // Its lineage: the computer's previous snapshot, or for the first one of a restored
+            // or cloned computer, the snapshot it came from.
+            parent_snapshot_id: match self.db.latest_snapshot(c.id).await? {
+                Some(previous) => Some(previous),
+                None => c.source_snapshot_id,
+            },
             error: None,
             created_at: now,
             updated_at: now,
+            expires_at: self.expires_at(expiry, now),
+            name: None,
         };
         self.db.insert_snapshot(&snapshot, c.size, &c.name).await?;
         self.db.snapshot_env(c.id, snapshot.id).await?;
@@ -277,20 +359,44 @@ impl Snapshots {
 
     pub async fn delete(self: &Arc<Self>, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> Result<Snapshot> {
         let record = self.find(tenant, computer, id).await?;
+        self.delete_record(record, Deletion::Asked).await
+    }
+
+    /// Deletes a snapshot that nothing depends on: it turns `deleted` at once (an event says
+    /// so, and why), its stored objects are collected in the background. A name pins it
+    /// (`409 SNAPSHOT_IN_USE` naming the name); so do a capture or a restore in flight.
+    pub(crate) async fn delete_record(self: &Arc<Self>, record: SnapshotRecord, why: Deletion) -> Result<Snapshot> {
+        let id = record.snapshot.id;
+        if let Some(name) = &record.snapshot.name {
+            return Err(Error::conflict(
+                crate::error::Conflict::SnapshotInUse,
+                format!("snapshot {id} is pinned by the name {name:?}: delete the name first (DELETE /named-snapshots/{name})"),
+            ));
+        }
         let deletable = [SnapshotStatus::Ready, SnapshotStatus::Failed];
         if !self
             .db
             .transition_snapshot(id, &deletable, SnapshotStatus::Deleted, None)
             .await?
         {
+            let why = match self.db.get_snapshot(id).await?.map(|r| r.snapshot.status) {
+                Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => "it is still being taken",
+                Some(SnapshotStatus::Restoring) => "a computer is being restored from it",
+                Some(SnapshotStatus::Deleted) | None => return Err(Error::not_found(Resource::Snapshot, id)),
+                Some(_) => "it is not in a deletable state",
+            };
             return Err(Error::conflict(
                 crate::error::Conflict::SnapshotInUse,
-                "snapshot is not in a deletable state",
+                format!("snapshot {id} cannot be deleted now: {why}"),
             ));
         }
         // No restore can be made of it now: the variables it kept go.
         self.db.delete_snapshot_env(id).await?;
-        self.events.emit(events::data(id, SnapshotStatus::Deleted)).await;
+        let mut e = events::data(id, SnapshotStatus::Deleted);
+        if why == Deletion::Expired {
+            e.step = Some(stasis_types::Step::Expired);
+        }
+        self.events.emit(e).await;
         self.schedule_collection(std::time::Duration::ZERO).await;
         self.sweep_local_copies().await;
         let mut s = record.snapshot;

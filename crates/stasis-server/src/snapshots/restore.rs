@@ -5,36 +5,78 @@ use std::sync::Arc;
 
 use super::*;
 
+/// How a restore's new computer is made.
+#[derive(Debug, Clone)]
+pub struct Fork {
+    /// Its name (default: the snapshot's computer's with `suffix`).
+    pub name: Option<String>,
+    pub suffix: &'static str,
+    /// It starts with the variables the snapshot kept.
+    pub env_from_snapshot: bool,
+    /// A snapshot still being taken is restored once it is ready (else `409
+    /// SNAPSHOT_NOT_READY` at once).
+    pub wait_until_ready: bool,
+}
+
+impl Fork {
+    pub fn restore() -> Fork {
+        Fork {
+            name: None,
+            suffix: "-restored",
+            env_from_snapshot: true,
+            wait_until_ready: true,
+        }
+    }
+}
+
 impl Snapshots {
     /// Starts restoring `id` into a new computer; answers at once with it `provisioning`.
     pub async fn restore(self: &Arc<Self>, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> Result<Computer> {
         let record = self.find(tenant, computer, id).await?;
+        self.restore_record(tenant, record, Fork::restore()).await
+    }
+
+    /// Starts restoring the snapshot `record` is of into a new computer made as `fork` says.
+    pub async fn restore_record(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        record: SnapshotRecord,
+        fork: Fork,
+    ) -> Result<Computer> {
+        let id = record.snapshot.id;
+        let computer = record.snapshot.computer_id;
         self.check_restorable(id, &record)?;
         let new = NewComputer {
-            name: format!("{}-restored", record.computer_name),
+            name: fork
+                .name
+                .unwrap_or_else(|| format!("{}{}", record.computer_name, fork.suffix)),
             size: record.size,
             template_type: stasis_types::DEFAULT_TEMPLATE.into(),
-            metadata: Default::default(),
+            // Where it came from, in a field the official SDK keeps.
+            metadata: lineage_metadata(Default::default(), id),
             // As its snapshot's computer had (or has) it.
             network: self.db.get_computer_any(computer).await?.is_none_or(|c| c.network),
             env: Vec::new(),
+            env_from_snapshot: fork.env_from_snapshot,
         };
         if !self.db.begin_restore(id).await? {
             // A snapshot still being taken is restored as soon as it is ready (the seed's
             // "clone a baseline" recipe restores right after creating); failed and deleted
             // snapshots cannot be.
-            if matches!(
-                record.snapshot.status,
-                SnapshotStatus::Creating | SnapshotStatus::Uploading
-            ) {
+            let status = self.db.get_snapshot(id).await?.map(|r| r.snapshot.status);
+            if fork.wait_until_ready && matches!(status, Some(SnapshotStatus::Creating | SnapshotStatus::Uploading)) {
                 let restored = self.computers.insert(tenant, new, Some(id)).await?;
                 self.restore_when_ready(id, restored.id, "restore");
                 return Ok(restored);
             }
-            return Err(Error::conflict(
-                crate::error::Conflict::SnapshotNotReady,
-                "snapshot is not ready",
-            ));
+            let why = match status {
+                Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => {
+                    format!("snapshot {id} is still being taken; retry once it is ready")
+                }
+                Some(s) => format!("snapshot {id} is {} and cannot be restored", s.as_str()),
+                None => format!("snapshot {id} is gone"),
+            };
+            return Err(Error::conflict(crate::error::Conflict::SnapshotNotReady, why));
         }
         let mut e = events::data(id, SnapshotStatus::Restoring);
         e.step = Some(stasis_types::Step::Queued);
@@ -88,15 +130,23 @@ impl Snapshots {
             .check(tenant, crate::limits::Want::Computer)
             .await?;
         let snapshot = self
-            .create(tenant, source, Some(format!("clone of {}", original.name)))
+            .create(
+                tenant,
+                source,
+                NewSnapshot {
+                    comment: Some(format!("clone of {}", original.name)),
+                    expiry: Expiry::Default,
+                },
+            )
             .await?;
         let new = NewComputer {
             name: name.unwrap_or_else(|| format!("{}-clone", original.name)),
             size: original.size,
             template_type: original.template_type.clone(),
-            metadata: original.metadata.clone(),
+            metadata: lineage_metadata(original.metadata.clone(), snapshot.id),
             network: original.network,
             env: Vec::new(),
+            env_from_snapshot: true,
         };
         let clone = self.computers.insert(tenant, new, Some(snapshot.id)).await?;
         self.restore_when_ready(snapshot.id, clone.id, "clone");
@@ -273,4 +323,14 @@ impl Computers {
             }
         }
     }
+}
+
+/// A computer's metadata with the snapshot it was made from as `source_snapshot_id` (the
+/// official SDK's `Computer` keeps `metadata`, not the top-level field).
+fn lineage_metadata(
+    mut metadata: serde_json::Map<String, serde_json::Value>,
+    snapshot: SnapshotId,
+) -> serde_json::Map<String, serde_json::Value> {
+    metadata.insert("source_snapshot_id".into(), snapshot.to_string().into());
+    metadata
 }

@@ -108,13 +108,18 @@ async fn create(
     body::Json(req): body::Json<CreateSnapshotRequest>,
 ) -> ApiResult<Response> {
     let computer = computer_id(&id)?;
-    let comment = Snapshots::validate_comment(req.comment)?;
     let fingerprint = format!(
-        "POST /computers/{computer}/snapshots {}",
-        comment.clone().unwrap_or_default()
+        "POST /computers/{computer}/snapshots {} {:?} {:?}",
+        req.comment.clone().unwrap_or_default(),
+        req.ttl_seconds,
+        req.expires_at
     );
+    let comment = Snapshots::validate_comment(req.comment)?;
+    let expiry = Snapshots::validate_expiry(req.ttl_seconds, req.expires_at)?;
     idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let data = service(&state).create(tenant, computer, comment).await?;
+        let data = service(&state)
+            .create(tenant, computer, super::NewSnapshot { comment, expiry })
+            .await?;
         Ok((StatusCode::CREATED, to_value(SnapshotEnvelope { data })?))
     })
     .await

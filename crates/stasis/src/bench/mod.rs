@@ -161,6 +161,7 @@ impl LocalPlatform {
             cpu_model: std::env::var("STASIS_CPU_MODEL").unwrap_or_else(|_| "auto".into()),
             master_key_file,
             preview: None,
+            snapshot_ttl: None,
             network,
         };
         let platform = stasis_server::Platform::open(&config)
