@@ -15,3 +15,12 @@ CREATE TABLE named_snapshots (
 CREATE INDEX snapshots_by_tenant ON snapshots (tenant_id, created_at);
 CREATE INDEX snapshots_by_parent ON snapshots (parent_snapshot_id);
 CREATE INDEX snapshots_by_expiry ON snapshots (expires_at);
+
+-- What a snapshot is for: `snapshot` (asked for: in the history and the computer's list) or
+-- `hibernation` (a paused computer's memory and disk, until it resumes).
+ALTER TABLE snapshots ADD COLUMN kind TEXT NOT NULL DEFAULT 'snapshot';
+
+-- A paused (hibernated) computer's snapshot, and the idle time after which a computer is
+-- paused by itself (0: never).
+ALTER TABLE computers ADD COLUMN hibernation_snapshot_id TEXT;
+ALTER TABLE computers ADD COLUMN auto_stop_seconds BIGINT NOT NULL DEFAULT 0;

@@ -233,14 +233,20 @@ async fn boundary(how: Endpoint, req: Request, next: Next) -> Response {
         // Ticket-authenticated streams have no tenant yet: their handler counts them.
         _ => None,
     };
+    // A request a machine answers here keeps its computer from counting as idle while it is
+    // open (the idle timeout pauses computers nobody uses).
+    let busy = match (how.runs, params.computer(), &state.control_plane) {
+        (Runs::OnOwner(_), Some(id), None) => Some(state.snapshots.computers().busy(id)),
+        _ => None,
+    };
     let resp = route(&state, how, &params, parts, body, next).await;
-    match permit {
-        None => resp,
+    match (permit, busy) {
+        (None, None) => resp,
         // The place is held until the answer's body is done or dropped.
-        Some(permit) => {
+        held => {
             let (parts, body) = resp.into_parts();
             let body = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
-                let _held = &permit;
+                let _held = &held;
                 chunk
             });
             Response::from_parts(parts, Body::from_stream(body))

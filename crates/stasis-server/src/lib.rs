@@ -569,6 +569,10 @@ impl Platform {
         // The job worker; collection jobs belong to the control plane (or embedded platform),
         // one collector per store.
         tokio::spawn(jobs.work(snapshots.job_handlers()));
+        // Idle computers pause where they run (the embedded platform, or each host).
+        if !matches!(config.role, Role::ControlPlane { .. }) {
+            snapshots.spawn_auto_stop(EXPIRY_SWEEP);
+        }
         let sweeper = snapshots.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(LOCAL_COPY_SWEEP);

@@ -252,10 +252,12 @@ async fn exec_stream(
         },
     )
     .await?;
+    // The computer is in use for as long as the socket lives (its idle timeout waits).
+    let busy = state.snapshots.computers().busy(id);
     Ok(upgrade
         .on_upgrade(move |socket| async move {
             // The tenant's place among its long requests, for as long as the socket lives.
-            let _held = held;
+            let (_held, _busy) = (held, busy);
             stream(socket, vm, id, session, OnClose::Kill).await
         })
         .into_response())
@@ -432,9 +434,10 @@ async fn pty_stream(
         ));
     }
     let guard = Attached(id, session);
+    let busy = state.snapshots.computers().busy(id);
     Ok(upgrade
         .on_upgrade(move |socket| async move {
-            let (_guard, _held) = (guard, held);
+            let (_guard, _held, _busy) = (guard, held, busy);
             stream(socket, vm, id, session, OnClose::Leave).await
         })
         .into_response())

@@ -215,6 +215,53 @@ impl Host {
         self.started(name, started).await
     }
 
+    /// Captures the disk of a machine that is not running (its chain as its last run left
+    /// it) into `staging`: a disk-only capture, with empty device state and RAM and no pause.
+    /// The machine's config is the platform's own copy (its control directory); the chain's
+    /// headers are read only by a confined `qemu-img` (see [`crate::snapshot::flatten_disk`]).
+    pub async fn capture_stopped(
+        &self,
+        name: &str,
+        staging: &Path,
+        memory: &Path,
+    ) -> Result<crate::snapshot::Capture, VmError> {
+        if self.get(name).is_some() {
+            return Err(VmError::Invalid(format!(
+                "machine {name} is running: capture it running"
+            )));
+        }
+        let paths = self.paths(name);
+        let machine = std::fs::read(paths.config())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok())
+            .ok_or_else(|| VmError::Invalid(format!("machine {name} has no disk on this host (it never ran here)")))?;
+        let top = machine.disk.clone();
+        if !paths.holds_disk(&top) {
+            return Err(VmError::Invalid(format!(
+                "machine {name}'s disk {} is not one of its own overlays",
+                top.display()
+            )));
+        }
+        // The chain's virtual size is its base's: a raw file the platform made (the image's
+        // root disk, or a snapshot's disk in the cache), never one the machine can write.
+        let size = std::fs::metadata(&machine.base_disk)
+            .map_err(crate::vm::io(format!("reading {}", machine.base_disk.display())))?
+            .len();
+        let (state, memory, disk) = (staging.join("state"), memory.to_path_buf(), staging.join("disk.raw"));
+        for empty in [&state, &memory] {
+            std::fs::write(empty, b"").map_err(crate::vm::io(format!("creating {}", empty.display())))?;
+        }
+        crate::snapshot::flatten_disk(&machine, &paths.disks, &top, &disk, size).await?;
+        Ok(crate::snapshot::Capture {
+            state,
+            memory,
+            disk,
+            frozen: top,
+            machine,
+            paused: std::time::Duration::ZERO,
+        })
+    }
+
     /// Re-attaches to a QEMU left running by an earlier platform process.
     pub async fn attach(self: &Arc<Self>, name: &str) -> Result<Arc<Vm>, VmError> {
         let vm = Vm::attach(self.paths(name)).await?;
@@ -292,11 +339,40 @@ impl Host {
 
     /// Stops `name` if it runs (flush, quit, kill if needed). Its disk stays.
     pub async fn stop(&self, name: &str) {
+        self.end(name, true).await
+    }
+
+    /// Ends `name` after it was captured for good (hibernation): quit at once, no flush. Its
+    /// disks stay until a resume no longer needs them (see [`Host::drop_stale_disks`]).
+    pub async fn halt(&self, name: &str) {
+        self.end(name, false).await
+    }
+
+    /// Removes the overlays of `name` that are not in its running chain (what a machine
+    /// resumed from its hibernation snapshot no longer rests on).
+    pub async fn drop_stale_disks(&self, name: &str) {
+        let Some(vm) = self.get(name) else { return };
+        let (paths, top) = (self.paths(name), vm.config().disk);
+        let _ = tokio::task::spawn_blocking(move || {
+            for entry in std::fs::read_dir(&paths.disks).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path != top && paths.holds_disk(&path) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn end(&self, name: &str, flush: bool) {
         let entry = self.lock().remove(name);
         match entry {
             Some(entry) => {
                 entry.stopping.store(true, Ordering::SeqCst);
-                entry.vm.shutdown().await;
+                match flush {
+                    true => entry.vm.shutdown().await,
+                    false => entry.vm.halt().await,
+                }
                 self.unplug(name).await;
             }
             None => {

@@ -39,6 +39,15 @@ pub struct Capture {
     pub paused: Duration,
 }
 
+/// What the guest does once it is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Runs on (a snapshot).
+    RunOn,
+    /// Stays paused for good (hibernation: its QEMU is halted next).
+    StayPaused,
+}
+
 /// Give up on a copy that has not finished by then.
 const COPY_LIMIT: Duration = Duration::from_secs(300);
 
@@ -47,6 +56,16 @@ impl Vm {
     /// a tmpfs: a machine restored from the snapshot maps that file, and only shared memory
     /// can be write-protected for its own later snapshots).
     pub async fn capture(&self, staging: &Path, memory: &Path) -> Result<Capture, VmError> {
+        self.capture_as(staging, memory, Then::RunOn).await
+    }
+
+    /// Captures the machine for good (hibernation): the guest is paused for the capture and
+    /// stays paused (whatever it would do next is not run); the caller then halts the QEMU.
+    pub async fn capture_final(&self, staging: &Path, memory: &Path) -> Result<Capture, VmError> {
+        self.capture_as(staging, memory, Then::StayPaused).await
+    }
+
+    async fn capture_as(&self, staging: &Path, memory: &Path, then: Then) -> Result<Capture, VmError> {
         let _one_at_a_time = self.ops().lock().await;
         // The guest's file systems flushed first (before the pause, not in it): the disk then
         // holds what the guest wrote, so the snapshot's files can be read from its disk alone
@@ -96,7 +115,8 @@ impl Vm {
             // userfaultfd cannot write-protect: it is copied with the guest paused instead.
             // So is everyone's when QEMU may not use userfaultfd at all (a confined QEMU on a
             // host with vm.unprivileged_userfaultfd=0).
-            let background = (config.ram_path.as_os_str().is_empty() || config.ram_shared)
+            let background = then == Then::RunOn
+                && (config.ram_path.as_os_str().is_empty() || config.ram_shared)
                 && match qmp
                     .set_migration(Migration {
                         background_snapshot: true,
@@ -117,7 +137,7 @@ impl Vm {
             let (frozen, paused) = if background {
                 self.background_copy(&qmp, uri).await?
             } else {
-                self.paused_copy(&qmp, uri).await?
+                self.paused_copy(&qmp, uri, then).await?
             };
             wait_migration(&twin_qmp, Duration::from_secs(60)).await?;
             // The twin's query-migrate still says `completed` (its incoming stream) until the
@@ -211,8 +231,9 @@ impl Vm {
 
 impl Vm {
     /// The fallback: pause, freeze the disk, stream everything (RAM included) into the twin,
-    /// resume. The pause grows with the RAM the guest uses.
-    async fn paused_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
+    /// resume (unless `then` says the guest stays paused). The pause grows with the RAM the
+    /// guest uses.
+    async fn paused_copy(&self, qmp: &Qmp, uri: &str, then: Then) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
         qmp.set_migration(Migration {
@@ -239,6 +260,14 @@ impl Vm {
                 Ok(s) if s == "finish-migrate" => tokio::time::sleep(Duration::from_millis(1)).await,
                 _ => break,
             }
+        }
+        if then == Then::StayPaused {
+            if copied.is_err() {
+                // Not captured: the guest runs on as it was.
+                let _ = qmp.execute("cont", json!({})).await;
+            }
+            // It stays paused until its QEMU is halted: the pause is the rest of its run.
+            return Ok((copied?, Duration::ZERO));
         }
         let resumed = qmp.execute("cont", json!({})).await;
         let frozen = copied?;

@@ -788,8 +788,20 @@ impl Vm {
     /// Stops the machine: flush the guest's file systems, ask QEMU to quit, kill it if it does
     /// not. The disk overlay stays; the RAM file goes.
     pub async fn shutdown(&self) {
+        self.quit(true).await
+    }
+
+    /// Ends a machine captured for good (its guest paused): quit at once, no flush asked of a
+    /// guest that will not run again.
+    pub async fn halt(&self) {
+        self.quit(false).await
+    }
+
+    async fn quit(&self, flush: bool) {
         if self.exited().is_none() {
-            let _ = self.agent.call(Op::Sync, Duration::from_secs(10)).await;
+            if flush {
+                let _ = self.agent.call(Op::Sync, Duration::from_secs(10)).await;
+            }
             let _ = self
                 .qmp
                 .execute_timeout("quit", serde_json::json!({}), Duration::from_secs(3))

@@ -265,7 +265,7 @@ fn the_cli_does_the_seed_recipes_with_progress_json_and_exit_codes() {
     assert_eq!(code(&out), 3, "a deleted snapshot is gone");
     assert!(text(&out.stderr).contains("snapshot not found"));
     assert!(cli.run(&["computer", "stop", &id]).status.success());
-    let out = cli.run(&["snapshot", "create", &id]);
+    let out = cli.run(&["computer", "exec", &id, "--", "true"]);
     assert_eq!(code(&out), 4, "conflict");
     assert!(text(&out.stderr).contains("computer is not running"));
     let out = cli.run(&["snapshot", "restore", &id]);

@@ -1,6 +1,7 @@
 //! Computers: their lifecycle (provisioning → starting → running → stopped, error when QEMU
 //! dies), kept true to what the host runtime really runs, and exec in the guest.
 
+mod hibernate;
 pub mod routes;
 
 use std::collections::HashMap;
@@ -114,6 +115,9 @@ pub struct Computers {
     /// cannot both take the last free memory.
     admission: tokio::sync::Mutex<()>,
     limits: Arc<crate::limits::Limits>,
+    /// When each computer was last asked something, and how many requests to it are open
+    /// (what its idle timeout goes by).
+    pub(crate) activity: hibernate::Activity,
 }
 
 const LIVE: &[ComputerStatus] = &[
@@ -154,6 +158,7 @@ impl Computers {
             host_id,
             admission: tokio::sync::Mutex::new(()),
             limits,
+            activity: Default::default(),
         })
     }
 
@@ -225,6 +230,8 @@ impl Computers {
     ) -> Result<bool, sqlx::Error> {
         let changed = self.db.set_status(id, status, error).await;
         if status == ComputerStatus::Running {
+            // Its idle time counts from now (a resumed computer is not idle since its pause).
+            self.activity.reset(id);
             // Its address on this host: the host end of its network, if it has one here.
             // (A machine re-attached after a restart keeps the address recorded.)
             let address = self
@@ -638,6 +645,10 @@ impl Computers {
             ComputerStatus::Running | ComputerStatus::Starting | ComputerStatus::Provisioning => {
                 Ok(action(c.status, "computer is already running or starting"))
             }
+            ComputerStatus::Paused => {
+                drop(guard);
+                self.resume(tenant, id).await
+            }
             ComputerStatus::Stopped | ComputerStatus::Error => {
                 let admitted = self.admission.lock().await;
                 let quota = self.limits.admit(tenant, crate::limits::Want::Computer).await?;
@@ -807,7 +818,9 @@ impl Computers {
                     tracing::info!(id = %c.id, "resuming an interrupted boot");
                     self.spawn_boot(c.id);
                 }
-                ComputerStatus::Running | ComputerStatus::Paused => match self.host.attach(&name).await {
+                // Hibernated: its memory and disk are in its snapshot; no QEMU runs for it.
+                ComputerStatus::Paused => self.host.kill_stray(&name),
+                ComputerStatus::Running => match self.host.attach(&name).await {
                     Ok(_) => {
                         // The host's table was written anew: its own rules go back in.
                         if let Err(e) = self.enforce_policy(c.id).await {

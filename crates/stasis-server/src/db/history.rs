@@ -50,7 +50,7 @@ fn contains_pattern(q: &str) -> String {
 
 /// The history's rows: this tenant's snapshots that are neither deleted nor named.
 const HISTORY_FROM: &str = "FROM snapshots s LEFT JOIN computers c ON c.id = s.computer_id \
-     WHERE s.tenant_id = $1 AND s.status <> 'deleted' \
+     WHERE s.tenant_id = $1 AND s.status <> 'deleted' AND s.kind = 'snapshot' \
      AND NOT EXISTS (SELECT 1 FROM named_snapshots n WHERE n.snapshot_id = s.id) \
      AND ($2 = '' OR s.computer_id = $2) \
      AND ($3 = '' OR LOWER(COALESCE(c.name, '')) LIKE $3 ESCAPE '\\' OR LOWER(s.computer_id) LIKE $3 ESCAPE '\\' \
@@ -261,14 +261,96 @@ impl Db {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Names of snapshots that are gone (deleted with their computer's history, say) go too.
-    pub async fn drop_names_of_deleted(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
-            "DELETE FROM named_snapshots WHERE snapshot_id IN (SELECT id FROM snapshots WHERE status = 'deleted')",
-        )
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected())
+    // ---- hibernation ----
+
+    /// Marks a snapshot as a paused computer's (out of the history and the computer's list).
+    pub async fn mark_hibernation(&self, snapshot: SnapshotId) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE snapshots SET kind = 'hibernation' WHERE id = $1")
+            .bind(snapshot.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Records (or clears) the snapshot a paused computer resumes from.
+    pub async fn set_hibernation(&self, computer: ComputerId, snapshot: Option<SnapshotId>) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE computers SET hibernation_snapshot_id = $1, updated_at = $2 WHERE id = $3")
+            .bind(snapshot.map(|s| s.to_string()))
+            .bind(now())
+            .bind(computer.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn hibernation_of(&self, computer: ComputerId) -> Result<Option<SnapshotId>, sqlx::Error> {
+        let id: Option<Option<String>> =
+            sqlx::query_scalar("SELECT hibernation_snapshot_id FROM computers WHERE id = $1")
+                .bind(computer.to_string())
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(id.flatten().and_then(|s| s.parse().ok()))
+    }
+
+    /// The snapshot a computer's disk rests on from now on (a resume from hibernation).
+    pub async fn set_source_snapshot(&self, computer: ComputerId, snapshot: SnapshotId) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE computers SET source_snapshot_id = $1, updated_at = $2 WHERE id = $3")
+            .bind(snapshot.to_string())
+            .bind(now())
+            .bind(computer.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// A computer's idle time before it is paused by itself (0: never).
+    pub async fn auto_stop_seconds(&self, computer: ComputerId) -> Result<u64, sqlx::Error> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT auto_stop_seconds FROM computers WHERE id = $1")
+            .bind(computer.to_string())
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    pub async fn set_auto_stop_seconds(&self, computer: ComputerId, seconds: u64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE computers SET auto_stop_seconds = $1 WHERE id = $2")
+            .bind(seconds as i64)
+            .bind(computer.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Running computers of this platform (`host`: None, embedded) that pause when idle:
+    /// `(id, seconds)`.
+    pub async fn auto_stopping(
+        &self,
+        host: Option<&stasis_types::HostId>,
+    ) -> Result<Vec<(ComputerId, u64)>, sqlx::Error> {
+        let rows =
+            match host {
+                Some(h) => sqlx::query(
+                    "SELECT id, auto_stop_seconds FROM computers WHERE status = 'running' AND auto_stop_seconds > 0 \
+                 AND host_id = $1",
+                )
+                .bind(h.to_string())
+                .fetch_all(self.pool())
+                .await?,
+                None => sqlx::query(
+                    "SELECT id, auto_stop_seconds FROM computers WHERE status = 'running' AND auto_stop_seconds > 0 \
+                 AND host_id IS NULL",
+                )
+                .fetch_all(self.pool())
+                .await?,
+            };
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id: String = r.try_get("id").ok()?;
+                let n: i64 = r.try_get("auto_stop_seconds").ok()?;
+                Some((id.parse().ok()?, n.max(0) as u64))
+            })
+            .collect())
     }
 
     // ---- expiry ----

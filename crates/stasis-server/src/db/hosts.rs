@@ -45,8 +45,9 @@ impl HostStatus {
     }
 }
 
-/// Statuses in which a computer holds its host's memory.
-const HOLDING: &str = "('creating', 'provisioning', 'starting', 'running', 'paused', 'stopping')";
+/// Statuses in which a computer holds its host's memory (a paused computer is hibernated:
+/// its memory is in its snapshot).
+const HOLDING: &str = "('creating', 'provisioning', 'starting', 'running', 'stopping')";
 
 impl Db {
     /// Records a heartbeat: inserts the host or refreshes it (and brings a lost host back).

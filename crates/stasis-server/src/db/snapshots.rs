@@ -164,7 +164,7 @@ impl Db {
     /// A computer's snapshots, oldest first, without the deleted ones.
     pub async fn list_snapshots(&self, computer: ComputerId) -> Result<Vec<SnapshotRecord>, sqlx::Error> {
         let rows = sqlx::query(&format!(
-            "{SELECT_SNAPSHOT} WHERE computer_id = $1 AND status <> 'deleted' ORDER BY created_at, id"
+            "{SELECT_SNAPSHOT} WHERE computer_id = $1 AND status <> 'deleted' AND kind = 'snapshot' ORDER BY created_at, id"
         ))
         .bind(computer.to_string())
         .fetch_all(self.pool())

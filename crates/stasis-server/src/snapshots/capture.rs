@@ -99,30 +99,36 @@ impl Snapshots {
                 self.events.emit(e).await;
                 let computer = record.snapshot.computer_id;
                 let guard = self.computers.lifecycle_lock(computer).await;
-                let running = self.db.get_computer(computer).await.ok().flatten();
-                let vm = match (
-                    running.map(|c| c.status),
-                    self.computers.host().get(&computer.to_string()),
-                ) {
-                    (Some(ComputerStatus::Running), Some(vm)) => vm,
-                    _ => return Err("computer is not running".into()),
-                };
+                let now = self.db.get_computer(computer).await.ok().flatten();
                 self.materializer
                     .ensure_memory_root()
                     .map_err(|e| format!("preparing the RAM directory: {e}"))?;
-                let capture = vm
-                    .capture(staging, &self.staging_memory(id))
-                    .await
-                    .map_err(|e| format!("capturing the machine: {e}"))?;
-                drop(guard);
-                // The frozen overlay served its purpose: fold it away while the upload runs.
-                let machine = vm.clone();
-                tokio::spawn(async move {
-                    match machine.compact_disk().await {
-                        Ok(n) => tracing::debug!(%computer, removed = n, "disk overlays folded"),
-                        Err(e) => tracing::warn!(%computer, error = %e, "folding the disk's overlays"),
+                let host = self.computers.host();
+                let capture = match (now.map(|c| c.status), host.get(&computer.to_string())) {
+                    (Some(ComputerStatus::Running), Some(vm)) => {
+                        let capture = vm
+                            .capture(staging, &self.staging_memory(id))
+                            .await
+                            .map_err(|e| format!("capturing the machine: {e}"))?;
+                        // The frozen overlay served its purpose: fold it away while the
+                        // upload runs.
+                        tokio::spawn(async move {
+                            match vm.compact_disk().await {
+                                Ok(n) => tracing::debug!(%computer, removed = n, "disk overlays folded"),
+                                Err(e) => tracing::warn!(%computer, error = %e, "folding the disk's overlays"),
+                            }
+                        });
+                        capture
                     }
-                });
+                    // A stopped computer's snapshot is its disk alone (held by the lock: it
+                    // cannot start meanwhile).
+                    (Some(ComputerStatus::Stopped), None) => host
+                        .capture_stopped(&computer.to_string(), staging, &self.staging_memory(id))
+                        .await
+                        .map_err(|e| format!("capturing the stopped computer's disk: {e}"))?,
+                    _ => return Err("computer is neither running nor stopped".into()),
+                };
+                drop(guard);
                 let captured = Captured {
                     state: capture.state,
                     memory: capture.memory,
@@ -296,6 +302,11 @@ impl Snapshots {
             .adopt(id, &manifest, &captured.state, &captured.memory, &flat)
         {
             tracing::warn!(%id, error = %e, "keeping the snapshot's files for local restores");
+        }
+        // A paused computer holds no memory on its host: its RAM is read back from the store
+        // when it resumes (its disk stays in the cache, which is on disk).
+        if matches!(self.db.hibernation_of(s.computer_id).await, Ok(Some(h)) if h == id) {
+            self.materializer.evict_keeping_disk(id);
         }
         if done {
             let mut e = events::data(id, SnapshotStatus::Ready);

@@ -6,6 +6,7 @@ pub mod boot_files;
 pub mod browse;
 mod capture;
 pub mod events;
+mod hibernate;
 pub mod history;
 pub mod history_routes;
 pub mod named;
@@ -213,14 +214,22 @@ impl Snapshots {
     /// under that computer and is this tenant's (another tenant's answers the same, so ids
     /// cannot be probed).
     pub async fn find(&self, tenant: TenantId, computer: ComputerId, id: SnapshotId) -> Result<SnapshotRecord> {
+        match self.find_even_deleted(tenant, computer, id).await? {
+            r if r.snapshot.status != SnapshotStatus::Deleted => Ok(r),
+            _ => Err(Error::not_found(Resource::Snapshot, id)),
+        }
+    }
+
+    /// As [`Snapshots::find`], deleted snapshots included (their event log stays readable: a
+    /// client that follows one sees why it went).
+    pub async fn find_even_deleted(
+        &self,
+        tenant: TenantId,
+        computer: ComputerId,
+        id: SnapshotId,
+    ) -> Result<SnapshotRecord> {
         match self.db.get_snapshot(id).await? {
-            Some(r)
-                if r.snapshot.computer_id == computer
-                    && r.snapshot.status != SnapshotStatus::Deleted
-                    && r.snapshot.tenant_id == tenant =>
-            {
-                Ok(r)
-            }
+            Some(r) if r.snapshot.computer_id == computer && r.snapshot.tenant_id == tenant => Ok(r),
             _ => Err(Error::not_found(Resource::Snapshot, id)),
         }
     }
@@ -288,12 +297,32 @@ impl Snapshots {
             Some(c) if c.tenant_id == tenant => c,
             _ => return Err(Error::not_found(Resource::Computer, computer)),
         };
-        if c.status != ComputerStatus::Running || self.computers.host().get(&c.id.to_string()).is_none() {
+        let host = self.computers.host();
+        let name = c.id.to_string();
+        let capturable = match c.status {
+            ComputerStatus::Running => host.get(&name).is_some(),
+            // A stopped computer's snapshot is its disk alone: where its disk is.
+            ComputerStatus::Stopped => host.get(&name).is_none() && host.paths(&name).config().exists(),
+            _ => false,
+        };
+        if !capturable {
             return Err(Error::conflict(
                 crate::error::Conflict::ComputerNotRunning,
-                "computer is not running",
+                format!(
+                    "computer {} is {}: a snapshot is taken of a running computer (with its memory) or a stopped one (its disk)",
+                    c.id,
+                    c.status.as_str()
+                ),
             ));
         }
+        let snapshot = self.record_new(&c, comment, expiry).await?;
+        self.enqueue_capture(snapshot.id).await?;
+        Ok(snapshot)
+    }
+
+    /// Records a new snapshot of computer `c` (`creating`), within its tenant's quota.
+    async fn record_new(&self, c: &Computer, comment: Option<String>, expiry: Expiry) -> Result<Snapshot> {
+        let tenant = c.tenant_id;
         let admitted = self.admission.lock().await;
         let quota = self
             .computers
@@ -334,16 +363,21 @@ impl Snapshots {
         e.step = Some(stasis_types::Step::Queued);
         e.progress = Some(0.0);
         self.events.emit(e).await;
+        Ok(snapshot)
+    }
+
+    /// Queues the job that captures (unless that is done) and uploads snapshot `id`.
+    async fn enqueue_capture(&self, id: SnapshotId) -> Result<()> {
         self.jobs
             .enqueue(
                 crate::jobs::JobKind::Snapshot,
-                &snapshot.id.to_string(),
+                &id.to_string(),
                 self.computers.host_id(),
                 SNAPSHOT_ATTEMPTS,
                 std::time::Duration::ZERO,
             )
             .await?;
-        Ok(snapshot)
+        Ok(())
     }
 
     pub async fn list(&self, tenant: TenantId, computer: ComputerId) -> Result<Vec<Snapshot>> {

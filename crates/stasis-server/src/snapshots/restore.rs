@@ -270,6 +270,12 @@ impl Computers {
                 e.step = Some(stasis_types::Step::Starting);
                 e.computer_id = Some(id);
                 self.events.emit(e).await;
+                // A disk-only snapshot (of a stopped computer) has no machine state to load:
+                // its restore boots from its disk.
+                let disk_only = matches!(
+                    self.db.get_snapshot(snapshot).await,
+                    Ok(Some(r)) if r.snapshot.memory_size_bytes == Some(0)
+                );
                 match self
                     .snapshot_machine(computer, snapshot, &recorded, &image, &files)
                     .await
@@ -277,6 +283,10 @@ impl Computers {
                     Err(refused) => Err((refused.to_string(), false)),
                     Ok(config) => match self.enforce_policy(id).await {
                         Err(e) => Err((e.to_string(), false)),
+                        Ok(()) if disk_only => match self.host.boot(&id.to_string(), config).await {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err((format!("booting from the snapshot's disk failed: {e}"), false)),
+                        },
                         Ok(()) => match self
                             .host
                             .restore(&id.to_string(), config, &files.state, &files.memory)
@@ -296,6 +306,7 @@ impl Computers {
                 tracing::info!(%id, %snapshot, fetched_ms, restored_ms, running_ms = started.elapsed().as_millis() as u64,
                     "computer restored");
                 let status = self.db.end_restore(snapshot).await.unwrap_or(SnapshotStatus::Ready);
+                self.finish_resume(id, snapshot).await;
                 let mut e = events::data(snapshot, status);
                 e.step = Some(stasis_types::Step::Restored);
                 e.computer_id = Some(id);

@@ -54,7 +54,39 @@ pub fn router() -> Endpoints {
         )
         .add(Runs::Placed(restore_needs), routes!(restore))
         .add(machine, routes!(clone))
+        .add(machine, routes!(pause))
+        .add(machine, routes!(resume))
+        .add(Runs::Anywhere, routes!(get_auto_stop, set_auto_stop))
         .add(Runs::Anywhere, routes!(ticket))
+}
+
+/// Pause (hibernate) a running computer: a snapshot and a stop in one step. Its memory and
+/// disk go into a snapshot, its QEMU ends, and it is `paused`, holding no memory on its host;
+/// `POST /resume` (or a start) brings it back in place, same id, processes still running.
+#[utoipa::path(post, path = "/computers/{id}/pause", operation_id = "pauseComputer", tag = "computers",
+    params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Paused", body = stasis_types::ActionResponse), WriteErrors))]
+async fn pause(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<stasis_types::ActionResponse>> {
+    Ok(Json(service(&state).pause(tenant, computer_id(&id)?).await?))
+}
+
+/// Resume a paused computer in place from its hibernation snapshot (`starting`, then
+/// `running` with its processes as they were).
+#[utoipa::path(post, path = "/computers/{id}/resume", operation_id = "resumeComputer", tag = "computers",
+    params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "Resuming", body = stasis_types::ActionResponse), WriteErrors))]
+async fn resume(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<stasis_types::ActionResponse>> {
+    Ok(Json(
+        service(&state).computers().resume(tenant, computer_id(&id)?).await?,
+    ))
 }
 
 /// A restore needs the memory of the snapshot's machine.
@@ -272,7 +304,9 @@ async fn stream(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let snapshots = service(&state).clone();
-    let record = snapshots.find(tenant, computer_id(&id)?, snapshot_id(&snap)?).await?;
+    let record = snapshots
+        .find_even_deleted(tenant, computer_id(&id)?, snapshot_id(&snap)?)
+        .await?;
     let id = record.snapshot.id;
     if ticket.flatten().is_some_and(|bound| bound != id) {
         // A ticket opens the stream it was asked for, not another snapshot's.
@@ -363,4 +397,80 @@ async fn stream(
     Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
         .into_response())
+}
+
+/// The longest idle timeout.
+const MAX_AUTO_STOP_SECS: u64 = 30 * 24 * 3600;
+
+/// A computer's idle timeout: after this many seconds with no request to it open, it is
+/// paused (hibernated, its memory kept), not stopped.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AutoStop {
+    /// 0: never.
+    pub seconds: u64,
+    /// What happens then: `pause`.
+    pub action: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AutoStopEnvelope {
+    pub data: AutoStop,
+}
+
+/// `PATCH /computers/{id}/auto-stop`.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+pub struct AutoStopRequest {
+    /// Seconds of idleness before the computer pauses (0 turns it off; at most 30 days).
+    pub seconds: u64,
+}
+
+/// The computer's idle timeout.
+#[utoipa::path(get, path = "/computers/{id}/auto-stop", operation_id = "getAutoStop", tag = "computers",
+    params(("id" = uuid::Uuid, Path, description = "The computer's id")),
+    responses((status = 200, description = "The idle timeout", body = AutoStopEnvelope), Errors))]
+async fn get_auto_stop(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AutoStopEnvelope>> {
+    let id = computer_id(&id)?;
+    service(&state).computers().get(tenant, id).await?;
+    let seconds = state.db.auto_stop_seconds(id).await?;
+    Ok(Json(AutoStopEnvelope {
+        data: AutoStop {
+            seconds,
+            action: "pause".into(),
+        },
+    }))
+}
+
+/// Set the computer's idle timeout: after `seconds` with no request to it open (no exec,
+/// file transfer, terminal or stream), it is paused, keeping its memory (0 turns it off).
+#[utoipa::path(patch, path = "/computers/{id}/auto-stop", operation_id = "setAutoStop", tag = "computers",
+    params(("id" = uuid::Uuid, Path, description = "The computer's id")), request_body = AutoStopRequest,
+    responses((status = 200, description = "The idle timeout", body = AutoStopEnvelope), WriteErrors))]
+async fn set_auto_stop(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body::Json(req): body::Json<AutoStopRequest>,
+) -> ApiResult<Json<AutoStopEnvelope>> {
+    let id = computer_id(&id)?;
+    if req.seconds > MAX_AUTO_STOP_SECS {
+        return Err(ApiError::invalid(
+            "seconds",
+            format!(
+                "seconds must be at most {MAX_AUTO_STOP_SECS} (30 days); got {}",
+                req.seconds
+            ),
+        ));
+    }
+    service(&state).computers().get(tenant, id).await?;
+    state.db.set_auto_stop_seconds(id, req.seconds).await?;
+    Ok(Json(AutoStopEnvelope {
+        data: AutoStop {
+            seconds: req.seconds,
+            action: "pause".into(),
+        },
+    }))
 }
