@@ -442,6 +442,25 @@ test('the dashboard drives computers and snapshots end to end', { timeout: 170_0
     await waitRunning(ids.restored, 90_000);
   });
 
+  await step('pause the restored computer and resume it in place: its processes are still running', async () => {
+    await openComputer(ids.restored);
+    const started = await runCommand('nohup sleep 100000 >/dev/null 2>&1 & echo $!');
+    const pid = started.output.trim();
+    assert.match(pid, /^[0-9]+$/);
+    const row = computerRow(ids.restored);
+    const pause = row.locator('[data-testid="computer-pause"]');
+    assert.equal(await pause.isDisabled(), false);
+    await pause.click();
+    await row.and(page.locator('[data-status="paused"]')).waitFor({ timeout: 60_000 });
+    const power = row.locator('[data-testid="computer-power"]');
+    assert.equal(await power.textContent(), 'Resume');
+    assert.equal(await pause.isDisabled(), true);
+    await power.click();
+    await waitRunning(ids.restored, 90_000);
+    const alive = await runCommand(`kill -0 ${pid} && echo alive`);
+    assert.equal(alive.output.trim(), 'alive');
+  });
+
   await step('clone the original and see the clone running', async () => {
     const known = await computerIds();
     await computerRow(ids.original).locator('[data-testid="computer-clone"]').click();

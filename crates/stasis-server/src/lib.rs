@@ -405,6 +405,11 @@ impl Platform {
         prepare_data_dir(&config.data_dir).during(format!("preparing {}", config.data_dir.display()))?;
         // Before anything is set up on the host (cgroups, ...): a refusal leaves nothing behind.
         stasis_store::secure_dir(&memory_dir(&config.data_dir)).during("preparing the RAM directory")?;
+        match stasis_vmm::host::huge_ram_dir(&memory_dir(&config.data_dir), stasis_store::host_memory_bytes()) {
+            Ok(true) => tracing::info!(dir = %memory_dir(&config.data_dir).display(), "snapshot RAM files are kept in huge pages"),
+            Ok(false) => tracing::info!("snapshot RAM files are kept in the host's tmpfs, in 4 KiB pages (its snapshots of restored computers pause longer)"),
+            Err(e) => tracing::warn!(error = %e, "mounting a huge-page tmpfs for snapshot RAM files; using the host's tmpfs"),
+        }
         let db = Db::open(&config.database_url)
             .await
             .during(format!("opening the database {}", db::redact(&config.database_url)))?;

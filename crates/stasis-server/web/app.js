@@ -384,6 +384,7 @@ function buildComputerRow(c) {
     h('td', { class: 'nowrap', 'data-testid': 'computer-created' }),
     h('td', { class: 'actions' },
       h('button', { type: 'button', class: 'btn small', dataset: { action: 'power' }, 'data-testid': 'computer-power' }),
+      h('button', { type: 'button', class: 'btn small', dataset: { action: 'pause' }, 'data-testid': 'computer-pause' }, 'Pause'),
       h('button', { type: 'button', class: 'btn small', dataset: { action: 'clone' }, 'data-testid': 'computer-clone' }, 'Clone'),
       h('button', { type: 'button', class: 'btn small danger-outline', dataset: { action: 'delete' }, 'data-testid': 'computer-delete' }, 'Delete')),
   );
@@ -409,14 +410,22 @@ function updateComputerRow(row, c) {
   setText(createdCell, fmtTime(c.created_at));
   createdCell.title = c.created_at;
 
-  const [power, clone, del] = actions.children;
+  const [power, pause, clone, del] = actions.children;
   const running = c.status === 'running';
-  const startable = c.status === 'stopped' || c.status === 'error';
-  const powerAction = startable ? 'start' : 'stop';
+  const paused = c.status === 'paused';
+  const startable = c.status === 'stopped' || c.status === 'error' || paused;
+  // A paused (hibernated) computer resumes in place, its processes still running.
+  const powerAction = paused ? 'resume' : startable ? 'start' : 'stop';
+  const powerLabel = paused ? 'Resume' : startable ? 'Start' : 'Stop';
   power.dataset.op = powerAction;
-  setText(power, startable ? 'Start' : 'Stop');
-  power.setAttribute('aria-label', `${startable ? 'Start' : 'Stop'} computer ${c.name}`);
+  setText(power, powerLabel);
+  power.setAttribute('aria-label', `${powerLabel} computer ${c.name}`);
   power.disabled = !(running || startable) || state.busy.has(`${c.id}:power`);
+  pause.disabled = !running || state.busy.has(`${c.id}:pause`);
+  pause.title = running
+    ? 'Hibernate: keep its memory in a snapshot and stop it (it holds no memory while paused)'
+    : 'The computer must be running';
+  pause.setAttribute('aria-label', `Pause computer ${c.name}`);
   clone.disabled = !running || state.busy.has(`${c.id}:clone`);
   clone.title = running ? 'Make a new computer from a fresh snapshot of this one' : 'The computer must be running';
   clone.setAttribute('aria-label', `Clone computer ${c.name}`);
@@ -526,6 +535,17 @@ async function onComputerAction(ev) {
       scheduleRefresh(0);
       break;
     }
+    case 'pause':
+      await withBusy(`${id}:pause`, async () => {
+        try {
+          const r = await api('POST', `${computerPath(id)}/pause`);
+          notify(`${c.name}: ${r && r.message ? r.message : 'paused'}.`);
+        } catch (err) {
+          actionFailed(err, `Could not pause ${c.name}`);
+        }
+      });
+      scheduleRefresh(0);
+      break;
     case 'clone':
       await withBusy(`${id}:clone`, async () => {
         try {

@@ -496,3 +496,44 @@ pub fn machine_dirs(root: &Path) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// Puts the RAM directory `dir` (made and checked by the caller: a real directory of this
+/// platform's, owner-only) on a tmpfs of its own with transparent huge pages, unless it is a
+/// mount already. Restored machines map their snapshot's RAM file privately: in 2 MiB pages,
+/// the page tables a background snapshot must fill before it can write-protect RAM take
+/// 512 times fewer entries (a 512 MiB machine's take under a millisecond instead of ~100 ms,
+/// all of it inside the guest's pause). Answers whether `dir` is such a mount now; a
+/// `size_bytes` is the most it may hold (the host's RAM, as /dev/shm). A
+/// directory that already holds files (an earlier platform's, perhaps mapped by QEMUs that
+/// still run) is left as it is, and so is one where mounting is not allowed.
+pub fn huge_ram_dir(dir: &Path, size_bytes: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if std::fs::symlink_metadata(dir)?.dev() != std::fs::metadata(parent)?.dev() {
+        return Ok(true); // mounted already (by an earlier run of this platform)
+    }
+    if std::fs::read_dir(dir)?.next().is_some() {
+        return Ok(false);
+    }
+    let options = format!("mode=0700,huge=within_size,size={size_bytes}");
+    let c = |s: &str| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let (source, target, fstype, data) = (c("stasis-ram")?, c(&dir.to_string_lossy())?, c("tmpfs")?, c(&options)?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let done = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if done != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(true)
+}

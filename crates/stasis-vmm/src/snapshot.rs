@@ -111,12 +111,12 @@ impl Vm {
                 .execute("migrate-incoming", json!({ "uri": "fd:stasis-incoming" }))
                 .await?;
             drop(theirs);
-            // A restored machine's RAM is a private mapping of its snapshot's file, which
-            // userfaultfd cannot write-protect: it is copied with the guest paused instead.
-            // So is everyone's when QEMU may not use userfaultfd at all (a confined QEMU on a
-            // host with vm.unprivileged_userfaultfd=0).
+            // A restored machine's RAM is a private mapping of its snapshot's file (on tmpfs,
+            // in huge pages where the host has them): userfaultfd write-protects it as it
+            // does anonymous memory (kernels with uffd-wp PTE markers, 5.19 and later). Where
+            // QEMU cannot (an older kernel; a confined QEMU on a host with
+            // vm.unprivileged_userfaultfd=0), RAM is copied with the guest paused instead.
             let background = then == Then::RunOn
-                && (config.ram_path.as_os_str().is_empty() || config.ram_shared)
                 && match qmp
                     .set_migration(Migration {
                         background_snapshot: true,
@@ -471,6 +471,23 @@ async fn pause_from_events(events: &mut broadcast::Receiver<Value>) -> Duration 
     match (stop, resume) {
         (Some(a), Some(b)) if b >= a => b - a,
         _ => Duration::ZERO,
+    }
+}
+
+impl Vm {
+    /// How many images the root disk's chain holds: the top overlay and each backing file
+    /// under it, down to the base.
+    pub async fn disk_chain_depth(&self) -> Result<usize, VmError> {
+        let blocks = self.qmp().execute("query-block", json!({})).await?;
+        let mut image = root_disk(&blocks)
+            .and_then(|b| b.pointer("/inserted/image"))
+            .ok_or_else(|| VmError::Invalid("the root disk is not in query-block".into()))?;
+        let mut depth = 1;
+        while let Some(next) = image.get("backing-image") {
+            depth += 1;
+            image = next;
+        }
+        Ok(depth)
     }
 }
 

@@ -351,7 +351,7 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
         push(&format!("memory-backend-ram,id=mem,size={mem}"));
     } else {
         push(&format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share={}{}",
+            "memory-backend-file,id=mem,size={mem},mem-path={},share={},align=2M{}",
             p(cfg.ram_path.clone()),
             if cfg.ram_shared { "on" } else { "off" },
             // A restored machine's writes stay in its private copy: its QEMU need not (and,

@@ -43,6 +43,17 @@ pub enum ComputerCommand {
     Stop {
         id: String,
     },
+    /// Hibernate: a snapshot and a stop in one step, keeping its memory (it holds none on its
+    /// host while paused); `resume` brings it back in place, processes still running.
+    Pause {
+        id: String,
+    },
+    /// Bring a paused computer back in place.
+    Resume {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
     /// A new computer from a fresh snapshot of this one (same as `stasis clone`).
     Clone {
         id: String,
@@ -155,6 +166,19 @@ pub async fn run(conn: Connection, command: ComputerCommand) -> Result<()> {
         ComputerCommand::Stop { id } => {
             let v = api.call(Method::POST, &format!("/computers/{id}/stop"), None).await?;
             print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+        }
+        ComputerCommand::Pause { id } => {
+            let v = api.call(Method::POST, &format!("/computers/{id}/pause"), None).await?;
+            print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+        }
+        ComputerCommand::Resume { id, wait } => {
+            let v = api.call(Method::POST, &format!("/computers/{id}/resume"), None).await?;
+            if wait {
+                let c = api.wait_running(&id, Duration::from_secs(300)).await?;
+                print(out, &serde_json::to_value(&c)?, || row(&c));
+            } else {
+                print(out, &v, || v["message"].as_str().unwrap_or("").to_string());
+            }
         }
         ComputerCommand::Delete { id } => {
             let v = api.call(Method::DELETE, &format!("/computers/{id}"), None).await?;

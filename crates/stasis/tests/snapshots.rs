@@ -190,7 +190,13 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     assert_eq!(early.status, 201, "{:?}", early.body);
     assert_eq!(early.body["data"]["status"], "provisioning");
     let r = api.call("DELETE", &format!("{snaps}/{s2}"), None);
-    assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
+    assert_eq!(
+        error_of(&r),
+        (
+            409,
+            format!("snapshot {s2} cannot be deleted now: it is still being taken")
+        )
+    );
     let s2_data = api.wait_snapshot(&id, &s2, "ready", SNAP);
     let early_id = early.body["data"]["id"].as_str().unwrap().to_string();
     api.wait_status(&early_id, "running", BOOT);
@@ -213,7 +219,13 @@ fn the_error_matrix_sse_tickets_and_idempotent_retries() {
     );
     assert_eq!(r1.status, 201, "{}", r1.body);
     let r = api.call("DELETE", &format!("{snaps}/{s1}"), None);
-    assert_eq!(error_of(&r), (409, "snapshot is not in a deletable state".into()));
+    assert_eq!(
+        error_of(&r),
+        (
+            409,
+            format!("snapshot {s1} cannot be deleted now: a computer is being restored from it")
+        )
+    );
     let r2 = api.raw_with(
         "POST",
         &format!("/computers/{id}/restore/{s1}"),
@@ -480,7 +492,13 @@ fn faults_end_in_clear_states() {
     store.set_unwritable(false);
     assert!(!store.has_manifest(&s), "no manifest for a failed snapshot");
     let r = api.call("POST", &format!("/computers/{id}/restore/{s}"), None);
-    assert_eq!(error_of(&r), (409, "snapshot is not ready".into()));
+    assert_eq!(
+        error_of(&r),
+        (
+            409,
+            format!("snapshot {s} is not ready: it is failed and cannot be restored")
+        )
+    );
 
     // The server dies during an upload: after a restart the snapshot ends ready or failed.
     let s = snapshot(&api, &id, "interrupted");

@@ -73,7 +73,10 @@ impl Snapshots {
                 Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => {
                     format!("snapshot {id} is still being taken; retry once it is ready")
                 }
-                Some(s) => format!("snapshot {id} is {} and cannot be restored", s.as_str()),
+                Some(s) => format!(
+                    "snapshot {id} is not ready: it is {} and cannot be restored",
+                    s.as_str()
+                ),
                 None => format!("snapshot {id} is gone"),
             };
             return Err(Error::conflict(crate::error::Conflict::SnapshotNotReady, why));

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::client::Api;
 
+mod chain;
 mod files;
 mod hardening;
 mod load;
@@ -82,6 +83,19 @@ pub enum BenchCommand {
         big_mib: u64,
         #[arg(long, default_value = "small")]
         size: String,
+    },
+    /// A chain of snapshots of restored computers against a booted computer's snapshot and a
+    /// cold boot in the same run: pause by depth, bytes uploaded per level, restore latency
+    /// by depth, the disk chain's depth, hibernate → resume → first exec.
+    Chain {
+        #[arg(long, default_value_t = 10)]
+        levels: usize,
+        #[arg(long, default_value = "small")]
+        size: String,
+        /// MiB of guest memory in use (each level changes a 25th of it: about 1% of a
+        /// small computer's RAM at the default).
+        #[arg(long, default_value_t = 128)]
+        touch_mib: u64,
     },
     /// Snapshot and restore of a 512 MiB computer, next to a cold boot in the same run.
     Snapshots {
@@ -233,6 +247,11 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             bench_computers(computers.max(1), execs.max(1), &size).await
         }
         BenchCommand::Snapshots { size, touch_mib } => bench_snapshots(&size, touch_mib).await,
+        BenchCommand::Chain {
+            levels,
+            size,
+            touch_mib,
+        } => chain::run(levels.max(1), &size, touch_mib.max(1)).await,
         BenchCommand::Targets => targets::run().await,
         BenchCommand::Network {
             rounds,
