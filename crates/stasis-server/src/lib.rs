@@ -553,9 +553,12 @@ impl Platform {
             events,
             materializer,
             jobs.clone(),
-            // Staging, and whether other processes upload to the same store.
-            (config.data_dir.join("staging"), !matches!(config.role, Role::Embedded)),
-            config.snapshot_ttl,
+            // Staging, whether other processes upload to the same store, the default expiry.
+            (
+                config.data_dir.join("staging"),
+                !matches!(config.role, Role::Embedded),
+                config.snapshot_ttl,
+            ),
         );
         let clustered = !matches!(config.role, Role::Embedded);
         if clustered && (config.database_url.starts_with("sqlite:") || config.store_url.is_none()) {

@@ -510,6 +510,8 @@ fn insert_snapshot(dir: &Path, tenant: &str, status: &str) -> (String, String) {
             error: None,
             created_at: now,
             updated_at: now,
+            expires_at: None,
+            name: None,
         };
         db.insert_snapshot(&s, stasis_types::Size::Xs, "box").await.unwrap();
         (s.computer_id.to_string(), s.id.to_string())

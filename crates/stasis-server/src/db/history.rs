@@ -560,14 +560,14 @@ mod tests {
     async fn expired_snapshots_are_the_ready_or_failed_unnamed_ones_whose_time_passed() {
         let (_d, db, t) = db().await;
         let c = computer(&db, t, "c").await;
-        let past = Some(Utc::now() - chrono::Duration::seconds(1));
+        let past = Utc::now() - chrono::Duration::seconds(1);
         let future = Some(Utc::now() + chrono::Duration::hours(1));
-        let due = snapshot(&db, t, c, None, 0, past).await;
+        let due = snapshot(&db, t, c, None, 0, Some(past)).await;
         let _later = snapshot(&db, t, c, None, 0, future).await;
         let _never = snapshot(&db, t, c, None, 0, None).await;
-        let pinned = snapshot(&db, t, c, None, 0, past).await;
+        let pinned = snapshot(&db, t, c, None, 0, Some(past)).await;
         db.insert_name(t, "pin", pinned).await.unwrap().unwrap();
-        let restoring = snapshot(&db, t, c, None, 0, past).await;
+        let restoring = snapshot(&db, t, c, None, 0, Some(past)).await;
         assert!(db.begin_restore(restoring).await.unwrap());
         assert_eq!(db.expired_snapshots(Utc::now()).await.unwrap(), [due]);
         let expires = db
@@ -578,7 +578,7 @@ mod tests {
             .snapshot
             .expires_at
             .unwrap();
-        assert!((expires - past.unwrap()).num_milliseconds().abs() <= 1);
+        assert!((expires - past).num_milliseconds().abs() <= 1);
     }
 
     #[test]

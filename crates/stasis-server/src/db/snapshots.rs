@@ -435,26 +435,29 @@ impl Db {
 
     // ---- events ----
 
-    /// Appends an event; returns its sequence number (1, 2, ... per snapshot).
+    /// Appends an event; returns its sequence number (1, 2, ... per snapshot). One statement
+    /// (its number read and written at once): a read-then-write transaction could be refused
+    /// outright by SQLite when another writer came between (no busy wait helps there). Two
+    /// writers that pick the same number on PostgreSQL meet the key: the loser tries again.
     pub async fn append_event(&self, snapshot: SnapshotId, event: &str, data: &str) -> Result<i64, sqlx::Error> {
-        let mut tx = self.pool().begin().await?;
-        let seq: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshot_events WHERE snapshot_id = $1")
-                .bind(snapshot.to_string())
-                .fetch_one(&mut *tx)
-                .await?;
-        sqlx::query(
-            "INSERT INTO snapshot_events (snapshot_id, seq, event, data, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(snapshot.to_string())
-        .bind(seq)
-        .bind(event)
-        .bind(data)
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(seq)
+        let mut attempt = 0;
+        loop {
+            let done = sqlx::query_scalar(
+                "INSERT INTO snapshot_events (snapshot_id, seq, event, data, created_at) \
+                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4 FROM snapshot_events WHERE snapshot_id = $1 \
+                 RETURNING seq",
+            )
+            .bind(snapshot.to_string())
+            .bind(event)
+            .bind(data)
+            .bind(now())
+            .fetch_one(self.pool())
+            .await;
+            match done {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 5 => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
     /// Events after `seq`, in order: `(seq, event, data)`.

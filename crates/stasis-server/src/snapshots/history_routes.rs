@@ -108,14 +108,11 @@ pub struct HistoryQuery {
 impl HistoryQuery {
     fn filter(self) -> ApiResult<HistoryFilter> {
         let (limit, offset) = page(self.limit, self.offset)?;
-        let computer = match self.resource_id.filter(|r| !r.is_empty()) {
-            None => None,
-            // An id that is no computer's matches nothing (not an error: a filter).
-            Some(r) => Some(
-                r.parse()
-                    .unwrap_or_else(|_| stasis_types::ComputerId(uuid::Uuid::nil())),
-            ),
-        };
+        // An id that is no computer's matches nothing (not an error: a filter).
+        let computer = self
+            .resource_id
+            .filter(|r| !r.is_empty())
+            .map(|r| r.parse().unwrap_or(stasis_types::ComputerId(uuid::Uuid::nil())));
         Ok(HistoryFilter {
             computer,
             q: search(self.q)?,

@@ -159,8 +159,7 @@ impl Snapshots {
         events: Arc<EventBus>,
         materializer: Arc<stasis_store::Materializer>,
         jobs: Arc<crate::jobs::Jobs>,
-        (staging, shared_store): (PathBuf, bool),
-        default_ttl: Option<std::time::Duration>,
+        (staging, shared_store, default_ttl): (PathBuf, bool, Option<std::time::Duration>),
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
             db,
