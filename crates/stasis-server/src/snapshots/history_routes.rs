@@ -131,7 +131,8 @@ impl HistoryQuery {
         ("q" = Option<String>, Query, description = "A substring of the computer's name or id, or of the snapshot's id"),
         ("limit" = Option<u64>, Query, description = "At most this many (default 50, at most 200)"),
         ("offset" = Option<u64>, Query, description = "Skip this many")),
-    responses((status = 200, description = "A page of the history", body = HistoryList), Errors))]
+    responses((status = 200, description = "A page of the history", body = HistoryList),
+        (status = 422, description = "A query is not valid (`field` names it)", body = stasis_types::ErrorBody), Errors))]
 async fn history(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -147,7 +148,8 @@ async fn history(
         ("q" = Option<String>, Query, description = "A substring of the computer's name or id, or of a snapshot's id"),
         ("limit" = Option<u64>, Query, description = "At most this many groups (default 50, at most 200)"),
         ("offset" = Option<u64>, Query, description = "Skip this many groups")),
-    responses((status = 200, description = "A page of groups", body = HistoryGroups), Errors))]
+    responses((status = 200, description = "A page of groups", body = HistoryGroups),
+        (status = 422, description = "A query is not valid (`field` names it)", body = stasis_types::ErrorBody), Errors))]
 async fn groups(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -276,7 +278,8 @@ async fn tree(
 #[utoipa::path(get, path = "/snapshots/{snap_id}/files", operation_id = "snapshotFile", tag = "snapshots",
     params(("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"),
         ("path" = String, Query, description = "An absolute path in the guest")),
-    responses((status = 200, description = "The file's bytes (`application/octet-stream`) or the folder as a tar (`application/x-tar`)", content_type = "application/octet-stream"),
+    responses((status = 200, description = "The file's bytes (`application/octet-stream`) or the folder as a tar (`application/x-tar`)",
+            content((Vec<u8> = "application/octet-stream"), (Vec<u8> = "application/x-tar"))),
         (status = 202, description = "The snapshot is still being taken"),
         ReadErrors))]
 async fn files(
