@@ -117,17 +117,8 @@ impl Snapshots {
 
     /// Looks for idle computers every `every` for as long as the platform runs.
     pub fn spawn_auto_stop(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
-        let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(this) = this.upgrade() else { return };
-                if let Err(e) = this.pause_idle().await {
-                    tracing::warn!(error = %e, "looking for idle computers");
-                }
-            }
+        self.every(every, "looking for idle computers", |s| {
+            Box::pin(async move { s.pause_idle().await.map(drop) })
         })
     }
 }

@@ -303,15 +303,28 @@ impl Snapshots {
     /// Sweeps expired snapshots every `every` for as long as the platform runs (where
     /// collection runs: the embedded platform or the control plane).
     pub fn spawn_expiry(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        self.every(every, "sweeping expired snapshots", |s| {
+            Box::pin(async move { s.expire().await.map(drop) })
+        })
+    }
+
+    /// Runs `work` every `period` for as long as the platform runs (it holds the platform
+    /// only while it works), logging its failures as `what`.
+    pub(crate) fn every(
+        self: &Arc<Self>,
+        period: std::time::Duration,
+        what: &'static str,
+        work: fn(Arc<Self>) -> futures::future::BoxFuture<'static, Result<()>>,
+    ) -> tokio::task::JoinHandle<()> {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(this) = this.upgrade() else { return };
-                if let Err(e) = this.expire().await {
-                    tracing::warn!(error = %e, "sweeping expired snapshots");
+                if let Err(e) = work(this).await {
+                    tracing::warn!(error = %e, "{what}");
                 }
             }
         })

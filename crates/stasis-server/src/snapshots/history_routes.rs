@@ -224,9 +224,25 @@ async fn fork(
         serde_json::to_string(&req).unwrap_or_default()
     );
     let how = Snapshots::validate_fork(req, "-fork")?;
-    idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let mut data = service(&state).fork(tenant, id, how).await?;
+    let forked = service(&state).fork(tenant, id, how);
+    answer_fork(&state, tenant, &headers, fingerprint, forked).await
+}
+
+/// Answers a fork or a deploy: `201 {data, snapshot}`, and the same answer again to a retry
+/// with its `Idempotency-Key`.
+async fn answer_fork(
+    state: &AppState,
+    tenant: TenantId,
+    headers: &HeaderMap,
+    fingerprint: String,
+    made: impl std::future::Future<Output = crate::error::Result<stasis_types::Computer>>,
+) -> ApiResult<Response> {
+    idempotency::once(&state.db, tenant, headers, fingerprint, async {
+        let mut data = made.await?;
         state.previews.dress(&mut data);
+        let id = data
+            .source_snapshot_id
+            .ok_or_else(|| ApiError::internal("a forked computer has no source snapshot"))?;
         let snapshot = ForkedSnapshot {
             id,
             status: SnapshotStatus::Restoring,
@@ -400,17 +416,6 @@ async fn deploy(
         serde_json::to_string(&req).unwrap_or_default()
     );
     let how = Snapshots::validate_fork(req, "-deployed")?;
-    idempotency::once(&state.db, tenant, &headers, fingerprint, async {
-        let mut data = service(&state).deploy(tenant, &name, how).await?;
-        state.previews.dress(&mut data);
-        let id = data
-            .source_snapshot_id
-            .ok_or_else(|| ApiError::internal("a deployed computer has no source snapshot"))?;
-        let snapshot = ForkedSnapshot {
-            id,
-            status: SnapshotStatus::Restoring,
-        };
-        Ok((StatusCode::CREATED, to_value(ForkResponse { data, snapshot })?))
-    })
-    .await
+    let deployed = service(&state).deploy(tenant, &name, how);
+    answer_fork(&state, tenant, &headers, fingerprint, deployed).await
 }
