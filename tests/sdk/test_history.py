@@ -331,3 +331,31 @@ def test_the_idle_timeout_pauses_rather_than_discards(graph, server):
     assert count(computer) > now, "its counter runs on after the idle pause"
     computer.auto_stop.update(0)
     computer.destroy()
+
+
+def test_a_chain_of_ten_keeps_every_levels_memory_and_files(graph):
+    client = graph["client"]
+    computer = running(client, client.snapshot_history.fork(graph["s1"].id)["data"]["id"])
+    sums, parent_snap, counted = {}, graph["s1"].id, 0
+    for level in range(1, 11):
+        # The counter process came through every restore, counting on from where it was.
+        now = count(computer)
+        assert now >= counted, (level, counted, now)
+        for name, digest in sums.items():
+            assert computer.exec.bash(f"sha256sum /root/{name} | cut -d' ' -f1").output.strip() == digest, (level, name)
+        # About 1% of its RAM and 10 MiB of its disk change at this level.
+        computer.exec.bash(
+            "nohup python3 -c 'import os,time; b=os.urandom(2621440); time.sleep(10**6)' >/dev/null 2>&1 & "
+            f"dd if=/dev/urandom of=/root/level-{level} bs=1M count=10 oflag=direct status=none")
+        sums[f"level-{level}"] = computer.exec.bash(f"sha256sum /root/level-{level} | cut -d' ' -f1").output.strip()
+        counted = count(computer)
+        snap = snapshot(computer, f"level {level}")
+        assert snap.parent_snapshot_id == parent_snap, (level, snap.parent_snapshot_id, parent_snap)
+        parent_snap = snap.id
+        restored = computer.checkpoints.restore(snap.id)
+        computer.destroy()
+        computer = running(client, restored.id)
+    assert int(computer.exec.bash("pgrep -fc '[o]s.urandom'").output) == 10, "every level's process is still there"
+    for name, digest in sums.items():
+        assert computer.exec.bash(f"sha256sum /root/{name} | cut -d' ' -f1").output.strip() == digest, name
+    computer.destroy()
