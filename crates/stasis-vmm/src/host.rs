@@ -537,3 +537,24 @@ pub fn huge_ram_dir(dir: &Path, size_bytes: u64) -> std::io::Result<bool> {
     }
     Ok(true)
 }
+
+/// Undoes [`huge_ram_dir`] at a clean shutdown, once its files are gone: the mount is
+/// detached and the directory removed (nothing maps its files any more).
+pub fn release_huge_ram_dir(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let mounted = match (std::fs::symlink_metadata(dir), std::fs::metadata(parent)) {
+        (Ok(d), Ok(p)) => d.file_type().is_dir() && d.dev() != p.dev(),
+        _ => false,
+    };
+    if mounted {
+        if let Ok(target) = std::ffi::CString::new(dir.to_string_lossy().as_bytes()) {
+            // SAFETY: a NUL-terminated path that outlives the call.
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "unmounting the RAM directory");
+                return;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}

@@ -78,7 +78,7 @@ test('a comment longer than 500 characters is a ValidationError naming comment',
   await assert.rejects(client.computers.create({ name: 'bad', size: 'huge' }), (e) => e instanceof ValidationError && /size/.test(e.message));
 });
 
-test('snapshots need a running computer; restores need only the snapshot', { timeout: 120_000 }, async () => {
+test('a stopped computer snapshots its disk; restores need only the snapshot', { timeout: 120_000 }, async () => {
   const c = await client.computers.create({ name: 'errors', size: 'xs' });
   created.push(c.id);
   await client.computers.waitUntilRunning(c.id, { timeoutMs: 90_000 });
@@ -100,7 +100,12 @@ test('snapshots need a running computer; restores need only the snapshot', { tim
   const stopped = await client.computers.stop(c.id);
   assert.equal(stopped.success, true);
   assert.equal((await client.computers.get(c.id)).status, 'stopped');
-  await assert.rejects(client.snapshots.create(c.id, { comment: 'too late' }), (e) => {
+  // A stopped computer's snapshot is its disk alone: no memory, no pause.
+  const diskOnly = await client.snapshots.create(c.id, { comment: 'stopped' });
+  const settled = await client.snapshots.wait(c.id, diskOnly.id, { timeoutMs: 60_000 });
+  assert.equal(settled.memory_size_bytes, 0);
+  assert.equal(settled.pause_ms, 0);
+  await assert.rejects(client.computers.exec(c.id, 'true'), (e) => {
     assert.ok(e instanceof ConflictError, e.constructor.name);
     assert.equal(e.status, 409);
     assert.equal(e.message, 'computer is not running');
@@ -108,7 +113,6 @@ test('snapshots need a running computer; restores need only the snapshot', { tim
     assert.ok(isRequestId(e.requestId));
     return true;
   });
-  await assert.rejects(client.computers.exec(c.id, 'true'), (e) => e instanceof ConflictError && e.message === 'computer is not running');
   await assert.rejects(client.computers.clone(c.id), (e) => e instanceof ConflictError && e.message === 'computer is not running');
 
   // The snapshot taken while it ran restores although the original is stopped (the API:

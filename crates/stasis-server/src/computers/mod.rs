@@ -863,8 +863,10 @@ impl Computers {
     /// Platform shutdown: stop every machine (none is left without an owner) and record it.
     pub async fn shutdown(&self) {
         self.shutdown_machines().await;
-        // Snapshot RAM kept in memory is only a cache, and nothing maps it any more.
+        // Snapshot RAM kept in memory is only a cache, and nothing maps it any more: its
+        // files go, and the huge-page tmpfs they were on.
         self.materializer.clear_memory();
+        stasis_vmm::host::release_huge_ram_dir(self.materializer.memory_root());
         // The platform's own cgroups go too (every machine's is gone already).
         if let Some(jail) = &self.settings.jail {
             jail.cgroups.sweep();

@@ -127,6 +127,13 @@ impl Snapshots {
         name: Option<String>,
     ) -> Result<Computer> {
         let original = self.computers.get(tenant, source).await?;
+        // A clone is of a running computer (a stopped one's snapshot is its disk: restore that).
+        if original.status != ComputerStatus::Running {
+            return Err(Error::conflict(
+                crate::error::Conflict::ComputerNotRunning,
+                "computer is not running",
+            ));
+        }
         // The clone will need a computer of the quota: refuse before taking the snapshot.
         self.computers
             .limits()
