@@ -121,10 +121,14 @@ impl Computers {
         Ok(action(ComputerStatus::Starting, "computer is resuming"))
     }
 
-    async fn resume_when_ready(self: Arc<Self>, id: ComputerId, snapshot: Option<SnapshotId>) {
+    /// Waits (at most `limit`) until `snapshot` can be restored from, and claims it for one
+    /// restore (`begin_restore`): whether it was claimed. `false`: it failed, is gone, or was
+    /// still being taken when `limit` ran out. Woken by the snapshot's events, polling once a
+    /// second besides.
+    pub(crate) async fn claim_when_ready(&self, snapshot: SnapshotId, limit: Duration) -> bool {
         let started = std::time::Instant::now();
-        let ready = loop {
-            let Some(snapshot) = snapshot else { break None };
+        let mut events = self.events.subscribe(snapshot);
+        loop {
             let status = self
                 .db
                 .get_snapshot(snapshot)
@@ -135,13 +139,20 @@ impl Computers {
             match status {
                 Some(SnapshotStatus::Ready | SnapshotStatus::Restoring) => {
                     if self.db.begin_restore(snapshot).await.unwrap_or(false) {
-                        break Some(snapshot);
+                        return true;
                     }
                 }
-                Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) if started.elapsed() < READY_WAIT => {}
-                _ => break None,
+                Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) if started.elapsed() < limit => {}
+                _ => return false,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+        }
+    }
+
+    async fn resume_when_ready(self: Arc<Self>, id: ComputerId, snapshot: Option<SnapshotId>) {
+        let ready = match snapshot {
+            Some(s) if self.claim_when_ready(s, READY_WAIT).await => Some(s),
+            _ => None,
         };
         {
             let lock = self.lock_for(id);

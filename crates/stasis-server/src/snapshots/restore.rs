@@ -168,32 +168,18 @@ impl Snapshots {
     fn restore_when_ready(self: &Arc<Self>, snapshot: SnapshotId, computer: ComputerId, what: &'static str) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut rx = this.events.subscribe(snapshot);
-            loop {
-                let status = this
-                    .db
-                    .get_snapshot(snapshot)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|r| r.snapshot.status);
-                match status {
-                    Some(SnapshotStatus::Ready | SnapshotStatus::Restoring) => {
-                        if this.db.begin_restore(snapshot).await.unwrap_or(false) {
-                            if let Err(e) = this.computers.enqueue_restore(&this.jobs, computer).await {
-                                tracing::warn!(%computer, error = %e, "queueing the restore of a {what}");
-                            }
-                            return;
-                        }
-                    }
-                    Some(SnapshotStatus::Creating | SnapshotStatus::Uploading) => {}
-                    _ => {
-                        let reason = format!("the snapshot for this {what} ({snapshot}) failed");
-                        let _ = this.db.set_status(computer, ComputerStatus::Error, Some(&reason)).await;
-                        return;
-                    }
+            // However long it takes: the snapshot's job ends it ready or failed.
+            if this
+                .computers
+                .claim_when_ready(snapshot, std::time::Duration::MAX)
+                .await
+            {
+                if let Err(e) = this.computers.enqueue_restore(&this.jobs, computer).await {
+                    tracing::warn!(%computer, error = %e, "queueing the restore of a {what}");
                 }
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+            } else {
+                let reason = format!("the snapshot for this {what} ({snapshot}) failed");
+                let _ = this.db.set_status(computer, ComputerStatus::Error, Some(&reason)).await;
             }
         });
     }
