@@ -101,10 +101,7 @@ pub(crate) async fn machine_speaking(
     what: &str,
 ) -> ApiResult<Arc<Vm>> {
     let vm = state.computers.running_vm(tenant, id).await?;
-    let version = vm
-        .agent_version()
-        .await
-        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let version = vm.agent_version().await.map_err(crate::computers::agent_failure)?;
     if version < since {
         return Err(Error::conflict(
             Conflict::AgentTooOld,
@@ -130,10 +127,7 @@ async fn run(vm: &Vm, op: FsOp) -> ApiResult<FsReply> {
     match vm.fs(op).await {
         Ok(FsReply::Failed { kind, message }) => Err(Error::File { kind, message }.into()),
         Ok(reply) => Ok(reply),
-        Err(stasis_vmm::VmError::Exited { .. }) => {
-            Err(Error::conflict(Conflict::ComputerNotRunning, "computer is not running").into())
-        }
-        Err(e) => Err(Error::Unavailable(format!("the guest agent: {e}")).into()),
+        Err(e) => Err(crate::computers::agent_failure(e).into()),
     }
 }
 

@@ -33,7 +33,7 @@ use stasis_agent_proto::{
     SESSION_BUFFER_BYTES, SESSION_CHUNK_BYTES,
 };
 use stasis_types::{ComputerId, TenantId};
-use stasis_vmm::{Vm, VmError};
+use stasis_vmm::Vm;
 use tokio::sync::mpsc;
 use utoipa::ToSchema;
 use utoipa_axum::routes;
@@ -103,10 +103,7 @@ async fn run(vm: &Vm, computer: ComputerId, op: SessionOp) -> ApiResult<SessionR
         }
         .into()),
         Ok(reply) => Ok(reply),
-        Err(VmError::Exited { .. }) => {
-            Err(Error::conflict(Conflict::ComputerNotRunning, "computer is not running").into())
-        }
-        Err(e) => Err(Error::Unavailable(format!("the guest agent: {e}")).into()),
+        Err(e) => Err(crate::computers::agent_failure(e).into()),
     }
 }
 

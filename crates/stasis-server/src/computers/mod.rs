@@ -757,8 +757,7 @@ impl Computers {
                 truncated: r.truncated,
                 duration_ms: started.elapsed().as_millis() as u64,
             }),
-            Err(VmError::Exited { .. }) => Err(not_running()),
-            Err(e) => Err(Error::Unavailable(format!("the guest agent did not answer: {e}"))),
+            Err(e) => Err(agent_failure(e)),
         }
     }
 
@@ -901,6 +900,16 @@ impl Computers {
                 }
             }
         }
+    }
+}
+
+/// What a failed call to a computer's agent answers: a machine that ended under the call (it
+/// crashed, or a stop, pause or delete got there first) is a computer no longer running, a
+/// `409`; anything else is the agent not answering, a `503`.
+pub(crate) fn agent_failure(e: VmError) -> Error {
+    match e {
+        VmError::Exited { .. } => not_running(),
+        e => Error::Unavailable(format!("the guest agent did not answer: {e}")),
     }
 }
 
