@@ -186,6 +186,7 @@ impl Vm {
     async fn background_copy(&self, qmp: &Qmp, uri: &str) -> Result<(PathBuf, Duration), VmError> {
         let mut events = qmp.events();
         let mut run_state = qmp.events();
+        flush_disk(qmp).await;
         qmp.execute("stop", json!({})).await?;
         let started = async {
             // Paused: freeze the disk at this very instant.
@@ -241,6 +242,7 @@ impl Vm {
             ..Default::default()
         })
         .await?;
+        flush_disk(qmp).await;
         qmp.execute("stop", json!({})).await?;
         let copied = async {
             let frozen = self.freeze_disk(qmp).await?;
@@ -488,6 +490,28 @@ impl Vm {
             image = next;
         }
         Ok(depth)
+    }
+}
+
+/// Writes what the disk's top overlay holds in the host's cache through to the file, with the
+/// guest running: freezing the overlay in the pause flushes it again, and that flush then has
+/// next to nothing left to write (a guest that has just written a lot would otherwise wait
+/// out the whole write-back, paused). Best effort: the freeze's own flush is what counts.
+async fn flush_disk(qmp: &Qmp) {
+    let flushed = async {
+        let top = top_node(qmp).await?;
+        // QMP has no flush of its own; the monitor's block-layer command does just that.
+        let line = format!("qemu-io {top} flush");
+        let out = qmp
+            .execute("human-monitor-command", json!({ "command-line": line }))
+            .await?;
+        match out.as_str().map(str::trim) {
+            Some("") | None => Ok(()),
+            Some(said) => Err(VmError::Invalid(format!("flushing the disk: {said}"))),
+        }
+    };
+    if let Err(e) = flushed.await {
+        tracing::debug!(error = %e, "the disk was not flushed ahead of the capture's pause");
     }
 }
 
