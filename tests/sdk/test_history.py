@@ -292,6 +292,9 @@ def test_a_paused_computer_holds_no_memory_and_resumes_in_place_with_its_process
             time.sleep(0.5)
         ram = [p for p in glob.glob("/dev/shm/stasis-*/**", recursive=True) if hibernation in p]
         assert ram == [], ram
+        # Its RAM is parked on the host's disk instead, for a resume without a download.
+        parked = glob.glob(f"{server.data_dir}/cache/**/{hibernation}/memory.parked", recursive=True)
+        assert len(parked) == 1 and os.path.getsize(parked[0]) > 0, parked
         # Not in the history: the pause made it, not the user.
         assert hibernation not in [s["id"] for s in client.snapshot_history.list(limit=200)["data"]]
         frozen_at = None
@@ -306,6 +309,7 @@ def test_a_paused_computer_holds_no_memory_and_resumes_in_place_with_its_process
         # Resumed from its own snapshot, which it now rests on; the pause is over.
         assert client.computers.get(computer.id).data.metadata["source_snapshot_id"] == graph["s1"].id
         assert h.get(f"/snapshots/{hibernation}").status_code == 404
+        assert not os.path.exists(parked[0]), "the parked RAM went once it was taken back"
         again = h.post(f"/computers/{computer.id}/resume")
         assert again.status_code == 200 and again.json()["status"] == "running"
     computer.destroy()

@@ -274,6 +274,25 @@ impl Snapshots {
             ms = started.elapsed().as_millis() as u64,
             "snapshot uploaded"
         );
+        if let Err(e) = self
+            .materializer
+            .adopt(id, &manifest, &captured.state, &captured.memory, &flat)
+        {
+            tracing::warn!(%id, error = %e, "keeping the snapshot's files for local restores");
+        }
+        // (Before the snapshot reads as ready: whoever sees it ready finds its files in place.)
+        // A paused computer holds no memory on its host: its RAM goes to the disk beside the
+        // rest of the snapshot's copy, and comes back from there when it resumes (from the
+        // store where that fails).
+        if matches!(self.db.hibernation_of(s.computer_id).await, Ok(Some(h)) if h == id) {
+            match self.materializer.park_memory(id).await {
+                Ok(bytes) => tracing::info!(%id, bytes, "a hibernated computer's RAM is parked on disk"),
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "parking a hibernated computer's RAM on disk; its resume fetches it");
+                    self.materializer.evict_keeping_disk(id);
+                }
+            }
+        }
         let done = self
             .db
             .complete_snapshot(
@@ -297,17 +316,6 @@ impl Snapshots {
             .await
             .map_err(|e| e.to_string())?;
         drop(quota);
-        if let Err(e) = self
-            .materializer
-            .adopt(id, &manifest, &captured.state, &captured.memory, &flat)
-        {
-            tracing::warn!(%id, error = %e, "keeping the snapshot's files for local restores");
-        }
-        // A paused computer holds no memory on its host: its RAM is read back from the store
-        // when it resumes (its disk stays in the cache, which is on disk).
-        if matches!(self.db.hibernation_of(s.computer_id).await, Ok(Some(h)) if h == id) {
-            self.materializer.evict_keeping_disk(id);
-        }
         if done {
             let mut e = events::data(id, SnapshotStatus::Ready);
             e.progress = Some(1.0);

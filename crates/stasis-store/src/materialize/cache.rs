@@ -29,6 +29,8 @@ pub struct Materialized {
 }
 
 const COMPLETE: &str = "manifest.json";
+/// A hibernated computer's RAM, kept on disk beside the rest of its snapshot's copy.
+const PARKED: &str = "memory.parked";
 
 impl Materializer {
     pub fn new(store: SnapshotStore, root: PathBuf, memory_root: PathBuf) -> Materializer {
@@ -82,20 +84,25 @@ impl Materializer {
         recorded: Recorded,
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<Materialized, StoreError> {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default()
-            .clone();
+        let lock = self.lock_of(id);
         let _one_download = lock.lock().await;
         let dir = self.dir(id);
         if let Ok(bytes) = std::fs::read(dir.join(COMPLETE)) {
             if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) {
                 let files = self.files(id, &dir, manifest);
-                if files.state.exists() && files.memory.exists() && files.disk.exists() {
-                    return Ok(files);
+                if files.state.exists() && files.disk.exists() {
+                    if files.memory.exists() {
+                        return Ok(files);
+                    }
+                    // RAM parked on disk (a hibernation): back into the RAM directory, no
+                    // download. Whatever goes wrong, the store still has it.
+                    let parked = dir.join(PARKED);
+                    if parked.exists() {
+                        match self.unpark(id, &parked).await {
+                            Ok(()) => return Ok(files),
+                            Err(e) => tracing::warn!(%id, error = %e, "taking back RAM parked on disk; fetching it"),
+                        }
+                    }
                 }
             }
         }
@@ -178,6 +185,57 @@ impl Materializer {
         Ok(())
     }
 
+    /// Moves a snapshot's RAM out of the RAM directory (memory) onto the disk beside the rest
+    /// of its copy (a hibernated computer holds no memory on its host, yet resumes without a
+    /// download). Holes stay holes; the file is synced before the RAM copy goes.
+    pub async fn park_memory(&self, id: SnapshotId) -> std::io::Result<u64> {
+        let lock = self.lock_of(id);
+        let _no_restore_meanwhile = lock.lock().await;
+        let (from, to) = (self.memory_path(id), self.dir(id).join(PARKED));
+        tokio::task::spawn_blocking(move || {
+            let tmp = to.with_extension("tmp");
+            let copied = copy_sparse(&from, &tmp).and_then(|n| std::fs::rename(&tmp, &to).map(|_| n));
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            let n = copied?;
+            std::fs::remove_file(&from)?;
+            Ok(n)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Copies parked RAM back into the RAM directory (the caller holds the snapshot's lock);
+    /// the parked copy goes once the RAM directory holds it.
+    async fn unpark(&self, id: SnapshotId, parked: &Path) -> std::io::Result<()> {
+        self.ensure_memory_root()?;
+        let (from, to) = (parked.to_path_buf(), self.memory_path(id));
+        let tmp = self.memory_root.join(format!(".{id}.memory.tmp"));
+        tokio::task::spawn_blocking(move || {
+            let copied = copy_sparse(&from, &tmp).and_then(|_| std::fs::rename(&tmp, &to));
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            copied?;
+            let _ = std::fs::remove_file(&from);
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.enforce_budget();
+        Ok(())
+    }
+
+    fn lock_of(&self, id: SnapshotId) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
     /// Keeps the RAM files within budget (a quarter of the host's memory): the least recently
     /// used go first. A file a running machine maps stays mapped after it is deleted, so this
     /// never disturbs a computer; a later restore just fetches the RAM again.
@@ -240,6 +298,7 @@ impl Materializer {
         let _ = std::fs::remove_file(self.memory_path(id));
         let dir = self.dir(id);
         let _ = std::fs::remove_file(dir.join("state"));
+        let _ = std::fs::remove_file(dir.join(PARKED));
         // Without its manifest the copy no longer counts as complete for a restore.
         let _ = std::fs::remove_file(dir.join(COMPLETE));
     }
@@ -249,6 +308,35 @@ impl Materializer {
         let _ = std::fs::remove_file(self.memory_path(id));
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
+}
+
+/// Copies `from` to a new file `to` (created owner-only, not over an existing one), its data
+/// only: holes stay holes. Synced. Returns the bytes of data copied.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let src = std::fs::File::open(from)?;
+    let size = src.metadata()?.len();
+    let _ = std::fs::remove_file(to);
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    dst.set_len(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0;
+    for (start, end) in super::data_ranges(&src, size).0 {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+            copied += n as u64;
+        }
+    }
+    dst.sync_all()?;
+    Ok(copied)
 }
 
 /// Creates `dir` (its parent must exist) owner-only, or accepts the one there only if it is a
