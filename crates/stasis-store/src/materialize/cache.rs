@@ -192,37 +192,21 @@ impl Materializer {
         let lock = self.lock_of(id);
         let _no_restore_meanwhile = lock.lock().await;
         let (from, to) = (self.memory_path(id), self.dir(id).join(PARKED));
-        tokio::task::spawn_blocking(move || {
-            let tmp = to.with_extension("tmp");
-            let copied = copy_sparse(&from, &tmp).and_then(|n| std::fs::rename(&tmp, &to).map(|_| n));
-            if copied.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            let n = copied?;
-            std::fs::remove_file(&from)?;
-            Ok(n)
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        let tmp = to.with_extension("tmp");
+        tokio::task::spawn_blocking(move || move_sparse(&from, &tmp, &to))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
-    /// Copies parked RAM back into the RAM directory (the caller holds the snapshot's lock);
+    /// Moves parked RAM back into the RAM directory (the caller holds the snapshot's lock);
     /// the parked copy goes once the RAM directory holds it.
     async fn unpark(&self, id: SnapshotId, parked: &Path) -> std::io::Result<()> {
         self.ensure_memory_root()?;
         let (from, to) = (parked.to_path_buf(), self.memory_path(id));
         let tmp = self.memory_root.join(format!(".{id}.memory.tmp"));
-        tokio::task::spawn_blocking(move || {
-            let copied = copy_sparse(&from, &tmp).and_then(|_| std::fs::rename(&tmp, &to));
-            if copied.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            copied?;
-            let _ = std::fs::remove_file(&from);
-            Ok::<(), std::io::Error>(())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        tokio::task::spawn_blocking(move || move_sparse(&from, &tmp, &to))
+            .await
+            .map_err(std::io::Error::other)??;
         self.enforce_budget();
         Ok(())
     }
@@ -308,6 +292,18 @@ impl Materializer {
         let _ = std::fs::remove_file(self.memory_path(id));
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
+}
+
+/// Moves `from` to `to` across file systems: a sparse copy into `tmp`, renamed over `to`, then
+/// `from` removed (`tmp` removed instead where the copy fails). Returns the bytes of data moved.
+fn move_sparse(from: &Path, tmp: &Path, to: &Path) -> std::io::Result<u64> {
+    let copied = copy_sparse(from, tmp).and_then(|n| std::fs::rename(tmp, to).map(|_| n));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    let n = copied?;
+    std::fs::remove_file(from)?;
+    Ok(n)
 }
 
 /// Copies `from` to a new file `to` (created owner-only, not over an existing one), its data
