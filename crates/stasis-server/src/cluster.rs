@@ -30,11 +30,12 @@ use stasis_types::{ComputerId, HostId, Size, TenantId};
 
 use crate::auth::bearer;
 use crate::db::{Db, HostRecord, HostStatus};
+use crate::endpoints::Wants;
 use crate::error::{Conflict, During, Error};
 use crate::http_error::{ApiError, REQUEST_ID};
 use crate::tls::{Credentials, Peer};
 use crate::AppState;
-use stasis_vmm::description::{HostMachine, MachineDescription};
+use stasis_vmm::description::HostMachine;
 
 /// Carries the tenant a control plane acts for, on its requests to hosts.
 pub const TENANT_HEADER: &str = "x-stasis-tenant";
@@ -60,14 +61,6 @@ pub struct Joined {
     /// The tenants' default limits, which hosts apply too.
     #[serde(default)]
     pub limits: crate::limits::TenantLimits,
-}
-
-/// What a new machine needs of the host it is placed on.
-#[derive(Debug, Clone, Default)]
-pub struct Wants {
-    pub memory_mib: u64,
-    /// The machine a restore's snapshot was taken on (None: a fresh boot, any host).
-    pub machine: Option<MachineDescription>,
 }
 
 /// The shortest shared token `--insecure-plain-http` takes.
@@ -460,7 +453,7 @@ pub async fn guard_host(State(state): State<AppState>, mut req: Request, next: N
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stasis_vmm::description::{BootFile, QemuRelease, DEVICE_LINE, FORMAT, MACHINE_TYPE};
+    use stasis_vmm::description::{BootFile, MachineDescription, QemuRelease, DEVICE_LINE, FORMAT, MACHINE_TYPE};
 
     fn taken_on(major: u32, minor: u32) -> MachineDescription {
         let file = |c: char| BootFile {

@@ -42,8 +42,22 @@ impl Params {
 
 /// What a create or restore needs of the host it is placed on, in MiB of memory: from the
 /// request's path and body (which the host, running the handler, validates properly).
-pub type Need =
-    for<'a> fn(&'a AppState, TenantId, &'a Params, &'a Bytes) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>>;
+pub type Need = for<'a> fn(&'a AppState, TenantId, &'a Params, &'a Bytes) -> BoxFuture<'a, ApiResult<Wants>>;
+
+/// What a new machine needs of the host it is placed on.
+#[derive(Debug, Clone, Default)]
+pub struct Wants {
+    pub memory_mib: u64,
+    /// The machine a restore's snapshot was taken on (None: a fresh boot, any host).
+    pub machine: Option<stasis_vmm::description::MachineDescription>,
+}
+
+/// The computer a path names (its `{id}` as written): a malformed id is a computer that does
+/// not exist.
+pub fn computer_id(raw: &str) -> ApiResult<ComputerId> {
+    raw.parse()
+        .map_err(|_| crate::error::Error::not_found(crate::error::Resource::Computer, raw).into())
+}
 
 /// Where an endpoint runs when there are hosts.
 #[derive(Clone, Copy)]

@@ -16,8 +16,8 @@ use utoipa_axum::routes;
 
 use crate::auth::Tenant;
 use crate::body;
-use crate::computers::routes::computer_id;
 use crate::db::Db;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoints, IfLost, Runs};
 use crate::error::{Conflict, Error, Resource};
 use crate::http_error::ApiResult;

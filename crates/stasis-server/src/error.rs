@@ -200,6 +200,18 @@ impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> During<T> for std::re
     }
 }
 
+/// What a failed call to a computer's agent answers: a machine that ended under the call (it
+/// crashed, or a stop, pause or delete got there first) is a computer no longer running, a
+/// `409`; anything else is the agent not answering, a `503`.
+pub fn agent_failure(e: stasis_vmm::vm::VmError) -> Error {
+    match e {
+        stasis_vmm::vm::VmError::Exited { .. } => {
+            Error::conflict(Conflict::ComputerNotRunning, "computer is not running")
+        }
+        e => Error::Unavailable(format!("the guest agent did not answer: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

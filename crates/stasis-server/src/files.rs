@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Tenant;
 use crate::body;
-use crate::computers::routes::computer_id;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Runs};
 use crate::error::{Conflict, Error};
 use crate::http_error::{ApiError, ApiResult};
@@ -101,7 +101,7 @@ pub(crate) async fn machine_speaking(
     what: &str,
 ) -> ApiResult<Arc<Vm>> {
     let vm = state.computers.running_vm(tenant, id).await?;
-    let version = vm.agent_version().await.map_err(crate::computers::agent_failure)?;
+    let version = vm.agent_version().await.map_err(crate::error::agent_failure)?;
     if version < since {
         return Err(Error::conflict(
             Conflict::AgentTooOld,
@@ -127,7 +127,7 @@ async fn run(vm: &Vm, op: FsOp) -> ApiResult<FsReply> {
     match vm.fs(op).await {
         Ok(FsReply::Failed { kind, message }) => Err(Error::File { kind, message }.into()),
         Ok(reply) => Ok(reply),
-        Err(e) => Err(crate::computers::agent_failure(e).into()),
+        Err(e) => Err(crate::error::agent_failure(e).into()),
     }
 }
 

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 use crate::auth::Tenant;
-use crate::computers::routes::computer_id;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Runs};
 use crate::error::Error;
 use crate::http_error::{ApiError, ApiResult};

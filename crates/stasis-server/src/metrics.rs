@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 use utoipa_axum::routes;
 
 use crate::auth::Tenant;
-use crate::computers::routes::computer_id;
 use crate::computers::Run;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoints, IfLost, Runs};
 use crate::error::Error;
 use crate::http_error::ApiResult;

@@ -40,7 +40,7 @@ use utoipa_axum::routes;
 
 use crate::auth::{StreamTenant, Tenant};
 use crate::body;
-use crate::computers::routes::computer_id;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Runs};
 use crate::error::{Conflict, Error, Resource};
 use crate::http_error::{ApiError, ApiResult};
@@ -103,7 +103,7 @@ async fn run(vm: &Vm, computer: ComputerId, op: SessionOp) -> ApiResult<SessionR
         }
         .into()),
         Ok(reply) => Ok(reply),
-        Err(e) => Err(crate::computers::agent_failure(e).into()),
+        Err(e) => Err(crate::error::agent_failure(e).into()),
     }
 }
 

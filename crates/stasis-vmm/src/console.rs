@@ -30,7 +30,7 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 }
 
 fn base_of(console: &Path) -> u64 {
-    crate::vm::read_small_file(&base_file(console))
+    crate::untrusted::read_small_file(&base_file(console))
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -49,11 +49,11 @@ pub(crate) fn restart(console: &Path) {
     let _ = set_base(console, 0);
 }
 
-/// Cuts the console back once past `cap` (see [`crate::vm::rotate_log`]), keeping the
+/// Cuts the console back once past `cap` (see [`crate::untrusted::rotate_log`]), keeping the
 /// positions of what stays.
 pub(crate) fn cut(console: &Path, cap: u64) -> io::Result<()> {
     let _cuts = CUTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(cut) = crate::vm::rotate_log(console, cap)? {
+    if let Some(cut) = crate::untrusted::rotate_log(console, cap)? {
         set_base(console, base_of(console) + cut)?;
     }
     Ok(())
@@ -120,7 +120,7 @@ pub fn read(console: &Path, from: Option<u64>, max: usize) -> io::Result<Console
 
 /// The file, or none if there is none yet (a machine that never started).
 fn open(path: &Path) -> io::Result<Option<std::fs::File>> {
-    match crate::vm::open_regular(path, false) {
+    match crate::untrusted::open_regular(path, false) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),

@@ -436,7 +436,7 @@ fn kill_stray_at(paths: &VmPaths) {
         .and_then(|b| serde_json::from_slice::<MachineConfig>(&b).ok());
     let legacy_name = config.as_ref().map(|c| c.name.as_str());
     for pidfile in [paths.pidfile(), paths.disks.join("qemu.pid")] {
-        let Some(pid) = crate::vm::read_small_file(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
+        let Some(pid) = crate::untrusted::read_small_file(&pidfile).and_then(|s| s.trim().parse::<u32>().ok()) else {
             continue;
         };
         let legacy_qmp = paths.disks.join("qmp.sock");

@@ -15,6 +15,7 @@ pub mod process;
 pub mod qmp;
 mod restore;
 pub mod snapshot;
+mod untrusted;
 pub mod vm;
 
 pub use accel::Accel;

@@ -18,7 +18,7 @@ use stasis_types::{
 };
 use stasis_vmm::description::{Described, HostMachine};
 use stasis_vmm::vm::Nic;
-use stasis_vmm::{Accel, Host, HostEvent, MachineConfig, VmError};
+use stasis_vmm::{Accel, Host, HostEvent, MachineConfig};
 
 use crate::db::Db;
 use crate::error::{Error, Resource, Result};
@@ -757,7 +757,7 @@ impl Computers {
                 truncated: r.truncated,
                 duration_ms: started.elapsed().as_millis() as u64,
             }),
-            Err(e) => Err(agent_failure(e)),
+            Err(e) => Err(crate::error::agent_failure(e)),
         }
     }
 
@@ -900,16 +900,6 @@ impl Computers {
                 }
             }
         }
-    }
-}
-
-/// What a failed call to a computer's agent answers: a machine that ended under the call (it
-/// crashed, or a stop, pause or delete got there first) is a computer no longer running, a
-/// `409`; anything else is the agent not answering, a `503`.
-pub(crate) fn agent_failure(e: VmError) -> Error {
-    match e {
-        VmError::Exited { .. } => not_running(),
-        e => Error::Unavailable(format!("the guest agent did not answer: {e}")),
     }
 }
 

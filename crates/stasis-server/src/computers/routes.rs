@@ -7,16 +7,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::BoxFuture;
 use stasis_types::{
-    ActionResponse, CommandRequest, Computer, ComputerData, ComputerId, ComputerList, CreateComputerRequest,
-    ExecPythonRequest, ExecRequest, ExecResponse, ResizeRequest, Size, StartRequest, UpdateComputerRequest,
+    ActionResponse, CommandRequest, Computer, ComputerData, ComputerList, CreateComputerRequest, ExecPythonRequest,
+    ExecRequest, ExecResponse, ResizeRequest, Size, StartRequest, UpdateComputerRequest,
 };
 use utoipa_axum::routes;
 
 use super::{Computers, Run, DEFAULT_EXEC_TIMEOUT_SECS, MAX_EXEC_TIMEOUT_SECS};
 use crate::auth::Tenant;
 use crate::body;
-use crate::endpoints::{Endpoint, Endpoints, IfLost, Params, Runs};
-use crate::error::{Error, Resource};
+use crate::endpoints::{computer_id, Endpoint, Endpoints, IfLost, Params, Runs};
 use crate::http_error::{ApiError, ApiResult};
 use crate::openapi::{Errors, WriteErrors};
 use crate::AppState;
@@ -51,22 +50,17 @@ fn create_needs<'a>(
     _: stasis_types::TenantId,
     _: &'a Params,
     body: &'a axum::body::Bytes,
-) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+) -> BoxFuture<'a, ApiResult<crate::endpoints::Wants>> {
     let size = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("size").and_then(|s| s.as_str()).and_then(Size::parse));
-    Box::pin(std::future::ready(Ok(crate::cluster::Wants {
+    Box::pin(std::future::ready(Ok(crate::endpoints::Wants {
         memory_mib: size.unwrap_or(Size::Xs).memory_mib(),
         machine: None,
     })))
 }
 
 /// A computer id from the path; a malformed one cannot name any computer.
-pub fn computer_id(raw: &str) -> ApiResult<ComputerId> {
-    raw.parse()
-        .map_err(|_| Error::not_found(Resource::Computer, raw).into())
-}
-
 fn service(state: &AppState) -> &std::sync::Arc<Computers> {
     &state.computers
 }

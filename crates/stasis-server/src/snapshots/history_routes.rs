@@ -53,13 +53,13 @@ fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
 }
 
 /// What a restore of `record` needs of the host it is placed on.
-fn wants(record: &SnapshotRecord) -> crate::cluster::Wants {
+fn wants(record: &SnapshotRecord) -> crate::endpoints::Wants {
     use stasis_vmm::description::Described;
     let machine = match record.description.as_ref().map(Described::parse) {
         Some(Ok(Described::Current(d))) => Some(d),
         _ => None,
     };
-    crate::cluster::Wants {
+    crate::endpoints::Wants {
         memory_mib: record.size.memory_mib(),
         machine,
     }
@@ -70,7 +70,7 @@ fn fork_needs<'a>(
     tenant: TenantId,
     params: &'a Params,
     _: &'a axum::body::Bytes,
-) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+) -> BoxFuture<'a, ApiResult<crate::endpoints::Wants>> {
     Box::pin(async move {
         let id = snapshot_id(params.get("snap_id").unwrap_or_default())?;
         Ok(wants(&service(state).find_any(tenant, id).await?))
@@ -82,7 +82,7 @@ fn deploy_needs<'a>(
     tenant: TenantId,
     params: &'a Params,
     _: &'a axum::body::Bytes,
-) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+) -> BoxFuture<'a, ApiResult<crate::endpoints::Wants>> {
     Box::pin(async move {
         let name = params.get("name").unwrap_or_default();
         Ok(wants(&service(state).named_record(tenant, name).await?))

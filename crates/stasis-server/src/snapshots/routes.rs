@@ -20,7 +20,7 @@ use super::events::{self, StoredEvent};
 use super::Snapshots;
 use crate::auth::{hash_key, StreamTenant, Tenant};
 use crate::body;
-use crate::computers::routes::computer_id;
+use crate::endpoints::computer_id;
 use crate::endpoints::{Endpoint, Endpoints, IfLost, Params, Runs};
 use crate::http_error::{ApiError, ApiResult};
 use crate::openapi::{Errors, WriteErrors};
@@ -95,7 +95,7 @@ fn restore_needs<'a>(
     tenant: TenantId,
     params: &'a Params,
     _: &'a axum::body::Bytes,
-) -> BoxFuture<'a, ApiResult<crate::cluster::Wants>> {
+) -> BoxFuture<'a, ApiResult<crate::endpoints::Wants>> {
     Box::pin(async move {
         use stasis_vmm::description::Described;
         let computer = computer_id(params.get("id").unwrap_or_default())?;
@@ -106,7 +106,7 @@ fn restore_needs<'a>(
             Some(Ok(Described::Current(d))) => Some(d),
             _ => None,
         };
-        Ok(crate::cluster::Wants {
+        Ok(crate::endpoints::Wants {
             memory_mib: record.size.memory_mib(),
             machine,
         })

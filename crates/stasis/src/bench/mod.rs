@@ -162,7 +162,10 @@ impl LocalPlatform {
                 .map(PathBuf::from)
                 .unwrap_or_else(stasis_image::default_cache_dir),
             accel: stasis_vmm::Accel::detect(),
-            qemu_binary: "qemu-system-x86_64".into(),
+            // The QEMU `serve` would run (`--qemu`'s variable), so a bench can compare two.
+            qemu_binary: std::env::var_os("STASIS_QEMU")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "qemu-system-x86_64".into()),
             database_url: stasis_server::database_url(data.path(), database_url.as_deref()),
             store_url: None,
             s3: Default::default(),
