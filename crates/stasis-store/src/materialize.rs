@@ -191,8 +191,38 @@ pub(crate) struct DataRanges(Vec<(u64, u64)>);
 
 impl DataRanges {
     pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.0.iter().any(|&(s, e)| s < end && start < e)
+        self.within(start, end).next().is_some()
     }
+
+    /// The data between `start` and `end`, range by range, cut to that window.
+    pub(crate) fn within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        // Ranges are in order and apart: skip those that end before the window.
+        let first = self.0.partition_point(|&(_, e)| e <= start);
+        self.0[first..]
+            .iter()
+            .take_while(move |&&(s, _)| s < end)
+            .map(move |&(s, e)| (s.max(start), e.min(end)))
+    }
+}
+
+/// The data of `file` exactly, or an error: where a changes file's data are the pages that
+/// changed, taking all of it for data (as [`data_ranges`] does when it cannot tell) would
+/// write its holes' zeros over the base.
+pub(crate) fn exact_data_ranges(file: &std::fs::File, size: u64) -> std::io::Result<DataRanges> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = seek(file, SeekFrom::Hole(data))?;
+        ranges.push((data, hole.min(size)));
+        pos = hole;
+    }
+    Ok(DataRanges(ranges))
 }
 
 pub(crate) fn data_ranges(file: &std::fs::File, size: u64) -> DataRanges {

@@ -17,7 +17,7 @@ use crate::chunk::{self, ChunkHash};
 use crate::codec::Codec;
 use crate::error::io;
 use crate::manifest::{Manifest, Part};
-use crate::materialize::{data_ranges, DataRanges};
+use crate::materialize::{data_ranges, exact_data_ranges, DataRanges};
 use crate::{Pin, Progress, SnapshotStore, StoreError, PARALLEL};
 
 /// What an upload did.
@@ -70,6 +70,15 @@ struct FileUpload {
     data: DataRanges,
     codec: Codec,
     store: Arc<dyn ObjectStore>,
+    /// RAM kept as changes: `file` holds the changed pages (its data), over this base.
+    over: Option<Base>,
+}
+
+/// The RAM a changes file is over: the base snapshot's local file and its stored part.
+struct Base {
+    file: std::fs::File,
+    data: DataRanges,
+    chunks: Vec<Option<ChunkHash>>,
 }
 
 impl SnapshotStore {
@@ -97,7 +106,76 @@ impl SnapshotStore {
             data,
             codec,
             store: self.store.clone(),
+            over: None,
         });
+        self.upload_chunks(upload, count, chunk_size, progress).await
+    }
+
+    /// Stores RAM kept as changes (see `stasis_vmm::changes`): the base snapshot's RAM (its
+    /// local file `base_file`, stored as `base`, named `base_names`) with the pages of
+    /// `changes` (the data of a sparse file as long as the RAM) over it. A chunk with no
+    /// changed page is the base's chunk as its manifest names it: not read, not hashed, only
+    /// checked to be in the store (stored again from the base file if it is not). The others
+    /// are read from both files and stored as [`SnapshotStore::upload_file`] stores chunks.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_changes(
+        &self,
+        pin: &Pin,
+        tenant: TenantId,
+        base: &Part,
+        base_names: crate::ChunkNames,
+        base_file: &Path,
+        changes: &Path,
+        progress: Progress,
+    ) -> Result<(Part, UploadStats), StoreError> {
+        let file = std::fs::File::open(changes).map_err(io(format!("opening {}", changes.display())))?;
+        let size = file.metadata().map_err(io("stat"))?.len();
+        let base_f = std::fs::File::open(base_file).map_err(io(format!("opening {}", base_file.display())))?;
+        let base_size = base_f.metadata().map_err(io("stat"))?.len();
+        if base_names != self.chunk_names() || base.size != size || base_size < size {
+            // Named another way, or another size: stored whole, as any RAM file.
+            tracing::debug!("RAM changes not over a compatible base: stored whole");
+            let whole = changes.with_extension("whole");
+            let runs = exact_data_ranges(&file, size).map_err(io("finding the changed pages"))?;
+            let (b, c, out) = (base_f, file, whole.clone());
+            tokio::task::spawn_blocking(move || apply_over(&b, &c, &runs, &out, size))
+                .await
+                .expect("applying changes does not panic")
+                .map_err(io("applying the changes over their base"))?;
+            let r = self.upload_file(pin, tenant, &whole, base.chunk_size, progress).await;
+            let _ = std::fs::remove_file(&whole);
+            return r;
+        }
+        let data = exact_data_ranges(&file, size).map_err(io("finding the changed pages"))?;
+        let count = size.div_ceil(base.chunk_size as u64) as usize;
+        let codec = self
+            .codec(self.chunk_names(), &tenant.to_string(), true, "being uploaded")
+            .await?;
+        let base_data = data_ranges(&base_f, size);
+        let upload = Arc::new(FileUpload {
+            file,
+            size,
+            chunk_size: base.chunk_size as u64,
+            data,
+            codec,
+            store: self.store.clone(),
+            over: Some(Base {
+                file: base_f,
+                data: base_data,
+                chunks: base.chunks.clone(),
+            }),
+        });
+        self.upload_chunks(upload, count, base.chunk_size, progress).await
+    }
+
+    async fn upload_chunks(
+        &self,
+        upload: Arc<FileUpload>,
+        count: usize,
+        chunk_size: u32,
+        progress: Progress,
+    ) -> Result<(Part, UploadStats), StoreError> {
+        let size = upload.size;
         let done = Arc::new(AtomicU64::new(0));
         let chunks: Vec<Chunked> = futures::stream::iter(0..count)
             .map(|index| {
@@ -139,6 +217,30 @@ impl FileUpload {
     async fn chunk(self: Arc<Self>, index: usize) -> Result<Chunked, StoreError> {
         let start = index as u64 * self.chunk_size;
         let len = (self.size - start).min(self.chunk_size);
+        if let Some(base) = &self.over {
+            if !self.data.overlaps(start, start + len) {
+                // Unchanged: the base's chunk.
+                let hash = base.chunks.get(index).copied().flatten();
+                let outcome = match hash {
+                    None => Outcome::Zero,
+                    Some(h) => match self.stored_size(h).await? {
+                        Some(n) => Outcome::Reused(n),
+                        None => {
+                            // Gone from the store (its snapshots deleted and collected): stored
+                            // again from the base's file, under the name its bytes have.
+                            return self.clone().changed_chunk(index, start, len).await;
+                        }
+                    },
+                };
+                return Ok(Chunked {
+                    index,
+                    len,
+                    hash,
+                    outcome,
+                });
+            }
+            return self.clone().changed_chunk(index, start, len).await;
+        }
         let (hash, outcome) = match self.clone().read(start, len).await? {
             None => (None, Outcome::Zero),
             Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
@@ -169,13 +271,53 @@ impl FileUpload {
         .map_err(io("reading a chunk"))
     }
 
+    /// A chunk of RAM kept as changes: the base's bytes with the changed pages over them.
+    async fn changed_chunk(self: Arc<Self>, index: usize, start: u64, len: u64) -> Result<Chunked, StoreError> {
+        let this = self.clone();
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
+            let base = this.over.as_ref().expect("a chunk of changes has a base");
+            let mut buf = vec![0u8; len as usize];
+            if base.data.overlaps(start, start + len) {
+                read_up_to(&base.file, &mut buf, start)?;
+            }
+            for (s, e) in this.data.within(start, start + len) {
+                this.file
+                    .read_exact_at(&mut buf[(s - start) as usize..(e - start) as usize], s)?;
+            }
+            if chunk::is_zero(&buf) {
+                return Ok(None);
+            }
+            Ok(Some((this.codec.name(&buf), buf)))
+        })
+        .await
+        .expect("chunk reader does not panic")
+        .map_err(io("reading a chunk"))?;
+        let (hash, outcome) = match read {
+            None => (None, Outcome::Zero),
+            Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
+        };
+        Ok(Chunked {
+            index,
+            len,
+            hash,
+            outcome,
+        })
+    }
+
+    /// The stored size of chunk `hash`, if the store has it.
+    async fn stored_size(&self, hash: ChunkHash) -> Result<Option<u64>, StoreError> {
+        match self.store.head(&ObjectPath::from(hash.key())).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Stores the chunk named `hash` unless the store has it already.
     async fn store_chunk(&self, hash: ChunkHash, raw: Vec<u8>) -> Result<Outcome, StoreError> {
         let key = ObjectPath::from(hash.key());
-        match self.store.head(&key).await {
-            Ok(meta) => return Ok(Outcome::Reused(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
+        if let Some(n) = self.stored_size(hash).await? {
+            return Ok(Outcome::Reused(n));
         }
         let codec = self.codec.clone();
         let stored = tokio::task::spawn_blocking(move || codec.encode(hash, &raw))
@@ -185,6 +327,52 @@ impl FileUpload {
         self.store.put(&key, PutPayload::from(stored)).await?;
         Ok(Outcome::New(n))
     }
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends (the rest stays zeros).
+fn read_up_to(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `base` with the `changed` ranges of `changes` over it, into a new file `out` of `size`.
+fn apply_over(
+    base: &std::fs::File,
+    changes: &std::fs::File,
+    changed: &DataRanges,
+    out: &Path,
+    size: u64,
+) -> std::io::Result<()> {
+    let out = std::fs::File::create(out)?;
+    out.set_len(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (s, e) in data_ranges(base, size).within(0, size) {
+        let mut pos = s;
+        while pos < e {
+            let n = ((e - pos) as usize).min(buf.len());
+            read_up_to(base, &mut buf[..n], pos)?;
+            out.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+    }
+    for (s, e) in changed.within(0, size) {
+        let mut pos = s;
+        while pos < e {
+            let n = ((e - pos) as usize).min(buf.len());
+            changes.read_exact_at(&mut buf[..n], pos)?;
+            out.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+    }
+    out.sync_all()
 }
 
 /// The part the chunks make up, and what storing them did.

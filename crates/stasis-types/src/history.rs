@@ -265,6 +265,14 @@ pub struct TreeEntry {
     pub target: Option<String>,
 }
 
+/// The `202` of a snapshot's `/tree` or `/files` while it is still being taken: poll again.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Warming {
+    /// Always `warming`.
+    pub status: String,
+    pub retry_after_ms: u64,
+}
+
 /// `GET /snapshots/{snap_id}/tree`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotTree {

@@ -210,8 +210,21 @@ impl Host {
         state: &Path,
         memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
+        self.restore_changed(name, config, state, false, memory, None).await
+    }
+
+    /// [`Host::restore`] of a snapshot captured as changes (see [`Vm::restore_changed`]).
+    pub async fn restore_changed(
+        self: &Arc<Self>,
+        name: &str,
+        config: MachineConfig,
+        state: &Path,
+        devices_only: bool,
+        memory: &Path,
+        changes: Option<&Path>,
+    ) -> Result<Arc<Vm>, VmError> {
         let config = self.plug(name, config).await?;
-        let started = Vm::restore(config, self.paths(name), state, memory).await;
+        let started = Vm::restore_changed(config, self.paths(name), state, devices_only, memory, changes).await;
         self.started(name, started).await
     }
 

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod agent;
 mod boot;
+pub mod changes;
 pub mod console;
 pub mod cpu;
 pub mod description;

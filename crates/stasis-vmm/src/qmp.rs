@@ -191,10 +191,17 @@ impl Qmp {
     /// Hands QEMU an open file as `name` (`getfd`: the descriptor travels with the command as
     /// SCM_RIGHTS), for `fd:name` migration URIs. QEMU keeps its own copy.
     pub async fn send_fd(&self, name: &str, file: &impl AsFd) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", json!({ "fdname": name }), file).await?;
+        Ok(())
+    }
+
+    /// Runs `command` with an open file travelling beside it (SCM_RIGHTS), as `getfd` and
+    /// `add-fd` take theirs.
+    async fn execute_with_fd(&self, command: &str, arguments: Value, file: &impl AsFd) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let mut line = serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": name}, "id": id}))
+        let mut line = serde_json::to_vec(&json!({"execute": command, "arguments": arguments, "id": id}))
             .expect("a JSON value serializes");
         line.push(b'\n');
         {
@@ -206,7 +213,9 @@ impl Qmp {
                     Ok(n) if n == line.len() => break,
                     Ok(_) => {
                         self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        return Err(QmpError::Io(std::io::Error::other("getfd was sent in part")));
+                        return Err(QmpError::Io(std::io::Error::other(format!(
+                            "{command} was sent in part"
+                        ))));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => {
@@ -217,17 +226,38 @@ impl Qmp {
             }
         }
         match tokio::time::timeout(Duration::from_secs(30), rx).await {
-            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
-                command: "getfd".into(),
+                command: command.into(),
                 class,
                 desc,
             }),
             Ok(Err(_)) => Err(QmpError::Closed),
             Err(_) => Err(QmpError::Timeout {
-                command: "getfd".into(),
+                command: command.into(),
             }),
         }
+    }
+
+    /// Writes the machine's device state without its RAM (every section but RAM's, as a
+    /// migration stream a restore loads) into a new file at `path`, with the guest paused.
+    /// QEMU writes through a descriptor it is handed (an fd set), never opening a path.
+    pub async fn save_device_state(&self, path: &Path) -> Result<(), QmpError> {
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+        let added = self.execute_with_fd("add-fd", json!({}), &file).await?;
+        let set = added
+            .get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Io(std::io::Error::other("add-fd answered no fdset-id")))?;
+        let saved = self
+            .execute(
+                "xen-save-devices-state",
+                json!({ "filename": format!("/dev/fdset/{set}"), "live": false }),
+            )
+            .await;
+        let _ = self.execute("remove-fd", json!({ "fdset-id": set })).await;
+        saved?;
+        Ok(())
     }
 
     /// Loads an incoming migration from a file (QEMU reads it through a passed descriptor, so

@@ -25,6 +25,9 @@ pub struct RestoreTimings {
     pub state_load_ms: f64,
     /// `cont`.
     pub resume_ms: f64,
+    /// Writing the snapshot's changed pages over its base's RAM (a snapshot kept as changes).
+    #[serde(default)]
+    pub changes_ms: f64,
     /// Connecting to the guest agent and its first answer (clock, RNG, hostname): the
     /// guest's first page faults on the mapped RAM happen here.
     pub agent_ms: f64,
@@ -40,6 +43,22 @@ impl Vm {
     /// the captured RAM and a new overlay over the snapshot's disk (`config.base_disk`), then
     /// resumed and given its own identity (clock, RNG seed, hostname).
     pub async fn restore(config: MachineConfig, paths: VmPaths, state: &Path, memory: &Path) -> Result<Vm, VmError> {
+        Self::restore_changed(config, paths, state, false, memory, None).await
+    }
+
+    /// [`Vm::restore`] of a snapshot captured as changes ([`Vm::capture_changes`]): its
+    /// `state` is device state alone (`devices_only`); `memory` is its RAM file, or with
+    /// `changes` the RAM file of the snapshot the changes are over, mapped as always, and the
+    /// pages of `changes` (the data of a sparse file as long as the RAM) are written over it,
+    /// the guest still paused, before it runs: the restored machine's own pages from the start.
+    pub async fn restore_changed(
+        config: MachineConfig,
+        paths: VmPaths,
+        state: &Path,
+        devices_only: bool,
+        memory: &Path,
+        changes: Option<&Path>,
+    ) -> Result<Vm, VmError> {
         paths.create()?;
         check_socket_paths(&paths)?;
         let t0 = Instant::now();
@@ -62,12 +81,20 @@ impl Vm {
             Launch {
                 incoming: true,
                 null_disk_bytes: None,
+                devices_only,
             },
         )
         .await?;
         let qmp = connect_qmp(&process, &paths, Duration::from_secs(30)).await?;
         timings.qemu_start_ms = ms(t.elapsed());
         let incoming = async {
+            // The changed pages go in first: loading the device state reads guest memory
+            // (virtio checks its rings' indices there against its own).
+            if let Some(changes) = changes {
+                let t = Instant::now();
+                write_changes(process.pid(), &config, memory, changes).await?;
+                timings.changes_ms = ms(t.elapsed());
+            }
             let t = Instant::now();
             // RAM is not in the stream: it is in the snapshot's file.
             qmp.set_migration(crate::qmp::Migration {
@@ -119,6 +146,29 @@ impl Vm {
             other => Err(AgentError::Unexpected(Box::new(other)).into()),
         }
     }
+}
+
+/// Writes the pages of `changes` into the RAM of the QEMU `pid`, which maps `memory`.
+async fn write_changes(pid: u32, config: &MachineConfig, memory: &Path, changes: &Path) -> Result<(), VmError> {
+    let (memory, changes) = (memory.to_path_buf(), changes.to_path_buf());
+    let bytes = config.memory_mib << 20;
+    tokio::task::spawn_blocking(move || {
+        let base = std::fs::File::open(&memory)?;
+        let addr = crate::changes::mapping_of(pid, &base, bytes)?;
+        let changes = std::fs::File::open(&changes)?;
+        crate::changes::write_pages(pid, addr, &changes, bytes)
+    })
+    .await
+    .map_err(|e| {
+        VmError::Invalid(format!(
+            "writing the snapshot's changed pages: the writing task failed: {e}"
+        ))
+    })?
+    .map_err(|source| VmError::Io {
+        context: "writing the snapshot's changed pages into the machine's RAM".into(),
+        source,
+    })?;
+    Ok(())
 }
 
 /// A new empty overlay over `base` as the machine's first disk, copied from a template kept

@@ -39,6 +39,26 @@ pub struct Capture {
     pub paused: Duration,
 }
 
+/// What a capture of a restored machine's changes leaves in the staging directory (see
+/// [`Vm::capture_changes`]): its RAM is `base_memory` with the `runs` of `changes` over it.
+#[derive(Debug, Clone)]
+pub struct ChangesCapture {
+    /// Device state: every section of QEMU's migration stream but RAM's.
+    pub state: PathBuf,
+    /// The RAM file the machine was restored from (and maps).
+    pub base_memory: PathBuf,
+    /// The pages the machine has written since its restore, each at its offset in RAM, the
+    /// rest a hole: host memory in proportion to what changed, not to the RAM.
+    pub changes: PathBuf,
+    /// Which pages `changes` holds.
+    pub runs: crate::changes::Runs,
+    /// As in [`Capture`].
+    pub disk: PathBuf,
+    pub frozen: PathBuf,
+    pub machine: MachineConfig,
+    pub paused: Duration,
+}
+
 /// What the guest does once it is captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
@@ -96,6 +116,7 @@ impl Vm {
         let launch = Launch {
             incoming: true,
             null_disk_bytes: Some(disk_bytes),
+            devices_only: false,
         };
         let twin = spawn_qemu_off_runtime(&twin_config, &twin_paths, launch).await?;
         let result = async {
@@ -171,6 +192,98 @@ impl Vm {
         Ok(Capture {
             state,
             memory,
+            disk,
+            frozen,
+            machine,
+            paused,
+        })
+    }
+
+    /// Captures a restored machine as the changes it made to its RAM since the restore: no
+    /// twin and no copy of the whole RAM. With the guest paused, its disk is frozen, the pages
+    /// it has written (its own pages in the private mapping of its snapshot's RAM file, as the
+    /// kernel's pagemap tells) are copied into `changes`, and its device state is saved
+    /// without RAM; then it runs on. The pause grows with the pages changed, not with the RAM.
+    pub async fn capture_changes(&self, staging: &Path, changes: &Path) -> Result<ChangesCapture, VmError> {
+        let _one_at_a_time = self.ops().lock().await;
+        let config = self.config();
+        if config.ram_shared || config.ram_path.as_os_str().is_empty() {
+            return Err(VmError::Invalid(
+                "only a restored machine (its RAM a private mapping of its snapshot's file) is captured as changes"
+                    .into(),
+            ));
+        }
+        if let Err(e) = self
+            .agent()
+            .call(stasis_agent_proto::Op::Sync, Duration::from_secs(10))
+            .await
+        {
+            tracing::debug!(error = %e, "the guest did not flush its file systems before the capture");
+        }
+        let qmp = self.qmp().clone();
+        let disk_bytes = disk_size(&qmp).await?;
+        let ram_bytes = config.memory_mib << 20;
+        let pid = self.pid();
+        let base = std::fs::File::open(&config.ram_path).map_err(|source| VmError::Io {
+            context: format!("opening the RAM file {}", config.ram_path.display()),
+            source,
+        })?;
+        let addr = crate::changes::mapping_of(pid, &base, ram_bytes).map_err(|source| VmError::Io {
+            context: "finding the machine's RAM".into(),
+            source,
+        })?;
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(changes)
+            .map_err(|source| VmError::Io {
+                context: format!("creating {}", changes.display()),
+                source,
+            })?;
+        out.set_len(ram_bytes).map_err(|source| VmError::Io {
+            context: format!("sizing {}", changes.display()),
+            source,
+        })?;
+        let state = staging.join("state");
+        let mut run_state = qmp.events();
+        flush_disk(&qmp).await;
+        qmp.execute("stop", json!({})).await?;
+        let captured = async {
+            let frozen = self.freeze_disk(&qmp).await?;
+            let out = out.try_clone().map_err(|source| VmError::Io {
+                context: "sharing the changes file".into(),
+                source,
+            })?;
+            let runs = tokio::task::spawn_blocking(move || {
+                let runs = crate::changes::written_pages(pid, addr, ram_bytes)?;
+                crate::changes::copy_pages(pid, addr, &runs, &out)?;
+                Ok::<_, std::io::Error>(runs)
+            })
+            .await
+            .map_err(|e| VmError::Invalid(format!("copying the changed pages: the copying task failed: {e}")))?
+            .map_err(|source| VmError::Io {
+                context: "copying the changed pages".into(),
+                source,
+            })?;
+            qmp.save_device_state(&state).await?;
+            Ok::<_, VmError>((frozen, runs))
+        }
+        .await;
+        // Whatever happened, the guest runs on.
+        let resumed = qmp.execute("cont", json!({})).await;
+        let (frozen, runs) = captured?;
+        resumed?;
+        let paused = pause_from_events(&mut run_state).await;
+        let mut machine = self.config();
+        machine.disk = frozen.clone();
+        let disk = staging.join("disk.raw");
+        flatten_disk(&machine, &self.paths.disks, &frozen, &disk, disk_bytes).await?;
+        Ok(ChangesCapture {
+            state,
+            base_memory: config.ram_path.clone(),
+            changes: changes.to_path_buf(),
+            runs,
             disk,
             frozen,
             machine,

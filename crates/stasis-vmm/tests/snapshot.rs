@@ -187,6 +187,96 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let n1: u64 = out(&g, "cat /tmp/n").await.parse().unwrap();
     counter_past(&g, n1).await; // the counter still runs
 
+    // A restored clone captured as its changes alone (no twin, no copy of its whole RAM):
+    // what it wrote since its restore, over its snapshot's RAM file, is its RAM at the pause.
+    out(
+        &b,
+        "head -c 2097152 /dev/urandom > /tmp/changed && echo changed > /root/b-only && sync",
+    )
+    .await;
+    let want = out(&b, "sha256sum /tmp/changed | cut -c1-64").await;
+    let staging4 = root.path().join("staging4");
+    std::fs::create_dir_all(&staging4).unwrap();
+    let changes = b.capture_changes(&staging4, &staging4.join("changes")).await.unwrap();
+    let at_changes: u64 = out(&b, "cat /tmp/n").await.parse().unwrap();
+    let changed = stasis_vmm::changes::pages(&changes.runs) * stasis_vmm::changes::PAGE;
+    let held = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&changes.changes).unwrap().blocks() * 512
+    };
+    eprintln!(
+        "changes: paused {:?}, {} KiB changed in {} runs, {} KiB held on the host",
+        changes.paused,
+        changed >> 10,
+        changes.runs.len(),
+        held >> 10
+    );
+    assert!(changed >= 2 << 20, "the 2 MiB written are among the changes: {changed}");
+    assert!(changed <= 64 << 20, "a quarter of the RAM at most changed: {changed}");
+    assert!(
+        held <= changed + (1 << 20),
+        "the host holds the changes only: {held} for {changed}"
+    );
+    counter_past(&b, at_changes).await; // it ran on
+    let mut from_changes = changes.machine.clone();
+    from_changes.base_disk = changes.disk.clone();
+    from_changes.name = "gen2b".into();
+    let h = host
+        .restore_changed(
+            "gen2b",
+            from_changes,
+            &changes.state,
+            true,
+            &changes.base_memory,
+            Some(&changes.changes),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out(&h, "sha256sum /tmp/changed | cut -c1-64").await, want);
+    assert_eq!(out(&h, "cat /root/before /root/b-only").await, "on-disk\nchanged");
+    let n2: u64 = out(&h, "cat /tmp/n").await.parse().unwrap();
+    assert!(
+        n2 + 50 >= at_changes && n2 <= at_changes + 100,
+        "continues from {at_changes}: {n2}"
+    );
+    counter_past(&h, n2).await;
+    // One level further: its changes are over the same base file, so they hold the level
+    // before's too, and a restore from them has both levels' memory.
+    out(&h, "head -c 1048576 /dev/urandom > /tmp/changed2 && sync").await;
+    let want2 = out(&h, "sha256sum /tmp/changed2 | cut -c1-64").await;
+    let staging5 = root.path().join("staging5");
+    std::fs::create_dir_all(&staging5).unwrap();
+    let level2 = h.capture_changes(&staging5, &staging5.join("changes")).await.unwrap();
+    assert_eq!(level2.base_memory, changes.base_memory);
+    let changed2 = stasis_vmm::changes::pages(&level2.runs) * stasis_vmm::changes::PAGE;
+    eprintln!("level 2: paused {:?}, {} KiB changed", level2.paused, changed2 >> 10);
+    assert!(
+        changed2 >= changed,
+        "the level before's changes are in: {changed2} < {changed}"
+    );
+    let mut next = level2.machine.clone();
+    next.base_disk = level2.disk.clone();
+    next.name = "gen3b".into();
+    let k = host
+        .restore_changed(
+            "gen3b",
+            next,
+            &level2.state,
+            true,
+            &level2.base_memory,
+            Some(&level2.changes),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out(&k, "sha256sum /tmp/changed /tmp/changed2 | cut -c1-64").await,
+        format!("{want}\n{want2}")
+    );
+    let n3: u64 = out(&k, "cat /tmp/n").await.parse().unwrap();
+    counter_past(&k, n3).await;
+    host.stop("gen3b").await;
+    host.stop("gen2b").await;
+
     // The original's chain holds three overlays now (two frozen); folding them into the top
     // leaves one file, and the guest's disk as it was, also across a restart.
     let disks = root.path().join("computers/origin");

@@ -262,7 +262,10 @@ fn warming() -> Response {
     (
         StatusCode::ACCEPTED,
         [(header::RETRY_AFTER, HeaderValue::from_static("2"))],
-        Json(serde_json::json!({"status": "warming", "retry_after_ms": 2000})),
+        Json(stasis_types::Warming {
+            status: "warming".into(),
+            retry_after_ms: 2000,
+        }),
     )
         .into_response()
 }
@@ -274,7 +277,7 @@ fn warming() -> Response {
     params(("snap_id" = uuid::Uuid, Path, description = "The snapshot's id"),
         ("path" = Option<String>, Query, description = "An absolute path in the guest (default /)")),
     responses((status = 200, description = "The folder's entries", body = SnapshotTree),
-        (status = 202, description = "The snapshot is still being taken: `{\"status\": \"warming\", \"retry_after_ms\": 2000}`"),
+        (status = 202, description = "The snapshot is still being taken: poll again", body = stasis_types::Warming),
         ReadErrors))]
 async fn tree(
     State(state): State<AppState>,
@@ -296,7 +299,7 @@ async fn tree(
         ("path" = String, Query, description = "An absolute path in the guest")),
     responses((status = 200, description = "The file's bytes (`application/octet-stream`) or the folder as a tar (`application/x-tar`)",
             content((Vec<u8> = "application/octet-stream"), (Vec<u8> = "application/x-tar"))),
-        (status = 202, description = "The snapshot is still being taken"),
+        (status = 202, description = "The snapshot is still being taken: poll again", body = stasis_types::Warming),
         ReadErrors))]
 async fn files(
     State(state): State<AppState>,
