@@ -878,3 +878,88 @@ fn chunk_at(path: &Path, part: &Part, h: ChunkHash) -> Vec<u8> {
     let start = i * part.chunk_size as usize;
     all[start..(start + part.chunk_size as usize).min(all.len())].to_vec()
 }
+
+#[tokio::test]
+async fn ram_kept_as_changes_uploads_only_changed_chunks_and_materializes_as_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SnapshotStore::local(&dir.path().join("store")).unwrap();
+    let chunk = 64u64 << 10;
+    let random = |seed: u32, n: usize| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+            .collect()
+    };
+    let size = 4u64 << 20;
+    // The base: data in its first MiB and at 3 MiB, holes elsewhere.
+    let base = sparse_file(
+        dir.path(),
+        "base",
+        size,
+        &[(0, &random(1, 1 << 20)), (3 << 20, &random(2, 4096))],
+    );
+    let (base_part, _) = store
+        .upload_file(&store.pin().await, tid("t"), &base, chunk as u32, noop())
+        .await
+        .unwrap();
+    // Changes: a page inside the data, a page in a hole, a page of zeros over data, and a
+    // run across a chunk boundary.
+    let changes = sparse_file(
+        dir.path(),
+        "changes",
+        size,
+        &[
+            (8192, &random(3, 4096)),
+            (2 << 20, &random(4, 4096)),
+            (3 << 20, &[0u8; 4096]),
+            (chunk * 5 - 4096, &random(5, 8192)),
+        ],
+    );
+    let (part, stats) = store
+        .upload_changes(
+            &store.pin().await,
+            tid("t"),
+            &base_part,
+            store.chunk_names(),
+            &base,
+            &changes,
+            noop(),
+        )
+        .await
+        .unwrap();
+    // Chunks 0, 4, 5 and the one at 2 MiB are new; the one at 3 MiB is all zeros now.
+    assert_eq!(stats.new_chunks, 4, "{stats:?}");
+    assert_eq!(
+        part.chunks[(3 << 20) / chunk as usize],
+        None,
+        "a chunk changed to zeros is a hole"
+    );
+    assert_eq!(part.chunks[1], base_part.chunks[1], "an unchanged chunk is the base's");
+    let mut want = std::fs::read(&base).unwrap();
+    let c = std::fs::read(&changes).unwrap();
+    for (at, len) in [
+        (8192usize, 4096usize),
+        (2 << 20, 4096),
+        (3 << 20, 4096),
+        (chunk as usize * 5 - 4096, 8192),
+    ] {
+        want[at..at + len].copy_from_slice(&c[at..at + len]);
+    }
+    let out = dir.path().join("restored");
+    store
+        .materialize(tid("t"), &manifest("s", part.clone()), &part, &out, noop())
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the base with the changes over it"
+    );
+    // The same upload of the whole RAM names the same chunks.
+    let whole = dir.path().join("whole");
+    std::fs::write(&whole, &want).unwrap();
+    let (same, again) = store
+        .upload_file(&store.pin().await, tid("t"), &whole, chunk as u32, noop())
+        .await
+        .unwrap();
+    assert_eq!(same, part);
+    assert_eq!(again.new_chunks, 0);
+}

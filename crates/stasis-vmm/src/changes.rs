@@ -72,6 +72,7 @@ pub fn mapping_of(pid: u32, file: &File, bytes: u64) -> std::io::Result<u64> {
 }
 
 const PRESENT: u64 = 1 << 63;
+const SOFT_DIRTY: u64 = 1 << 55;
 const SWAPPED: u64 = 1 << 62;
 const FILE_PAGE: u64 = 1 << 61;
 
@@ -79,6 +80,100 @@ const FILE_PAGE: u64 = 1 << 61;
 /// made), as opposed to one read from the file or never touched.
 fn written(entry: u64) -> bool {
     (entry & PRESENT != 0 && entry & FILE_PAGE == 0) || entry & SWAPPED != 0
+}
+
+/// Process `pid`'s pagemap entries for the mapping at `addr`, `bytes` long: one per page.
+pub fn entries(pid: u32, addr: u64, bytes: u64) -> std::io::Result<Vec<u64>> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
+    let total = bytes.div_ceil(PAGE);
+    let mut out = Vec::with_capacity(total as usize);
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut page = 0;
+    while page < total {
+        let n = (total - page).min(65536);
+        let want = (n * 8) as usize;
+        let got = read_full(&pagemap, &mut buf[..want], (addr / PAGE + page) * 8)?;
+        if got < want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("pagemap of process {pid} ended at page {}", page + got as u64 / 8),
+            ));
+        }
+        out.extend(
+            buf[..want]
+                .chunks_exact(8)
+                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes"))),
+        );
+        page += n;
+    }
+    Ok(out)
+}
+
+/// The runs of pages whose entry (and index) `pick` takes.
+pub fn runs_where(entries: &[u64], pick: impl Fn(usize, u64) -> bool) -> Runs {
+    let mut runs: Runs = Vec::new();
+    for (i, &e) in entries.iter().enumerate() {
+        if pick(i, e) {
+            let p = i as u64;
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == p => *len += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+    }
+    runs
+}
+
+/// Whether a page has been written since the mapping was made (see [`written_pages`]).
+pub fn is_written(entry: u64) -> bool {
+    written(entry)
+}
+
+/// Whether a page has been written since the soft-dirty bits were last cleared.
+pub fn is_soft_dirty(entry: u64) -> bool {
+    entry & SOFT_DIRTY != 0
+}
+
+/// Clears process `pid`'s soft-dirty bits: from here on, a page it writes shows as soft-dirty.
+pub fn clear_soft_dirty(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), b"4")
+}
+
+/// Whether this kernel tracks soft-dirty pages (tried once on a page of this process's own).
+pub fn soft_dirty_works() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let mut page = vec![1u8; 2 * PAGE as usize];
+        let addr = page.as_ptr() as u64;
+        let aligned = addr.div_ceil(PAGE) * PAGE;
+        let me = std::process::id();
+        let entry = |a: u64| entries(me, a, PAGE).ok().and_then(|e| e.first().copied());
+        if clear_soft_dirty(me).is_err() {
+            return false;
+        }
+        let cleared = entry(aligned).is_some_and(|e| !is_soft_dirty(e));
+        let i = (aligned - addr) as usize;
+        // SAFETY: a volatile write inside the vector this function owns.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr().add(i), 2) };
+        let dirtied = entry(aligned).is_some_and(is_soft_dirty);
+        std::hint::black_box(&page);
+        cleared && dirtied
+    })
+}
+
+/// Punches `runs` out of `out` (pages that are no longer the process's own: they read as the
+/// base again).
+pub fn punch(out: &File, runs: &Runs) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    for &(first, len) in runs {
+        fallocate(
+            out,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            first * PAGE,
+            len * PAGE,
+        )?;
+    }
+    Ok(())
 }
 
 /// The pages of process `pid`'s private file mapping at `addr` (`bytes` long) that it has

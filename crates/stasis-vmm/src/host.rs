@@ -210,7 +210,7 @@ impl Host {
         state: &Path,
         memory: &Path,
     ) -> Result<Arc<Vm>, VmError> {
-        self.restore_changed(name, config, state, false, memory, None).await
+        self.restore_changed(name, config, state, memory, None).await
     }
 
     /// [`Host::restore`] of a snapshot captured as changes (see [`Vm::restore_changed`]).
@@ -219,12 +219,11 @@ impl Host {
         name: &str,
         config: MachineConfig,
         state: &Path,
-        devices_only: bool,
         memory: &Path,
         changes: Option<&Path>,
     ) -> Result<Arc<Vm>, VmError> {
         let config = self.plug(name, config).await?;
-        let started = Vm::restore_changed(config, self.paths(name), state, devices_only, memory, changes).await;
+        let started = Vm::restore_changed(config, self.paths(name), state, memory, changes).await;
         self.started(name, started).await
     }
 

@@ -43,19 +43,18 @@ impl Vm {
     /// the captured RAM and a new overlay over the snapshot's disk (`config.base_disk`), then
     /// resumed and given its own identity (clock, RNG seed, hostname).
     pub async fn restore(config: MachineConfig, paths: VmPaths, state: &Path, memory: &Path) -> Result<Vm, VmError> {
-        Self::restore_changed(config, paths, state, false, memory, None).await
+        Self::restore_changed(config, paths, state, memory, None).await
     }
 
-    /// [`Vm::restore`] of a snapshot captured as changes ([`Vm::capture_changes`]): its
-    /// `state` is device state alone (`devices_only`); `memory` is its RAM file, or with
-    /// `changes` the RAM file of the snapshot the changes are over, mapped as always, and the
-    /// pages of `changes` (the data of a sparse file as long as the RAM) are written over it,
-    /// the guest still paused, before it runs: the restored machine's own pages from the start.
+    /// [`Vm::restore`] of a snapshot captured as changes ([`Vm::capture_changes`]): `memory`
+    /// is the RAM file of the snapshot the changes are over, mapped as always, and the pages of
+    /// `changes` (the data of a sparse file as long as the RAM) are written over it, the guest
+    /// still paused, before its device state loads: the restored machine's own pages from the
+    /// start.
     pub async fn restore_changed(
         config: MachineConfig,
         paths: VmPaths,
         state: &Path,
-        devices_only: bool,
         memory: &Path,
         changes: Option<&Path>,
     ) -> Result<Vm, VmError> {
@@ -81,7 +80,6 @@ impl Vm {
             Launch {
                 incoming: true,
                 null_disk_bytes: None,
-                devices_only,
             },
         )
         .await?;

@@ -68,6 +68,49 @@ enum Then {
     StayPaused,
 }
 
+/// The head of a QEMU migration stream: its magic and version, then the configuration section
+/// (the machine type, and the capabilities that must match on both ends: `x-ignore-shared`,
+/// which restores set) as QEMU writes it (`vmstate_configuration` and its capabilities
+/// subsection). A capture of changes saves device state alone, which lacks the section.
+fn stream_head() -> Vec<u8> {
+    let mut out = b"QEVM\0\0\0\x03".to_vec();
+    out.push(0x07); // QEMU_VM_CONFIGURATION
+    let name = crate::description::MACHINE_TYPE.as_bytes();
+    out.extend((name.len() as u32).to_be_bytes());
+    out.extend(name);
+    let sub = b"configuration/capabilities";
+    out.push(0x05); // QEMU_VM_SUBSECTION
+    out.push(sub.len() as u8);
+    out.extend(sub);
+    out.extend(1u32.to_be_bytes()); // its version
+    let caps: [&[u8]; 1] = [b"x-ignore-shared"];
+    out.extend((caps.len() as u32).to_be_bytes());
+    for cap in caps {
+        out.push(cap.len() as u8);
+        out.extend(cap);
+    }
+    out
+}
+
+/// Writes `to`: the stream head, then the sections of the device state QEMU saved in `from`
+/// (which opens with the magic and version alone).
+fn with_stream_head(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut src = std::fs::File::open(from)?;
+    let mut magic = [0u8; 8];
+    src.read_exact(&mut magic)?;
+    if magic != *b"QEVM\0\0\0\x03" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the saved device state is not a QEMU migration stream of version 3",
+        ));
+    }
+    let mut out = std::fs::File::create(to)?;
+    out.write_all(&stream_head())?;
+    std::io::copy(&mut src, &mut out)?;
+    out.sync_all()
+}
+
 /// Give up on a copy that has not finished by then.
 const COPY_LIMIT: Duration = Duration::from_secs(300);
 
@@ -116,7 +159,6 @@ impl Vm {
         let launch = Launch {
             incoming: true,
             null_disk_bytes: Some(disk_bytes),
-            devices_only: false,
         };
         let twin = spawn_qemu_off_runtime(&twin_config, &twin_paths, launch).await?;
         let result = async {
@@ -204,7 +246,44 @@ impl Vm {
     /// it has written (its own pages in the private mapping of its snapshot's RAM file, as the
     /// kernel's pagemap tells) are copied into `changes`, and its device state is saved
     /// without RAM; then it runs on. The pause grows with the pages changed, not with the RAM.
-    pub async fn capture_changes(&self, staging: &Path, changes: &Path) -> Result<ChangesCapture, VmError> {
+    ///
+    /// QEMU saves device state alone without the configuration section a migration stream
+    /// opens with, which a restore requires; stasis writes that section itself (the machine
+    /// type and the capabilities a restore sets), and checks first that it is, byte for byte,
+    /// what this QEMU wrote at the head of `reference` (a whole capture's state of the same
+    /// machine: the snapshot the changes are over). Where it is not, nothing is paused and
+    /// the caller captures the machine whole.
+    ///
+    /// Where the kernel tracks soft-dirty pages, the changed pages are copied with the guest
+    /// running and the pause copies only what it wrote meanwhile. Where it does not (this
+    /// host's kernel, without `CONFIG_MEM_SOFT_DIRTY`), the pause copies them all, so a
+    /// machine that changed more than `max_paused_copy` bytes is not captured this way: the
+    /// error says so before anything is paused, and the caller captures it whole.
+    pub async fn capture_changes(
+        &self,
+        staging: &Path,
+        changes: &Path,
+        reference: &Path,
+        max_paused_copy: u64,
+    ) -> Result<ChangesCapture, VmError> {
+        let head = stream_head();
+        let same = std::fs::File::open(reference)
+            .and_then(|f| {
+                use std::io::Read;
+                let mut got = Vec::with_capacity(head.len());
+                f.take(head.len() as u64).read_to_end(&mut got)?;
+                Ok(got == head)
+            })
+            .map_err(|source| VmError::Io {
+                context: format!("reading the head of {}", reference.display()),
+                source,
+            })?;
+        if !same {
+            return Err(VmError::Invalid(
+                "this QEMU opens its migration streams otherwise than stasis writes them for captures of changes"
+                    .into(),
+            ));
+        }
         let _one_at_a_time = self.ops().lock().await;
         let config = self.config();
         if config.ram_shared || config.ram_path.as_os_str().is_empty() {
@@ -232,6 +311,9 @@ impl Vm {
             context: "finding the machine's RAM".into(),
             source,
         })?;
+        // (Left by an earlier try of this capture, if any: the staging is the platform's own.)
+        let _ = std::fs::remove_file(changes);
+        let _ = std::fs::remove_file(staging.join("state"));
         let out = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -246,6 +328,51 @@ impl Vm {
             source,
         })?;
         let state = staging.join("state");
+        let devices = staging.join("state.devices");
+        let _ = std::fs::remove_file(&devices);
+        // With the guest running, its changed pages are copied once, soft-dirty tracking on
+        // (where the kernel has it); the pause then copies only what it wrote meanwhile.
+        if !crate::changes::soft_dirty_works() {
+            let written = tokio::task::spawn_blocking(move || {
+                let now = crate::changes::entries(pid, addr, ram_bytes)?;
+                Ok::<_, std::io::Error>(now.iter().filter(|e| crate::changes::is_written(**e)).count() as u64)
+            })
+            .await
+            .map_err(|e| VmError::Invalid(format!("counting the changed pages: the counting task failed: {e}")))?
+            .map_err(|source| VmError::Io {
+                context: "counting the changed pages".into(),
+                source,
+            })? * crate::changes::PAGE;
+            if written > max_paused_copy {
+                return Err(VmError::Invalid(format!(
+                    "{} MiB changed since the restore, more than the {} MiB a pause copies",
+                    written >> 20,
+                    max_paused_copy >> 20
+                )));
+            }
+        }
+        let copied_before = if crate::changes::soft_dirty_works() {
+            let out = out.try_clone().map_err(|source| VmError::Io {
+                context: "sharing the changes file".into(),
+                source,
+            })?;
+            let before = tokio::task::spawn_blocking(move || {
+                crate::changes::clear_soft_dirty(pid)?;
+                let before = crate::changes::entries(pid, addr, ram_bytes)?;
+                let runs = crate::changes::runs_where(&before, |_, e| crate::changes::is_written(e));
+                crate::changes::copy_pages(pid, addr, &runs, &out)?;
+                Ok::<_, std::io::Error>(before)
+            })
+            .await
+            .map_err(|e| VmError::Invalid(format!("copying the changed pages: the copying task failed: {e}")))?
+            .map_err(|source| VmError::Io {
+                context: "copying the changed pages ahead of the pause".into(),
+                source,
+            })?;
+            Some(before)
+        } else {
+            None
+        };
         let mut run_state = qmp.events();
         flush_disk(&qmp).await;
         qmp.execute("stop", json!({})).await?;
@@ -256,8 +383,24 @@ impl Vm {
                 source,
             })?;
             let runs = tokio::task::spawn_blocking(move || {
-                let runs = crate::changes::written_pages(pid, addr, ram_bytes)?;
-                crate::changes::copy_pages(pid, addr, &runs, &out)?;
+                use crate::changes::{is_soft_dirty, is_written, runs_where};
+                let now = crate::changes::entries(pid, addr, ram_bytes)?;
+                let runs = runs_where(&now, |_, e| is_written(e));
+                match &copied_before {
+                    None => {
+                        crate::changes::copy_pages(pid, addr, &runs, &out)?;
+                    }
+                    Some(before) => {
+                        // Written since the copy, or first written since; and any page that is
+                        // no longer the machine's own reads as the base again.
+                        let again = runs_where(&now, |i, e| {
+                            is_written(e) && (is_soft_dirty(e) || !is_written(before[i]))
+                        });
+                        crate::changes::copy_pages(pid, addr, &again, &out)?;
+                        let gone = runs_where(&now, |i, e| !is_written(e) && is_written(before[i]));
+                        crate::changes::punch(&out, &gone)?;
+                    }
+                }
                 Ok::<_, std::io::Error>(runs)
             })
             .await
@@ -266,7 +409,7 @@ impl Vm {
                 context: "copying the changed pages".into(),
                 source,
             })?;
-            qmp.save_device_state(&state).await?;
+            qmp.save_device_state(&devices).await?;
             Ok::<_, VmError>((frozen, runs))
         }
         .await;
@@ -275,6 +418,15 @@ impl Vm {
         let (frozen, runs) = captured?;
         resumed?;
         let paused = pause_from_events(&mut run_state).await;
+        let (from, to) = (devices.clone(), state.clone());
+        tokio::task::spawn_blocking(move || with_stream_head(&from, &to))
+            .await
+            .map_err(|e| VmError::Invalid(format!("writing the device state: the writing task failed: {e}")))?
+            .map_err(|source| VmError::Io {
+                context: "writing the device state".into(),
+                source,
+            })?;
+        let _ = std::fs::remove_file(&devices);
         let mut machine = self.config();
         machine.disk = frozen.clone();
         let disk = staging.join("disk.raw");

@@ -174,9 +174,6 @@ pub struct Launch {
     /// A disk that reads as zeros (a capture's twin never runs the guest); the size must
     /// match the real disk's for the device state to load.
     pub null_disk_bytes: Option<u64>,
-    /// The incoming stream is device state alone, as a capture of changes saves it (no
-    /// configuration section at its head: `migration.send-configuration=off`).
-    pub devices_only: bool,
 }
 
 /// Files of one machine, in two directories that never meet:
@@ -462,10 +459,6 @@ pub fn qemu_args(cfg: &MachineConfig, paths: &VmPaths, launch: Launch) -> Vec<Os
         push("-S");
         push("-incoming");
         push("defer");
-        if launch.devices_only {
-            push("-global");
-            push("migration.send-configuration=off");
-        }
     }
     a
 }
@@ -1220,7 +1213,6 @@ mod tests {
             Launch {
                 incoming: true,
                 null_disk_bytes: None,
-                devices_only: false,
             },
         ));
         assert!(restore.contains("mem-path=/dev/shm/c1.ram,share=off"), "{restore}");
@@ -1234,7 +1226,6 @@ mod tests {
             Launch {
                 incoming: true,
                 null_disk_bytes: Some(1 << 30),
-                devices_only: false,
             },
         ));
         assert!(twin.contains("driver=null-co,node-name=disk,size=1073741824"), "{twin}");

@@ -197,7 +197,10 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let want = out(&b, "sha256sum /tmp/changed | cut -c1-64").await;
     let staging4 = root.path().join("staging4");
     std::fs::create_dir_all(&staging4).unwrap();
-    let changes = b.capture_changes(&staging4, &staging4.join("changes")).await.unwrap();
+    let changes = b
+        .capture_changes(&staging4, &staging4.join("changes"), &capture.state, 64 << 20)
+        .await
+        .unwrap();
     let at_changes: u64 = out(&b, "cat /tmp/n").await.parse().unwrap();
     let changed = stasis_vmm::changes::pages(&changes.runs) * stasis_vmm::changes::PAGE;
     let held = {
@@ -226,7 +229,6 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
             "gen2b",
             from_changes,
             &changes.state,
-            true,
             &changes.base_memory,
             Some(&changes.changes),
         )
@@ -246,7 +248,10 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     let want2 = out(&h, "sha256sum /tmp/changed2 | cut -c1-64").await;
     let staging5 = root.path().join("staging5");
     std::fs::create_dir_all(&staging5).unwrap();
-    let level2 = h.capture_changes(&staging5, &staging5.join("changes")).await.unwrap();
+    let level2 = h
+        .capture_changes(&staging5, &staging5.join("changes"), &changes.state, 64 << 20)
+        .await
+        .unwrap();
     assert_eq!(level2.base_memory, changes.base_memory);
     let changed2 = stasis_vmm::changes::pages(&level2.runs) * stasis_vmm::changes::PAGE;
     eprintln!("level 2: paused {:?}, {} KiB changed", level2.paused, changed2 >> 10);
@@ -258,14 +263,7 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     next.base_disk = level2.disk.clone();
     next.name = "gen3b".into();
     let k = host
-        .restore_changed(
-            "gen3b",
-            next,
-            &level2.state,
-            true,
-            &level2.base_memory,
-            Some(&level2.changes),
-        )
+        .restore_changed("gen3b", next, &level2.state, &level2.base_memory, Some(&level2.changes))
         .await
         .unwrap();
     assert_eq!(
@@ -274,6 +272,20 @@ async fn a_captured_guest_continues_in_its_restored_clones() {
     );
     let n3: u64 = out(&k, "cat /tmp/n").await.parse().unwrap();
     counter_past(&k, n3).await;
+    // A machine restored from changes is captured whole (through a twin, as a hibernation
+    // is) as any other.
+    let staging6 = root.path().join("staging6");
+    std::fs::create_dir_all(&staging6).unwrap();
+    let whole = k.capture(&staging6, &staging6.join("memory")).await.unwrap();
+    let mut last = whole.machine.clone();
+    last.base_disk = whole.disk.clone();
+    last.name = "gen4b".into();
+    let w = host.restore("gen4b", last, &whole.state, &whole.memory).await.unwrap();
+    assert_eq!(
+        out(&w, "sha256sum /tmp/changed /tmp/changed2 | cut -c1-64").await,
+        format!("{want}\n{want2}")
+    );
+    host.stop("gen4b").await;
     host.stop("gen3b").await;
     host.stop("gen2b").await;
 

@@ -597,7 +597,13 @@ async fn run(cli: Cli) -> Result<()> {
             let api = client::Api::new(&conn)?;
             snapshot::clone(&api, conn.output, &id, name, wait).await
         }
-        Command::Bench { command } => bench::run(command).await,
+        Command::Bench { command } => {
+            // Quiet unless asked: the platform a bench runs logs with STASIS_LOG set.
+            if std::env::var_os("STASIS_LOG").is_some() {
+                init_logging();
+            }
+            bench::run(command).await
+        }
     }
 }
 

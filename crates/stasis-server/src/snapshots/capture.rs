@@ -106,10 +106,7 @@ impl Snapshots {
                 let host = self.computers.host();
                 let capture = match (now.map(|c| c.status), host.get(&computer.to_string())) {
                     (Some(ComputerStatus::Running), Some(vm)) => {
-                        let capture = vm
-                            .capture(staging, &self.staging_memory(id))
-                            .await
-                            .map_err(|e| format!("capturing the machine: {e}"))?;
+                        let capture = self.capture_running(id, &vm, staging).await?;
                         // The frozen overlay served its purpose: fold it away while the
                         // upload runs.
                         tokio::spawn(async move {
@@ -122,20 +119,15 @@ impl Snapshots {
                     }
                     // A stopped computer's snapshot is its disk alone (held by the lock: it
                     // cannot start meanwhile).
-                    (Some(ComputerStatus::Stopped), None) => host
-                        .capture_stopped(&computer.to_string(), staging, &self.staging_memory(id))
-                        .await
-                        .map_err(|e| format!("capturing the stopped computer's disk: {e}"))?,
+                    (Some(ComputerStatus::Stopped), None) => whole(
+                        host.capture_stopped(&computer.to_string(), staging, &self.staging_memory(id))
+                            .await
+                            .map_err(|e| format!("capturing the stopped computer's disk: {e}"))?,
+                    ),
                     _ => return Err("computer is neither running nor stopped".into()),
                 };
                 drop(guard);
-                let captured = Captured {
-                    state: capture.state,
-                    memory: capture.memory,
-                    disk: capture.disk,
-                    machine: capture.machine,
-                    pause_ms: capture.paused.as_millis() as u64,
-                };
+                let captured = capture;
                 std::fs::write(&marker, serde_json::to_vec(&captured).expect("serializes"))
                     .map_err(|e| format!("recording the capture: {e}"))?;
                 captured
@@ -205,11 +197,29 @@ impl Snapshots {
             let progress: Progress = Arc::new(move |done| {
                 let _ = tx.send(offset + done);
             });
-            let (part, s) = self
-                .store
-                .upload_file(&pin, tenant, path, chunk_size, progress)
-                .await
-                .map_err(|e| format!("uploading to the snapshot store: {e}"))?;
+            let uploaded = match captured.changes_over {
+                Some(base) if std::ptr::eq(path, &captured.memory) => {
+                    // Changes over a snapshot's RAM: that snapshot's chunks where nothing changed.
+                    let Some(over) = self.materializer.held(base) else {
+                        return Err(Failure::Final(format!(
+                            "the RAM of snapshot {base}, which this capture's changes are over, is no longer on this host; take the snapshot again"
+                        )));
+                    };
+                    self.store
+                        .upload_changes(
+                            &pin,
+                            tenant,
+                            &over.memory,
+                            over.chunk_names,
+                            &self.materializer.memory_of(base),
+                            path,
+                            progress,
+                        )
+                        .await
+                }
+                _ => self.store.upload_file(&pin, tenant, path, chunk_size, progress).await,
+            };
+            let (part, s) = uploaded.map_err(|e| format!("uploading to the snapshot store: {e}"))?;
             base += part.size;
             tracing::debug!(%id, file = %path.display(), new_chunks = s.new_chunks, reused = s.reused_chunks,
                 uploaded = s.uploaded_bytes, "part uploaded");
@@ -274,10 +284,16 @@ impl Snapshots {
             ms = started.elapsed().as_millis() as u64,
             "snapshot uploaded"
         );
-        if let Err(e) = self
-            .materializer
-            .adopt(id, &manifest, &captured.state, &captured.memory, &flat)
-        {
+        let adopted = match captured.changes_over {
+            Some(base) => {
+                self.materializer
+                    .adopt_changes(id, &manifest, &captured.state, &captured.memory, base, &flat)
+            }
+            None => self
+                .materializer
+                .adopt(id, &manifest, &captured.state, &captured.memory, &flat),
+        };
+        if let Err(e) = adopted {
             tracing::warn!(%id, error = %e, "keeping the snapshot's files for local restores");
         }
         // (Before the snapshot reads as ready: whoever sees it ready finds its files in place.)
@@ -324,6 +340,70 @@ impl Snapshots {
             self.events.emit(e).await;
         }
         Ok(())
+    }
+}
+
+/// The most a capture of changes copies with the guest paused (where the kernel cannot track
+/// what the guest writes meanwhile): about 10 ms of copying, so its pause stays within twice a
+/// booted computer's.
+const MAX_PAUSED_COPY: u64 = 8 << 20;
+
+/// A capture of the whole machine, as recorded.
+fn whole(capture: stasis_vmm::snapshot::Capture) -> Captured {
+    Captured {
+        state: capture.state,
+        memory: capture.memory,
+        disk: capture.disk,
+        machine: capture.machine,
+        pause_ms: capture.paused.as_millis() as u64,
+        changes_over: None,
+    }
+}
+
+impl Snapshots {
+    /// Captures a running computer: a restored one whose snapshot's RAM this host still holds
+    /// (and maps) as the changes it made since (no twin, no copy of its whole RAM, the pause
+    /// in proportion to what changed); any other, or where that cannot be done, whole.
+    async fn capture_running(
+        &self,
+        id: SnapshotId,
+        vm: &stasis_vmm::Vm,
+        staging: &std::path::Path,
+    ) -> Result<Captured, Failure> {
+        let config = vm.config();
+        let base = (!config.ram_shared)
+            .then(|| self.materializer.snapshot_of_memory(&config.ram_path))
+            .flatten()
+            .filter(|b| self.materializer.held(*b).is_some());
+        if let Some(base) = base {
+            let reference = self.materializer.dir(base).join("state");
+            match vm
+                .capture_changes(staging, &staging.join("memory.changes"), &reference, MAX_PAUSED_COPY)
+                .await
+            {
+                Ok(c) => {
+                    tracing::info!(%id, %base, pause_ms = c.paused.as_millis() as u64,
+                        changed_bytes = stasis_vmm::changes::pages(&c.runs) * stasis_vmm::changes::PAGE,
+                        runs = c.runs.len(), "captured as changes");
+                    return Ok(Captured {
+                        state: c.state,
+                        memory: c.changes,
+                        disk: c.disk,
+                        machine: c.machine,
+                        pause_ms: c.paused.as_millis() as u64,
+                        changes_over: Some(base),
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%id, reason = %e, "not captured as its changes; captured whole");
+                }
+            }
+        }
+        let capture = vm
+            .capture(staging, &self.staging_memory(id))
+            .await
+            .map_err(|e| format!("capturing the machine: {e}"))?;
+        Ok(whole(capture))
     }
 }
 

@@ -54,6 +54,7 @@ impl Snapshots {
                 disk: capture.disk,
                 machine: capture.machine,
                 pause_ms: 0,
+                changes_over: None,
             };
             std::fs::write(
                 staging.join("captured.json"),

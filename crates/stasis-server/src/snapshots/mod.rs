@@ -115,10 +115,15 @@ const SHARED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Captured {
     state: PathBuf,
+    /// The RAM file; with `changes_over`, the changed pages alone (a sparse file).
     memory: PathBuf,
     disk: PathBuf,
     machine: MachineConfig,
     pause_ms: u64,
+    /// Captured as changes over this snapshot's RAM (held by this host): see
+    /// [`stasis_vmm::Vm::capture_changes`].
+    #[serde(default)]
+    changes_over: Option<SnapshotId>,
 }
 
 impl Snapshots {

@@ -285,7 +285,13 @@ impl Computers {
                         },
                         Ok(()) => match self
                             .host
-                            .restore(&id.to_string(), config, &files.state, &files.memory)
+                            .restore_changed(
+                                &id.to_string(),
+                                config,
+                                &files.state,
+                                &files.memory,
+                                files.changes.as_deref(),
+                            )
                             .await
                         {
                             Ok(_) => Ok(()),

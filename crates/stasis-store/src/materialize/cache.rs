@@ -23,7 +23,11 @@ pub struct Materializer {
 #[derive(Debug, Clone)]
 pub struct Materialized {
     pub state: PathBuf,
+    /// Its RAM file; with `changes`, the RAM file of the snapshot the changes are over.
     pub memory: PathBuf,
+    /// A snapshot captured as changes over another's RAM, kept as such on the host that took
+    /// it: the changed pages (the data of a sparse file as long as the RAM).
+    pub changes: Option<PathBuf>,
     pub disk: PathBuf,
     pub manifest: Manifest,
 }
@@ -31,6 +35,9 @@ pub struct Materialized {
 const COMPLETE: &str = "manifest.json";
 /// A hibernated computer's RAM, kept on disk beside the rest of its snapshot's copy.
 const PARKED: &str = "memory.parked";
+/// A snapshot kept as changes: the changed pages, and the id of the snapshot they are over.
+const CHANGES: &str = "memory.changes";
+const CHANGES_BASE: &str = "memory.base";
 
 impl Materializer {
     pub fn new(store: SnapshotStore, root: PathBuf, memory_root: PathBuf) -> Materializer {
@@ -62,6 +69,11 @@ impl Materializer {
         self.root.join(id.to_string())
     }
 
+    /// Where the RAM file of snapshot `id` is kept on this host.
+    pub fn memory_of(&self, id: SnapshotId) -> PathBuf {
+        self.memory_path(id)
+    }
+
     fn memory_path(&self, id: SnapshotId) -> PathBuf {
         self.memory_root.join(format!("{id}.memory"))
     }
@@ -70,9 +82,25 @@ impl Materializer {
         Materialized {
             state: dir.join("state"),
             memory: self.memory_path(id),
+            changes: None,
             disk: dir.join("disk.raw"),
             manifest,
         }
+    }
+
+    /// The snapshot a RAM file of this cache is of (`<id>.memory` in the RAM directory).
+    pub fn snapshot_of_memory(&self, memory: &Path) -> Option<SnapshotId> {
+        if memory.parent() != Some(self.memory_root.as_path()) {
+            return None;
+        }
+        memory.file_name()?.to_str()?.strip_suffix(".memory")?.parse().ok()
+    }
+
+    /// The manifest of a snapshot this host holds a complete copy of, RAM file included.
+    pub fn held(&self, id: SnapshotId) -> Option<Manifest> {
+        let bytes = std::fs::read(self.dir(id).join(COMPLETE)).ok()?;
+        let manifest = serde_json::from_slice::<Manifest>(&bytes).ok()?;
+        self.memory_path(id).exists().then_some(manifest)
     }
 
     /// The snapshot's files, fetched and verified if this host does not have them yet.
@@ -92,6 +120,10 @@ impl Materializer {
                 let files = self.files(id, &dir, manifest);
                 if files.state.exists() && files.disk.exists() {
                     if files.memory.exists() {
+                        return Ok(files);
+                    }
+                    // Kept as changes over another snapshot's RAM, while this host still has it.
+                    if let Some(files) = self.over_base(id, &dir, &files) {
                         return Ok(files);
                     }
                     // RAM parked on disk (a hibernation): back into the RAM directory, no
@@ -182,6 +214,60 @@ impl Materializer {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir)?;
         self.enforce_budget();
+        Ok(())
+    }
+
+    /// The files of a snapshot kept as changes, if the RAM they are over is still here.
+    fn over_base(&self, id: SnapshotId, dir: &Path, files: &Materialized) -> Option<Materialized> {
+        let changes = dir.join(CHANGES);
+        let base: SnapshotId = std::fs::read_to_string(dir.join(CHANGES_BASE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        if base == id || !changes.exists() {
+            return None;
+        }
+        let base_memory = self.memory_path(base);
+        let base_manifest = self.held(base)?;
+        if base_manifest.memory.size != files.manifest.memory.size {
+            return None;
+        }
+        Some(Materialized {
+            memory: base_memory,
+            changes: Some(changes),
+            ..files.clone()
+        })
+    }
+
+    /// Takes the files of a snapshot captured as `changes` over snapshot `base`'s RAM (which
+    /// this host holds) as its materialized copy: this host restores it from those two, with
+    /// no RAM file of its own (host memory in proportion to what changed). Where `base`'s RAM
+    /// is gone by then, a restore fetches this snapshot's RAM whole.
+    pub fn adopt_changes(
+        &self,
+        id: SnapshotId,
+        manifest: &Manifest,
+        state: &Path,
+        changes: &Path,
+        base: SnapshotId,
+        disk: &Path,
+    ) -> std::io::Result<()> {
+        let tmp = self.root.join(format!(".{id}.adopt"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let files = self.files(id, &tmp, manifest.clone());
+        std::fs::rename(state, &files.state)?;
+        move_or_copy(changes, &tmp.join(CHANGES))?;
+        std::fs::rename(disk, &files.disk)?;
+        std::fs::write(tmp.join(CHANGES_BASE), base.to_string())?;
+        std::fs::write(
+            tmp.join(COMPLETE),
+            serde_json::to_vec(manifest).expect("manifests serialize"),
+        )?;
+        let dir = self.dir(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)?;
         Ok(())
     }
 
@@ -283,6 +369,7 @@ impl Materializer {
         let dir = self.dir(id);
         let _ = std::fs::remove_file(dir.join("state"));
         let _ = std::fs::remove_file(dir.join(PARKED));
+        let _ = std::fs::remove_file(dir.join(CHANGES));
         // Without its manifest the copy no longer counts as complete for a restore.
         let _ = std::fs::remove_file(dir.join(COMPLETE));
     }
@@ -292,6 +379,21 @@ impl Materializer {
         let _ = std::fs::remove_file(self.memory_path(id));
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
+}
+
+/// Renames `from` to `to`, or where they are on two file systems moves it sparse.
+fn move_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc_exdev()) => {
+            move_sparse(from, &to.with_extension("tmp"), to).map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn libc_exdev() -> i32 {
+    rustix::io::Errno::XDEV.raw_os_error()
 }
 
 /// Moves `from` to `to` across file systems: a sparse copy into `tmp`, renamed over `to`, then

@@ -96,7 +96,6 @@ async fn spawn_incoming(config: &MachineConfig, dir: &Path) -> Result<(Process, 
         Launch {
             incoming: true,
             null_disk_bytes: None,
-            devices_only: false,
         },
     )?;
     let qmp = Qmp::connect(&paths.qmp(), Duration::from_secs(30)).await?;
