@@ -75,6 +75,19 @@ pub(crate) fn modified(snapshot: &str, how: String) -> StoreError {
     }
 }
 
+/// A blocking task's result, or the error of one that did not finish: the runtime shutting
+/// down cancels it (a panic in it is reported the same way, not passed on).
+pub(crate) fn joined<T>(r: Result<T, tokio::task::JoinError>, what: &str) -> Result<T, StoreError> {
+    r.map_err(|e| StoreError::Io {
+        context: what.to_string(),
+        source: std::io::Error::other(if e.is_cancelled() {
+            "stopped: the platform is shutting down".to_string()
+        } else {
+            format!("the task failed: {e}")
+        }),
+    })
+}
+
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let context = context.into();
     move |source| StoreError::Io { context, source }

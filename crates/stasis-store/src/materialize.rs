@@ -16,7 +16,7 @@ use stasis_types::TenantId;
 
 use crate::chunk::{ChunkError, ChunkHash};
 use crate::codec::Codec;
-use crate::error::{io, modified, unauthentic};
+use crate::error::{io, joined, modified, unauthentic};
 use crate::manifest::{Manifest, Part};
 use crate::{read_bounded, Progress, SnapshotStore, StoreError, PARALLEL};
 
@@ -113,9 +113,10 @@ impl ChunkSource {
     pub(crate) async fn get(&self, hash: ChunkHash, len: u64) -> Result<Vec<u8>, StoreError> {
         let stored = self.fetch(hash).await?;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.open(hash, stored.as_ref(), len))
-            .await
-            .expect("opening a chunk does not panic")
+        joined(
+            tokio::task::spawn_blocking(move || this.open(hash, stored.as_ref(), len)).await,
+            "opening a chunk",
+        )?
     }
 }
 
@@ -175,12 +176,12 @@ impl PartWriter {
             return Ok(len); // a hole: the sized file reads zeros there already
         };
         let stored = self.source.fetch(hash).await?;
-        tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             let raw = self.source.open(hash, stored.as_ref(), len)?;
             self.file.write_all_at(&raw, offset).map_err(io("writing a chunk"))
         })
-        .await
-        .expect("chunk writer does not panic")?;
+        .await;
+        joined(written, "writing a chunk")??;
         Ok(len)
     }
 }

@@ -15,7 +15,7 @@ use stasis_types::TenantId;
 
 use crate::chunk::{self, ChunkHash};
 use crate::codec::Codec;
-use crate::error::io;
+use crate::error::{io, joined};
 use crate::manifest::{Manifest, Part};
 use crate::materialize::{data_ranges, exact_data_ranges, DataRanges};
 use crate::{Pin, Progress, SnapshotStore, StoreError, PARALLEL};
@@ -138,10 +138,11 @@ impl SnapshotStore {
             let whole = changes.with_extension("whole");
             let runs = exact_data_ranges(&file, size).map_err(io("finding the changed pages"))?;
             let (b, c, out) = (base_f, file, whole.clone());
-            tokio::task::spawn_blocking(move || apply_over(&b, &c, &runs, &out, size))
-                .await
-                .expect("applying changes does not panic")
-                .map_err(io("applying the changes over their base"))?;
+            joined(
+                tokio::task::spawn_blocking(move || apply_over(&b, &c, &runs, &out, size)).await,
+                "applying the changes over their base",
+            )?
+            .map_err(io("applying the changes over their base"))?;
             let r = self.upload_file(pin, tenant, &whole, base.chunk_size, progress).await;
             let _ = std::fs::remove_file(&whole);
             return r;
@@ -258,7 +259,7 @@ impl FileUpload {
         if !self.data.overlaps(start, start + len) {
             return Ok(None);
         }
-        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(ChunkHash, Vec<u8>)>> {
             let mut buf = vec![0u8; len as usize];
             self.file.read_exact_at(&mut buf, start)?;
             if chunk::is_zero(&buf) {
@@ -266,9 +267,8 @@ impl FileUpload {
             }
             Ok(Some((self.codec.name(&buf), buf)))
         })
-        .await
-        .expect("chunk reader does not panic")
-        .map_err(io("reading a chunk"))
+        .await;
+        joined(read, "reading a chunk")?.map_err(io("reading a chunk"))
     }
 
     /// A chunk of RAM kept as changes: the base's bytes with the changed pages over them.
@@ -289,9 +289,8 @@ impl FileUpload {
             }
             Ok(Some((this.codec.name(&buf), buf)))
         })
-        .await
-        .expect("chunk reader does not panic")
-        .map_err(io("reading a chunk"))?;
+        .await;
+        let read = joined(read, "reading a chunk")?.map_err(io("reading a chunk"))?;
         let (hash, outcome) = match read {
             None => (None, Outcome::Zero),
             Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
@@ -320,9 +319,10 @@ impl FileUpload {
             return Ok(Outcome::Reused(n));
         }
         let codec = self.codec.clone();
-        let stored = tokio::task::spawn_blocking(move || codec.encode(hash, &raw))
-            .await
-            .expect("compression does not panic");
+        let stored = joined(
+            tokio::task::spawn_blocking(move || codec.encode(hash, &raw)).await,
+            "compressing a chunk",
+        )?;
         let n = stored.len() as u64;
         self.store.put(&key, PutPayload::from(stored)).await?;
         Ok(Outcome::New(n))
