@@ -242,7 +242,13 @@ impl FileUpload {
             }
             return self.clone().changed_chunk(index, start, len).await;
         }
-        let (hash, outcome) = match self.clone().read(start, len).await? {
+        let read = self.clone().read(start, len).await?;
+        self.stored(index, len, read).await
+    }
+
+    /// A chunk read (its name and bytes, none when all zeros), stored unless the store has it.
+    async fn stored(&self, index: usize, len: u64, read: Option<(ChunkHash, Vec<u8>)>) -> Result<Chunked, StoreError> {
+        let (hash, outcome) = match read {
             None => (None, Outcome::Zero),
             Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
         };
@@ -291,16 +297,7 @@ impl FileUpload {
         })
         .await;
         let read = joined(read, "reading a chunk")?.map_err(io("reading a chunk"))?;
-        let (hash, outcome) = match read {
-            None => (None, Outcome::Zero),
-            Some((hash, raw)) => (Some(hash), self.store_chunk(hash, raw).await?),
-        };
-        Ok(Chunked {
-            index,
-            len,
-            hash,
-            outcome,
-        })
+        self.stored(index, len, read).await
     }
 
     /// The stored size of chunk `hash`, if the store has it.

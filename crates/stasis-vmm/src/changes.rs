@@ -76,12 +76,6 @@ const SOFT_DIRTY: u64 = 1 << 55;
 const SWAPPED: u64 = 1 << 62;
 const FILE_PAGE: u64 = 1 << 61;
 
-/// Whether a pagemap entry is a page of the process's own (written since the mapping was
-/// made), as opposed to one read from the file or never touched.
-fn written(entry: u64) -> bool {
-    (entry & PRESENT != 0 && entry & FILE_PAGE == 0) || entry & SWAPPED != 0
-}
-
 /// Process `pid`'s pagemap entries for the mapping at `addr`, `bytes` long: one per page.
 pub fn entries(pid: u32, addr: u64, bytes: u64) -> std::io::Result<Vec<u64>> {
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
@@ -124,9 +118,10 @@ pub fn runs_where(entries: &[u64], pick: impl Fn(usize, u64) -> bool) -> Runs {
     runs
 }
 
-/// Whether a page has been written since the mapping was made (see [`written_pages`]).
+/// Whether a pagemap entry is a page of the process's own (written since the mapping was
+/// made), as opposed to one read from the file or never touched.
 pub fn is_written(entry: u64) -> bool {
-    written(entry)
+    (entry & PRESENT != 0 && entry & FILE_PAGE == 0) || entry & SWAPPED != 0
 }
 
 /// Whether a page has been written since the soft-dirty bits were last cleared.
@@ -179,33 +174,7 @@ pub fn punch(out: &File, runs: &Runs) -> std::io::Result<()> {
 /// The pages of process `pid`'s private file mapping at `addr` (`bytes` long) that it has
 /// written, as runs.
 pub fn written_pages(pid: u32, addr: u64, bytes: u64) -> std::io::Result<Runs> {
-    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
-    let total = bytes.div_ceil(PAGE);
-    let mut runs: Runs = Vec::new();
-    let mut buf = vec![0u8; 8 * 65536];
-    let mut page = 0;
-    while page < total {
-        let n = (total - page).min(65536);
-        let want = (n * 8) as usize;
-        let got = read_full(&pagemap, &mut buf[..want], (addr / PAGE + page) * 8)?;
-        if got < want {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("pagemap of process {pid} ended at page {}", page + got as u64 / 8),
-            ));
-        }
-        for (i, e) in buf[..want].chunks_exact(8).enumerate() {
-            if written(u64::from_le_bytes(e.try_into().expect("8 bytes"))) {
-                let p = page + i as u64;
-                match runs.last_mut() {
-                    Some((first, len)) if *first + *len == p => *len += 1,
-                    _ => runs.push((p, 1)),
-                }
-            }
-        }
-        page += n;
-    }
-    Ok(runs)
+    Ok(runs_where(&entries(pid, addr, bytes)?, |_, e| is_written(e)))
 }
 
 /// Copies `runs` of process `pid`'s memory at `addr` into `out`, each page at its offset in
@@ -240,52 +209,15 @@ pub fn copy_pages(pid: u32, addr: u64, runs: &Runs, out: &File) -> std::io::Resu
 /// RAM file then has the changed pages as its own. Returns the bytes written.
 pub fn write_pages(pid: u32, addr: u64, changes: &File, bytes: u64) -> std::io::Result<u64> {
     let mem = File::options().write(true).open(format!("/proc/{pid}/mem"))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut written = 0;
-    let mut at = 0;
-    while at < bytes {
-        let Some((start, end)) = next_data(changes, at, bytes)? else {
-            break;
-        };
-        let mut pos = start;
-        while pos < end {
-            let n = ((end - pos) as usize).min(buf.len());
-            let got = read_full(changes, &mut buf[..n], pos)?;
-            if got == 0 {
-                break;
-            }
-            mem.write_all_at(&buf[..got], addr + pos)?;
-            written += got as u64;
-            pos += got as u64;
-        }
-        at = end;
-    }
-    Ok(written)
+    copy_data(changes, bytes, |data, at| mem.write_all_at(data, addr + at))
 }
 
 /// Makes `out` the RAM the changes describe: `base` (holes kept as holes) with `runs` of
 /// `changes` over it, `bytes` long.
 pub fn apply(base: &File, changes: &File, runs: &Runs, out: &File, bytes: u64) -> std::io::Result<()> {
     out.set_len(bytes)?;
+    copy_data(base, bytes, |data, at| out.write_all_at(data, at))?;
     let mut buf = vec![0u8; 1 << 20];
-    // The base's data, range by range (its holes are zeros and stay holes).
-    let mut at = 0;
-    while at < bytes {
-        let Some((start, end)) = next_data(base, at, bytes)? else {
-            break;
-        };
-        let mut pos = start;
-        while pos < end {
-            let n = ((end - pos) as usize).min(buf.len());
-            let got = read_full(base, &mut buf[..n], pos)?;
-            if got == 0 {
-                break;
-            }
-            out.write_all_at(&buf[..got], pos)?;
-            pos += got as u64;
-        }
-        at = end;
-    }
     for &(first, len) in runs {
         let mut done = 0;
         while done < len {
@@ -300,6 +232,29 @@ pub fn apply(base: &File, changes: &File, runs: &Runs, out: &File, bytes: u64) -
         }
     }
     Ok(())
+}
+
+/// Hands `put` the data of `from` (its first `bytes`), range by range in pieces of at most a
+/// MiB, with each piece's offset; holes are skipped. Returns the bytes handed over.
+fn copy_data(from: &File, bytes: u64, mut put: impl FnMut(&[u8], u64) -> std::io::Result<()>) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0;
+    let mut at = 0;
+    while let Some((start, end)) = next_data(from, at, bytes)? {
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            let got = read_full(from, &mut buf[..n], pos)?;
+            if got == 0 {
+                break;
+            }
+            put(&buf[..got], pos)?;
+            copied += got as u64;
+            pos += got as u64;
+        }
+        at = end;
+    }
+    Ok(copied)
 }
 
 /// The next range of data in `f` at or after `from` (and before `end`).

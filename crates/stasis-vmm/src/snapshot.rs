@@ -130,16 +130,7 @@ impl Vm {
 
     async fn capture_as(&self, staging: &Path, memory: &Path, then: Then) -> Result<Capture, VmError> {
         let _one_at_a_time = self.ops().lock().await;
-        // The guest's file systems flushed first (before the pause, not in it): the disk then
-        // holds what the guest wrote, so the snapshot's files can be read from its disk alone
-        // (`/snapshots/{id}/files`). A guest whose agent does not answer is captured as it is.
-        if let Err(e) = self
-            .agent()
-            .call(stasis_agent_proto::Op::Sync, Duration::from_secs(10))
-            .await
-        {
-            tracing::debug!(error = %e, "the guest did not flush its file systems before the capture");
-        }
+        self.sync_guest().await;
         let qmp = self.qmp().clone();
         let config = self.config();
         let disk_bytes = disk_size(&qmp).await?;
@@ -227,10 +218,7 @@ impl Vm {
             tracing::warn!(error = %e, "removing the twin's directory: the removing task failed");
         }
         let (frozen, paused) = result?;
-        let mut machine = self.config();
-        machine.disk = frozen.clone();
-        let disk = staging.join("disk.raw");
-        flatten_disk(&machine, &self.paths.disks, &frozen, &disk, disk_bytes).await?;
+        let (machine, disk) = self.flatten_frozen(&frozen, staging, disk_bytes).await?;
         Ok(Capture {
             state,
             memory,
@@ -292,13 +280,7 @@ impl Vm {
                     .into(),
             ));
         }
-        if let Err(e) = self
-            .agent()
-            .call(stasis_agent_proto::Op::Sync, Duration::from_secs(10))
-            .await
-        {
-            tracing::debug!(error = %e, "the guest did not flush its file systems before the capture");
-        }
+        self.sync_guest().await;
         let qmp = self.qmp().clone();
         let disk_bytes = disk_size(&qmp).await?;
         let ram_bytes = config.memory_mib << 20;
@@ -427,10 +409,7 @@ impl Vm {
                 source,
             })?;
         let _ = std::fs::remove_file(&devices);
-        let mut machine = self.config();
-        machine.disk = frozen.clone();
-        let disk = staging.join("disk.raw");
-        flatten_disk(&machine, &self.paths.disks, &frozen, &disk, disk_bytes).await?;
+        let (machine, disk) = self.flatten_frozen(&frozen, staging, disk_bytes).await?;
         Ok(ChangesCapture {
             state,
             base_memory: config.ram_path.clone(),
@@ -441,6 +420,34 @@ impl Vm {
             machine,
             paused,
         })
+    }
+
+    /// Has the guest flush its file systems (before the pause, not in it): the disk then holds
+    /// what the guest wrote, so the snapshot's files can be read from its disk alone
+    /// (`/snapshots/{id}/files`). A guest whose agent does not answer is captured as it is.
+    async fn sync_guest(&self) {
+        if let Err(e) = self
+            .agent()
+            .call(stasis_agent_proto::Op::Sync, Duration::from_secs(10))
+            .await
+        {
+            tracing::debug!(error = %e, "the guest did not flush its file systems before the capture");
+        }
+    }
+
+    /// The machine as captured (its disk the `frozen` overlay) and that disk flattened into
+    /// `staging`'s `disk.raw`, inside the machine's confinement.
+    async fn flatten_frozen(
+        &self,
+        frozen: &Path,
+        staging: &Path,
+        disk_bytes: u64,
+    ) -> Result<(MachineConfig, PathBuf), VmError> {
+        let mut machine = self.config();
+        machine.disk = frozen.to_path_buf();
+        let disk = staging.join("disk.raw");
+        flatten_disk(&machine, &self.paths.disks, frozen, &disk, disk_bytes).await?;
+        Ok((machine, disk))
     }
 
     /// Streams the machine into the twin listening at `uri` as a *background snapshot*: the

@@ -185,12 +185,12 @@ impl Snapshots {
         let mut stats = UploadStats::default();
         let mut parts = Vec::new();
         let mut base = 0u64;
-        for (path, chunk_size) in [
-            (&captured.state, STATE_CHUNK_SIZE),
-            (&captured.memory, MEMORY_CHUNK_SIZE),
-            (&flat, DISK_CHUNK_SIZE),
-            (&captured.machine.kernel, DISK_CHUNK_SIZE),
-            (&captured.machine.initrd, DISK_CHUNK_SIZE),
+        for (path, chunk_size, is_memory) in [
+            (&captured.state, STATE_CHUNK_SIZE, false),
+            (&captured.memory, MEMORY_CHUNK_SIZE, true),
+            (&flat, DISK_CHUNK_SIZE, false),
+            (&captured.machine.kernel, DISK_CHUNK_SIZE, false),
+            (&captured.machine.initrd, DISK_CHUNK_SIZE, false),
         ] {
             let tx = tx.clone();
             let offset = base;
@@ -198,7 +198,7 @@ impl Snapshots {
                 let _ = tx.send(offset + done);
             });
             let uploaded = match captured.changes_over {
-                Some(base) if std::ptr::eq(path, &captured.memory) => {
+                Some(base) if is_memory => {
                     // Changes over a snapshot's RAM: that snapshot's chunks where nothing changed.
                     let Some(over) = self.materializer.held(base) else {
                         return Err(Failure::Final(format!(

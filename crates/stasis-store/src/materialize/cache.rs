@@ -198,13 +198,30 @@ impl Materializer {
         memory: &Path,
         disk: &Path,
     ) -> std::io::Result<()> {
+        self.ensure_memory_root()?;
+        self.adopt_with(id, manifest, state, disk, |_, files| {
+            std::fs::rename(memory, &files.memory)
+        })?;
+        self.enforce_budget();
+        Ok(())
+    }
+
+    /// Publishes a snapshot's copy made of `state`, `disk` and what `memory` puts in place
+    /// (given the copy's directory while it is made, and its files' names there).
+    fn adopt_with(
+        &self,
+        id: SnapshotId,
+        manifest: &Manifest,
+        state: &Path,
+        disk: &Path,
+        memory: impl FnOnce(&Path, &Materialized) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let tmp = self.root.join(format!(".{id}.adopt"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        self.ensure_memory_root()?;
         let files = self.files(id, &tmp, manifest.clone());
         std::fs::rename(state, &files.state)?;
-        std::fs::rename(memory, &files.memory)?;
+        memory(&tmp, &files)?;
         std::fs::rename(disk, &files.disk)?;
         std::fs::write(
             tmp.join(COMPLETE),
@@ -212,9 +229,7 @@ impl Materializer {
         )?;
         let dir = self.dir(id);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)?;
-        self.enforce_budget();
-        Ok(())
+        std::fs::rename(&tmp, &dir)
     }
 
     /// The files of a snapshot kept as changes, if the RAM they are over is still here.
@@ -253,22 +268,10 @@ impl Materializer {
         base: SnapshotId,
         disk: &Path,
     ) -> std::io::Result<()> {
-        let tmp = self.root.join(format!(".{id}.adopt"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        let files = self.files(id, &tmp, manifest.clone());
-        std::fs::rename(state, &files.state)?;
-        move_or_copy(changes, &tmp.join(CHANGES))?;
-        std::fs::rename(disk, &files.disk)?;
-        std::fs::write(tmp.join(CHANGES_BASE), base.to_string())?;
-        std::fs::write(
-            tmp.join(COMPLETE),
-            serde_json::to_vec(manifest).expect("manifests serialize"),
-        )?;
-        let dir = self.dir(id);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)?;
-        Ok(())
+        self.adopt_with(id, manifest, state, disk, |tmp, _| {
+            move_or_copy(changes, &tmp.join(CHANGES))?;
+            std::fs::write(tmp.join(CHANGES_BASE), base.to_string())
+        })
     }
 
     /// Moves a snapshot's RAM out of the RAM directory (memory) onto the disk beside the rest
